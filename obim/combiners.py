@@ -1,0 +1,113 @@
+"""Inter-model combiners (the right column of the paper's Table 7): `Sparse` outputs of all models -> δM."""
+
+from __future__ import annotations
+
+import torch
+
+from .context import Param, Sparse, TensorContext, number_in, one_of
+from .selection import topk_mask
+
+
+class Combiner:
+    params: tuple[Param, ...] = ()
+    uses_order = False
+
+    def __call__(self, sparse: list[Sparse], ctx: TensorContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self, params: list[dict], models: list[str]) -> str | None:
+        return None
+
+
+class Sum(Combiner):
+    """Task arithmetic: δM = Σt δ̂t."""
+
+    def __call__(self, sparse, ctx):
+        out = sparse[0].delta.clone()
+        for s in sparse[1:]:
+            out += s.delta
+        return out
+
+
+class DisjointMean(Combiner):
+    """TIES steps 2-3: elect a sign per entry (0 -> +1), average the entries that agree with it."""
+
+    def __call__(self, sparse, ctx):
+        total = sum(s.delta for s in sparse)
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        num = torch.zeros_like(total)
+        cnt = torch.zeros_like(total)
+        for s in sparse:
+            agree = torch.sign(s.delta) == sign  # sign(0) = 0 never agrees
+            num += torch.where(agree, s.delta, 0.0)
+            cnt += agree
+        return num / cnt.clamp(min=1)
+
+
+class Choice(Combiner):
+    """Pick a combiner by a method parameter (DARE's `combine: sum | ties`)."""
+
+    def __init__(self, key: str, default: str, options: dict[str, Combiner]):
+        self.key, self.options = key, options
+        self.params = (Param(key, default, one_of(*options)),)
+
+    def __call__(self, sparse, ctx):
+        return self.options[ctx.param(self.key)](sparse, ctx)
+
+
+class IterativeMerging(Combiner):
+    """IM: in the tensor's order, each model takes the top int(retention·n) of its scores among positions not yet
+    taken; each position holds at most one model's delta (no averaging, no rescaling)."""
+
+    uses_order = True
+    params = (Param("retention", None, number_in(0.0, 1.0), per_model=True, doc="keep ratio of each model"),)
+
+    def validate(self, params, models):
+        missing = [m for p, m in zip(params, models) if p["retention"] is None]
+        if missing:
+            return f"models {', '.join(missing)}: `retention` is required (per model, or in `parameters`)"
+        total = sum(p["retention"] for p in params)
+        if total > 1 + 1e-9:
+            return f"retention ratios must sum to at most 1 for iterative merging, got {total:g} " + str(
+                {m: p["retention"] for p, m in zip(params, models)})
+        return None
+
+    def __call__(self, sparse, ctx):
+        shape = sparse[0].delta.shape
+        n = sparse[0].delta.numel()
+        taken = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+        out = torch.zeros(n, dtype=sparse[0].delta.dtype, device=ctx.device)
+        for i in ctx.order:
+            k = int(ctx.params[i]["retention"] * n)
+            if k == 0:
+                continue
+            score = sparse[i].score.reshape(-1).masked_fill(taken, float("-inf"))
+            mask = topk_mask(score, k)
+            out = torch.where(mask, sparse[i].delta.reshape(-1), out)
+            taken |= mask
+        return out.view(shape)
+
+
+class Consensus(Combiner):
+    """TALL-Mask / consensus: keep the summed task vector where at least k models' masks agree it matters."""
+
+    params = (
+        Param("tall_lambda", 0.4, number_in(0.0, float("inf")), per_model=True, doc="mask threshold λt"),
+        Param("k", 2, number_in(0, float("inf"))),
+    )
+
+    def __call__(self, sparse, ctx):
+        total = sum(s.delta for s in sparse)
+        votes = torch.zeros_like(total)
+        for i, s in enumerate(sparse):
+            votes += s.delta.abs() > ctx.params[i]["tall_lambda"] * (total - s.delta).abs()
+        return torch.where(votes >= ctx.param("k"), total, 0.0)
+
+
+class WeightedMean(Combiner):
+    """PCB: δM = Σt wt ⊙ δt / max(Σt wt, 1e-12), with the weights wt the sparsifier put in `score`."""
+
+    def __call__(self, sparse, ctx):
+        num = sum(s.score * s.delta for s in sparse)
+        den = sum(s.score for s in sparse)
+        return num / den.clamp(min=1e-12)

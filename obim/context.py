@@ -1,0 +1,76 @@
+"""What every sparsifier and combiner sees: its parameters, and the per-tensor context of one merge step."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: name, default, a check returning an error text (or None), and whether models may
+    override it one by one (`models[i].parameters`)."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], str | None] = lambda v: None
+    per_model: bool = False
+    doc: str = ""
+
+
+def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"must be a number, got {v!r}"
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            return f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}"
+        return None
+
+    return check
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
+
+
+def generator(seed: int, tensor: str, model: str) -> torch.Generator:
+    """A CPU generator seeded from (run seed, tensor name, model name): independent of visiting order and device."""
+    h = hashlib.sha256(f"{seed}\x00{tensor}\x00{model}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+    return g
+
+
+@dataclass
+class Sparse:
+    """A sparsifier's output for one model: its (masked, rescaled) task vector and, for combiners that need one,
+    a per-entry score (a ranking for IM, a weight for PCB's weighted mean)."""
+
+    delta: torch.Tensor
+    score: torch.Tensor | None = None
+
+
+@dataclass
+class TensorContext:
+    name: str  # tensor name
+    models: list[str]  # model names in the base order
+    params: list[dict[str, Any]]  # resolved parameters, one dict per model (method-wide values included)
+    seed: int
+    order: list[int]  # IM order for this tensor (indices into models)
+    hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
+    device: torch.device = torch.device("cpu")
+    _gens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def param(self, key: str) -> Any:
+        """A method-wide parameter (the same for every model)."""
+        return self.params[0][key]
+
+    def rand(self, i: int, shape: torch.Size) -> torch.Tensor:
+        """Uniform [0, 1) numbers for model i; successive calls continue one stream per (tensor, model)."""
+        g = self._gens.get(i)
+        if g is None:
+            g = self._gens[i] = generator(self.seed, self.name, self.models[i])
+        return torch.rand(shape, generator=g).to(self.device)

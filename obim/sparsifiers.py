@@ -1,0 +1,151 @@
+"""Intra-model sparsifiers (the left column of the paper's Table 7). Each maps the task vectors of one tensor,
+one per model, to `Sparse` outputs; maths in shared/spec/methods.md."""
+
+from __future__ import annotations
+
+import torch
+
+from .context import Param, Sparse, TensorContext, number_in
+from .saliency import Score
+from .selection import as_rows, row_ranks, row_topk_mask, sorted_at, topk_mask
+
+RATIO = number_in(0.0, 1.0)
+
+
+class Sparsifier:
+    params: tuple[Param, ...] = ()
+
+    def __call__(self, deltas: list[torch.Tensor], ctx: TensorContext) -> list[Sparse]:
+        return [self.one(d, i, ctx) for i, d in enumerate(deltas)]
+
+    def one(self, delta: torch.Tensor, i: int, ctx: TensorContext) -> Sparse:
+        raise NotImplementedError
+
+    def validate(self, params: list[dict], models: list[str]) -> str | None:
+        """Cross-parameter checks (per model); an error text or None."""
+        return None
+
+
+class Keep(Sparsifier):
+    """No sparsification (TA, TALL-Mask)."""
+
+    def one(self, delta, i, ctx):
+        return Sparse(delta)
+
+
+class Rank(Sparsifier):
+    """No masking here: hand each model's scores to a combiner that selects (IM)."""
+
+    def __init__(self, score: Score):
+        self.score = score
+
+    def one(self, delta, i, ctx):
+        return Sparse(delta, self.score(delta, i, ctx))
+
+
+class TopK(Sparsifier):
+    """Keep the top-k entries of each task vector by a score (magnitude: TIES; saliency: OBM), k = int(density·n)."""
+
+    def __init__(self, score: Score, density: float):
+        self.score = score
+        self.params = (Param("density", density, RATIO, per_model=True, doc="fraction of entries kept"),)
+
+    def one(self, delta, i, ctx):
+        k = int(ctx.params[i]["density"] * delta.numel())
+        return Sparse(delta * topk_mask(self.score(delta, i, ctx), k))
+
+
+class RandomDrop(Sparsifier):
+    """DARE: drop each entry with probability p, rescale the survivors by 1/(1-p)."""
+
+    def __init__(self, drop_rate: float):
+        self.params = (Param("drop_rate", drop_rate, number_in(0.0, 1.0, hi_open=True), per_model=True),)
+
+    def one(self, delta, i, ctx):
+        p = ctx.params[i]["drop_rate"]
+        keep = ctx.rand(i, delta.shape) < (1.0 - p)
+        return Sparse(delta * keep / (1.0 - p))
+
+
+class MagPrune(Sparsifier):
+    """DELLA's MAGPRUNE: per row, keep probability rises linearly with the magnitude rank; rescale by 1/p."""
+
+    def __init__(self, density: float, epsilon: float):
+        self.params = (
+            Param("density", density, number_in(0.0, 1.0, True, True), per_model=True),
+            Param("epsilon", epsilon, number_in(0.0, 1.0, hi_open=True), per_model=True),
+        )
+
+    def validate(self, params, models):
+        for p, name in zip(params, models):
+            lo, hi = p["density"] - p["epsilon"], p["density"] + p["epsilon"]
+            if not (0 < lo and hi < 1):
+                return f"model {name}: della needs 0 < density - epsilon and density + epsilon < 1, got {lo:g}, {hi:g}"
+        return None
+
+    def one(self, delta, i, ctx):
+        density, eps = ctx.params[i]["density"], ctx.params[i]["epsilon"]
+        rows = as_rows(delta)
+        m = rows.shape[1]
+        if m > 1:
+            p_keep = (density - eps) + 2 * eps * (row_ranks(rows.abs()) - 1) / (m - 1)
+        else:
+            p_keep = torch.full_like(rows, density)
+        keep = ctx.rand(i, rows.shape) < p_keep
+        return Sparse((rows * keep / p_keep).view(delta.shape))
+
+
+class Breadcrumbs(Sparsifier):
+    """Per row: drop the top gamma fraction by magnitude (outliers), keep the next `density`, drop the rest."""
+
+    def __init__(self, density: float, gamma: float):
+        self.params = (
+            Param("density", density, RATIO, per_model=True),
+            Param("gamma", gamma, RATIO, per_model=True),
+        )
+
+    def validate(self, params, models):
+        for p, name in zip(params, models):
+            if p["density"] + p["gamma"] > 1:
+                return f"model {name}: breadcrumbs needs density + gamma <= 1, got {p['density'] + p['gamma']:g}"
+        return None
+
+    def one(self, delta, i, ctx):
+        m = as_rows(delta).shape[1]
+        top = int(ctx.params[i]["gamma"] * m)
+        keep = int(ctx.params[i]["density"] * m)
+        mag = delta.abs()
+        mask = row_topk_mask(mag, top + keep) & ~row_topk_mask(mag, top)
+        return Sparse(delta * mask)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    if hi == lo:
+        return torch.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+class PCBBalance(Sparsifier):
+    """PCB: clip outliers, intra-balancing exp(T·norm²), inter-balancing tanh(δ ⊙ Σδ), keep the top `ratio` as
+    normalised weights (the Sparse score) over the clipped task vectors."""
+
+    def __init__(self, ratio: float, clip_q: float = 1e-4):
+        self.clip_q = clip_q
+        self.params = (Param("ratio", ratio, number_in(0.0, 1.0, lo_open=True), per_model=True),)
+
+    def __call__(self, deltas, ctx):
+        T = len(deltas)
+        total = torch.stack(deltas).sum(0)
+        out = []
+        for i, d in enumerate(deltas):
+            n, q, r = d.numel(), self.clip_q, ctx.params[i]["ratio"]
+            a = d.abs()
+            lo, hi = sorted_at(a, [int(n * q), int(n * (1 - q)) - 1])
+            a = a.clamp(min=lo, max=max(lo, hi))
+            clipped = torch.sign(d) * a
+            b = torch.exp(T * _norm(a) ** 2) * torch.tanh(d * total)
+            (floor,) = sorted_at(b, [min(int(n * (1 - r)), n - 1)])
+            out.append(Sparse(clipped, _norm(b.clamp(min=floor))))
+        return out
+
