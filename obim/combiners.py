@@ -19,29 +19,35 @@ class Combiner:
         return None
 
 
+def _sum(tensors) -> torch.Tensor:
+    """Σ of tensors into a fresh buffer (inputs untouched)."""
+    it = iter(tensors)
+    out = next(it).clone()
+    for t in it:
+        out += t
+    return out
+
+
 class Sum(Combiner):
     """Task arithmetic: δM = Σt δ̂t."""
 
     def __call__(self, sparse, ctx):
-        out = sparse[0].delta.clone()
-        for s in sparse[1:]:
-            out += s.delta
-        return out
+        return _sum(s.delta for s in sparse)
 
 
 class DisjointMean(Combiner):
     """TIES steps 2-3: elect a sign per entry (0 -> +1), average the entries that agree with it."""
 
     def __call__(self, sparse, ctx):
-        total = sum(s.delta for s in sparse)
-        sign = torch.where(total >= 0, 1.0, -1.0)
-        num = torch.zeros_like(total)
-        cnt = torch.zeros_like(total)
+        total = _sum(s.delta for s in sparse)
+        sign = total.sign_().add_(0.5).sign_()  # sign(Σ), with 0 -> +1
+        num, cnt = torch.zeros_like(sign), torch.zeros_like(sign)
         for s in sparse:
-            agree = torch.sign(s.delta) == sign  # sign(0) = 0 never agrees
-            num += torch.where(agree, s.delta, 0.0)
-            cnt += agree
-        return num / cnt.clamp(min=1)
+            # float arithmetic only (bool masks cost 3-5x more here): δ·γ > 0 exactly where δ agrees with γ
+            agree = s.delta.mul(sign).clamp_(min=0)
+            num += agree
+            cnt += agree.sign_()
+        return num.mul_(sign).div_(cnt.clamp_(min=1))
 
 
 class Choice(Combiner):
@@ -75,16 +81,18 @@ class IterativeMerging(Combiner):
     def __call__(self, sparse, ctx):
         shape = sparse[0].delta.shape
         n = sparse[0].delta.numel()
-        taken = torch.zeros(n, dtype=torch.bool, device=ctx.device)
-        out = torch.zeros(n, dtype=sparse[0].delta.dtype, device=ctx.device)
-        for i in ctx.order:
+        free = torch.ones(n, dtype=torch.float32, device=ctx.device)  # 1.0 where no model took the position yet
+        out = torch.zeros(n, dtype=torch.float32, device=ctx.device)
+        for step, i in enumerate(ctx.order):
             k = int(ctx.params[i]["retention"] * n)
             if k == 0:
                 continue
-            score = sparse[i].score.reshape(-1).masked_fill(taken, float("-inf"))
-            mask = topk_mask(score, k)
-            out = torch.where(mask, sparse[i].delta.reshape(-1), out)
-            taken |= mask
+            score = sparse[i].score.reshape(-1)
+            if step:  # scores are >= 0: taken positions get -1, below every free one
+                score = score.mul_(free).add_(free).sub_(1.0)
+            mask = topk_mask(score, k, torch.float32)
+            out.addcmul_(sparse[i].delta.reshape(-1), mask)  # positions are exclusive: adding into zeros is exact
+            free -= mask
         return out.view(shape)
 
 
@@ -97,7 +105,7 @@ class Consensus(Combiner):
     )
 
     def __call__(self, sparse, ctx):
-        total = sum(s.delta for s in sparse)
+        total = _sum(s.delta for s in sparse)
         votes = torch.zeros_like(total)
         for i, s in enumerate(sparse):
             votes += s.delta.abs() > ctx.params[i]["tall_lambda"] * (total - s.delta).abs()

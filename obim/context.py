@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -36,12 +38,18 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
 
-def generator(seed: int, tensor: str, model: str) -> torch.Generator:
-    """A CPU generator seeded from (run seed, tensor name, model name): independent of visiting order and device."""
+def generator(seed: int, tensor: str, model: str) -> np.random.SFC64:
+    """A bit generator seeded from (run seed, tensor name, model name): independent of visiting order and device.
+    SFC64 raw draws cost ~0.5 ns per uniform here, torch's CPU generator ~3.5 ns."""
     h = hashlib.sha256(f"{seed}\x00{tensor}\x00{model}".encode()).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
-    return g
+    return np.random.SFC64(int.from_bytes(h[:8], "little"))
+
+
+def uniform(gen: np.random.SFC64, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """float32 uniforms in [0, 1) on a 2^-24 grid (the top 24 bits of each 32-bit draw), CPU."""
+    n = math.prod(shape)
+    raw = gen.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy((raw >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).view(shape)
 
 
 @dataclass
@@ -62,7 +70,7 @@ class TensorContext:
     order: list[int]  # IM order for this tensor (indices into models)
     hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
     device: torch.device = torch.device("cpu")
-    _gens: dict[int, torch.Tensor] = field(default_factory=dict)
+    _gens: dict[int, np.random.SFC64] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:
         """A method-wide parameter (the same for every model)."""
@@ -73,4 +81,4 @@ class TensorContext:
         g = self._gens.get(i)
         if g is None:
             g = self._gens[i] = generator(self.seed, self.name, self.models[i])
-        return torch.rand(shape, generator=g).to(self.device)
+        return uniform(g, tuple(shape)).to(self.device)

@@ -132,6 +132,19 @@ def _extra_rows(out: torch.Tensor, shared: int, sources: list[torch.Tensor]) -> 
         start = stop
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed large blocks instead of returning them to the OS: each fresh mmap'd tensor pays a
+    page fault per 4 KiB, which made elementwise passes 3-5x slower (measured on 32M-entry tensors)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
+    except (OSError, AttributeError):  # not glibc: only slower
+        pass
+
+
 def merge_tensor(cfg: MergeConfig, plan: TensorPlan, base_t: torch.Tensor, model_ts: list[torch.Tensor],
                  hdiags: list[dict[str, torch.Tensor] | None], device: torch.device) -> torch.Tensor:
     if not base_t.is_floating_point():
@@ -142,8 +155,10 @@ def merge_tensor(cfg: MergeConfig, plan: TensorPlan, base_t: torch.Tensor, model
         b = b[:rows]
     deltas = []
     for spec, t in zip(cfg.models, model_ts):
-        d = (t if rows is None else t[:rows]).to(device, torch.float32) - b
-        if not torch.isfinite(d).all():
+        d = (t if rows is None else t[:rows]).to(device, torch.float32)
+        d -= b
+        # a sum is NaN/Inf when any entry is (10x cheaper than isfinite); confirm before blaming the model
+        if not torch.isfinite(d.sum()) and not torch.isfinite(d).all():
             raise ObimError(f"tensor {plan.name}: task vector of model '{spec.name}' has NaN or Inf entries")
         deltas.append(d)
     method = cfg.method
@@ -196,6 +211,7 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ObimError(f"--device {device}: CUDA is not available on this machine")
     dev = torch.device(device)
+    _keep_freed_memory()
     base = open_checkpoint(cfg.base_model)
     models = [open_checkpoint(m.path) for m in cfg.models]
     plans = plan_merge(cfg, base, models)
@@ -211,17 +227,18 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     def read(p: TensorPlan):
         return base.get(p.name), [ck.get(p.name) for ck in models]
 
-    with staged_output(out, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+    with staged_output(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
         writer = ShardedWriter(tmp, shards)
+        pending = None
         try:
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {cfg.method.name}", disable=not progress)
             pending = pool.submit(read, plans[0]) if plans else None
             for j, p in enumerate(plans):
                 base_t, model_ts = pending.result()
-                pending = pool.submit(read, plans[j + 1]) if j + 1 < len(plans) else None  # overlap I/O
+                pending = pool.submit(read, plans[j + 1]) if j + 1 < len(plans) else None  # overlap reads
                 writer.write(p.name, merge_tensor(cfg, p, base_t, model_ts, hdiags, dev))
                 del base_t, model_ts
-                bar.update(torch.empty((), dtype=p.out_dtype).element_size() * _numel(p.out_shape))
+                bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
             bar.close()
             writer.finish()
         except BaseException:

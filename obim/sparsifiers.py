@@ -7,12 +7,14 @@ import torch
 
 from .context import Param, Sparse, TensorContext, number_in
 from .saliency import Score
-from .selection import as_rows, row_ranks, row_topk_mask, sorted_at, topk_mask
+from .selection import as_rows, kth_largest_many, row_ranks, row_topk_mask, sorted_at, topk_mask
 
 RATIO = number_in(0.0, 1.0)
 
 
 class Sparsifier:
+    """Deltas passed in belong to the call: a sparsifier may modify them in place (saves a pass per model)."""
+
     params: tuple[Param, ...] = ()
 
     def __call__(self, deltas: list[torch.Tensor], ctx: TensorContext) -> list[Sparse]:
@@ -50,9 +52,11 @@ class TopK(Sparsifier):
         self.score = score
         self.params = (Param("density", density, RATIO, per_model=True, doc="fraction of entries kept"),)
 
-    def one(self, delta, i, ctx):
-        k = int(ctx.params[i]["density"] * delta.numel())
-        return Sparse(delta * topk_mask(self.score(delta, i, ctx), k))
+    def __call__(self, deltas, ctx):
+        scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
+        ks = [int(ctx.params[i]["density"] * d.numel()) for i, d in enumerate(deltas)]
+        thrs = kth_largest_many(scores, ks)  # the selections of all models run in parallel
+        return [Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, thrs)]
 
 
 class RandomDrop(Sparsifier):

@@ -1,0 +1,207 @@
+"""Merge benchmark: wall time and peak RSS of whole processes on synthetic Llama-shaped checkpoints.
+
+Makes a base and N fine-tunes (default: hidden 1024, 16 layers, vocab 32000, bf16, ~271M parameters each), then
+measures, each in its own process: the I/O floor (read every input tensor once, add, write one model), every
+requested obim method through `obim-merge`, and mergekit's `ties` and `task_arithmetic` on the same inputs when a
+`mergekit-yaml` executable is found (--mergekit, $MERGEKIT_YAML or PATH).
+
+    python experiments/bench_merge.py                       # all methods, the default shape
+    python experiments/bench_merge.py --layers 32 --methods ties obim   # does peak RSS grow with depth?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from obim.checkpoint import ShardedWriter, open_checkpoint, plan_shards
+from obim.methods import METHODS
+from obim.saliency import save_hdiag
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_tensors(hidden: int, layers: int, vocab: int, inter: int) -> list[tuple[str, tuple[int, ...]]]:
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        out += [(p + f"self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, inter))]
+    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int, inter: int) -> list[Path]:
+    """Base + fine-tunes (base + N(0, 0.002) noise, rounded to bf16), safetensors shards of 2 GB; cached."""
+    names = ["base"] + [f"ft{i}" for i in range(1, n_models + 1)]
+    dirs = [root / n for n in names]
+    stamp = root / "shape.json"
+    shape = {"hidden": hidden, "layers": layers, "vocab": vocab, "inter": inter, "models": n_models}
+    if stamp.exists() and json.loads(stamp.read_text()) == shape and all((d / "config.json").exists() for d in dirs):
+        return dirs
+    shutil.rmtree(root, ignore_errors=True)
+    tensors = llama_tensors(hidden, layers, vocab, inter)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64, "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    entries = [(n, torch.bfloat16, s) for n, s in tensors]
+    writers = []
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        writers.append(ShardedWriter(d, plan_shards(entries, 2_000_000_000)))
+    g = torch.Generator().manual_seed(0)
+    for name, s in tensors:
+        base = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
+        writers[0].write(name, base.bfloat16())
+        for w in writers[1:]:
+            w.write(name, (base + torch.randn(s, generator=g) * 0.002).bfloat16())
+    for w in writers:
+        w.finish()
+    stamp.write_text(json.dumps(shape))
+    return dirs
+
+
+def make_hdiags(root: Path, dirs: list[Path]) -> list[Path]:
+    """Synthetic saliency statistics (positive random vectors) for each fine-tune: merge speed does not depend on
+    where they came from."""
+    out = []
+    ck = open_checkpoint(str(dirs[0]))
+    for i, d in enumerate(dirs[1:], 1):
+        p = root / f"hdiag-{d.name}.safetensors"
+        if not p.exists():
+            g = torch.Generator().manual_seed(100 + i)
+            h = {n: torch.rand(info.shape[1], generator=g) + 0.01 for n, info in ck.tensors.items()
+                 if n.endswith(tuple(f"{x}.weight" for x in LINEAR)) or n == "lm_head.weight"}
+            save_hdiag(h, p, {"model": str(d), "data": "synthetic"})
+        out.append(p)
+    return out
+
+
+def floor_job(dirs: list[str], out: str) -> None:
+    """The I/O floor: read every input tensor once, add them, write one model."""
+    cks = [open_checkpoint(d) for d in dirs]
+    names = sorted(cks[0].tensors.values(), key=lambda t: (str(t.file), t.offset))
+    outp = Path(out)
+    shutil.rmtree(outp, ignore_errors=True)
+    outp.mkdir(parents=True)
+    w = ShardedWriter(outp, plan_shards([(t.name, t.dtype, t.shape) for t in names], 5_000_000_000))
+    for t in names:
+        acc = cks[0].get(t.name)
+        for ck in cks[1:]:
+            acc = acc + ck.get(t.name)
+        w.write(t.name, acc)
+    w.finish()
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, exit status) of one child process, from its own rusage."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace").strip()
+    p.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"  FAILED ({code}): {' '.join(cmd)}\n  {err.splitlines()[-1] if err else ''}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024**2, code
+
+
+def obim_config(method: str, dirs: list[Path], hdiags: list[Path]) -> dict:
+    n = len(dirs) - 1
+    models = []
+    for i, (d, h) in enumerate(zip(dirs[1:], hdiags)):
+        m = {"name": d.name, "path": str(d)}
+        if method in ("obim", "ties_im", "ties_obm"):
+            m["retention"] = round(0.9 / n, 6) if method != "ties_obm" else 0.2
+        if method in ("obim", "ties_obm"):
+            m["hdiag"] = str(h)
+        models.append(m)
+    return {"method": method, "base_model": str(dirs[0]), "models": models, "order": "rotation", "seed": 0}
+
+
+def mergekit_config(method: str, dirs: list[Path]) -> dict:
+    params = {"weight": 1.0, **({"density": 0.2} if method == "ties" else {})}
+    return {"merge_method": method, "base_model": str(dirs[0]), "dtype": "bfloat16",
+            "models": [{"model": str(d), "parameters": params} for d in dirs[1:]],
+            **({"parameters": {"normalize": False}} if method == "ties" else {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=os.environ.get("OBIM_BENCH_DIR", "/tmp/obim-bench"))
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--models", type=int, default=3, help="number of fine-tunes")
+    ap.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
+                    help="mergekit-yaml executable (skipped when absent)")
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--_floor", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._floor:
+        return floor_job(args._floor[:-1], args._floor[-1])
+
+    root = Path(args.workdir)
+    t0 = time.perf_counter()
+    dirs = make_models(root / "models", args.models, args.hidden, args.layers, args.vocab, args.intermediate)
+    hdiags = make_hdiags(root, dirs)
+    n_params = sum(math.prod(t.shape) for t in open_checkpoint(str(dirs[0])).tensors.values())
+    print(f"inputs: base + {args.models} fine-tunes, {n_params / 1e6:.0f}M parameters each, bf16 "
+          f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); ready in {time.perf_counter() - t0:.0f} s")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
+    out = root / "out"
+    rows = []
+
+    wall, rss, code = run_measured([sys.executable, __file__, "--_floor", *map(str, dirs), str(out)])
+    floor = wall
+    rows.append(("I/O floor (read all, add, write one)", wall, rss, code))
+    for method in args.methods:
+        cfg_path = root / f"{method}.yaml"
+        cfg_path.write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
+        cmd = [sys.executable, "-m", "obim.cli", str(cfg_path), str(out), "--overwrite", "--quiet",
+               "--device", args.device]
+        rows.append((f"obim {method}", *run_measured(cmd)))
+    if args.mergekit and not args.no_mergekit:
+        for method in ("task_arithmetic", "ties"):
+            cfg_path = root / f"mergekit-{method}.yaml"
+            cfg_path.write_text(yaml.safe_dump(mergekit_config(method, dirs)))
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [args.mergekit, str(cfg_path), str(out), "--allow-crimes", "--lazy-unpickle"]
+            if args.device.startswith("cuda"):
+                cmd.append("--cuda")
+            rows.append((f"mergekit {method}", *run_measured(cmd)))
+    shutil.rmtree(out, ignore_errors=True)
+
+    lines = ["| what | wall (s) | x floor | peak RSS (GB) |", "|---|---:|---:|---:|"]
+    for what, wall, rss, code in rows:
+        status = "" if code == 0 else " (failed)"
+        lines.append(f"| {what}{status} | {wall:.1f} | {wall / floor:.2f} | {rss:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
