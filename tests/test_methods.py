@@ -1,0 +1,249 @@
+"""Every method against expectations computed by hand (or by an independent implementation) on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from obim.config import load_config
+from obim.context import generator, uniform
+from obim.merge import TensorPlan, merge_tensor
+
+LINEAR = "model.layers.0.mlp.up_proj.weight"
+
+
+def run(method, deltas: dict[str, torch.Tensor], *, base=None, params=None, per_model=None, retention=None,
+        order="rotation", hdiag=None, name=LINEAR, seed=0):
+    """Merge `deltas` (model name -> task vector) onto `base` with one method, through the driver's per-tensor path."""
+    names = list(deltas)
+    shape = next(iter(deltas.values())).shape
+    base = torch.zeros(shape) if base is None else base
+    models = []
+    for n in names:
+        m = {"name": n, "path": n, "parameters": (per_model or {}).get(n, {})}
+        if retention:
+            m["retention"] = retention[n]
+        if method in ("obim", "ties_obm"):
+            m["hdiag"] = "unused.safetensors"
+        models.append(m)
+    cfg = load_config({"method": method, "base_model": "base", "models": models, "parameters": params or {},
+                       "order": order, "seed": seed})
+    hd = [{name: hdiag[n]} if hdiag and n in hdiag else {} for n in names]
+    plan = TensorPlan(name, torch.float32, tuple(shape))
+    return merge_tensor(cfg, plan, base, [base + deltas[n] for n in names], hd, torch.device("cpu"))
+
+
+def u(name, model, shape, seed=0):
+    return uniform(generator(seed, name, model), shape)
+
+
+def test_ta_sum_and_lambda():
+    base = torch.ones(4)
+    out = run("ta", {"a": torch.tensor([1.0, 2, 0, -1]), "b": torch.tensor([3.0, -1, 0, 1])}, base=base,
+              params={"lambda": 0.5})
+    assert out.tolist() == [3.0, 1.5, 1.0, 1.0]
+
+
+def test_ties_trim_elect_disjoint_mean():
+    a = torch.tensor([0.5, -2.0, 1.0, 0.1])
+    b = torch.tensor([1.0, 1.0, -3.0, 0.2])  # |1| ties at the threshold: the lower index (0) wins
+    out = run("ties", {"a": a, "b": b}, params={"density": 0.5})
+    # â = [0, -2, 1, 0], b̂ = [1, 0, -3, 0]; Σ = [1, -2, -2, 0] -> γ = [+, -, -, +]
+    assert out.tolist() == [1.0, -2.0, -3.0, 0.0]
+
+
+def test_ties_sign_tie_elects_plus():
+    out = run("ties", {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([-1.0, 4.0])}, params={"density": 1.0})
+    assert out.tolist() == [1.0, 3.0]  # Σ = 0 -> +1: only a's +1 agrees; then mean(2, 4)
+
+
+def test_ties_k0_and_single_model():
+    d = torch.tensor([0.5, -2.0, 1.0, 0.1])
+    assert run("ties", {"a": d}, params={"density": 0.0}).tolist() == [0.0] * 4
+    assert run("ties", {"a": d}, params={"density": 0.5}).tolist() == [0.0, -2.0, 1.0, 0.0]
+
+
+def test_ties_per_model_density():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    out = run("ties", {"a": a, "b": b}, per_model={"a": {"density": 0.25}, "b": {"density": 0.5}})
+    assert out.tolist() == [4.0, 3.0, 0.0, 4.0]
+
+
+def test_dare_drop_and_rescale():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    out = run("dare", {"a": a, "b": b}, params={"drop_rate": 0.7})
+    ua, ub = u(LINEAR, "a", (1000,)), u(LINEAR, "b", (1000,))
+    want = torch.where(ua < 0.3, a / 0.3, 0.0) + torch.where(ub < 0.3, b / 0.3, 0.0)
+    torch.testing.assert_close(out, want)
+
+
+def test_dare_statistics_and_ties_combine():
+    d = torch.full((200_000,), 0.01)
+    out = run("dare", {"a": d}, params={"drop_rate": 0.9})
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.1) < 0.005
+    assert abs(out.mean().item() - 0.01) < 0.0007  # rescaling keeps the expectation
+    a, b = torch.tensor([1.0, -1.0, 2.0]), torch.tensor([-3.0, -1.0, 1.0])
+    out = run("dare", {"a": a, "b": b}, params={"drop_rate": 0.0, "combine": "ties"})
+    assert out.tolist() == [-3.0, -1.0, 1.5]
+
+
+def test_della_magprune_probabilities():
+    d = torch.tensor([0.1, -0.4, 0.2, 0.3])
+    out = run("della", {"a": d}, params={"density": 0.5, "epsilon": 0.1}, name="model.norm.weight")
+    p = torch.tensor([0.4, 0.6, 0.4 + 0.2 / 3, 0.4 + 0.4 / 3])  # ranks by |δ| ascending: 1, 4, 2, 3
+    keep = u("model.norm.weight", "a", (4,)) < p
+    torch.testing.assert_close(out, 1.1 * torch.where(keep, d / p, 0.0))
+
+
+def test_della_rows_and_statistics():
+    d = torch.full((400, 500), 0.02)
+    d[:, 250:] = 0.04
+    out = run("della", {"a": d}, params={"density": 0.7, "epsilon": 0.2, "lambda": 1.0})
+    kept = (out != 0).float()
+    assert abs(kept[:, :250].mean().item() - 0.6) < 0.01  # small half: p from 0.5 up to ~0.7
+    assert abs(kept[:, 250:].mean().item() - 0.8) < 0.01
+    assert abs(out.mean().item() - d.mean().item()) < 0.0005
+
+
+def test_tall_mask_consensus():
+    a, b = torch.tensor([1.0, 0.1, 2.0]), torch.tensor([1.0, 2.0, -2.0])
+    # Σ = [2, 2.1, 0]; masks a: [T, F, T], b: [T, T, T]; votes [2, 1, 2] -> keep where >= 2
+    assert run("tall_mask", {"a": a, "b": b}).tolist() == [2.0, 0.0, 0.0]
+    out = run("tall_mask", {"a": a, "b": b}, params={"k": 1, "lambda": 0.5})
+    assert out.tolist() == pytest.approx([1.0, 1.05, 0.0])
+    out = run("tall_mask", {"a": a, "b": b}, per_model={"a": {"tall_lambda": 100.0}, "b": {"tall_lambda": 100.0}},
+              params={"k": 1})
+    assert out.tolist() == [0.0, 0.0, 0.0]
+
+
+def pcb_reference(deltas: list[torch.Tensor], ratio: float, q: float = 1e-4) -> torch.Tensor:
+    """PCB by the formulas, with full sorts (an independent implementation)."""
+    T = len(deltas)
+    total = sum(deltas)
+
+    def norm(x):
+        return torch.zeros_like(x) if x.max() == x.min() else (x - x.min()) / (x.max() - x.min())
+
+    num, den = 0, 0
+    for d in deltas:
+        n = d.numel()
+        s = torch.sort(d.abs().flatten()).values
+        a = d.abs().clamp(s[int(n * q)].item(), s[int(n * (1 - q)) - 1].item())
+        clipped = torch.sign(d) * a
+        bal = torch.exp(T * norm(a) ** 2) * torch.tanh(d * total)
+        sb = torch.sort(bal.flatten()).values
+        beta = norm(bal.clamp(min=sb[int(n * (1 - ratio))].item()))
+        num = num + beta * clipped
+        den = den + beta
+    return num / den.clamp(min=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2])
+def test_pcb_matches_reference(ratio):
+    g = torch.Generator().manual_seed(3)
+    ds = {n: torch.randn(64, 80, generator=g) * 0.01 for n in "abc"}
+    out = run("pcb", ds, params={"ratio": ratio})
+    torch.testing.assert_close(out, pcb_reference(list(ds.values()), ratio), rtol=1e-5, atol=1e-8)
+
+
+def test_pcb_keeps_top_ratio_per_model():
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(1000, generator=g)
+    out = run("pcb", {"a": d}, params={"ratio": 0.1})  # one model: δM = clipped δ where β̂ > 0
+    assert 95 <= int((out != 0).sum()) <= 100
+
+
+def test_breadcrumbs_drops_outliers_and_tail():
+    row = torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0, 0.0])
+    d = torch.stack([row, row.flip(0)])
+    out = run("breadcrumbs", {"a": d}, params={"gamma": 0.1, "density": 0.3})
+    assert out[0].tolist() == [0.0, -4.0, 3.0, 2.0, 0, 0, 0, 0, 0, 0]
+    assert out[1].tolist() == [0, 0, 0, 0, 0, 0, 2.0, 3.0, -4.0, 0.0]
+    out2 = run("breadcrumbs", {"a": d, "b": d}, params={"gamma": 0.1, "density": 0.3})
+    torch.testing.assert_close(out2, 2 * out)
+
+
+# --------------------------------------------------------------------------------------- OBM / IM family
+
+LM = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.5, 2.0]])
+MATH = torch.tensor([[-1.0, 3.0, 1.0], [1.0, 1.0, -1.0]])
+H = torch.tensor([1.0, 4.0, 0.25])  # saliency = δ² · h: lm [[1,4,.25],[4,1,1]], math [[1,36,.25],[1,4,.25]]
+
+
+def test_obim_hand_computed_orders():
+    hd = {"lm": H, "math": H}
+    ret = {"lm": 0.5, "math": 0.5}
+    out = run("obim", {"lm": LM, "math": MATH}, retention=ret, hdiag=hd, order=["lm", "math"])
+    assert out.tolist() == [[1.0, 1.0, 1.0], [2.0, 1.0, -1.0]]  # lm takes {0, 1, 3}, math the rest
+    out = run("obim", {"lm": LM, "math": MATH}, retention=ret, hdiag=hd, order=["math", "lm"])
+    assert out.tolist() == [[-1.0, 3.0, 1.0], [2.0, 1.0, 2.0]]  # math takes {0, 1, 4}, lm the rest
+    out = run("obim", {"lm": LM, "math": MATH}, retention={"lm": 0.3, "math": 0.3}, hdiag=hd, order=["lm", "math"])
+    # k = 1 each: lm's 4 at indices 1 and 3 tie -> 1; math's best free score is the 4 at index 4
+    assert out.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_obim_rotation_by_block():
+    hd = {"lm": H, "math": H}
+    ret = {"lm": 0.5, "math": 0.5}
+    first_lm = [[1.0, 1.0, 1.0], [2.0, 1.0, -1.0]]
+    first_math = [[-1.0, 3.0, 1.0], [2.0, 1.0, 2.0]]
+    for name, want in [("model.layers.0.self_attn.q_proj.weight", first_lm),
+                       ("model.layers.1.self_attn.q_proj.weight", first_math),
+                       ("model.layers.2.self_attn.q_proj.weight", first_lm),
+                       ("model.layers.11.mlp.down_proj.weight", first_math),
+                       ("lm_head.weight", first_lm)]:
+        out = run("obim", {"lm": LM, "math": MATH}, retention=ret, hdiag={"lm": H, "math": H}, name=name)
+        assert out.tolist() == want, name
+
+
+def test_im_exclusive_and_exact_counts():
+    g = torch.Generator().manual_seed(5)
+    names = ["a", "b", "c"]
+    # model i's delta is i+1 everywhere: the merged value tells which model owns each position
+    ds = {n: torch.full((50, 40), float(i + 1)) for i, n in enumerate(names)}
+    hd = {n: torch.rand(40, generator=g) for n in names}
+    ret = {"a": 0.3, "b": 0.25, "c": 0.45}  # sums to exactly 1: every position taken once
+    out = run("obim", ds, retention=ret, hdiag=hd)
+    for i, n in enumerate(names):
+        assert int((out == i + 1).sum()) == int(ret[n] * 2000)
+    assert int((out == 0).sum()) == 2000 - sum(int(r * 2000) for r in ret.values())
+
+
+def test_obim_random_scores_outside_linear_layers():
+    name = "model.layers.0.input_layernorm.weight"
+    d = {"lm": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])}
+    out = run("obim", d, retention={"lm": 0.4}, hdiag={}, name=name)  # no statistics for norms: uniform scores
+    score = u(name, "lm", (5,))
+    keep = torch.zeros(5, dtype=torch.bool)
+    keep[torch.argsort(score, descending=True, stable=True)[:2]] = True
+    assert out.tolist() == torch.where(keep, d["lm"], 0.0).tolist()
+
+
+def test_ties_obm_and_ties_im():
+    hd = {"lm": H, "math": H}
+    out = run("ties_obm", {"lm": LM, "math": MATH}, params={"density": 0.5}, hdiag=hd)
+    assert out.tolist() == [[1.0, 2.0, 0.0], [2.0, 1.0, 0.0]]
+    out = run("ties_obm", {"lm": LM, "math": MATH}, retention={"lm": 0.5, "math": 0.5}, hdiag=hd)
+    assert out.tolist() == [[1.0, 2.0, 0.0], [2.0, 1.0, 0.0]]  # `retention` sets ties_obm's per-model density
+    out = run("ties_im", {"lm": LM, "math": MATH}, retention={"lm": 0.5, "math": 0.5}, order=["lm", "math"])
+    assert out.tolist() == [[1.0, 3.0, 1.0], [2.0, 1.0, 2.0]]
+
+
+def test_retention_zero_keeps_base():
+    base = torch.arange(6.0).view(2, 3)
+    out = run("obim", {"lm": LM, "math": MATH}, base=base, retention={"lm": 0.0, "math": 0.0},
+              hdiag={"lm": H, "math": H})
+    assert torch.equal(out, base)
+
+
+def test_same_seed_same_result_other_seed_differs():
+    g = torch.Generator().manual_seed(6)
+    d = {"a": torch.randn(2000, generator=g)}
+    assert torch.equal(run("dare", d, seed=1), run("dare", d, seed=1))
+    assert not torch.equal(run("dare", d, seed=1), run("dare", d, seed=2))
+    assert math.isclose(float((run("dare", d, seed=1) != 0).float().mean()), 0.1, abs_tol=0.03)

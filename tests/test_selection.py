@@ -1,0 +1,71 @@
+"""Top-k selection against a brute-force reference: stable sort by (-value, index)."""
+
+import pytest
+import torch
+
+from obim.selection import kth_largest, kth_largest_many, row_ranks, row_topk_mask, sorted_at, topk_mask
+
+
+def reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_mask_matches_reference_with_many_ties(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 5, (7, 9), generator=g).float()  # 5 distinct values in 63 entries: ties everywhere
+    for k in [0, 1, 5, 17, 31, 62, 63]:
+        got = topk_mask(x, k, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got.bool(), reference_topk(x, k)), k
+
+
+def test_topk_mask_large_tensor_and_negative_scores():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300_000, generator=g) * 100).round()  # ties, negatives
+    x[::7] = float("-inf")
+    for k in [1, 1000, 150_000, 299_999]:
+        m = topk_mask(x, k, torch.float32)
+        assert int(m.sum()) == k
+        kept, dropped = x[m.bool()], x[~m.bool()]
+        assert kept.min() >= dropped.max()
+        thr = kept.min()
+        # among entries equal to the threshold, the kept ones have lower indices than the dropped ones
+        eq = (x == thr).nonzero().squeeze(1)
+        kept_eq = eq[m.bool()[eq]]
+        drop_eq = eq[~m.bool()[eq]]
+        if kept_eq.numel() and drop_eq.numel():
+            assert kept_eq.max() < drop_eq.min()
+
+
+def test_kth_largest_counts_strictly_larger():
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 0.0])
+    assert kth_largest(x, 1) == (3.0, 0)
+    assert kth_largest(x, 4) == (2.0, 3)
+    assert kth_largest_many([x, x], [2, 6]) == [(3.0, 0), None]
+
+
+def test_row_topk_mask_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 4, (6, 11), generator=g).float()
+    for k in [0, 1, 3, 10, 11]:
+        got = row_topk_mask(x, k)
+        want = torch.stack([reference_topk(r, k) for r in x])
+        assert torch.equal(got, want), k
+    v = torch.tensor([1.0, 3.0, 3.0, 2.0])  # 1-D: one row
+    assert row_topk_mask(v, 2).tolist() == [False, True, True, False]
+
+
+def test_row_ranks_ascending_stable():
+    x = torch.tensor([[0.3, 0.1, 0.3, 0.2], [1.0, 1.0, 1.0, 0.0]])
+    assert row_ranks(x).tolist() == [[3.0, 1.0, 4.0, 2.0], [2.0, 3.0, 4.0, 1.0]]
+
+
+def test_sorted_at_python_indexing():
+    x = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert sorted_at(x, [0, 2, -1, 4]) == [1.0, 3.0, 5.0, 5.0]
