@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .context import Param, Sparse, TensorContext, number_in, one_of
-from .selection import topk_mask
+from .selection import kth_largest, topk_mask
 
 
 class Combiner:
@@ -81,18 +81,19 @@ class IterativeMerging(Combiner):
     def __call__(self, sparse, ctx):
         shape = sparse[0].delta.shape
         n = sparse[0].delta.numel()
-        free = torch.ones(n, dtype=torch.float32, device=ctx.device)  # 1.0 where no model took the position yet
+        # scores are >= 0; taken positions get -1e30 added, which puts them below every free one
+        penalty = torch.zeros(n, dtype=torch.float32, device=ctx.device)
         out = torch.zeros(n, dtype=torch.float32, device=ctx.device)
         for step, i in enumerate(ctx.order):
             k = int(ctx.params[i]["retention"] * n)
             if k == 0:
                 continue
             score = sparse[i].score.reshape(-1)
-            if step:  # scores are >= 0: taken positions get -1, below every free one
-                score = score.mul_(free).add_(free).sub_(1.0)
-            mask = topk_mask(score, k, torch.float32)
+            if step:
+                score.add_(penalty)
+            mask = topk_mask(score, k, torch.float32, kth_largest(score, k, nonneg=True) if k < n else None)
             out.addcmul_(sparse[i].delta.reshape(-1), mask)  # positions are exclusive: adding into zeros is exact
-            free -= mask
+            penalty.add_(mask, alpha=-1e30)
         return out.view(shape)
 
 

@@ -14,15 +14,26 @@ import numpy as np
 import torch
 
 
-def kth_largest(x: torch.Tensor, k: int) -> tuple[float, int]:
-    """(the k-th largest entry of 1-D x, how many entries are strictly larger), 1 <= k <= n."""
+def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool = False) -> tuple[float, int]:
+    """(the k-th largest entry of 1-D x, how many entries are strictly larger), 1 <= k <= n.
+
+    nonneg: the k largest entries are known to be >= 0 (scores; negative entries only mark exclusions). Their
+    int32 bit patterns then order like the floats, and numpy selects ints ~35% faster than floats.
+    inplace: x is scratch and may be reordered (saves a copy)."""
     n = x.numel()
     if x.is_cuda:
         thr = torch.kthvalue(x, n - k + 1).values
         return float(thr), int(torch.count_nonzero(x > thr))
-    part = np.partition(x.numpy(), n - k)
+    a = x.numpy()
+    if nonneg:
+        a = a.view(np.int32)
+    part = a if inplace else a.copy()
+    part.partition(n - k)
     thr = part[n - k]
-    return float(thr), int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    above = int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    if nonneg:
+        thr = np.array(thr, dtype=np.int32).view(np.float32)[()]
+    return float(thr), above
 
 
 def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
@@ -41,12 +52,12 @@ def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
     return mask.view(x.shape)
 
 
-def kth_largest_many(xs: list[torch.Tensor], ks: list[int]) -> list[tuple[float, int] | None]:
+def kth_largest_many(xs: list[torch.Tensor], ks: list[int], **kw) -> list[tuple[float, int] | None]:
     """kth_largest of several tensors, in parallel threads on CPU (numpy's selection is single-threaded and
     releases the GIL); None where k is 0 or n (no threshold needed)."""
     def one(a):
         x, k = a
-        return kth_largest(x.reshape(-1), k) if 0 < k < x.numel() else None
+        return kth_largest(x.reshape(-1), k, **kw) if 0 < k < x.numel() else None
 
     if len(xs) > 1 and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
         return list(_pool().map(one, zip(xs, ks)))
@@ -58,12 +69,28 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="obim-select")
 
 
-def _first_equal(flat: torch.Tensor, value: float, count: int, chunk: int = 1 << 18) -> torch.Tensor:
-    """Indices of the first `count` entries equal to value, scanning in chunks: ties are frequent with quantised
-    (bf16) deltas, and scanning only as far as needed halves the cost on average."""
+def keep_top_magnitude(d: torch.Tensor, k: int, kth: tuple[float, int] | None) -> torch.Tensor:
+    """d with all but its k largest-magnitude entries zeroed (ties: lowest indices), `kth` being
+    kth_largest(|d|, k) (None when k is 0 or n)."""
+    n = d.numel()
+    if k <= 0 or k >= n:
+        return d if k >= n else torch.zeros_like(d)
+    thr, above = kth
+    out = torch.nn.functional.hardshrink(d, thr)  # keeps |d| > thr
+    if k > above and thr > 0:  # (ties at 0 would only add zeros)
+        flat, src = out.view(-1), d.reshape(-1)
+        idx = _first_equal(src, thr, k - above, key=torch.abs)
+        flat[idx] = src[idx]
+    return out
+
+
+def _first_equal(flat: torch.Tensor, value: float, count: int, chunk: int = 1 << 18, key=None) -> torch.Tensor:
+    """Indices of the first `count` entries equal to value (after `key`, e.g. abs), scanning in chunks: ties are
+    frequent with quantised (bf16) deltas, and scanning only as far as needed halves the cost on average."""
     found = []
     for start in range(0, flat.numel(), chunk):
-        idx = (flat[start : start + chunk] == value).nonzero().squeeze(1)[:count] + start
+        part = flat[start : start + chunk]
+        idx = ((key(part) if key else part) == value).nonzero().squeeze(1)[:count] + start
         found.append(idx)
         count -= idx.numel()
         if count <= 0:

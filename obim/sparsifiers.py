@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from .context import Param, Sparse, TensorContext, number_in
-from .saliency import Score
-from .selection import as_rows, kth_largest_many, row_ranks, row_topk_mask, sorted_at, topk_mask
+from .saliency import Score, magnitude
+from .selection import (as_rows, keep_top_magnitude, kth_largest_many, row_ranks, row_topk_mask, sorted_at,
+                        topk_mask)
 
 RATIO = number_in(0.0, 1.0)
 
@@ -53,10 +54,14 @@ class TopK(Sparsifier):
         self.params = (Param("density", density, RATIO, per_model=True, doc="fraction of entries kept"),)
 
     def __call__(self, deltas, ctx):
-        scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
         ks = [int(ctx.params[i]["density"] * d.numel()) for i, d in enumerate(deltas)]
-        thrs = kth_largest_many(scores, ks)  # the selections of all models run in parallel
-        return [Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, thrs)]
+        if self.score is magnitude:
+            # select on a scratch |δ| in place, then trim δ itself: no mask, no copy
+            kths = kth_largest_many([d.abs() for d in deltas], ks, nonneg=True, inplace=True)
+            return [Sparse(keep_top_magnitude(d, k, kth)) for d, k, kth in zip(deltas, ks, kths)]
+        scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
+        kths = kth_largest_many(scores, ks, nonneg=True)  # the selections of all models run in parallel
+        return [Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, kths)]
 
 
 class RandomDrop(Sparsifier):
