@@ -117,6 +117,8 @@ class WeightedMean(Combiner):
     """PCB: δM = Σt wt ⊙ δt / max(Σt wt, 1e-12), with the weights wt the sparsifier put in `score`."""
 
     def __call__(self, sparse, ctx):
-        num = sum(s.score * s.delta for s in sparse)
-        den = sum(s.score for s in sparse)
-        return num / den.clamp(min=1e-12)
+        num, den = torch.zeros_like(sparse[0].delta), torch.zeros_like(sparse[0].delta)
+        for s in sparse:
+            num.addcmul_(s.score, s.delta)
+            den += s.score
+        return num.div_(den.clamp_(min=1e-12))

@@ -7,7 +7,7 @@ import torch
 
 from .context import Param, Sparse, TensorContext, number_in
 from .saliency import Score, magnitude
-from .selection import (as_rows, keep_top_magnitude, kth_largest_many, row_ranks, row_topk_mask, sorted_at,
+from .selection import (as_rows, by_row_rank, keep_top_magnitude, kth_largest_many, row_band_mask, sorted_at,
                         topk_mask)
 
 RATIO = number_in(0.0, 1.0)
@@ -96,12 +96,14 @@ class MagPrune(Sparsifier):
         density, eps = ctx.params[i]["density"], ctx.params[i]["epsilon"]
         rows = as_rows(delta)
         m = rows.shape[1]
-        if m > 1:
-            p_keep = (density - eps) + 2 * eps * (row_ranks(rows.abs()) - 1) / (m - 1)
+        if m > 1:  # p_keep by ascending magnitude rank r: (density - ε) + 2ε·(r - 1)/(m - 1)
+            table = (density - eps) + 2 * eps * torch.arange(m, dtype=torch.float64) / (m - 1)
+            p_keep = by_row_rank(rows.abs(), table.float()).to(delta.device)
         else:
             p_keep = torch.full_like(rows, density)
-        keep = ctx.rand(i, rows.shape) < p_keep
-        return Sparse((rows * keep / p_keep).view(delta.shape))
+        keep = p_keep - ctx.rand(i, rows.shape)  # > 0 exactly where u < p_keep
+        keep.clamp_(min=0).sign_()
+        return Sparse(rows.mul_(keep).div_(p_keep).view(delta.shape))
 
 
 class Breadcrumbs(Sparsifier):
@@ -123,16 +125,15 @@ class Breadcrumbs(Sparsifier):
         m = as_rows(delta).shape[1]
         top = int(ctx.params[i]["gamma"] * m)
         keep = int(ctx.params[i]["density"] * m)
-        mag = delta.abs()
-        mask = row_topk_mask(mag, top + keep) & ~row_topk_mask(mag, top)
-        return Sparse(delta * mask)
+        return Sparse(delta.mul_(row_band_mask(delta.abs(), top, top + keep)))
 
 
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = x.min(), x.max()
+def _norm_(x: torch.Tensor) -> torch.Tensor:
+    """In place: (x - min) / (max - min) over the whole tensor; 0 where max = min."""
+    lo, hi = torch.aminmax(x)
     if hi == lo:
-        return torch.zeros_like(x)
-    return (x - lo) / (hi - lo)
+        return x.zero_()
+    return x.sub_(lo).div_(hi - lo)
 
 
 class PCBBalance(Sparsifier):
@@ -145,16 +146,18 @@ class PCBBalance(Sparsifier):
 
     def __call__(self, deltas, ctx):
         T = len(deltas)
-        total = torch.stack(deltas).sum(0)
+        total = deltas[0].clone()
+        for d in deltas[1:]:
+            total += d
         out = []
         for i, d in enumerate(deltas):
             n, q, r = d.numel(), self.clip_q, ctx.params[i]["ratio"]
             a = d.abs()
-            lo, hi = sorted_at(a, [int(n * q), int(n * (1 - q)) - 1])
-            a = a.clamp(min=lo, max=max(lo, hi))
-            clipped = torch.sign(d) * a
-            b = torch.exp(T * _norm(a) ** 2) * torch.tanh(d * total)
-            (floor,) = sorted_at(b, [min(int(n * (1 - r)), n - 1)])
-            out.append(Sparse(clipped, _norm(b.clamp(min=floor))))
+            lo, hi = sorted_at(a, [int(n * q), int(n * (1 - q)) - 1], nonneg=True)
+            a.clamp_(min=lo, max=max(lo, hi))
+            bal = _norm_(a.clone()).square_().mul_(T).exp_()  # intra-balancing
+            bal.mul_(torch.mul(d, total).tanh_())  # inter-balancing (unclipped δ)
+            (floor,) = sorted_at(bal, [min(int(n * (1 - r)), n - 1)])
+            weight = _norm_(bal.clamp_(min=floor))
+            out.append(Sparse(a.mul_(torch.sign(d)), weight))  # the clipped δ
         return out
-

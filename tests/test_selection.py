@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from obim.selection import kth_largest, kth_largest_many, row_ranks, row_topk_mask, sorted_at, topk_mask
+from obim.selection import (kth_largest, kth_largest_many, row_band_mask, row_ranks, row_topk_mask, sorted_at,
+                            topk_mask)
 
 
 def reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,9 +62,25 @@ def test_row_topk_mask_matches_reference():
     assert row_topk_mask(v, 2).tolist() == [False, True, True, False]
 
 
-def test_row_ranks_ascending_stable():
+def test_row_ranks_ascending_ties_lower_column_higher():
     x = torch.tensor([[0.3, 0.1, 0.3, 0.2], [1.0, 1.0, 1.0, 0.0]])
-    assert row_ranks(x).tolist() == [[3.0, 1.0, 4.0, 2.0], [2.0, 3.0, 4.0, 1.0]]
+    assert row_ranks(x).tolist() == [[4.0, 1.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]]
+    g = torch.Generator().manual_seed(2)
+    big = torch.randint(0, 50, (300, 5000), generator=g).float()  # several row blocks, many ties
+    ranks = row_ranks(big)
+    order = sorted(range(5000), key=lambda j: (float(big[7, j]), -j))
+    want = torch.empty(5000)
+    want[order] = torch.arange(1, 5001).float()
+    assert torch.equal(ranks[7], want)
+    assert torch.equal(ranks.sort(1).values, torch.arange(1, 5001).float().expand(300, -1))
+
+
+def test_row_band_mask():
+    x = torch.tensor([[5.0, -1.0, 3.0, 3.0, 0.0, 2.0]])
+    assert row_band_mask(x, 1, 3).int().tolist() == [[0, 0, 1, 1, 0, 0]]
+    assert row_band_mask(x, 0, 2).int().tolist() == [[1, 0, 1, 0, 0, 0]]
+    assert row_band_mask(x, 4, 6).int().tolist() == [[0, 1, 0, 0, 1, 0]]
+    assert row_band_mask(x, 0, 6).all() and not row_band_mask(x, 2, 2).any()
 
 
 def test_sorted_at_python_indexing():
