@@ -45,20 +45,31 @@ def generator(seed: int, tensor: str, model: str) -> np.random.SFC64:
     return np.random.SFC64(int.from_bytes(h[:8], "little"))
 
 
-def uniform(gen: np.random.SFC64, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """float32 uniforms in [0, 1) on a 2^-24 grid (the top 24 bits of each 32-bit draw), CPU."""
+def uniform(gen: np.random.SFC64, shape: torch.Size | tuple[int, ...], chunk: int = 1 << 20) -> torch.Tensor:
+    """float32 uniforms in [0, 1) on a 2^-24 grid (the top 24 bits of each 32-bit draw), CPU; drawn in chunks
+    straight into the output, so a draw costs its output and nothing more."""
     n = math.prod(shape)
-    raw = gen.random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy((raw >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).view(shape)
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        bits = gen.random_raw((stop - start + 1) // 2).view(np.uint32)[: stop - start]
+        bits >>= np.uint32(8)
+        np.multiply(bits, np.float32(2.0**-24), out=out[start:stop], casting="unsafe")
+    return torch.from_numpy(out).view(shape)
 
 
-@dataclass
 class Sparse:
     """A sparsifier's output for one model: its (masked, rescaled) task vector and, for combiners that need one,
-    a per-entry score (a ranking for IM, a weight for PCB's weighted mean)."""
+    a per-entry score (a ranking for IM, a weight for PCB's weighted mean). A score may be given as a function,
+    computed when the combiner asks: IM then holds one model's scores at a time."""
 
-    delta: torch.Tensor
-    score: torch.Tensor | None = None
+    def __init__(self, delta: torch.Tensor, score: torch.Tensor | Callable[[], torch.Tensor] | None = None):
+        self.delta = delta
+        self._score = score
+
+    @property
+    def score(self) -> torch.Tensor | None:
+        return self._score() if callable(self._score) else self._score
 
 
 @dataclass

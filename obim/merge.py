@@ -145,32 +145,45 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def merge_tensor(cfg: MergeConfig, plan: TensorPlan, base_t: torch.Tensor, model_ts: list[torch.Tensor],
+def merge_tensor(cfg: MergeConfig, plan: TensorPlan, tensors: list[torch.Tensor],
                  hdiags: list[dict[str, torch.Tensor] | None], device: torch.device) -> torch.Tensor:
+    """Merge one tensor. `tensors` = [base, model 1, ...] as read; the list is consumed (emptied) so that each
+    input is freed as soon as its task vector exists."""
+    base_t = tensors[0]
     if not base_t.is_floating_point():
+        tensors.clear()
         return base_t
     rows = plan.shared_rows
+    extra_sources = list(tensors) if rows is not None else None  # rows only some models have
     b = base_t.to(device, torch.float32)
     if rows is not None:
         b = b[:rows]
     deltas = []
-    for spec, t in zip(cfg.models, model_ts):
+    for spec in cfg.models:
+        t = tensors.pop(1)
         d = (t if rows is None else t[:rows]).to(device, torch.float32)
+        del t
         d -= b
         # a sum is NaN/Inf when any entry is (10x cheaper than isfinite); confirm before blaming the model
         if not torch.isfinite(d.sum()) and not torch.isfinite(d).all():
             raise ObimError(f"tensor {plan.name}: task vector of model '{spec.name}' has NaN or Inf entries")
         deltas.append(d)
+    tensors.clear()
+    del b  # the base is re-read from its (smaller) stored dtype at the end
     method = cfg.method
     ctx = TensorContext(
         name=plan.name, models=cfg.names, params=[m.params for m in cfg.models], seed=cfg.seed,
         order=tensor_order(cfg, plan.name), hdiag=[h.get(plan.name) if h else None for h in hdiags], device=device,
     )
-    merged = b + ctx.param("lambda") * method.combiner(method.sparsifier(deltas, ctx), ctx)
+    sparse = method.sparsifier(deltas, ctx)
+    del deltas
+    merged = method.combiner(sparse, ctx)
+    del sparse
+    merged.mul_(ctx.param("lambda")).add_((base_t[:rows] if rows is not None else base_t).to(device))
     if rows is not None:
         full = torch.empty(plan.out_shape, dtype=torch.float32, device=device)
         full[:rows] = merged
-        _extra_rows(full, rows, [base_t, *model_ts])
+        _extra_rows(full, rows, extra_sources)
         merged = full
     return merged.to(plan.out_dtype).cpu()
 
@@ -224,8 +237,16 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     shards = plan_shards([(p.name, p.out_dtype, p.out_shape) for p in plans], cfg.shard_size)
     total = sum(torch.empty((), dtype=p.out_dtype).element_size() * _numel(p.out_shape) for p in plans)
 
-    def read(p: TensorPlan):
-        return base.get(p.name), [ck.get(p.name) for ck in models]
+    def read(p: TensorPlan) -> list[torch.Tensor]:
+        return [base.get(p.name), *(ck.get(p.name) for ck in models)]
+
+    # Prefetch the next tensor while merging this one, unless both are large: two of those in flight would raise
+    # the peak memory, which the largest tensors set.
+    largest = max((_numel(p.out_shape) for p in plans), default=0)
+
+    def prefetch(j: int) -> bool:
+        return j < len(plans) and not (
+            4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest)
 
     with staged_output(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
         writer = ShardedWriter(tmp, shards)
@@ -234,10 +255,9 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {cfg.method.name}", disable=not progress)
             pending = pool.submit(read, plans[0]) if plans else None
             for j, p in enumerate(plans):
-                base_t, model_ts = pending.result()
-                pending = pool.submit(read, plans[j + 1]) if j + 1 < len(plans) else None  # overlap reads
-                writer.write(p.name, merge_tensor(cfg, p, base_t, model_ts, hdiags, dev))
-                del base_t, model_ts
+                tensors = pending.result() if pending is not None else read(p)
+                pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
+                writer.write(p.name, merge_tensor(cfg, p, tensors, hdiags, dev))
                 bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
             bar.close()
             writer.finish()

@@ -43,7 +43,7 @@ class Rank(Sparsifier):
         self.score = score
 
     def one(self, delta, i, ctx):
-        return Sparse(delta, self.score(delta, i, ctx))
+        return Sparse(delta, lambda: self.score(delta, i, ctx))  # computed when IM reaches this model
 
 
 class TopK(Sparsifier):
@@ -71,9 +71,9 @@ class RandomDrop(Sparsifier):
         self.params = (Param("drop_rate", drop_rate, number_in(0.0, 1.0, hi_open=True), per_model=True),)
 
     def one(self, delta, i, ctx):
-        p = ctx.params[i]["drop_rate"]
-        keep = ctx.rand(i, delta.shape) < (1.0 - p)
-        return Sparse(delta * keep / (1.0 - p))
+        q = 1.0 - ctx.params[i]["drop_rate"]
+        keep = ctx.rand(i, delta.shape).sub_(q).neg_().clamp_(min=0).sign_()  # 1.0 exactly where u < 1 - p
+        return Sparse(delta.mul_(keep).div_(q))
 
 
 class MagPrune(Sparsifier):

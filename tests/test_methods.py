@@ -32,7 +32,7 @@ def run(method, deltas: dict[str, torch.Tensor], *, base=None, params=None, per_
                        "order": order, "seed": seed})
     hd = [{name: hdiag[n]} if hdiag and n in hdiag else {} for n in names]
     plan = TensorPlan(name, torch.float32, tuple(shape))
-    return merge_tensor(cfg, plan, base, [base + deltas[n] for n in names], hd, torch.device("cpu"))
+    return merge_tensor(cfg, plan, [base] + [base + deltas[n] for n in names], hd, torch.device("cpu"))
 
 
 def u(name, model, shape, seed=0):
