@@ -8,6 +8,7 @@ Ties at the threshold are broken by the lowest flat (or in-row) index, so masks 
 from __future__ import annotations
 
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,13 +28,55 @@ def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool 
     a = x.numpy()
     if nonneg:
         a = a.view(np.int32)
-    part = a if inplace else a.copy()
-    part.partition(n - k)
-    thr = part[n - k]
-    above = int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    found = _bracketed_kth(a, k) if n >= 1 << 16 else None
+    if found is None:
+        part = a if inplace else a.copy()
+        part.partition(n - k)
+        thr = part[n - k]
+        found = thr, int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    thr, above = found
     if nonneg:
         thr = np.array(thr, dtype=np.int32).view(np.float32)[()]
     return float(thr), above
+
+
+def _bracketed_kth(a: np.ndarray, k: int, sample: int = 1 << 14) -> tuple[float, int] | None:
+    """The k-th largest of `a` when many entries are equal (zero deltas, IM's excluded positions), else None.
+
+    numpy's introselect degrades about 20x when most entries share a value. A random sample brackets the answer
+    in [lo, hi]; four counts (torch, multi-threaded) either land on lo or hi or leave only the entries strictly
+    between them to select from."""
+    n = a.size
+    # a fixed pseudo-random sample: a strided one aliases with the row length (saliency varies by column)
+    smp = np.sort(a[np.random.default_rng(n).integers(0, n, sample)])
+    ms = smp.size
+    _, counts = np.unique(smp, return_counts=True)
+    if counts.max() * 16 < ms:
+        return None  # no heavy duplicates: a plain partition is fastest
+    t = torch.from_numpy(a)
+    pos = (n - k) / n * ms
+    margin = 4 * math.sqrt(ms) + 2
+    lo, hi = smp[max(0, int(pos - margin))], smp[min(ms - 1, int(pos + margin) + 1)]
+
+    def count(op, v) -> int:
+        return int(torch.count_nonzero(op(t, v.item())))
+
+    gt_hi = count(torch.gt, hi)
+    ge_lo = count(torch.ge, lo)
+    if gt_hi >= k or ge_lo < k:
+        return None  # the sample missed (improbable): fall back
+    ge_hi = count(torch.ge, hi)
+    if ge_hi >= k:
+        return hi, gt_hi
+    gt_lo = count(torch.gt, lo)
+    if gt_lo < k:
+        return lo, gt_lo
+    half = n // 2  # strictly between lo and hi (neither bound's duplicates), two halves on two threads
+    band = np.concatenate(list(_pool().map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:]))))
+    need = k - ge_hi
+    part = np.partition(band, band.size - need)
+    thr = part[band.size - need]
+    return thr, ge_hi + int(np.count_nonzero(part[band.size - need :] > thr))
 
 
 def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
@@ -69,19 +112,24 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="obim-select")
 
 
-def keep_top_magnitude(d: torch.Tensor, k: int, kth: tuple[float, int] | None) -> torch.Tensor:
-    """d with all but its k largest-magnitude entries zeroed (ties: lowest indices), `kth` being
-    kth_largest(|d|, k) (None when k is 0 or n)."""
+def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, scratch: torch.Tensor
+                        ) -> torch.Tensor:
+    """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices); `kth` is
+    kth_largest(|d|, k) (None when k is 0 or n), `scratch` a float32 buffer of d's size to work in."""
     n = d.numel()
-    if k <= 0 or k >= n:
-        return d if k >= n else torch.zeros_like(d)
+    if k >= n:
+        return d
+    if k <= 0:
+        return d.zero_()
     thr, above = kth
-    out = torch.nn.functional.hardshrink(d, thr)  # keeps |d| > thr
-    if k > above and thr > 0:  # (ties at 0 would only add zeros)
-        flat, src = out.view(-1), d.reshape(-1)
-        idx = _first_equal(src, thr, k - above, key=torch.abs)
-        flat[idx] = src[idx]
-    return out
+    flat = d.view(-1)
+    ties = _first_equal(flat, thr, k - above, key=torch.abs) if k > above and thr > 0 else None
+    kept = flat[ties] if ties is not None else None
+    torch.abs(d, out=scratch)
+    d.mul_(scratch.sub_(thr).clamp_(min=0).sign_())  # 1.0 exactly where |d| > thr
+    if ties is not None:
+        flat[ties] = kept
+    return d
 
 
 def _first_equal(flat: torch.Tensor, value: float, count: int, chunk: int = 1 << 18, key=None) -> torch.Tensor:

@@ -86,3 +86,20 @@ def test_row_band_mask():
 def test_sorted_at_python_indexing():
     x = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
     assert sorted_at(x, [0, 2, -1, 4]) == [1.0, 3.0, 5.0, 5.0]
+
+
+@pytest.mark.parametrize("fill", [0.0, -1e30, 3.0])
+def test_kth_largest_with_heavy_duplicates_matches_partition(fill):
+    """The bracketed path (most entries equal) against a plain sort."""
+    g = torch.Generator().manual_seed(7)
+    n = 150_000
+    x = torch.randint(0, 50, (n,), generator=g).float() / 7
+    x[torch.rand(n, generator=g) < 0.7] = fill
+    for k in [1, 77, 20_000, 44_000, 45_000, 46_000, 100_000, 104_000, 149_999]:
+        if fill < 0 and k > int((x >= 0).sum()):
+            continue  # nonneg contract: the k largest must be >= 0
+        s = torch.sort(x, descending=True).values
+        thr = float(s[k - 1])
+        assert kth_largest(x, k, nonneg=True) == (thr, int((x > thr).sum())), k
+        m = topk_mask(x, k, torch.float32)
+        assert int(m.sum()) == k and x[m.bool()].min() >= x[~m.bool()].max()
