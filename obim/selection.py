@@ -151,22 +151,22 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, -1) if x.dim() <= 1 else x.reshape(x.shape[0], -1)
 
 
-def _row_keys(a: np.ndarray) -> np.ndarray:
+def _row_keys(a: np.ndarray, nonneg: bool) -> np.ndarray:
     """int64 keys for float32 rows, unique within each row and ordered like (value, -column): the float's
-    order-preserving int32 in the high half, m-1-column in the low half. Ties between equal values thus go to the
-    lower column, and per-row selections need no tie pass."""
+    order-preserving int32 in the high half (its raw bits when all values are >= 0), m-1-column in the low half.
+    Ties between equal values thus go to the lower column, and per-row selections need no tie pass."""
     bits = a.view(np.int32)
-    key = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
+    key = (bits if nonneg else bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)
     key <<= 32
     key |= np.arange(a.shape[1] - 1, -1, -1, dtype=np.int64)
     return key
 
 
 def _row_blocks(rows: torch.Tensor, fn) -> None:
-    """Call fn(slice) over row blocks of ~1M entries, on 2 threads: numpy's row sorts and selections are
-    single-threaded, and per-block int64 keys stay small."""
+    """Call fn(slice) over row blocks of ~256K entries, on 2 threads: numpy's row sorts and selections are
+    single-threaded, and per-block int64 keys stay in cache (1.7x faster than 1M-entry blocks here)."""
     n_rows, row_len = rows.shape
-    step = max(1, (1 << 20) // max(1, row_len))
+    step = max(1, (1 << 18) // max(1, row_len))
     blocks = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
     if len(blocks) > 1:
         list(_pool().map(fn, blocks))
@@ -174,9 +174,9 @@ def _row_blocks(rows: torch.Tensor, fn) -> None:
         fn(blocks[0])
 
 
-def row_band_mask(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def row_band_mask(x: torch.Tensor, start: int, stop: int, *, nonneg: bool = False) -> torch.Tensor:
     """Boolean mask of the entries ranked start..stop-1 (0 = the largest) in each row (see `as_rows`); ties
-    between equal values rank the lower column first."""
+    between equal values rank the lower column first. nonneg: x >= 0 (saves a pass)."""
     rows = as_rows(x)
     m = rows.shape[1]
     start, stop = max(0, min(start, m)), max(0, min(stop, m))
@@ -192,7 +192,7 @@ def row_band_mask(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     out = np.empty(a.shape, dtype=bool)
 
     def work(sl):
-        key = _row_keys(a[sl])
+        key = _row_keys(a[sl], nonneg)
         part = key.copy()
         kth, done = [], 0
         for c in cuts:  # successive single-kth partitions: numpy's multi-kth one was 5x slower
@@ -214,7 +214,7 @@ def row_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return row_band_mask(x, 0, k)
 
 
-def by_row_rank(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def by_row_rank(x: torch.Tensor, table: torch.Tensor, *, nonneg: bool = False) -> torch.Tensor:
     """For each entry of x's rows, table[r - 1] where r in 1..m is its ascending rank in its row (ties: the lower
     column ranks higher, as in every selection here). With table = 1..m this is the rank itself."""
     rows = as_rows(x)
@@ -226,9 +226,11 @@ def by_row_rank(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     src = table.float().cpu()[None, :]
 
     def work(sl):
-        order = torch.from_numpy(np.sort(_row_keys(a[sl]), axis=1))  # numpy's vectorised int64 sort: 2x argsort
-        cols = (order & 0xFFFFFFFF).neg_().add_(m - 1)
-        out[sl].scatter_(1, cols, src.expand(cols.shape[0], m))  # torch's scatter: 15x numpy's put_along_axis
+        key = _row_keys(a[sl], nonneg)
+        key.sort(axis=1)  # numpy's vectorised int64 sort: 2x its argsort
+        key &= 0xFFFFFFFF
+        np.subtract(m - 1, key, out=key)  # the columns, in ascending rank order
+        out[sl].scatter_(1, torch.from_numpy(key), src.expand(key.shape[0], m))  # 15x numpy's put_along_axis
 
     _row_blocks(rows, work)
     return out

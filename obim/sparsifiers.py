@@ -99,7 +99,7 @@ class MagPrune(Sparsifier):
         m = rows.shape[1]
         if m > 1:  # p_keep by ascending magnitude rank r: (density - ε) + 2ε·(r - 1)/(m - 1)
             table = (density - eps) + 2 * eps * torch.arange(m, dtype=torch.float64) / (m - 1)
-            p_keep = by_row_rank(rows.abs(), table.float()).to(delta.device)
+            p_keep = by_row_rank(rows.abs(), table.float(), nonneg=True).to(delta.device)
         else:
             p_keep = torch.full_like(rows, density)
         keep = p_keep - ctx.rand(i, rows.shape)  # > 0 exactly where u < p_keep
@@ -126,7 +126,7 @@ class Breadcrumbs(Sparsifier):
         m = as_rows(delta).shape[1]
         top = int(ctx.params[i]["gamma"] * m)
         keep = int(ctx.params[i]["density"] * m)
-        return Sparse(delta.mul_(row_band_mask(delta.abs(), top, top + keep)))
+        return Sparse(delta.mul_(row_band_mask(delta.abs(), top, top + keep, nonneg=True)))
 
 
 def _norm_(x: torch.Tensor) -> torch.Tensor:
