@@ -10,6 +10,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .threads import pool
+
 
 @dataclass(frozen=True)
 class Param:
@@ -38,23 +40,31 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
 
-def generator(seed: int, tensor: str, model: str) -> np.random.SFC64:
-    """A bit generator seeded from (run seed, tensor name, model name): independent of visiting order and device.
-    SFC64 raw draws cost ~0.5 ns per uniform here, torch's CPU generator ~3.5 ns."""
+def random_key(seed: int, tensor: str, model: str) -> int:
+    """The random stream of (run seed, tensor name, model name): independent of visiting order and device."""
     h = hashlib.sha256(f"{seed}\x00{tensor}\x00{model}".encode()).digest()
-    return np.random.SFC64(int.from_bytes(h[:8], "little"))
+    return int.from_bytes(h[:8], "little")
 
 
-def uniform(gen: np.random.SFC64, shape: torch.Size | tuple[int, ...], chunk: int = 1 << 20) -> torch.Tensor:
-    """float32 uniforms in [0, 1) on a 2^-24 grid (the top 24 bits of each 32-bit draw), CPU; drawn in chunks
-    straight into the output, so a draw costs its output and nothing more."""
+def uniform(key: int, shape: torch.Size | tuple[int, ...], draw: int = 0, chunk: int = 1 << 20) -> torch.Tensor:
+    """float32 uniforms in [0, 1) on a 2^-24 grid (the top 24 bits of 32-bit SFC64 draws: ~0.5 ns per number,
+    torch's CPU generator ~3.5 ns). Chunk j of draw `draw` has its own stream, SeedSequence(key, (draw, j)), so
+    chunks fill in parallel and the bytes do not depend on the thread count."""
     n = math.prod(shape)
     out = np.empty(n, dtype=np.float32)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
+
+    def fill(j: int) -> None:
+        start, stop = j * chunk, min((j + 1) * chunk, n)
+        gen = np.random.SFC64(np.random.SeedSequence(key, spawn_key=(draw, j)))
         bits = gen.random_raw((stop - start + 1) // 2).view(np.uint32)[: stop - start]
         bits >>= np.uint32(8)
         np.multiply(bits, np.float32(2.0**-24), out=out[start:stop], casting="unsafe")
+
+    chunks = range((n + chunk - 1) // chunk)
+    if len(chunks) > 1:
+        list(pool().map(fill, chunks))
+    elif n:
+        fill(0)
     return torch.from_numpy(out).view(shape)
 
 
@@ -81,15 +91,14 @@ class TensorContext:
     order: list[int]  # IM order for this tensor (indices into models)
     hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
     device: torch.device = torch.device("cpu")
-    _gens: dict[int, np.random.SFC64] = field(default_factory=dict)
+    _draws: dict[int, int] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:
         """A method-wide parameter (the same for every model)."""
         return self.params[0][key]
 
     def rand(self, i: int, shape: torch.Size) -> torch.Tensor:
-        """Uniform [0, 1) numbers for model i; successive calls continue one stream per (tensor, model)."""
-        g = self._gens.get(i)
-        if g is None:
-            g = self._gens[i] = generator(self.seed, self.name, self.models[i])
-        return uniform(g, tuple(shape)).to(self.device)
+        """Uniform [0, 1) numbers for model i; successive calls for one (tensor, model) draw new numbers."""
+        draw = self._draws.get(i, 0)
+        self._draws[i] = draw + 1
+        return uniform(random_key(self.seed, self.name, self.models[i]), tuple(shape), draw).to(self.device)

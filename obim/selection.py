@@ -7,12 +7,12 @@ Ties at the threshold are broken by the lowest flat (or in-row) index, so masks 
 
 from __future__ import annotations
 
-import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from .threads import pool
 
 
 def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool = False) -> tuple[float, int]:
@@ -72,7 +72,7 @@ def _bracketed_kth(a: np.ndarray, k: int, sample: int = 1 << 14) -> tuple[float,
     if gt_lo < k:
         return lo, gt_lo
     half = n // 2  # strictly between lo and hi (neither bound's duplicates), two halves on two threads
-    band = np.concatenate(list(_pool().map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:]))))
+    band = np.concatenate(list(pool().map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:]))))
     need = k - ge_hi
     part = np.partition(band, band.size - need)
     thr = part[band.size - need]
@@ -103,13 +103,8 @@ def kth_largest_many(xs: list[torch.Tensor], ks: list[int], **kw) -> list[tuple[
         return kth_largest(x.reshape(-1), k, **kw) if 0 < k < x.numel() else None
 
     if len(xs) > 1 and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
-        return list(_pool().map(one, zip(xs, ks)))
+        return list(pool().map(one, zip(xs, ks)))
     return [one(a) for a in zip(xs, ks)]
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(2, thread_name_prefix="obim-select")
 
 
 def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, scratch: torch.Tensor
@@ -169,7 +164,7 @@ def _row_blocks(rows: torch.Tensor, fn) -> None:
     step = max(1, (1 << 18) // max(1, row_len))
     blocks = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
     if len(blocks) > 1:
-        list(_pool().map(fn, blocks))
+        list(pool().map(fn, blocks))
     elif blocks:
         fn(blocks[0])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from obim.config import load_config
-from obim.context import generator, uniform
+from obim.context import random_key, uniform
 from obim.merge import TensorPlan, merge_tensor
 
 LINEAR = "model.layers.0.mlp.up_proj.weight"
@@ -36,7 +36,7 @@ def run(method, deltas: dict[str, torch.Tensor], *, base=None, params=None, per_
 
 
 def u(name, model, shape, seed=0):
-    return uniform(generator(seed, name, model), shape)
+    return uniform(random_key(seed, name, model), shape)
 
 
 def test_ta_sum_and_lambda():
@@ -247,3 +247,14 @@ def test_same_seed_same_result_other_seed_differs():
     assert torch.equal(run("dare", d, seed=1), run("dare", d, seed=1))
     assert not torch.equal(run("dare", d, seed=1), run("dare", d, seed=2))
     assert math.isclose(float((run("dare", d, seed=1) != 0).float().mean()), 0.1, abs_tol=0.03)
+
+
+def test_uniform_streams_are_deterministic_and_uniform():
+    key = random_key(0, "t", "m")
+    a = uniform(key, (3_000_000,))  # spans several chunks, filled on two threads
+    assert torch.equal(a, uniform(key, (3_000_000,)))
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
+    assert abs(float(a.mean()) - 0.5) < 1e-3 and abs(float((a < 0.1).float().mean()) - 0.1) < 1e-3
+    assert not torch.equal(a[:1000], uniform(key, (1000,), draw=1))
+    assert not torch.equal(a[:1000], uniform(random_key(0, "t", "other"), (1000,)))
+    assert torch.equal(a[:1000], uniform(key, (1000,)))  # a chunk's numbers do not depend on the total size
