@@ -9,6 +9,8 @@ from .selection import kth_largest, topk_mask
 
 
 class Combiner:
+    """The deltas of the Sparse outputs passed in belong to the call: a combiner may modify them in place."""
+
     params: tuple[Param, ...] = ()
     uses_order = False
 
@@ -39,14 +41,12 @@ class DisjointMean(Combiner):
     """TIES steps 2-3: elect a sign per entry (0 -> +1), average the entries that agree with it."""
 
     def __call__(self, sparse, ctx):
-        total = _sum(s.delta for s in sparse)
-        sign = total.sign_().add_(0.5).sign_()  # sign(Σ), with 0 -> +1
-        num, cnt = torch.zeros_like(sign), torch.zeros_like(sign)
-        for s in sparse:
-            # float arithmetic only (bool masks cost 3-5x more here): δ·γ > 0 exactly where δ agrees with γ
-            agree = s.delta.mul(sign).clamp_(min=0)
-            num += agree
-            cnt += agree.sign_()
+        sign = _sum(s.delta for s in sparse).sign_().add_(0.5).sign_()  # sign(Σ), with 0 -> +1
+        # float arithmetic only (bool masks cost 3-5x more here), in place in the (consumed) deltas:
+        # δ·γ > 0 exactly where δ agrees with γ
+        agree = [s.delta.mul_(sign).clamp_(min=0) for s in sparse]
+        num = _sum(agree)
+        cnt = _sum(a.sign_() for a in agree)
         return num.mul_(sign).div_(cnt.clamp_(min=1))
 
 
