@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .threads import pool
+from .threads import parallel_map
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,7 @@ def uniform(key: int, shape: torch.Size | tuple[int, ...], draw: int = 0, chunk:
         bits >>= np.uint32(8)
         np.multiply(bits, np.float32(2.0**-24), out=out[start:stop], casting="unsafe")
 
-    chunks = range((n + chunk - 1) // chunk)
-    if len(chunks) > 1:
-        list(pool().map(fill, chunks))
-    elif n:
-        fill(0)
+    parallel_map(fill, range((n + chunk - 1) // chunk))
     return torch.from_numpy(out).view(shape)
 
 

@@ -56,6 +56,16 @@ def _vocab_size(ckpt: Checkpoint) -> int | None:
     return c.get("vocab_size") or (c.get("text_config") or {}).get("vocab_size")
 
 
+VOCAB_TENSOR_RE = re.compile(r"embed|lm_head|wte|word_emb|output")
+
+
+def _only_vocab_rows_differ(name: str, shapes: list[tuple[int, ...]], ckpts: list[Checkpoint]) -> bool:
+    """True for an embedding / lm_head whose shapes differ only in rows, each model's rows being its vocab size."""
+    same_cols = all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes)
+    rows_are_vocab = all(_vocab_size(ck) in (None, s[0]) for ck, s in zip(ckpts, shapes))
+    return same_cols and rows_are_vocab and bool(VOCAB_TENSOR_RE.search(name))
+
+
 @dataclass
 class TensorPlan:
     name: str
@@ -86,10 +96,7 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
         shared = None
         shape = info.shape
         if len(set(shapes)) > 1:
-            row_rule = all(len(s) == len(info.shape) >= 1 and s[1:] == info.shape[1:] for s in shapes) and all(
-                ck.tensors[info.name].shape[0] == _vocab_size(ck) or _vocab_size(ck) is None
-                for ck in [base, *models]) and re.search(r"embed|lm_head|wte|word_emb|output", info.name)
-            if not row_rule:
+            if not _only_vocab_rows_differ(info.name, shapes, [base, *models]):
                 desc = ", ".join(f"{n}: {list(s)}" for n, s in zip(["base", *names], shapes))
                 raise ObimError(f"tensor {info.name}: shapes differ ({desc}); only the vocabulary rows of the "
                                 "embeddings and lm_head may differ")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .threads import pool
+from .threads import parallel_map
 
 
 def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool = False) -> tuple[float, int]:
@@ -72,7 +72,7 @@ def _bracketed_kth(a: np.ndarray, k: int, sample: int = 1 << 14) -> tuple[float,
     if gt_lo < k:
         return lo, gt_lo
     half = n // 2  # strictly between lo and hi (neither bound's duplicates), two halves on two threads
-    band = np.concatenate(list(pool().map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:]))))
+    band = np.concatenate(parallel_map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:])))
     need = k - ge_hi
     part = np.partition(band, band.size - need)
     thr = part[band.size - need]
@@ -102,8 +102,8 @@ def kth_largest_many(xs: list[torch.Tensor], ks: list[int], **kw) -> list[tuple[
         x, k = a
         return kth_largest(x.reshape(-1), k, **kw) if 0 < k < x.numel() else None
 
-    if len(xs) > 1 and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
-        return list(pool().map(one, zip(xs, ks)))
+    if xs and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
+        return parallel_map(one, zip(xs, ks))
     return [one(a) for a in zip(xs, ks)]
 
 
@@ -162,11 +162,7 @@ def _row_blocks(rows: torch.Tensor, fn) -> None:
     single-threaded, and per-block int64 keys stay in cache (1.7x faster than 1M-entry blocks here)."""
     n_rows, row_len = rows.shape
     step = max(1, (1 << 18) // max(1, row_len))
-    blocks = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-    if len(blocks) > 1:
-        list(pool().map(fn, blocks))
-    elif blocks:
-        fn(blocks[0])
+    parallel_map(fn, [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)])
 
 
 def row_band_mask(x: torch.Tensor, start: int, stop: int, *, nonneg: bool = False) -> torch.Tensor:

@@ -258,3 +258,21 @@ def test_uniform_streams_are_deterministic_and_uniform():
     assert not torch.equal(a[:1000], uniform(key, (1000,), draw=1))
     assert not torch.equal(a[:1000], uniform(random_key(0, "t", "other"), (1000,)))
     assert torch.equal(a[:1000], uniform(key, (1000,)))  # a chunk's numbers do not depend on the total size
+
+
+def test_ties_obm_many_zero_deltas_large_tensors():
+    """Most task-vector entries zero (as with bf16 fine-tunes): the duplicate-robust selection, run for several
+    models in parallel (nested parallel work must not deadlock), still keeps exactly k entries per model."""
+    g = torch.Generator().manual_seed(8)
+    ds = {}
+    for n in "abc":
+        d = torch.randn(300, 300, generator=g)
+        d[torch.rand(300, 300, generator=g) < 0.7] = 0.0
+        ds[n] = d
+    h = torch.rand(300, generator=g) + 0.1
+    out = run("ties_obm", {"a": ds["a"]}, params={"density": 0.2}, hdiag={"a": h})
+    assert int((out != 0).sum()) == 18_000
+    kept = (ds["a"].square() * h)[out != 0]
+    assert kept.min() >= (ds["a"].square() * h)[out == 0].max()
+    out3 = run("ties_obm", ds, params={"density": 0.2}, hdiag={n: h for n in ds})
+    assert out3.shape == (300, 300) and int((out3 != 0).sum()) > 18_000
