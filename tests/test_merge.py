@@ -59,8 +59,8 @@ def test_cli_merge_loads_and_generates(zoo, val_jsonl, tmp_path):
     c = with_validation(cfg(zoo, order=["math", "lm", "code"]), val_jsonl)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
     out = tmp_path / "merged"
-    r = subprocess.run([shutil.which("obim-merge") or "obim-merge", str(tmp_path / "c.yaml"), str(out), "--quiet"],
-                       capture_output=True, text=True)
+    script = Path(sys.executable).parent / "obim-merge"  # the console script installed beside this Python
+    r = subprocess.run([str(script), str(tmp_path / "c.yaml"), str(out), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "obim_merge.yaml"} <= names
