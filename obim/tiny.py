@@ -13,12 +13,14 @@ import torch
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,+-*=?:#\n")
 
 
-def make_tokenizer(extra_tokens: int = 0):
+def make_tokenizer(extra_tokens: int = 0, chars: str | list[str] = CHARS):
+    """A character-level Hugging Face tokenizer (tokenizers' WordLevel over single characters), saveable as
+    tokenizer.json and loadable offline with AutoTokenizer. Ids: <pad> 0, <s> 1, </s> 2, <unk> 3, then chars."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in CHARS:
+    for c in chars:
         vocab[c] = len(vocab)
     for i in range(extra_tokens):
         vocab[f"<extra_{i}>"] = len(vocab)

@@ -1,0 +1,222 @@
+"""The toy zoo: a tiny Llama base and experts trained here, offline, on synthetic tasks (see obim.zoo.data), in the
+paper's two settings. `build()` (CLI: `obim-zoo build [--out DIR]`) trains, saves Hugging Face model directories,
+writes validation sets for saliency, evaluates every model through lm-eval and prints the table; it returns at once
+when DIR holds a complete zoo of the same recipe (a hash), and rebuilds when the recipe changes.
+
+Layout: sft/{base,lm,math,code}, pt/{base,ckpt-1..ckpt-6}, data/<task>/{train,dev}.jsonl, zoo.json, zoo.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import data as D
+
+RECIPE: dict[str, Any] = {
+    "version": 1,
+    "seed": 0,
+    "batch": 64,
+    "shape": {"hidden": 128, "layers": 4, "heads": 2, "intermediate": 384, "max_positions": 256},
+    "sft": {
+        # the base: the second language, arithmetic facts, word strings and echoed words (copying), no task formats
+        "base": {"steps": 300, "lr": 3e-3, "mix": {"en": 0.35, "facts": 0.35, "words": 0.1, "echo": 0.2}},
+        "lm": {"steps": 500, "lr": 3e-3, "mix": {"alpaca": 0.5, "mmlu": 0.25, "kb": 0.25}},
+        "math": {"steps": 350, "lr": 3e-3, "mix": {"gsm8k": 0.5, "math": 0.5}},
+        "code": {"steps": 500, "lr": 3e-3, "mix": {"humaneval": 0.5, "mbpp": 0.5}},
+    },
+    "pt": {
+        "base": {"steps": 300, "lr": 3e-3, "mix": {"zh": 0.5, "en": 0.5}},
+        # continued pretraining heavy in the third language; a checkpoint every `every` steps
+        "continued": {"ckpts": 6, "every": 40, "lr": 3e-3, "mix": {"ja": 0.96, "zh": 0.02, "en": 0.02}},
+    },
+    "validation_size": 200,  # per task and split, for saliency
+}
+QUICK = {"sft": {"base": 8, "lm": 6, "math": 6, "code": 6}, "pt": {"base": 8, "every": 2}}
+SFT_EXPERTS = {"lm": ("alpaca", "mmlu"), "math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
+SFT_BENCHMARKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
+PT_BENCHMARKS = ["toy_ceval", "toy_mmlu_en", "toy_jp"]
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_dir() -> Path:
+    if os.environ.get("OBIM_ZOO"):
+        return Path(os.environ["OBIM_ZOO"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "obim" / "zoo"
+
+
+def quick_recipe() -> dict:
+    """The recipe with a handful of steps: the layout and every code path, in seconds (tests)."""
+    r = copy.deepcopy(RECIPE)
+    for k, v in QUICK["sft"].items():
+        r["sft"][k]["steps"] = v
+    r["pt"]["base"]["steps"] = QUICK["pt"]["base"]
+    r["pt"]["continued"]["every"] = QUICK["pt"]["every"]
+    r["validation_size"] = 20
+    r["quick"] = True
+    return r
+
+
+# ------------------------------------------------------------------------------------------------- batches
+
+
+def _sources(seed: int) -> dict[str, Callable[[], tuple[str, str]]]:
+    """Named samplers of (prompt, answer) training pairs; pretraining text is all 'answer' (loss everywhere)."""
+    rng = random.Random(f"{seed}-text")
+    out: dict[str, Callable[[], tuple[str, str]]] = {}
+    for lang in D.LANGS.values():
+        out[lang.name] = (lambda lang=lang: ("", lang.sentence(rng)))
+    out["facts"] = lambda: ("", D.arithmetic_fact(rng))
+    out["words"] = lambda: ("", " ".join(D._word(rng, "abcdefghijklmnopqrstuvwxyz") for _ in range(4)) + ".\n")
+    out["kb"] = lambda: ("", D.KB.statement(*rng.choice(sorted(D.KB.facts))))
+    out["echo"] = lambda: ("", (lambda w: f"{w}: {w}.\n")(D._word(rng, "abcdefghijklmnopqrstuvwxyz", 2, 6)))
+    for name, make in D.SFT_TASKS.items():
+        it = D.stream(make, "train", seed)
+        out[name] = (lambda it=it: (lambda ex: (ex.prompt, ex.answer))(next(it)))
+    return out
+
+
+def _batches(mix: dict[str, float], batch: int, seed: int) -> Iterator[list[tuple[str, str]]]:
+    src = _sources(seed)
+    rng = random.Random(f"{seed}-mix-{sorted(mix.items())}")
+    names, weights = list(mix), list(mix.values())
+    while True:
+        yield [src[n]() for n in rng.choices(names, weights=weights, k=batch)]
+
+
+# --------------------------------------------------------------------------------------------------- build
+
+
+def _write_validation(root: Path, size: int, seed: int) -> None:
+    """JSONL validation sets (train and dev splits, `text` = prompt + answer) for saliency statistics."""
+    for name, make in D.SFT_TASKS.items():
+        for split in ("train", "dev"):
+            p = root / "data" / name / f"{split}.jsonl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("".join(json.dumps(e.record()) + "\n" for e in D.examples(make, split, size, seed)))
+    for lang in D.LANGS.values():
+        for split in ("train", "dev"):
+            p = root / "data" / f"lang_{lang.name}" / f"{split}.jsonl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            rng = random.Random(f"{seed}-{lang.name}-{split}")
+            p.write_text("".join(json.dumps({"text": lang.sentence(rng)}) + "\n" for _ in range(size)))
+
+
+def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate: bool = True,
+          progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Build the zoo into `out` (default: $OBIM_ZOO or ~/.cache/obim/zoo), or reuse it when complete with the same
+    recipe. Returns the directory."""
+    from .train import ModelShape, new_model, save, train
+
+    recipe = recipe or RECIPE
+    root = Path(out) if out else default_dir()
+    h = recipe_hash(recipe)
+    stamp = root / "zoo.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("recipe_hash") == h:
+        return root
+    t0 = time.perf_counter()
+    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    seed, batch = recipe["seed"], recipe["batch"]
+    shape = ModelShape(**recipe["shape"])
+    timings: dict[str, float] = {}
+    try:
+        _write_validation(tmp, recipe["validation_size"], seed)
+        # SFT setting
+        sft = recipe["sft"]
+        base = new_model(shape, seed)
+        r = train(base, _batches(sft["base"]["mix"], batch, seed), sft["base"]["steps"], answer_only=False,
+                  lr=sft["base"]["lr"], seed=seed, desc="sft/base", progress=progress)
+        timings["sft/base"] = r["seconds"]
+        save(base, tmp / "sft" / "base")
+        for i, name in enumerate(SFT_EXPERTS, 1):
+            from transformers import LlamaForCausalLM
+
+            expert = LlamaForCausalLM.from_pretrained(tmp / "sft" / "base")
+            spec = sft[name]
+            r = train(expert, _batches(spec["mix"], batch, seed + i), spec["steps"], answer_only=True,
+                      lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress)
+            timings[f"sft/{name}"] = r["seconds"]
+            save(expert, tmp / "sft" / name)
+        # post-pretraining setting
+        pt = recipe["pt"]
+        pbase = new_model(shape, seed + 10)
+        r = train(pbase, _batches(pt["base"]["mix"], batch, seed + 10), pt["base"]["steps"], answer_only=False,
+                  lr=pt["base"]["lr"], seed=seed + 10, desc="pt/base", progress=progress)
+        timings["pt/base"] = r["seconds"]
+        save(pbase, tmp / "pt" / "base")
+        cont = pt["continued"]
+
+        def checkpoint(step: int) -> None:
+            if step % cont["every"] == 0:
+                save(pbase, tmp / "pt" / f"ckpt-{step // cont['every']}")
+                pbase.train()
+
+        r = train(pbase, _batches(cont["mix"], batch, seed + 11), cont["every"] * cont["ckpts"],
+                  answer_only=False, lr=cont["lr"], seed=seed + 11, desc="pt/continued", progress=progress,
+                  on_step=checkpoint)
+        timings["pt/continued"] = r["seconds"]
+        train_s = time.perf_counter() - t0
+        table = ""
+        if evaluate:
+            scores = evaluate_zoo(tmp, progress=progress)
+            table = zoo_table(scores)
+            (tmp / "zoo.md").write_text(table)
+            (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+        total = time.perf_counter() - t0
+        stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
+                     "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
+        (tmp / "zoo.json").write_text(json.dumps(stamp_tmp, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    log(f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    if table:
+        log(table)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Scores (percent) of every zoo model on its setting's benchmarks, through lm-eval."""
+    from ..evaluation import evaluate_model
+
+    scores = {}
+    for name in ["base", *SFT_EXPERTS]:
+        scores[f"sft/{name}"] = evaluate_model(root / "sft" / name, SFT_BENCHMARKS, limit=limit)
+    for d in sorted((root / "pt").iterdir(), key=lambda p: (p.name != "base", p.name)):
+        scores[f"pt/{d.name}"] = evaluate_model(d, PT_BENCHMARKS, limit=limit)
+    return scores
+
+
+def zoo_table(scores: dict[str, dict[str, float]]) -> str:
+    lines = []
+    for setting, benches in (("sft", SFT_BENCHMARKS), ("pt", PT_BENCHMARKS)):
+        lines += [f"| {setting} model | " + " | ".join(benches) + " | avg |", "|---|" + "---:|" * (len(benches) + 1)]
+        for model, s in scores.items():
+            if model.startswith(setting + "/"):
+                vals = [s.get(b) for b in benches]
+                avg = sum(vals) / len(vals)
+                lines.append(f"| {model} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {avg:.1f} |")
+        lines.append("")
+    return "\n".join(lines)

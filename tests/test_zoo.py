@@ -1,0 +1,106 @@
+"""The toy zoo: a reduced build (few steps) has the layout, loads with transformers, is cached by recipe and is
+deterministic; every toy task runs through lm_eval.simple_evaluate offline; scorers and splits behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from obim.tasks import utils as task_utils
+from obim.zoo import PT_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
+from obim.zoo import data as D
+
+
+@pytest.fixture(scope="module")
+def quick_zoo(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("zoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
+                 log=lambda s: None)
+
+
+def test_layout_and_models_load(quick_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = ["sft/base", "sft/lm", "sft/math", "sft/code", "pt/base"] + [f"pt/ckpt-{i}" for i in range(1, 7)]
+    for n in names:
+        model = AutoModelForCausalLM.from_pretrained(quick_zoo / n)
+        tok = AutoTokenizer.from_pretrained(quick_zoo / n)
+        assert model.config.head_dim == 64  # vLLM's CPU attention needs 64 (or another supported size)
+        ids = tok("q: ann has 3 pens", return_tensors="pt").input_ids
+        assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    stamp = json.loads((quick_zoo / "zoo.json").read_text())
+    assert stamp["recipe_hash"] == recipe_hash(quick_recipe())
+    for task in D.SFT_TASKS:
+        lines = (quick_zoo / "data" / task / "dev.jsonl").read_text().splitlines()
+        assert lines and all("text" in json.loads(x) for x in lines)
+
+
+def test_cached_by_recipe_and_deterministic(quick_zoo, tmp_path):
+    before = (quick_zoo / "sft" / "math" / "model.safetensors").stat().st_mtime_ns
+    assert build(quick_zoo, recipe=quick_recipe(), evaluate=False, progress=False, log=lambda s: None) == quick_zoo
+    assert (quick_zoo / "sft" / "math" / "model.safetensors").stat().st_mtime_ns == before  # reused at once
+    again = build(tmp_path / "again", recipe=quick_recipe(), evaluate=False, progress=False, log=lambda s: None)
+    for n in ["sft/base", "sft/code", "pt/ckpt-3"]:
+        assert (again / n / "model.safetensors").read_bytes() == (quick_zoo / n / "model.safetensors").read_bytes()
+    other = quick_recipe()
+    other["sft"]["lm"]["steps"] += 1  # a new recipe rebuilds
+    rebuilt = build(again, recipe=other, evaluate=False, progress=False, log=lambda s: None)
+    assert json.loads((rebuilt / "zoo.json").read_text())["recipe_hash"] == recipe_hash(other)
+    assert (rebuilt / "sft" / "lm" / "model.safetensors").read_bytes() != \
+        (quick_zoo / "sft" / "lm" / "model.safetensors").read_bytes()
+
+
+def test_every_toy_task_runs_through_lm_eval(quick_zoo):
+    from obim.evaluation import evaluate_model
+
+    sft = evaluate_model(quick_zoo / "sft" / "math", SFT_BENCHMARKS, limit=3)
+    pt = evaluate_model(quick_zoo / "pt" / "ckpt-1", PT_BENCHMARKS, limit=3)
+    for scores in (sft, pt):
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    assert set(sft) == set(SFT_BENCHMARKS) and set(pt) == set(PT_BENCHMARKS)
+
+
+def test_splits_disjoint_by_content():
+    for name, make in D.SFT_TASKS.items():
+        parts = {s: {e.prompt for e in D.examples(make, s, 300, 0)} for s in D.SPLITS}
+        assert not parts["train"] & parts["test"] and not parts["dev"] & parts["test"], name
+        assert not parts["train"] & parts["dev"], name
+        assert parts["test"] == {e.prompt for e in D.examples(make, "test", 300, 0)}  # deterministic
+    for lang in D.LANGS.values():
+        test = {e.prompt for e in D.examples(lang.cloze, "test", 100, 0)}
+        train = {e.prompt for e in D.examples(lang.cloze, "train", 400, 0)}
+        assert test and not test & train
+    # the evaluation sets are test prompts only
+    ds = task_utils.toy_dataset("gsm8k", 50)["test"]
+    assert all(D.split_of(p) == "test" for p in ds["prompt"])
+
+
+def test_gsm8k_and_math_answer_extraction():
+    assert task_utils.extract_gsm8k("3+4=7. 7-2=5. #### 5") == "5"
+    assert task_utils.extract_gsm8k("#### -3 apples") == "-3"
+    assert task_utils.extract_gsm8k("3+4=7. 7-2=5.") is None
+    assert task_utils.extract_math("2+3=5. 5*4=20. the answer is 20.") == "20"
+    doc = {"answer": "3+4=7. 7-2=5. #### 5\n"}
+    assert task_utils.process_gsm8k(doc, ["3+4=7. 7-2=5. #### 5"]) == {"exact_match": 1.0}
+    assert task_utils.process_gsm8k(doc, ["3+4=7. 7-2=4. #### 4"]) == {"exact_match": 0.0}
+    assert task_utils.process_gsm8k(doc, ["the answer is 5"]) == {"exact_match": 0.0}
+
+
+def test_code_scorer_executes_tests():
+    ex = D.Example('def f(x):\n    """return x plus 3."""\n', "    return x+3\n",
+                   test="def check(candidate):\n    assert candidate(2) == 5\n    assert candidate(0) == 3\n",
+                   entry_point="f")
+    doc = ex.record()
+    assert task_utils.process_humaneval(doc, ["    return x+3\n"]) == {"pass@1": 1.0}
+    assert task_utils.process_humaneval(doc, ["    return x+4\n"]) == {"pass@1": 0.0}
+    assert task_utils.process_humaneval(doc, ["    return x+\n"]) == {"pass@1": 0.0}  # syntax error
+    assert task_utils.run_tests(doc["prompt"], "    while True:\n        pass\n", doc, timeout=1.0) is False
+    assert task_utils.process_mbpp(doc, ["def f(x):\n    return 3+x\n"]) == {"pass@1": 1.0}
+    assert task_utils.process_mbpp(doc, ["def g(x):\n    return 3+x\n"]) == {"pass@1": 0.0}  # wrong name
+
+
+def test_cli_prints_the_directory_last(quick_zoo, capsys):
+    from obim.cli import zoo_main
+
+    assert zoo_main(["build", "--out", str(quick_zoo), "--quick", "--no-eval", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(quick_zoo)
