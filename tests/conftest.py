@@ -33,3 +33,12 @@ def val_jsonl(tmp_path_factory) -> Path:
              "hello world, this is a longer sample to check padding"]
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     return p
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(tmp_path_factory) -> Path:
+    """The toy zoo with a handful of training steps (layout and every code path; not its quality)."""
+    from obim.zoo import build, quick_recipe
+
+    return build(tmp_path_factory.mktemp("toyzoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
+                 log=lambda s: None)

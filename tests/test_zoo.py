@@ -12,12 +12,6 @@ from obim.zoo import PT_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_
 from obim.zoo import data as D
 
 
-@pytest.fixture(scope="module")
-def quick_zoo(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("zoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
-                 log=lambda s: None)
-
-
 def test_layout_and_models_load(quick_zoo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

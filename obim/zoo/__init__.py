@@ -64,7 +64,7 @@ def quick_recipe() -> dict:
         r["sft"][k]["steps"] = v
     r["pt"]["base"]["steps"] = QUICK["pt"]["base"]
     r["pt"]["continued"]["every"] = QUICK["pt"]["every"]
-    r["validation_size"] = 20
+    r["validation_size"] = 100  # text only: enough for the sweep's default validation sizes
     r["quick"] = True
     return r
 
@@ -128,6 +128,10 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
         return root
     t0 = time.perf_counter()
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
+    for stale in root.parent.glob(f".{root.name}.building-*"):  # left by killed builds
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     seed, batch = recipe["seed"], recipe["batch"]

@@ -1,0 +1,46 @@
+"""The sweep: `python experiments/sweep.py -m [overrides]` (Hydra multirun over conf/sweep.yaml).
+
+With no override it runs the default sweep on the toy SFT setting (Table 1 + the Table 3 ablations); every job
+computes saliency statistics -> merges -> evaluates through lm-eval -> logs to W&B -> writes result.json, and the
+tables are written when the sweep ends. See README.md for the axes, presets, backends and cluster launchers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout runs without installing
+
+
+def _default_backend(argv: list[str]) -> list[str]:
+    """vLLM is the default evaluation backend when CUDA is present (a defaults list cannot test for CUDA)."""
+    if any(a.split("=", 1)[0].lstrip("+~") == "eval" for a in argv):
+        return argv
+    import torch
+
+    return [*argv, "eval=vllm"] if torch.cuda.is_available() else argv
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from obim.errors import ObimError
+    from obim.sweep import run_job
+
+    @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
+    def job(cfg) -> None:
+        hc = HydraConfig.get()
+        try:
+            run_job(cfg, hc.runtime.output_dir, list(hc.overrides.task), hc.job.override_dirname or hc.job.name)
+        except ObimError as e:
+            print(f"sweep: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    sys.argv = [sys.argv[0], *_default_backend(sys.argv[1:])]
+    job()
+
+
+if __name__ == "__main__":  # vLLM and joblib spawn processes: the guard is required
+    main()

@@ -1,0 +1,40 @@
+"""Write the paper's tables from sweep results: `python experiments/tables.py [EXPERIMENT ...]`.
+
+Reads every result.json under multirun/<experiment>/ and writes results/<experiment>/<table>.md|csv (in the
+paper's layout, the paper's numbers beside ours), figure3.png when the number of merged models was swept, and
+jobs.md (every job with its costs). The sweep runs this itself when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from obim.tables import write_tables
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiments", nargs="*", help="experiment names (default: every folder under --runs)")
+    ap.add_argument("--runs", default="multirun", help="sweep root (hydra.sweep.dir's parent)")
+    ap.add_argument("--out", default="results", help="tables root")
+    args = ap.parse_args(argv)
+    runs = Path(args.runs)
+    names = args.experiments or sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    if not names:
+        print(f"tables: error: no results under {runs}", file=sys.stderr)
+        return 1
+    for name in names:
+        written = write_tables(runs / name, Path(args.out) / name)
+        if not written:
+            print(f"tables: {runs / name}: no result.json found", file=sys.stderr)
+        for p in written:
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The paper's tables from sweep results: every `result.json` under a sweep directory, aggregated into Markdown and
+CSV in the paper's layout, each of our cells beside the paper's number (obim/paper_tables.yaml), and Figure 3.
+
+A row comes from the latest result (by file time) of the jobs that match it: Tables 1-3 use each experiment's main
+setting (only `method` and evaluation/logging options overridden); Tables 4-6 and 11 the OBIM (and DARE) jobs that
+vary one axis: validation source, validation size, order, number of models.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+METHOD_LABELS = {"ta": "TA", "ties": "TIES", "dare": "DARE", "della": "DELLA", "tall_mask": "TALL-Mask",
+                 "pcb": "PCB", "breadcrumbs": "Breadcrumbs", "obim": "OBIM", "ties_obm": "TIES+OBM",
+                 "ties_im": "TIES+IM"}
+MODEL_LABELS = {"lm": "LM", "math": "Math", "code": "Code"}
+BASE_LABELS = {"sft": "Base", "pt": "Qwen2-7B"}  # the paper's name of the pt base row
+TABLE1_METHODS = ["ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"]
+TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
+SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
+NEUTRAL = {"method", "experiment", "eval", "tracking", "progress", "keep_merged", "cache_dir", "results_dir",
+           "device", "dry_run", "paper"}
+
+
+def paper_tables() -> dict[str, Any]:
+    return yaml.safe_load((Path(__file__).parent / "paper_tables.yaml").read_text())
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    columns: list[str]                      # the paper's column names, `avg` last
+    rows: list[tuple[str, dict[str, float | None], list | None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    lead: str = "model"                     # the first column's header
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", "", "Each cell: ours (the paper's, where it reports one).", "",
+               f"| {self.lead} | " + " | ".join(self.columns) + " |", "|---|" + "---:|" * len(self.columns)]
+        for label, ours, paper in self.rows:
+            cells = []
+            for i, c in enumerate(self.columns):
+                v = ours.get(c)
+                s = "—" if v is None else f"{v:.2f}"
+                p = paper[i] if paper is not None and i < len(paper) else None
+                cells.append(s + (f" ({p:.2f})" if p is not None else ""))
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out += [""] + [f"- {n}" for n in self.notes] + ([""] if self.notes else [])
+        return "\n".join(out)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([self.lead, *self.columns, *(f"paper_{c}" for c in self.columns)])
+        for label, ours, paper in self.rows:
+            paper = list(paper or [])
+            w.writerow([label, *("" if ours.get(c) is None else f"{ours[c]:.4f}" for c in self.columns),
+                        *("" if i >= len(paper) or paper[i] is None else paper[i] for i in range(len(self.columns)))])
+        return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def load_results(root: str | Path) -> list[dict[str, Any]]:
+    """Every result.json under root, oldest first (so later ones win)."""
+    found = []
+    for p in Path(root).rglob("result.json"):
+        try:
+            r = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        r["_path"], r["_mtime"] = str(p), p.stat().st_mtime_ns
+        found.append(r)
+    return sorted(found, key=lambda r: (r["_mtime"], r["_path"]))
+
+
+def _override_keys(r: dict) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~").split(".")[0] for o in r.get("overrides", [])}
+
+
+def _varies_only(r: dict, axes: set[str]) -> bool:
+    return _override_keys(r) <= NEUTRAL | axes
+
+
+def _named(scores: dict[str, float], benchmarks: dict[str, str]) -> dict[str, float]:
+    return {benchmarks.get(t, t): v for t, v in scores.items()}
+
+
+def _row(scores: dict[str, float] | None, benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
+    if scores is None:
+        return {}
+    named = _named(scores, benchmarks)
+    row = {c: named.get(c) for c in columns if c != "avg"}
+    vals = [v for v in row.values() if v is not None]
+    row["avg"] = sum(vals) / len(vals) if vals and len(vals) == len(row) else None
+    return row
+
+
+def _latest(results: list[dict], pred: Callable[[dict], bool]) -> dict | None:
+    hit = [r for r in results if pred(r)]
+    return hit[-1] if hit else None
+
+
+def _paper_row(paper: dict, table: str, label: str) -> list | None:
+    return (paper.get(table) or {}).get("rows", {}).get(label)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def _main_table(name: str, title: str, results: list[dict], setting: str, methods: list[str], paper: dict,
+                individuals: bool) -> Table | None:
+    cols = paper[name]["columns"]
+    main = [r for r in results if r.get("setting") == setting and r.get("main")]
+    if not main:
+        return None
+    bench = main[-1]["plan"]["benchmarks"]
+    t = Table(name, title, cols)
+    if individuals:
+        ref = _latest(main, lambda r: bool(r.get("individual")))
+        if ref is not None:
+            ind = ref["individual"]
+            for model in [m for m in ["base", *ref["models"]] if m in ind]:  # the base order, not the file's
+                rec = ind[model]
+                if setting == "sft" and model == "base":
+                    continue  # the paper's Table 1 lists the experts only
+                label = BASE_LABELS[setting] if model == "base" else MODEL_LABELS.get(model, model)
+                t.rows.append((label if setting == "sft" or model != "base" else "base",
+                               _row(rec["scores"], bench, cols), _paper_row(paper, name, label)))
+    for m in methods:
+        r = _latest(main, lambda r, m=m: r["method"] == m)
+        if r is not None:
+            t.rows.append((METHOD_LABELS[m], _row(r["scores"], bench, cols),
+                           _paper_row(paper, name, METHOD_LABELS[m])))
+    if not any(lbl in METHOD_LABELS.values() for lbl, _, _ in t.rows):
+        return None
+    ex = main[-1]
+    t.notes.append(f"experiment {ex['experiment']}; models {', '.join(ex['models'])}; "
+                   f"order {ex['plan']['merge']['order']}")
+    return t
+
+
+def _math_sources(r: dict) -> tuple[tuple[str, ...], int] | None:
+    v = r["plan"].get("validation", {}).get("math")
+    if not v:
+        return None
+    return tuple(sorted(v["sources"])), sum(v["sources"].values())
+
+
+def table4(results: list[dict], paper: dict) -> Table | None:
+    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim"
+          and _varies_only(r, {"validation"}) and _math_sources(r)]
+    t = Table("table4", "Table 4: validation-set source for the math model's saliency", paper["table4"]["columns"],
+              lead="source")
+    seen = {}
+    for r in rs:
+        seen[_math_sources(r)] = r
+    for (sources, size), r in sorted(seen.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        label = SOURCE_LABELS.get(sources, "+".join(sources))
+        paper_row = _paper_row(paper, "table4", label) if size == 100 else None
+        t.rows.append((f"{label} ({size})", _row(r["scores"], r["plan"]["benchmarks"], t.columns), paper_row))
+    return t if len(t.rows) > 1 else None
+
+
+def table5(results: list[dict], paper: dict) -> Table | None:
+    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim"
+          and _varies_only(r, {"validation"}) and _math_sources(r) and _math_sources(r)[0] == ("gsm8k", "math")]
+    t = Table("table5", "Table 5: validation-set size (math model, source Math)", paper["table5"]["columns"],
+              lead="samples")
+    seen = {_math_sources(r)[1]: r for r in rs}
+    for size in sorted(seen):
+        r = seen[size]
+        t.rows.append((str(size), _row(r["scores"], r["plan"]["benchmarks"], t.columns),
+                       _paper_row(paper, "table5", str(size))))
+    return t if len(t.rows) > 1 else None
+
+
+def _order_label(r: dict) -> str:
+    order = r["plan"]["merge"]["order"]
+    if order == "rotation":
+        return "Rotation"
+    base = r["models"]
+    kind = (r["config"].get("order") or {}).get("kind")
+    if kind in ("first", "last"):
+        m = r["config"]["order"]["model"]
+        return f"{MODEL_LABELS.get(m, m)} {kind.capitalize()}"
+    if order == base[: len(order)]:
+        return f"{MODEL_LABELS.get(base[-1], base[-1])} Last"
+    return " > ".join(order)
+
+
+def table6(results: list[dict], paper: dict) -> Table | None:
+    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim" and _varies_only(r, {"order"})]
+    t = Table("table6", "Table 6: iteration order", paper["table6"]["columns"], lead="order")
+    seen = {}
+    for r in rs:
+        seen[(_order_label(r), str(r["plan"]["merge"]["order"]))] = r
+    for (label, order), r in sorted(seen.items()):
+        t.rows.append((f"{label} ({order})" if order != "rotation" else label,
+                       _row(r["scores"], r["plan"]["benchmarks"], t.columns), _paper_row(paper, "table6", label)))
+    return t if len(t.rows) > 1 else None
+
+
+def _by_count(results: list[dict]) -> dict[tuple[int, str], dict]:
+    out = {}
+    for r in results:
+        if r.get("setting") == "pt" and r["method"] in ("obim", "dare") and _varies_only(r, {"n_models"}):
+            out[(r["n_models"] + 1, r["method"])] = r  # the paper counts the base among the merged models
+    return out
+
+
+def _best_single(r: dict) -> tuple[str, float] | None:
+    ind = r.get("individual") or {}
+    if not ind:
+        return None
+    name = max(ind, key=lambda k: ind[k]["avg"])
+    return name, ind[name]["avg"]
+
+
+def table11(results: list[dict], paper: dict) -> Table | None:
+    seen = _by_count(results)
+    if len({n for n, _ in seen}) < 2:
+        return None
+    t = Table("table11", "Table 11: number of merged models (the base included)", paper["table11"]["columns"],
+              lead="models, method")
+    prow = paper["table11"]["rows"]
+    for (n, m), r in sorted(seen.items()):
+        label = METHOD_LABELS[m]
+        t.rows.append((f"{n}, {label}", _row(r["scores"], r["plan"]["benchmarks"], t.columns),
+                       (prow.get(str(n)) or {}).get(label)))
+    for n in sorted({n for n, _ in seen}):
+        best = _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))
+        if best:
+            t.notes.append(f"{n} models: best single model {best[0]} (avg {best[1]:.2f})")
+    return t
+
+
+def figure3(results: list[dict], out: Path) -> Path | None:
+    """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
+    seen = _by_count(results)
+    counts = sorted({n for n, _ in seen})
+    if len(counts) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paper = paper_tables()["table11"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax = axes[0]
+    for m, style in (("obim", "o-"), ("dare", "s-")):
+        xs = [n for n in counts if (n, m) in seen]
+        ax.plot(xs, [seen[(n, m)]["avg"] for n in xs], style, label=METHOD_LABELS[m])
+    xs = [n for n in counts if _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))]
+    ax.plot(xs, [_best_single(seen.get((n, "obim")) or seen.get((n, "dare")))[1] for n in xs], "k--",
+            label="best single model")
+    ax.set(title=f"ours ({next(iter(seen.values()))['experiment']})", xlabel="models merged (base included)",
+           ylabel="average score")
+    ax.legend()
+    ax = axes[1]
+    pc = sorted(int(k) for k in paper)
+    for m, style in (("OBIM", "o-"), ("DARE", "s-")):
+        ax.plot(pc, [paper[str(n)][m][-1] for n in pc], style, label=m)
+    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "figure3.png"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".figure3.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def jobs_table(results: list[dict]) -> str:
+    """Every job: what it varied, its average and its costs (the paper's Table 10 figures)."""
+    lines = ["# Jobs", "", "| job | method | avg | saliency s | s/sample | merge s | eval s | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: r.get("job") or r["_path"]):
+        sps = r.get("saliency_s_per_sample")
+        lines.append(f"| {r.get('job') or Path(r['_path']).parent.name} | {r['method']} | {r['avg']:.2f} | "
+                     f"{r['saliency_s']:.1f} | {'' if sps is None else f'{sps:.4f}'} | {r['merge_s']:.1f} | "
+                     f"{r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_tables(results: list[dict]) -> list[Table]:
+    paper = paper_tables()
+    found = [
+        _main_table("table1", "Table 1: merging the SFT experts", results, "sft", TABLE1_METHODS, paper, True),
+        _main_table("table3", "Table 3: ablation (intra-model x inter-model)", results, "sft", TABLE3_METHODS,
+                    paper, False),
+        table4(results, paper), table5(results, paper), table6(results, paper),
+        _main_table("table2", "Table 2: merging post-pretrained checkpoints", results, "pt", TABLE1_METHODS,
+                    paper, True),
+        table11(results, paper),
+    ]
+    return [t for t in found if t is not None]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
+    """Aggregate every result under `runs` into `out`/<table>.md|csv (+ figure3.png, jobs.md)."""
+    results = load_results(runs)
+    out = Path(out)
+    if not results:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t in build_tables(results):
+        for suffix, text in ((".md", t.markdown()), (".csv", t.csv())):
+            p = out / f"{t.name}{suffix}"
+            _atomic_text(p, text)
+            written.append(p)
+    fig = figure3(results, out)
+    if fig:
+        written.append(fig)
+    p = out / "jobs.md"
+    _atomic_text(p, jobs_table(results))
+    written.append(p)
+    return written

@@ -1,0 +1,64 @@
+"""Experiment tracking: one Weights & Biases run per sweep job, grouped by sweep, offline unless W&B is set up."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+
+def wandb_mode(requested: str | None) -> str:
+    """`requested`, else WANDB_MODE, else online when W&B is configured (an API key or a `wandb login`), else
+    offline: a newcomer's sweep never asks for a login and never touches the network."""
+    if requested:
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or None)
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+        if rc.authenticators(host):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str, Any]) -> str | None:
+    """Log one job's resolved config, scores, timings and a results table; returns the run directory."""
+    if tracking.get("backend", "none") == "none":
+        return None
+    if tracking["backend"] != "wandb":
+        from .errors import ObimError
+
+        raise ObimError(f"tracking.backend: expected wandb or none, got {tracking['backend']!r}")
+    import wandb
+
+    plan = result["plan"]
+    names = plan["benchmarks"]
+    run = wandb.init(
+        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=tracking.get("group"),
+        name=name or result["method"], job_type=result["method"], tags=list(tracking.get("tags") or []),
+        config=result["config"], dir=str(job_dir), mode=wandb_mode(tracking.get("mode")), reinit="create_new",
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
+    try:
+        metrics = {f"score/{names.get(t, t)}": v for t, v in result["scores"].items()}
+        metrics.update({"avg": result["avg"], "saliency_s": result["saliency_s"], "merge_s": result["merge_s"],
+                        "eval_s": result["eval_s"], "peak_rss_mb": result["peak_rss_mb"]})
+        if result.get("peak_gpu_mb") is not None:
+            metrics["peak_gpu_mb"] = result["peak_gpu_mb"]
+        cols = ["model", *[names.get(t, t) for t in result["scores"]], "avg"]
+        rows = [[f"merged ({result['method']})", *result["scores"].values(), result["avg"]]]
+        for model, r in result.get("individual", {}).items():
+            rows.append([model, *[r["scores"].get(t) for t in result["scores"]], r["avg"]])
+        metrics["results"] = wandb.Table(columns=cols, data=rows)
+        run.log(metrics)
+        run.summary.update({k: v for k, v in metrics.items() if k != "results"})
+        run_dir = str(Path(run.dir).parent)
+    finally:
+        run.finish()
+    return run_dir

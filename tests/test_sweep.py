@@ -1,0 +1,169 @@
+"""The sweep end to end on the reduced toy zoo (Hydra multirun in a subprocess, as a user runs it), resume after a
+failure, job planning from composed configs, and every method config against the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from obim.errors import ObimError
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
+
+
+def compose(*overrides: str):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    import obim.sweep  # noqa: F401  (registers the ${obim:...} resolver)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose("sweep", overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
+    import yaml
+
+    from obim.methods import METHODS
+    from obim.sweep import plan_job
+
+    assert {p.stem for p in (CONF / "method").glob("*.yaml")} == set(METHODS)
+    for name, method in METHODS.items():
+        conf = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+        # the registry's defaults, retention excepted (it comes from the experiment), and DARE paired with the
+        # disjoint mean as in the paper's Table 7
+        expected = {p.name: p.default for p in method.params if p.name != "retention"}
+        if name == "dare":
+            expected["combine"] = "ties"
+        assert conf["name"] == name and conf["parameters"] == expected
+        plan = plan_job(compose(f"method={name}", f"experiment.zoo={tmp_path}"), [f"method={name}"])
+        assert plan["method"] == name and plan["main"] and plan["merge"]["parameters"] == expected
+
+
+def test_plan_orders_validation_and_model_count(tmp_path):
+    from obim.sweep import plan_job
+
+    zoo = f"experiment.zoo={tmp_path}"
+    p = plan_job(compose("method=obim", zoo))
+    assert p["merge"]["order"] == ["lm", "math", "code"]  # the experiment's: code last
+    assert [m["retention"] for m in p["merge"]["models"]] == [0.4, 0.45, 0.1]
+    assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
+    assert p["validation"]["math"]["files"]["gsm8k"] == f"{tmp_path}/data/gsm8k/train.jsonl"
+
+    assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math"))["merge"]["order"] == \
+        ["math", "lm", "code"]
+    assert plan_job(compose("method=obim", zoo, "order=last", "order.model=math"))["merge"]["order"] == \
+        ["lm", "code", "math"]
+    assert plan_job(compose("method=obim", zoo, "order=rotation"))["merge"]["order"] == "rotation"
+
+    # Table 4/5: the math model's source and size change, split evenly; the others keep their own
+    p = plan_job(compose("method=obim", zoo, "validation=math_code", "validation.size=101"))
+    assert p["validation"]["math"]["sources"] == {"gsm8k": 34, "math": 34, "mbpp": 33}
+    assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
+    assert plan_job(compose("method=obim", zoo, "validation.size=10"))["validation"]["code"]["sources"] == {"mbpp": 10}
+
+    # one retention for all; the first N models; methods without saliency need no validation sets
+    p = plan_job(compose("method=ties_im", zoo, "retention=0.3", "n_models=2"), ["method=ties_im", "n_models=2"])
+    assert p["models"] == ["lm", "math"] and [m["retention"] for m in p["merge"]["models"]] == [0.3, 0.3]
+    assert not p["main"]
+    assert plan_job(compose("method=ties", zoo))["validation"] == {}
+    pt = plan_job(compose("experiment=toy_pt", "method=dare", f"experiment.zoo={tmp_path}"))
+    assert pt["models"] == ["ckpt-1", "ckpt-2", "ckpt-3"] and pt["merge"]["order"] == "rotation"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=obim", "retention=0.5"], "sum"),
+    (["method=obim", "order=last", "order.model=vision"], "order.model"),
+    (["method=obim", "n_models=7"], "n_models"),
+    (["method=obim", "validation.split=test"], "validation.split"),
+    (["method=ties", "+method.parameters.densty=0.3"], "densty"),
+    (["method=ties", "+method.per_model.vision.density=0.1"], "method.per_model"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
+    from obim.sweep import plan_job
+
+    with pytest.raises(ObimError) as e:
+        plan_job(compose(*overrides, f"experiment.zoo={tmp_path}"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_path):
+    env = {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    args = ["method=ta,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "progress=false",
+            f"hydra.sweep.dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"]
+    first = _sweep(args, env, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = {}
+    for method in ("ta", "obim"):
+        (job,) = (tmp_path / "runs").glob(f"*method={method}")  # the job's overrides name its directory
+        r = json.loads((job / "result.json").read_text())
+        results[method] = r
+        assert set(r["scores"]) == set(TASKS) and all(0 <= v <= 100 for v in r["scores"].values())
+        assert r["avg"] == pytest.approx(sum(r["scores"].values()) / len(TASKS))
+        assert set(r["individual"]) == {"base", "lm", "math", "code"}
+        for key in ("saliency_s", "merge_s", "eval_s", "peak_rss_mb"):
+            assert r[key] >= 0
+        assert r["config"]["method"]["name"] == method
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert results["obim"]["saliency_s"] > 0 and results["ta"]["saliency_s"] == 0
+    table = (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
+    assert "| TA |" in table and "| OBIM |" in table and "(45.23)" in table  # the paper's OBIM avg beside ours
+
+    again = _sweep(args, env, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("[skip]") == 2 and "[done]" not in again.stdout
+
+    # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge)
+    args3 = [a if not a.startswith("method=") else "method=ties" for a in args]
+    failed = _sweep(args3, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
+    assert failed.returncode != 0 and "simulated failure" in failed.stderr
+    (ties_dir,) = (tmp_path / "runs").glob("*method=ties")
+    assert not (ties_dir / "result.json").exists()
+    redo = _sweep(args3, env, tmp_path)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    r = json.loads((ties_dir / "result.json").read_text())
+    assert r["cached"]["merge"] is True and set(r["scores"]) == set(TASKS)
+
+
+def test_dry_run_plans_without_loading(tmp_path):
+    env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO)}
+    out = _sweep(["dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plans = sorted((tmp_path / "runs").glob("*/plan.json"))
+    methods = {json.loads(p.read_text())["method"] for p in plans}
+    assert methods == {"ta", "ties", "dare", "della", "tall_mask", "pcb", "obim", "ties_obm", "ties_im"}
+    assert not (tmp_path / "no-zoo").exists() and not (tmp_path / "cache").exists()
+
+
+def test_submitit_launcher_runs_jobs_in_their_own_processes(tmp_path):
+    """The cluster path (hydra/launcher=slurm uses the same submitit plugin), tried with submitit_local."""
+    env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO)}
+    out = _sweep(["dry_run=true", "method=ta,obim", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                  f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plans = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/plan.json")}
+    assert set(plans) == {"method=ta", "method=obim"}
+    assert plans["method=obim"]["validation"]["math"]["sources"] == {"gsm8k": 50, "math": 50}
+    assert list((tmp_path / "runs" / ".submitit").rglob("*_log.out"))  # submitit ran each job as a process

@@ -1,0 +1,126 @@
+"""tables.py on hand-made results: rows in the paper's layout, the paper's numbers beside ours, the latest result
+winning, one-axis variations kept out of the main tables, Figure 3 drawn."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from obim.tables import load_results, write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = {"toy_alpaca": "alpaca_eval", "toy_mmlu": "mmlu", "toy_gsm8k": "gsm8k", "toy_math": "math",
+       "toy_humaneval": "humaneval", "toy_mbpp": "mbpp"}
+PT = {"toy_ceval": "ceval", "toy_mmlu_en": "mmlu", "toy_jp": "jp_lmeh"}
+
+
+def result(root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=None, order=None,
+           individual=None, n_models=3, math_sources=None, mtime=None) -> None:
+    bench = SFT if setting == "sft" else PT
+    models = ["lm", "math", "code"] if setting == "sft" else [f"ckpt-{i}" for i in range(1, n_models + 1)]
+    order_cfg = order or {"kind": "experiment"}
+    r = {
+        "experiment": f"toy_{setting}", "setting": setting, "method": method, "models": models,
+        "n_models": n_models, "main": not overrides, "overrides": ["method=" + method, *(overrides or [])],
+        "scores": dict(zip(bench, scores)), "avg": sum(scores) / len(scores), "individual": individual or {},
+        "plan": {"benchmarks": bench, "merge": {"order": order_cfg.get("resolved", ["lm", "math", "code"])},
+                 "validation": {"math": {"sources": math_sources or {"gsm8k": 50, "math": 50}}}},
+        "config": {"order": order_cfg}, "saliency_s": 1.5, "saliency_s_per_sample": 0.015, "merge_s": 2.0,
+        "eval_s": 3.0, "peak_rss_mb": 100.0, "job": job,
+    }
+    p = root / job / "result.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(r))
+    if mtime is not None:
+        os.utime(p, ns=(mtime, mtime))
+
+
+def rows(md: str) -> dict[str, list[str]]:
+    out = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| model |") and "---" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_sft_tables(tmp_path):
+    runs = tmp_path / "runs"
+    ind = {"base": {"scores": dict(zip(SFT, [0] * 6)), "avg": 0.0},  # as result.json stores them: sorted keys
+           "code": {"scores": dict(zip(SFT, [0, 10, 0, 0, 100, 90])), "avg": 200 / 6},
+           "lm": {"scores": dict(zip(SFT, [60, 90, 0, 0, 0, 0])), "avg": 25.0},
+           "math": {"scores": dict(zip(SFT, [0, 20, 80, 70, 0, 0])), "avg": 170 / 6}}
+    result(runs, "method=ta", "ta", [10, 20, 30, 40, 50, 60], mtime=1_000)
+    result(runs, "old-obim", "obim", [0, 0, 0, 0, 0, 0], mtime=2_000)
+    result(runs, "method=obim", "obim", [12, 24, 36, 48, 60, 72], individual=ind, mtime=3_000)
+    result(runs, "method=ties", "ties", [1, 2, 3, 4, 5, 6], mtime=4_000)
+    result(runs, "first", "obim", [5, 5, 50, 10, 5, 5], overrides=["order=first", "order.model=math"],
+           order={"kind": "first", "model": "math", "resolved": ["math", "lm", "code"]}, mtime=5_000)
+    result(runs, "src-code", "obim", [5, 5, 40, 20, 5, 5], overrides=["validation=code"],
+           math_sources={"mbpp": 100}, mtime=6_000)
+    result(runs, "src-math", "obim", [5, 5, 44, 22, 5, 5], overrides=["validation=math"],
+           math_sources={"gsm8k": 50, "math": 50}, mtime=7_000)
+    assert len(load_results(runs)) == 7
+
+    out = tmp_path / "tables"
+    written = {p.name for p in write_tables(runs, out)}
+    assert {"table1.md", "table1.csv", "table3.md", "table4.md", "table6.md", "jobs.md"} <= written
+    assert "table5.md" not in written  # one size only: nothing to compare
+
+    t1 = rows((out / "table1.md").read_text())
+    assert list(t1) == ["LM", "Math", "Code", "TA", "TIES", "OBIM"]  # the paper's order; one-axis jobs left out
+    assert t1["TA"] == ["10.00 (78.93)", "20.00 (51.04)", "30.00 (58.45)", "40.00 (9.88)", "50.00 (18.29)",
+                        "60.00 (29.80)", "35.00 (41.07)"]
+    assert t1["OBIM"][-1] == "42.00 (45.23)"  # the latest main OBIM result, not the older one
+    assert t1["Math"] == ["0.00", "20.00", "80.00 (63.08)", "70.00 (11.60)", "0.00", "0.00", "28.33"]
+    t3 = rows((out / "table3.md").read_text())
+    assert list(t3) == ["TIES", "OBIM"] and t3["TIES"][-1] == "3.50 (43.21)"
+    t4 = rows((out / "table4.md").read_text())
+    assert t4["Math (100)"] == ["44.00 (68.23)", "22.00 (12.50)", "33.00 (40.37)"]
+    assert t4["Code (100)"] == ["40.00 (67.48)", "20.00 (11.84)", "30.00 (39.66)"]
+    t6 = rows((out / "table6.md").read_text())
+    assert t6["Math First (['math', 'lm', 'code'])"][0] == "50.00 (67.48)"
+    assert t6["Code Last (['lm', 'math', 'code'])"][0] == "36.00"  # the paper's Table 6 has no Code Last row
+
+    with open(out / "table1.csv") as f:
+        recs = list(csv.DictReader(io.StringIO(f.read())))
+    ta = next(r for r in recs if r["model"] == "TA")
+    assert float(ta["avg"]) == 35.0 and float(ta["paper_avg"]) == 41.07
+    jobs = (out / "jobs.md").read_text()
+    assert jobs.count("\n| ") == 7 + 1  # header + one line per result
+
+
+def test_pt_table11_and_figure3_via_cli(tmp_path):
+    runs = tmp_path / "multirun" / "toy_pt"
+    ind = {"base": {"scores": dict(zip(PT, [90, 90, 30])), "avg": 70.0},
+           "ckpt-1": {"scores": dict(zip(PT, [70, 60, 95])), "avg": 75.0},
+           "ckpt-2": {"scores": dict(zip(PT, [80, 70, 96])), "avg": 82.0}}
+    for n in (1, 2):
+        for m, s in (("obim", [80, 80, 90]), ("dare", [70, 70, 80])):
+            result(runs, f"{m}-{n}", m, [v + n for v in s], setting="pt", n_models=n,
+                   overrides=[f"n_models={n}"], order={"kind": "experiment", "resolved": "rotation"},
+                   individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n})
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "tables.py"), "--runs",
+                           str(tmp_path / "multirun"), "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "results" / "toy_pt"
+    t11 = rows((out / "table11.md").read_text())
+    # the paper counts the base among the merged models: 1 checkpoint = 2 models
+    assert t11["2, OBIM"] == ["81.00 (81.87)", "81.00 (69.41)", "91.00 (71.85)", "84.33 (74.38)"]
+    assert t11["3, DARE"][-1] == "75.33 (73.44)"  # (72 + 72 + 82) / 3
+    notes = (out / "table11.md").read_text()
+    assert "2 models: best single model ckpt-1 (avg 75.00)" in notes
+    assert "3 models: best single model ckpt-2 (avg 82.00)" in notes
+    png = (out / "figure3.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # same results, same bytes
+    subprocess.run([sys.executable, str(REPO / "experiments" / "tables.py"), "--runs", str(tmp_path / "multirun"),
+                    "--out", str(tmp_path / "again")], check=True, capture_output=True, cwd=tmp_path)
+    assert (tmp_path / "again" / "toy_pt" / "figure3.png").read_bytes() == png
+    assert (tmp_path / "again" / "toy_pt" / "table11.md").read_text() == (out / "table11.md").read_text()

@@ -1,0 +1,27 @@
+"""lm-eval's vLLM backend on CPU (vllm-cpu, `make install-vllm`) evaluates a toy model through obim's evaluation
+path, agreeing with the hf backend. Set OBIM_SKIP_VLLM=1 to skip where vLLM is not installed; CI installs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import yaml
+
+from test_sweep import CONF
+
+pytestmark = pytest.mark.skipif(os.environ.get("OBIM_SKIP_VLLM") == "1", reason="OBIM_SKIP_VLLM=1")
+
+
+def test_vllm_cpu_backend_matches_hf(quick_zoo):
+    assert importlib.util.find_spec("vllm") is not None, "vLLM is not installed: run `make install-vllm`"
+    from obim.evaluation import evaluate_model
+
+    conf = yaml.safe_load((CONF / "eval" / "vllm_cpu.yaml").read_text())
+    model, tasks = quick_zoo / "pt" / "ckpt-2", ["toy_jp", "toy_ceval"]
+    v = evaluate_model(model, tasks, backend="vllm", batch_size="auto", limit=20, model_args=conf["model_args"])
+    h = evaluate_model(model, tasks, backend="hf", limit=20)
+    assert set(v) == set(tasks)
+    for t in tasks:  # the same log-likelihood ranking; allow one near-tie to flip between the two numerics
+        assert abs(v[t] - h[t]) <= 5.0, (t, v[t], h[t])
