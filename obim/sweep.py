@@ -20,10 +20,6 @@ from . import __version__
 from .cache import default_cache_dir, digest, locked, model_fingerprint, read_json, write_json
 from .errors import ObimError
 
-# Overrides that do not change what a job computes, or only how it is evaluated/logged: a job with only these
-# (and `method`) overridden is an experiment's main setting, the one Tables 1-3 report.
-NEUTRAL_KEYS = {"method", "experiment", "eval", "tracking", "progress", "keep_merged", "cache_dir", "results_dir",
-                "device", "dry_run", "paper"}
 ORDER_KINDS = ("experiment", "rotation", "first", "last", "fixed")
 
 
@@ -161,8 +157,9 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     ev = c["eval"]
     if ev["backend"] not in ("hf", "vllm"):
         raise ObimError(f"eval.backend: expected hf or vllm, got {ev['backend']!r}")
-    neutral = {o.split("=", 1)[0].lstrip("+~") for o in (overrides or [])}
-    main = all(k.split(".")[0] in NEUTRAL_KEYS for k in neutral)
+    from .tables import axis_of
+
+    main = all(axis_of(o) is None for o in (overrides or []))
     return {
         "experiment": exp["name"], "setting": exp.get("setting"), "method": method.name, "models": names,
         "n_models": n, "merge": merge_cfg, "validation": validation, "tasks": tasks,

@@ -25,8 +25,22 @@ BASE_LABELS = {"sft": "Base", "pt": "Qwen2-7B"}  # the paper's name of the pt ba
 TABLE1_METHODS = ["ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"]
 TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
 SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
-NEUTRAL = {"method", "experiment", "eval", "tracking", "progress", "keep_merged", "cache_dir", "results_dir",
-           "device", "dry_run", "paper"}
+# Overrides that leave what a job computes as the experiment defines it (only which method, how it is evaluated
+# or logged): a job with only these is the experiment's main setting, the one Tables 1-3 report.
+NEUTRAL = {"method", "experiment", "experiment.zoo", "experiment.zoo_recipe", "progress", "keep_merged", "cache_dir",
+           "results_dir", "device", "dry_run", "paper"}
+NEUTRAL_GROUPS = {"eval", "tracking", "hydra"}
+
+
+def axis_of(override: str) -> str | None:
+    """The sweep axis an override changes (None: neutral), e.g. 'order.model=math' -> 'order',
+    'experiment.models.math.retention=0.3' -> 'retention', 'method.parameters.density=0.3' -> 'method'."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if key in NEUTRAL or key.split(".")[0].split("/")[0] in NEUTRAL_GROUPS:
+        return None
+    if key.startswith("experiment.models.") and key.endswith(".retention"):
+        return "retention"
+    return key if key.startswith("experiment.") else key.split(".")[0]
 
 
 def paper_tables() -> dict[str, Any]:
@@ -83,12 +97,8 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: (r["_mtime"], r["_path"]))
 
 
-def _override_keys(r: dict) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~").split(".")[0] for o in r.get("overrides", [])}
-
-
 def _varies_only(r: dict, axes: set[str]) -> bool:
-    return _override_keys(r) <= NEUTRAL | axes
+    return {a for a in map(axis_of, r.get("overrides", [])) if a is not None} <= axes
 
 
 def _named(scores: dict[str, float], benchmarks: dict[str, str]) -> dict[str, float]:

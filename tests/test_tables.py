@@ -124,3 +124,14 @@ def test_pt_table11_and_figure3_via_cli(tmp_path):
                     "--out", str(tmp_path / "again")], check=True, capture_output=True, cwd=tmp_path)
     assert (tmp_path / "again" / "toy_pt" / "figure3.png").read_bytes() == png
     assert (tmp_path / "again" / "toy_pt" / "table11.md").read_text() == (out / "table11.md").read_text()
+
+
+def test_axis_of_overrides():
+    from obim.tables import axis_of
+
+    assert axis_of("method=obim") is None and axis_of("eval.limit=2") is None and axis_of("experiment=toy_pt") is None
+    assert axis_of("experiment.zoo_recipe=quick") is None and axis_of("hydra/launcher=slurm") is None
+    assert axis_of("order.model=math") == "order" and axis_of("validation=math") == "validation"
+    assert axis_of("experiment.models.math.retention=0.3") == "retention" and axis_of("retention=0.3") == "retention"
+    assert axis_of("method.parameters.density=0.3") == "method" and axis_of("+method.per_model.code.density=1") == "method"
+    assert axis_of("n_models=2") == "n_models" and axis_of("experiment.order=[a,b]") == "experiment.order"
