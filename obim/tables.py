@@ -275,13 +275,13 @@ def figure3(results: list[dict], out: Path) -> Path | None:
     ax.plot(xs, [_best_single(seen.get((n, "obim")) or seen.get((n, "dare")))[1] for n in xs], "k--",
             label="best single model")
     ax.set(title=f"ours ({next(iter(seen.values()))['experiment']})", xlabel="models merged (base included)",
-           ylabel="average score")
+           ylabel="average score", xticks=counts)
     ax.legend()
     ax = axes[1]
     pc = sorted(int(k) for k in paper)
     for m, style in (("OBIM", "o-"), ("DARE", "s-")):
         ax.plot(pc, [paper[str(n)][m][-1] for n in pc], style, label=m)
-    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)")
+    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=pc)
     ax.legend()
     fig.tight_layout()
     path = out / "figure3.png"
