@@ -156,14 +156,18 @@ def test_dry_run_plans_without_loading(tmp_path):
     assert not (tmp_path / "no-zoo").exists() and not (tmp_path / "cache").exists()
 
 
-def test_submitit_launcher_runs_jobs_in_their_own_processes(tmp_path):
-    """The cluster path (hydra/launcher=slurm uses the same submitit plugin), tried with submitit_local."""
+@pytest.mark.parametrize("launcher", ["submitit_local", "local_parallel"])
+def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
+    """The cluster path (hydra/launcher=slurm uses the same submitit plugin, tried with submitit_local) and the
+    parallel local one (joblib)."""
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
-    out = _sweep(["dry_run=true", "method=ta,obim", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+    extra = ["hydra.launcher.timeout_min=5"] if launcher == "submitit_local" else []
+    out = _sweep(["dry_run=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
                   f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/plan.json")}
     assert set(plans) == {"method=ta", "method=obim"}
     assert plans["method=obim"]["validation"]["math"]["sources"] == {"gsm8k": 50, "math": 50}
-    assert list((tmp_path / "runs" / ".submitit").rglob("*_log.out"))  # submitit ran each job as a process
+    if launcher == "submitit_local":
+        assert list((tmp_path / "runs" / ".submitit").rglob("*_log.out"))  # submitit ran each job as a process
