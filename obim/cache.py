@@ -18,10 +18,13 @@ FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", "pytorch_mod
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def user_cache_root() -> Path:
+    """obim's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "obim"
+
+
 def default_cache_dir() -> Path:
-    if os.environ.get("OBIM_CACHE"):
-        return Path(os.environ["OBIM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "obim" / "cache"
+    return Path(os.environ["OBIM_CACHE"]) if os.environ.get("OBIM_CACHE") else user_cache_root() / "cache"
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -68,11 +71,10 @@ def locked(path: str | Path) -> Iterator[None]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (a temporary file renamed into place)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, p)
+    from .checkpoint import atomic_write_file
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_file(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: str | Path) -> Any | None:

@@ -284,12 +284,11 @@ def figure3(results: list[dict], out: Path) -> Path | None:
     ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=pc)
     ax.legend()
     fig.tight_layout()
+    from .checkpoint import atomic_write_file
+
     path = out / "figure3.png"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".figure3.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -319,14 +318,10 @@ def build_tables(results: list[dict]) -> list[Table]:
     return [t for t in found if t is not None]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
     """Aggregate every result under `runs` into `out`/<table>.md|csv (+ figure3.png, jobs.md)."""
+    from .checkpoint import atomic_write_file
+
     results = load_results(runs)
     out = Path(out)
     if not results:
@@ -336,12 +331,13 @@ def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
     for t in build_tables(results):
         for suffix, text in ((".md", t.markdown()), (".csv", t.csv())):
             p = out / f"{t.name}{suffix}"
-            _atomic_text(p, text)
+            atomic_write_file(p, lambda tmp, text=text: tmp.write_text(text))
             written.append(p)
     fig = figure3(results, out)
     if fig:
         written.append(fig)
     p = out / "jobs.md"
-    _atomic_text(p, jobs_table(results))
+    jobs = jobs_table(results)
+    atomic_write_file(p, lambda tmp: tmp.write_text(jobs))
     written.append(p)
     return written

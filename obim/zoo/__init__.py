@@ -51,10 +51,9 @@ def recipe_hash(recipe: dict) -> str:
 
 
 def default_dir() -> Path:
-    if os.environ.get("OBIM_ZOO"):
-        return Path(os.environ["OBIM_ZOO"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "obim" / "zoo"
+    from ..cache import user_cache_root
+
+    return Path(os.environ["OBIM_ZOO"]) if os.environ.get("OBIM_ZOO") else user_cache_root() / "zoo"
 
 
 def quick_recipe() -> dict:
