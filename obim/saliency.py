@@ -112,7 +112,12 @@ def compute_hdiag(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(dev).eval()
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        # a model larger than one GPU (the paper: 13B on 2 GPUs): layers spread over all of them (accelerate)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), device_map="auto").eval()
+        dev = net.get_input_embeddings().weight.device
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(dev).eval()
 
     shared_inputs = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
     sums: dict[str, torch.Tensor] = {}
@@ -123,7 +128,7 @@ def compute_hdiag(
             x = args[0]
             last_x, acc = state["last"]
             if x is not last_x:  # q/k/v (gate/up) run back to back on one input: square it once
-                sel = x[state["mask"]] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+                sel = x[state["mask"].to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
                 acc = sel.double().square().sum(0)
                 state["last"] = (x, acc)  # holding x keeps the identity test sound
             sums[wname] = sums[wname] + acc if wname in sums else acc.clone()

@@ -9,6 +9,7 @@ result.json holds the same config hash and redoes any other.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import threading
@@ -37,6 +38,15 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("obim"):
         OmegaConf.register_new_resolver("obim", obim_resolver)
+    if not OmegaConf.has_resolver("obim_dirname"):
+        OmegaConf.register_new_resolver("obim_dirname", job_dirname)
+
+
+def job_dirname(overrides: str) -> str:
+    """A job directory's name from its overrides: one path component (a path in an override, e.g. a checkpoint
+    list, would nest directories) and short enough for any filesystem (long names end in a digest)."""
+    name = str(overrides).replace("%", "%25").replace("/", "%2F") or "default"
+    return name if len(name) <= 160 else f"{name[:140]}-{digest(name)[:16]}"
 
 
 _register_resolvers()
@@ -88,7 +98,7 @@ def _order(cfg: dict, exp: dict, names: list[str]) -> str | list[str]:
 def _validation(cfg: dict, exp: dict, name: str) -> dict[str, int]:
     """{source: samples} of model `name`'s validation set."""
     v = cfg["validation"]
-    own = dict(exp["models"][name].get("validation") or {})
+    own = dict(exp["models"][name].get("validation") or {})  # exp["models"]: after _models()
     applies = v.get("models") is None or name in v["models"]
     src = v.get("source", "own")
     sources = own if (src == "own" or not applies) else {s: 0 for s in ([src] if isinstance(src, str) else src)}
@@ -106,6 +116,63 @@ def _validation(cfg: dict, exp: dict, name: str) -> dict[str, int]:
     return {s: int(n) for s, n in sources.items()}
 
 
+def _models(exp: dict) -> dict[str, dict]:
+    """The experiment's models by name, in the base order: `models`, or `checkpoints` (a list of paths, the
+    post-pretraining setting) named ckpt-1, ckpt-2, ... with the shared settings of `checkpoint`."""
+    if exp.get("checkpoints") is not None:
+        if exp.get("models"):
+            raise ObimError(f"experiment {exp['name']}: give `models` or `checkpoints`, not both")
+        paths = exp["checkpoints"]
+        if not isinstance(paths, list) or not paths:
+            raise ObimError(f"experiment.checkpoints: expected a non-empty list of paths, got {paths!r}")
+        return {f"ckpt-{i}": {**(exp.get("checkpoint") or {}), "path": str(p)} for i, p in enumerate(paths, 1)}
+    if not exp.get("models"):
+        raise ObimError(f"experiment {exp['name']}: no models (give `models` or `checkpoints`)")
+    return exp["models"]
+
+
+MODEL_KEYS = ("path", "retention", "validation", "prompt_format")
+
+
+def _benchmarks(exp: dict) -> tuple[dict[str, str], dict[str, int]]:
+    """lm-eval task -> the paper's column, and the tasks' shot counts where the experiment sets one."""
+    columns, shots = {}, {}
+    for task, spec in (exp.get("benchmarks") or {}).items():
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"column", "num_fewshot"}
+            if unknown or "column" not in spec:
+                raise ObimError(f"experiment.benchmarks.{task}: expected a column name or "
+                                f"{{column, num_fewshot}}, got {spec!r}")
+            if spec.get("num_fewshot") is not None:
+                shots[task] = int(spec["num_fewshot"])
+            spec = spec["column"]
+        columns[task] = str(spec)
+    if not columns:
+        raise ObimError(f"experiment {exp['name']}: no benchmarks")
+    return columns, shots
+
+
+def _validation_set(c: dict, exp: dict, name: str, model: dict) -> dict[str, Any]:
+    from .validation import check_format, resolve_source
+
+    counts = _validation(c, exp, name)
+    split = c["validation"]["split"]
+    if split not in ("train", "dev"):
+        raise ObimError(f"validation.split: expected train or dev (never test), got {split!r}")
+    data = {}
+    for s in counts:
+        spec = (exp.get("validation_sources") or {}).get(s)
+        if spec is None:
+            if not exp.get("validation_data"):
+                raise ObimError(f"experiment.validation_sources: no source '{s}' (model '{name}')")
+            spec = {"builder": "jsonl", "path": exp["validation_data"].replace("{source}", s)}
+        data[s] = resolve_source(s, spec, split, f"experiment.validation_sources.{s}")
+    fmt = str(model.get("prompt_format") or "plain")
+    check_format(fmt, f"experiment.models.{name}.prompt_format")
+    return {"sources": counts, "data": data, "format": fmt, "seed": int(c["seed"]),
+            "max_length": int(c["validation"]["max_length"]), "batch_size": int(c["validation"]["batch_size"])}
+
+
 def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     """The job's plan from its composed config: everything it will compute, validated, nothing loaded."""
     from .config import load_config
@@ -114,12 +181,14 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     c = _plain(cfg)
     exp = c["experiment"]
     method = get_method(str(c["method"]["name"]))
-    all_names = list(exp["models"])
+    exp_models = _models(exp)
+    all_names = list(exp_models)
     n = c.get("n_models")
     if n is None:
         n = exp.get("n_models") or len(all_names)
     if not isinstance(n, int) or not 1 <= n <= len(all_names):
-        raise ObimError(f"n_models: expected 1..{len(all_names)} (experiment {exp['name']}), got {n!r}")
+        raise ObimError(f"n_models: expected 1..{len(all_names)} (experiment {exp['name']} has "
+                        f"{len(all_names)} models), got {n!r}")
     names = all_names[:n]
     per_model = c["method"].get("per_model") or {}
     bad = [k for k in per_model if k not in names]
@@ -128,7 +197,11 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
 
     models, validation = [], {}
     for name in names:
-        m = exp["models"][name]
+        m = exp_models[name]
+        unknown = set(m) - set(MODEL_KEYS)
+        if unknown:
+            raise ObimError(f"experiment.models.{name}: unknown key(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(MODEL_KEYS)}")
         entry: dict[str, Any] = {"name": name, "path": str(m["path"])}
         retention = c.get("retention") if c.get("retention") is not None else m.get("retention")
         if method.retention_param == "retention":
@@ -137,15 +210,7 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
             entry["parameters"] = dict(per_model[name])
         models.append(entry)
         if method.uses_saliency:
-            counts = _validation(c, exp, name)
-            split = c["validation"]["split"]
-            if split not in ("train", "dev"):
-                raise ObimError(f"validation.split: expected train or dev (never test), got {split!r}")
-            validation[name] = {
-                "sources": counts, "split": split, "max_length": int(c["validation"]["max_length"]),
-                "batch_size": int(c["validation"]["batch_size"]),
-                "files": {s: exp["validation_data"].format(source=s, split=split) for s in counts},
-            }
+            validation[name] = _validation_set(c, {**exp, "models": exp_models}, name, m)
     merge_cfg = {"method": method.name, "base_model": str(exp["base"]), "models": models,
                  "parameters": dict(c["method"].get("parameters") or {}), "order": _order(c, exp, names),
                  "seed": int(c["seed"]), "dtype": None}
@@ -153,18 +218,20 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     probe = {**merge_cfg, "models": [{**m, "hdiag": "(computed)"} if method.uses_saliency else m for m in models]}
     load_config(probe)
 
-    tasks = list(exp["benchmarks"])
+    benchmarks, shots = _benchmarks(exp)
     ev = c["eval"]
     if ev["backend"] not in ("hf", "vllm"):
         raise ObimError(f"eval.backend: expected hf or vllm, got {ev['backend']!r}")
+    evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
+    if shots:  # only when set: the toy experiments' evaluation keys stay as they were
+        evp["num_fewshot"] = shots
     from .tables import axis_of
 
     main = all(axis_of(o) is None for o in (overrides or []))
     return {
         "experiment": exp["name"], "setting": exp.get("setting"), "method": method.name, "models": names,
-        "n_models": n, "merge": merge_cfg, "validation": validation, "tasks": tasks,
-        "benchmarks": dict(exp["benchmarks"]),
-        "eval": {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")},
+        "n_models": n, "merge": merge_cfg, "validation": validation, "tasks": list(benchmarks),
+        "benchmarks": benchmarks, "eval": evp,
         "individual": bool(ev.get("individual", True)), "main": main, "overrides": sorted(overrides or []),
         "zoo": exp.get("zoo"), "zoo_recipe": exp.get("zoo_recipe", "full"), "seed": int(c["seed"]),
     }
@@ -179,23 +246,13 @@ def plan_hash(plan: dict) -> str:
 # ------------------------------------------------------------------------------------------------- caches
 
 
-def _texts(files: dict[str, str], counts: dict[str, int]) -> list[str]:
-    from .validation import read_texts
-
-    texts: list[str] = []
-    for s, n in counts.items():
-        got = read_texts(files[s], n)
-        if len(got) < n:
-            raise ObimError(f"{files[s]}: validation source '{s}' has {len(got)} samples, {n} requested")
-        texts += got
-    return texts
-
-
 def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
     """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
     from .saliency import compute_hdiag, save_hdiag
 
-    texts = _texts(v["files"], v["sources"])
+    from .validation import build_texts
+
+    texts = build_texts(v)
     key = digest([model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__])
     out = cache / "saliency" / f"{name}-{key}.safetensors"
     with locked(out):
@@ -238,30 +295,62 @@ def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> d
     return {"dir": str(out), "cached": True, **info}
 
 
-def _tasks_fingerprint() -> str:
+def _tasks_fingerprint(tasks: list[str]) -> str:
+    """The contents of obim's task folders that define any of `tasks` (the toy tasks, obim/tasks/paper): editing
+    a task re-evaluates; tasks lm-eval ships are covered by its version."""
     from .evaluation import tasks_dir
 
-    return digest([[p.name, p.read_text()] for p in sorted(Path(tasks_dir()).iterdir()) if p.is_file()])
+    root = Path(tasks_dir())
+    folders = set()
+    for y in sorted(root.rglob("*.yaml")):
+        head = y.read_text()
+        for line in head.splitlines():
+            if line.startswith(("task:", "group:")) and line.split(":", 1)[1].strip() in tasks:
+                folders.add(y.parent)
+    return digest([[str(p.relative_to(root)), p.read_text()] for f in sorted(folders)
+                   for p in sorted(f.iterdir()) if p.is_file() and p.suffix != ".pyc"])
+
+
+def score_avg(scores: dict[str, float | None]) -> float | None:
+    """The mean over every benchmark; None when one is missing (an unjudged AlpacaEval): never a partial mean
+    standing in for the paper's average."""
+    vals = list(scores.values())
+    return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
 
 def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str) -> dict[str, Any]:
-    """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options)."""
+    """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
+    score left empty is filled from the saved outputs once a judge is configured."""
     import lm_eval
 
     from .evaluation import evaluate_model
+    from .judge import judge_configured, run_judge
 
-    key = digest([model_fingerprint(model_dir), tasks, ev, device, _tasks_fingerprint(), lm_eval.__version__
+    key = digest([model_fingerprint(model_dir), tasks, ev, device, _tasks_fingerprint(tasks), lm_eval.__version__
                   if hasattr(lm_eval, "__version__") else "", __version__])
     out = cache / "evals" / f"{key}.json"
     with locked(out):
         hit = read_json(out)
         if hit is not None:
+            missing = [t for t, v in hit["scores"].items() if v is None and t in (hit.get("outputs") or {})]
+            if missing and judge_configured():
+                for t in missing:
+                    hit["scores"][t] = run_judge(Path(hit["outputs"][t]))
+                hit["avg"] = score_avg(hit["scores"])
+                write_json(out, hit)
             return {**hit, "cached": True}
         t0 = time.perf_counter()
+        outputs = cache / "evals" / key
         scores = evaluate_model(model_dir, tasks, backend=ev["backend"], batch_size=ev["batch_size"],
-                                limit=ev["limit"], device=device, model_args=ev["model_args"])
-        rec = {"model": model_dir, "scores": scores, "avg": sum(scores.values()) / len(scores),
+                                limit=ev["limit"], device=device, model_args=ev["model_args"],
+                                num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs)
+        rec = {"model": model_dir, "scores": scores, "avg": score_avg(scores),
                "eval_s": round(time.perf_counter() - t0, 3)}
+        from .judge import JUDGED
+
+        judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
+        if judged:
+            rec["outputs"] = judged
         write_json(out, rec)
     return {**rec, "cached": False}
 
@@ -321,15 +410,71 @@ def ensure_zoo(plan: dict, progress: bool) -> None:
         build(plan["zoo"], recipe=recipe, evaluate=plan["zoo_recipe"] != "quick", progress=progress)
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Every benchmark is a task or group lm-eval knows (its own, or obim's in obim/tasks): one line otherwise."""
+    from .evaluation import task_manager
+
+    known = set(task_manager().all_tasks)
+    for t in tasks:
+        if t not in known:
+            raise ObimError(f"experiment.benchmarks: '{t}' is not an lm-eval task or group (lm-eval "
+                            f"{_lm_eval_version()}, obim tasks in {Path(__file__).parent / 'tasks'})")
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def where_is(path: str) -> str:
+    """`local` (a directory here), `hub` (an org/name id, downloaded at run time) or `missing`."""
+    p = Path(path)
+    if p.exists():
+        return "local"
+    parts = path.split("/")
+    return "hub" if len(parts) == 2 and all(parts) and not path.startswith((".", "~")) else "missing"
+
+
+def _paths(plan: dict) -> dict[str, str]:
+    return {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+
+
+def cost_report(plan: dict, sal: dict, merged: dict, device: str) -> dict[str, Any]:
+    """The paper's Table 10 figures for this job: models merged, their size, GPUs, saliency time per sample and in
+    all (computed now, not read from the cache's earlier runs: cached entries keep the time they took) and merge
+    time."""
+    import torch
+
+    from .checkpoint import open_checkpoint
+
+    ck = open_checkpoint(plan["merge"]["base_model"])
+    params = sum(math.prod(t.shape) for t in ck.tensors.values())
+    ck.release()
+    samples = sum(s["samples"] for s in sal.values())
+    seconds = sum(s["seconds"] for s in sal.values())
+    return {"models": plan["n_models"], "params_b": round(params / 1e9, 3),
+            "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
+            "gpu_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "hessian_s_per_sample": round(seconds / samples, 5) if samples else None,
+            "saliency_s": round(seconds, 3) if sal else None, "merge_s": merged["merge_s"]}
+
+
 def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, job_name: str = "") -> dict | None:
     """Run one sweep job into job_dir; returns its result (None for a dry run)."""
     job_dir = Path(job_dir)
     plan = plan_job(cfg, overrides)
     h = plan_hash(plan)
     if cfg.dry_run:
-        write_json(job_dir / "plan.json", {"config_hash": h, **plan})
+        check_tasks(plan["tasks"])
+        where = {m["name"]: where_is(m["path"]) for m in plan["merge"]["models"]}
+        where["base"] = where_is(plan["merge"]["base_model"])
+        write_json(job_dir / "plan.json", {"config_hash": h, **plan, "paths": where})
         print(f"[plan] {job_name or job_dir.name}: {plan['method']} of {', '.join(plan['models'])} -> "
               f"{len(plan['tasks'])} tasks")
+        missing = [n for n, w in where.items() if w == "missing"]
+        if missing and not plan.get("zoo"):  # the zoo's models appear on the first real job
+            print(f"[plan]   not found yet: {', '.join(f'{n} ({m})' for n, m in _paths(plan).items() if n in missing)}")
         return None
     prev = read_json(job_dir / "result.json")
     if prev is not None and prev.get("config_hash") == h:
@@ -372,13 +517,14 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         "config_hash": h, "config": _plain(cfg), "plan": plan, "experiment": plan["experiment"],
         "setting": plan["setting"], "method": plan["method"], "models": plan["models"],
         "n_models": plan["n_models"], "main": plan["main"], "overrides": plan["overrides"],
-        "scores": ev["scores"], "avg": ev["avg"], "individual": individual,
+        "scores": ev["scores"], "avg": ev["avg"], "individual": individual, "outputs": ev.get("outputs"),
         "saliency_s": round(sum(s["seconds"] for s in sal.values()), 3),
         "saliency_s_per_sample": (round(sum(s["seconds"] for s in sal.values())
                                         / sum(s["samples"] for s in sal.values()), 5) if sal else None),
         "merge_s": merged["merge_s"], "eval_s": ev["eval_s"],
         "peak_rss_mb": round(mem.peak / 2**20, 1), "peak_gpu_mb": peak_gpu,
         "device": device, "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
+        "cost": cost_report(plan, sal, merged, device),
         "cached": {"saliency": all(s["cached"] for s in sal.values()) if sal else None,
                    "merge": merged["cached"], "eval": ev["cached"]},
         "merged_dir": merged["dir"] if cfg.keep_merged else None, "saliency": sal,
@@ -389,9 +535,10 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
 
     result["wandb_dir"] = log_job(_plain(cfg.tracking), job_dir, job_name or job_dir.name, result)
     write_json(job_dir / "result.json", result)
-    avg = f"{result['avg']:.1f}"
+    avg = "—" if result["avg"] is None else f"{result['avg']:.1f}"
     print(f"[done] {job_name or job_dir.name}: avg {avg} "
-          + " ".join(f"{plan['benchmarks'][t]}={v:.1f}" for t, v in result["scores"].items()))
+          + " ".join(f"{plan['benchmarks'][t]}=" + ("—" if v is None else f"{v:.1f}")
+                     for t, v in result["scores"].items()))
     return result
 
 

@@ -46,8 +46,11 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
     try:
-        metrics = {f"score/{names.get(t, t)}": v for t, v in result["scores"].items()}
-        metrics.update({"avg": result["avg"], "saliency_s": result["saliency_s"], "merge_s": result["merge_s"],
+        # a missing score (an unjudged AlpacaEval) is left out of the metrics, never logged as a number
+        metrics = {f"score/{names.get(t, t)}": v for t, v in result["scores"].items() if v is not None}
+        if result["avg"] is not None:
+            metrics["avg"] = result["avg"]
+        metrics.update({"saliency_s": result["saliency_s"], "merge_s": result["merge_s"],
                         "eval_s": result["eval_s"], "peak_rss_mb": result["peak_rss_mb"]})
         if result.get("peak_gpu_mb") is not None:
             metrics["peak_gpu_mb"] = result["peak_gpu_mb"]

@@ -58,7 +58,8 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     assert p["merge"]["order"] == ["lm", "math", "code"]  # the experiment's: code last
     assert [m["retention"] for m in p["merge"]["models"]] == [0.4, 0.45, 0.1]
     assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
-    assert p["validation"]["math"]["files"]["gsm8k"] == f"{tmp_path}/data/gsm8k/train.jsonl"
+    assert p["validation"]["math"]["data"]["gsm8k"] == {"builder": "jsonl", "path": f"{tmp_path}/data/gsm8k/train.jsonl",
+                                                        "split": "train"}
 
     assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math"))["merge"]["order"] == \
         ["math", "lm", "code"]

@@ -135,3 +135,17 @@ def test_axis_of_overrides():
     assert axis_of("experiment.models.math.retention=0.3") == "retention" and axis_of("retention=0.3") == "retention"
     assert axis_of("method.parameters.density=0.3") == "method" and axis_of("+method.per_model.code.density=1") == "method"
     assert axis_of("n_models=2") == "n_models" and axis_of("experiment.order=[a,b]") == "experiment.order"
+    # which models and where the data lives are not axes: a job on your own checkpoints is still Table 2's
+    assert axis_of("experiment.checkpoints=[/c/1,/c/2]") is None and axis_of("experiment.base=/m/base") is None
+    assert axis_of("experiment.models.math.path=/m/math") is None
+    assert axis_of("experiment.validation_sources.gsm8k.path=/d/gsm8k") is None
+
+
+def test_job_dirname():
+    from obim.sweep import job_dirname
+
+    assert job_dirname("method=obim,n_models=2") == "method=obim,n_models=2"
+    assert job_dirname("experiment.checkpoints=[/c/1,/c/2]") == "experiment.checkpoints=[%2Fc%2F1,%2Fc%2F2]"
+    long = "experiment.checkpoints=[" + ",".join(f"/very/long/path/to/checkpoint-{i}" for i in range(6)) + "]"
+    a, b = job_dirname(long), job_dirname(long.replace("-5", "-6"))
+    assert len(a) == 157 and "/" not in a and a != b and a[:140] == b[:140]
