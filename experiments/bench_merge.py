@@ -42,12 +42,16 @@ def llama_tensors(hidden: int, layers: int, vocab: int, inter: int) -> list[tupl
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int, inter: int) -> list[Path]:
-    """Base + fine-tunes (base + N(0, 0.002) noise, rounded to bf16), safetensors shards of 2 GB; cached."""
+def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int, inter: int,
+                device: str = "cpu") -> list[Path]:
+    """Base + fine-tunes (base + N(0, 0.002) noise, rounded to bf16), safetensors shards of 2 GB; cached. The
+    noise is drawn on `device` (a GPU draws a 7B model's in seconds; the bytes differ from the CPU's)."""
     names = ["base"] + [f"ft{i}" for i in range(1, n_models + 1)]
     dirs = [root / n for n in names]
     stamp = root / "shape.json"
     shape = {"hidden": hidden, "layers": layers, "vocab": vocab, "inter": inter, "models": n_models}
+    if device != "cpu":
+        shape["device"] = torch.device(device).type
     if stamp.exists() and json.loads(stamp.read_text()) == shape and all((d / "config.json").exists() for d in dirs):
         return dirs
     shutil.rmtree(root, ignore_errors=True)
@@ -65,12 +69,12 @@ def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int,
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(config, indent=2))
         writers.append(ShardedWriter(d, plan_shards(entries, 2_000_000_000)))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     for name, s in tensors:
-        base = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
-        writers[0].write(name, base.bfloat16())
+        base = torch.ones(s, device=device) if len(s) == 1 else torch.randn(s, generator=g, device=device) * 0.02
+        writers[0].write(name, base.bfloat16().cpu())
         for w in writers[1:]:
-            w.write(name, (base + torch.randn(s, generator=g) * 0.002).bfloat16())
+            w.write(name, (base + torch.randn(s, generator=g, device=device) * 0.002).bfloat16().cpu())
     for w in writers:
         w.finish()
     stamp.write_text(json.dumps(shape))
