@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ObimError
 
-METRICS = ("exact_match", "pass@1", "acc", "acc_norm")
+METRICS = ("exact_match", "pass@1", "acc", "acc_norm", "rouge2")  # rouge2: japanese_leaderboard's xlsum (0-1)
 
 
 def tasks_dir() -> str:

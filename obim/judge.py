@@ -68,7 +68,8 @@ def judge(task: str, samples: list[dict], model_dir: str, outputs_dir: str | Non
     """Write the task's outputs and score them when a judge is configured (None otherwise)."""
     if task not in JUDGED:
         raise ObimError(f"{task}: not a judged task")
-    generator = Path(str(model_dir)).name or str(model_dir)
+    # a name of our own: alpaca_eval returns its published number for a generator it already lists
+    generator = f"obim-{Path(str(model_dir)).name or 'model'}"
     records = alpaca_eval_outputs(samples, generator)
     out = Path(outputs_dir or ".") / "alpaca_eval_outputs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,4 +77,8 @@ def judge(task: str, samples: list[dict], model_dir: str, outputs_dir: str | Non
     if not judge_configured():
         print(f"[alpaca_eval] no judge configured: outputs in {out} (score left empty)")
         return None
-    return run_judge(out)
+    try:
+        return run_judge(out)
+    except ObimError as e:  # keep the generations (cached): a later run judges them again
+        print(f"[alpaca_eval] {e}; score left empty, outputs in {out}")
+        return None

@@ -460,6 +460,16 @@ def cost_report(plan: dict, sal: dict, merged: dict, device: str) -> dict[str, A
             "saliency_s": round(seconds, 3) if sal else None, "merge_s": merged["merge_s"]}
 
 
+def _judge_pending(result: dict) -> bool:
+    """A result with an unjudged AlpacaEval score, now that a judge is configured: redo the job (from the caches;
+    cached_eval judges the saved outputs)."""
+    from .judge import JUDGED, judge_configured
+
+    recs = [result, *(result.get("individual") or {}).values()]
+    missing = any(v is None and t in JUDGED for r in recs for t, v in (r.get("scores") or {}).items())
+    return missing and judge_configured()
+
+
 def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, job_name: str = "") -> dict | None:
     """Run one sweep job into job_dir; returns its result (None for a dry run)."""
     job_dir = Path(job_dir)
@@ -477,7 +487,7 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
             print(f"[plan]   not found yet: {', '.join(f'{n} ({m})' for n, m in _paths(plan).items() if n in missing)}")
         return None
     prev = read_json(job_dir / "result.json")
-    if prev is not None and prev.get("config_hash") == h:
+    if prev is not None and prev.get("config_hash") == h and not _judge_pending(prev):
         print(f"[skip] {job_name or job_dir.name}: result.json exists for this config")
         return prev
     (job_dir / "result.json").unlink(missing_ok=True)

@@ -117,16 +117,22 @@ def _gsm8k(r: dict) -> tuple[str, str]:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (or \\fbox{...}) in a MATH solution, braces balanced."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    """The content of the last \\boxed{...} (or \\fbox{...}) in a MATH solution, braces balanced; `\\boxed 5`
+    (no braces, as a few solutions write it) gives what follows up to `$` or the end."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
+    rest = text[start:].split("\\", 1)[1]
+    rest = rest[len("boxed"):] if rest.startswith("boxed") else rest[len("fbox"):]
+    if rest.startswith(" "):
+        return rest[1:].split("$")[0].strip() or None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for j, ch in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth == 0:
-            return text[i:j]
+            return rest[1:j]
     return None
 
 
@@ -202,8 +208,9 @@ BUILDERS: dict[str, Builder] = {
                     ("test",), ("text", "code", "test_list")),
     "jcommonsenseqa": Builder(_jcommonsenseqa, {"path": "Rakuten/JGLUE", "name": "JCommonsenseQA", "split": "train"},
                               ("test", "validation"), ("question", "choice0", "label")),
-    "text": Builder(_record, {"split": "train"}),   # any dataset with a `text` field (pretraining corpora)
-    "jsonl": Builder(_record, {"split": "train"}),  # a local JSONL file (`{split}` in its path is replaced)
+    # no split of their own: validation.split (train by default) unless the source names one
+    "text": Builder(_record, {}),   # any dataset with a `text` field (pretraining corpora)
+    "jsonl": Builder(_record, {}),  # a local JSONL file (`{split}` in its path is replaced)
 }
 SOURCE_KEYS = ("builder", "path", "name", "split", "field")
 
@@ -287,10 +294,19 @@ def load_samples(source: str, spec: dict, n: int, seed: int) -> list[str | tuple
     return out
 
 
+_BUILT: dict[str, list[str]] = {}
+
+
 def build_texts(v: dict) -> list[str]:
     """The texts of one model's validation set (a sweep plan's `validation[model]`): every source's samples, in
-    order, rendered in the model's prompt format."""
+    order, rendered in the model's prompt format. Hub sources are read once per process (a multirun's jobs share
+    them); local files every time (they may change between jobs)."""
+    key = json.dumps([v["sources"], v["data"], v["format"], v["seed"]], sort_keys=True)
+    if key in _BUILT:
+        return list(_BUILT[key])
     texts = []
     for source, n in v["sources"].items():
         texts += [render(v["format"], s) for s in load_samples(source, v["data"][source], n, v["seed"])]
+    if not any(Path(str(d["path"])).exists() for d in v["data"].values()):
+        _BUILT[key] = list(texts)
     return texts

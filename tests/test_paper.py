@@ -282,7 +282,13 @@ def test_math_cot_extraction():
     assert u.normalize_math("x = 5") == "5"
     assert u.normalize_math("10\\%") == "10"
     assert u.normalize_math("90^\\circ") == "90"
-    assert u.normalize_math("5 \\text{ cm}") == "5"
+    assert u.normalize_math("5 \\text{ cm}") == "5" and u.normalize_math("5\\text{ cm}^2") == "5"
+    # an answer that is text is compared as text, never emptied into a match
+    even = {"solution": "It is $\\boxed{\\text{even}}$."}
+    assert u.process_math_cot(even, ["The answer is: \\text{odd}"])["exact_match"] == 0.0
+    assert u.process_math_cot(even, ["The answer is:"])["exact_match"] == 0.0
+    assert u.process_math_cot(even, ["The answer is: \\text{even}"])["exact_match"] == 1.0
+    assert u.process_math_cot({"solution": "so $\\boxed 5$."}, ["The answer is: 5"])["exact_match"] == 1.0
     assert u.normalize_math("\\sqrt2") == "\\sqrt{2}"
     assert u.normalize_math("\\left( 1, 2 \\right)") == "(1,2)"
     assert u.normalize_math("0.5") == u.normalize_math("\\frac{1}{2}")
@@ -298,6 +304,9 @@ def test_group_score_without_aggregate():
                        "jp_b": {"exact_match,remove_whitespace": 0.25}, "mmlu": {"acc,none": 0.6}},
            "group_subtasks": {"jp": ["jp_a", "jp_b"], "jp_a": [], "jp_b": []}}
     assert task_score(out, "jp") == pytest.approx(37.5)
+    # japanese_leaderboard's summarisation task reports ROUGE-2 (0-1) under its filter's name
+    assert task_score({"results": {"ja_xlsum": {"alias": "x", "rouge2,whitespaces": 0.2}}}, "ja_xlsum") == \
+        pytest.approx(20.0)
     assert task_score(out, "mmlu") == pytest.approx(60.0)
     with pytest.raises(ObimError, match="lm-eval task jp_c: no score"):
         task_score({"results": {"jp_c": {"bleu,none": 1.0}}, "group_subtasks": {}}, "jp_c")
@@ -320,8 +329,8 @@ def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("OBIM_ALPACA_EVAL_ANNOTATORS", raising=False)
     assert judge("obim_alpaca_eval", SAMPLES, "/m/merged-obim", str(tmp_path)) is None
     out = json.loads((tmp_path / "alpaca_eval_outputs.json").read_text())
-    assert out == [{"instruction": "Say hi.", "output": "Hi", "generator": "merged-obim", "dataset": "helpful_base"},
-                   {"instruction": "Name a fruit.", "output": "Apple.", "generator": "merged-obim",
+    assert out == [{"instruction": "Say hi.", "output": "Hi", "generator": "obim-merged-obim", "dataset": "helpful_base"},
+                   {"instruction": "Name a fruit.", "output": "Apple.", "generator": "obim-merged-obim",
                     "dataset": "koala"}]
     assert score_avg({"a": None, "b": 50.0}) is None and score_avg({"a": 40.0, "b": 50.0}) == 45.0
 
@@ -352,3 +361,29 @@ wins = sum(o["output"].startswith("Hi") for o in outputs) / len(outputs) * 100
     assert judge("obim_alpaca_eval", SAMPLES, "/m/merged", str(tmp_path / "o")) == pytest.approx(50.0)
     monkeypatch.setenv("OBIM_ALPACA_EVAL_METRIC", "length_controlled_winrate")
     assert judge("obim_alpaca_eval", SAMPLES, "/m/merged", str(tmp_path / "o2")) == pytest.approx(44.0)
+
+
+def test_alpaca_eval_judge_failure_keeps_outputs(tmp_path, monkeypatch):
+    from obim.judge import judge
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "alpaca_eval").write_text("#!/bin/sh\necho 'rate limited' >&2\nexit 3\n")
+    (bindir / "alpaca_eval").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OBIM_ALPACA_EVAL_ANNOTATORS", "my_judge")
+    assert judge("obim_alpaca_eval", SAMPLES, "/m/x", str(tmp_path / "o")) is None
+    assert len(json.loads((tmp_path / "o" / "alpaca_eval_outputs.json").read_text())) == 2
+
+
+def test_validation_split_reaches_jsonl_sources(tmp_path):
+    """validation.split picks the toy zoo's files; a hub source keeps the split it names."""
+    from hydra import compose, initialize_config_dir
+
+    from obim.sweep import plan_job
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev"]))
+        q = plan_job(compose("sweep", overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev"]))
+    assert p["validation"]["math"]["data"]["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
+    assert q["validation"]["lm"]["data"]["alpaca"]["split"] == "train"  # named in the experiment

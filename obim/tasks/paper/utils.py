@@ -87,7 +87,9 @@ def normalize_math(s: str) -> str:
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
     s = s.replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\(?:text|textbf|mbox)\{\s*[a-zA-Z ]+\}$", "", s).strip()  # trailing units
+    for unit in ("\\text{ ", "\\mbox{ "):  # units are written after a space: "5\\text{ cm}^2" -> "5"
+        if unit in s and s.split(unit)[0].strip():
+            s = s.split(unit)[0]
     s = re.sub(r"\\(?:text|textbf|mbox)\{(.*?)\}", r"\1", s)
     s = s.rstrip(".").strip()
     s = s.replace(" .", " 0.").replace("{.", "{0.")
@@ -113,7 +115,7 @@ def extract_math_cot(completion: str) -> str | None:
 def process_math_cot(doc, results):
     got = extract_math_cot(results[0])
     gold = last_boxed(doc["solution"])
-    return {"exact_match": float(got is not None and gold is not None and got == normalize_math(gold))}
+    return {"exact_match": float(bool(got) and gold is not None and got == normalize_math(gold))}
 
 
 # ------------------------------------------------------------------------------------------------ AlpacaEval
