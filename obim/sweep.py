@@ -527,7 +527,8 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         "config_hash": h, "config": _plain(cfg), "plan": plan, "experiment": plan["experiment"],
         "setting": plan["setting"], "method": plan["method"], "models": plan["models"],
         "n_models": plan["n_models"], "main": plan["main"], "overrides": plan["overrides"],
-        "scores": ev["scores"], "avg": ev["avg"], "individual": individual, "outputs": ev.get("outputs"),
+        "scores": {t: ev["scores"][t] for t in plan["tasks"]}, "avg": ev["avg"], "individual": individual,
+        "outputs": ev.get("outputs"),
         "saliency_s": round(sum(s["seconds"] for s in sal.values()), 3),
         "saliency_s_per_sample": (round(sum(s["seconds"] for s in sal.values())
                                         / sum(s["samples"] for s in sal.values()), 5) if sal else None),
