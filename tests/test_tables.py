@@ -149,3 +149,27 @@ def test_job_dirname():
     long = "experiment.checkpoints=[" + ",".join(f"/very/long/path/to/checkpoint-{i}" for i in range(6)) + "]"
     a, b = job_dirname(long), job_dirname(long.replace("-5", "-6"))
     assert len(a) == 157 and "/" not in a and a != b and a[:140] == b[:140]
+
+
+def test_table10_and_missing_scores(tmp_path):
+    """Table 10 beside the paper's; a job with an unjudged AlpacaEval (None) shows '—' and no average."""
+    from obim.tables import build_tables, table10
+
+    runs = tmp_path / "runs"
+    result(runs, "method=obim", "obim", [0, 50, 60, 10, 20, 30])
+    p = runs / "method=obim" / "result.json"
+    r = json.loads(p.read_text())
+    r["scores"]["toy_alpaca"], r["avg"] = None, None
+    r["cost"] = {"models": 3, "params_b": 13.016, "gpus": 2, "gpu_name": "NVIDIA A800", "hessian_s_per_sample": 0.4123,
+                 "saliency_s": 61.84, "merge_s": 130.0}
+    p.write_text(json.dumps(r))
+    results = load_results(runs)
+    t10 = table10(results)
+    assert "| paper (A800 80G) | 3 | 13B | 2 | 0.40 | 50 | 123 |" in t10
+    assert "| ours: toy_sft (NVIDIA A800) | 3 | 13B | 2 | 0.4123 | 61.8 | 130.0 |" in t10
+    t1 = {t.name: t for t in build_tables(results)}["table1"]
+    assert rows(t1.markdown())["OBIM"][:2] == ["— (81.23)", "50.00 (54.39)"]
+    assert rows(t1.markdown())["OBIM"][-1] == "— (45.23)"  # no average over five of six benchmarks
+    write_tables(runs, tmp_path / "out")
+    assert (tmp_path / "out" / "table10.md").read_text() == t10
+    assert "| method=obim | obim | — |" in (tmp_path / "out" / "jobs.md").read_text()
