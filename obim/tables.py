@@ -328,7 +328,8 @@ def table10(results: list[dict]) -> str | None:
     for name, r in sorted(ours.items()):
         c = r["cost"]
         where = c.get("gpu_name") or "CPU"
-        lines.append(f"| ours: {name} ({where}) | {c['models']} | {c['params_b']:.3g}B | {c['gpus']} | "
+        size = f"{c['params_b']:.3g}B" if c["params_b"] >= 1 else f"{c['params_b'] * 1000:.3g}M"
+        lines.append(f"| ours: {name} ({where}) | {c['models']} | {size} | {c['gpus']} | "
                      f"{c['hessian_s_per_sample']:.4f} | {c['saliency_s']:.1f} | {c['merge_s']:.1f} |")
     lines += ["", "- Hessian s/sample: the forward passes that collect the layer inputs' second moments, per "
               "validation sample; saliency s: all of them for every model; merge s: OBIM's merge, I/O included."]
