@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from obim.checkpoint import open_checkpoint
     from obim.merge import merge
     from obim.saliency import compute_hdiag, save_hdiag
-    from obim.tables import paper_tables
+    from obim.tables import cost_table
     from obim.tiny import make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (d / "tokenizer.json").exists():
             make_tokenizer().save_pretrained(d)
     make_s = time.perf_counter() - t0
-    ck = open_checkpoint(str(dirs[0]))
-    params = sum(t.nbytes for t in ck.tensors.values()) / 2  # bf16
+    params = open_checkpoint(str(dirs[0])).n_params
     print(f"{len(dirs)} models of {params / 1e9:.2f}B parameters ({args.shape}, {layers} layers) in {make_s:.0f} s")
 
     val = texts(args.samples, args.length)
@@ -100,21 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     res = merge(cfg, out, device=args.device, progress=False)
     shutil.rmtree(out, ignore_errors=True)
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    where = torch.cuda.get_device_name(0) if gpus else "CPU"
-    fig = {"model_count": args.models, "model_size": f"{params / 1e9:.2f}B", "gpus": gpus, "device": where,
-           "hessian_s_per_sample": round(sal_s / (args.samples * args.models), 4), "saliency_s": round(sal_s, 2),
-           "merge_s": round(res.merge_s, 2), "samples": args.samples, "length": args.length}
-    print()
-    print("| source | models | size | GPUs | Hessian s/sample | saliency s | merge s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for p in paper_tables()["table10"]:
-        print(f"| paper (A800 80G) | {p['model_count']} | {p['model_size']} | {p['gpus']} | "
-              f"{p['hessian_s_per_sample']} | {p['saliency_s']} | {p['merge_s']} |")
-    print(f"| ours ({where}) | {fig['model_count']} | {fig['model_size']} | {gpus} | {fig['hessian_s_per_sample']} | "
-          f"{fig['saliency_s']} | {fig['merge_s']} |")
-    print(f"\n(samples of {args.length} tokens; the paper does not state its samples' length)")
+    cost = {"models": args.models, "params_b": round(params / 1e9, 3), "gpus": gpus,
+            "gpu_name": torch.cuda.get_device_name(0) if gpus else None,
+            "hessian_s_per_sample": round(sal_s / (args.samples * args.models), 5), "saliency_s": round(sal_s, 3),
+            "merge_s": round(res.merge_s, 3), "samples": args.samples, "length": args.length}
+    print("\n" + cost_table([("ours", cost)]))
+    print(f"(samples of {args.length} tokens; the paper does not state its samples' length)")
     if args.json:
-        Path(args.json).write_text(json.dumps(fig, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(cost, indent=2) + "\n")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0

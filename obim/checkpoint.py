@@ -12,6 +12,7 @@ and then each tensor's bytes as they arrive: safetensors' own `save_file` needs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -182,6 +183,11 @@ class Checkpoint:
             self._bin_state = self._load_bin(info.file)
             self._bin_file = info.file
         return self._bin_state[name].clone()
+
+    @property
+    def n_params(self) -> int:
+        """Parameters stored (every tensor's element count), read from the headers."""
+        return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def release(self) -> None:
         self._bin_state, self._bin_file = None, None

@@ -19,7 +19,8 @@ METRICS = ("exact_match", "pass@1", "acc", "acc_norm", "rouge2")  # rouge2: japa
 
 
 def tasks_dir() -> str:
-    """The folder to pass to lm_eval.tasks.TaskManager(include_path=...): obim's toy tasks."""
+    """The folder to pass to lm_eval.tasks.TaskManager(include_path=...): obim's tasks (the toy benchmarks, and
+    the paper's GSM8K/MATH/AlpacaEval forms in paper/)."""
     return str(Path(__file__).parent / "tasks")
 
 

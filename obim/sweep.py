@@ -9,7 +9,6 @@ result.json holds the same config hash and redoes any other.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import threading
@@ -249,7 +248,6 @@ def plan_hash(plan: dict) -> str:
 def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
     """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
     from .saliency import compute_hdiag, save_hdiag
-
     from .validation import build_texts
 
     texts = build_texts(v)
@@ -324,7 +322,7 @@ def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device:
     import lm_eval
 
     from .evaluation import evaluate_model
-    from .judge import judge_configured, run_judge
+    from .judge import JUDGED, judge_configured, run_judge
 
     key = digest([model_fingerprint(model_dir), tasks, ev, device, _tasks_fingerprint(tasks), lm_eval.__version__
                   if hasattr(lm_eval, "__version__") else "", __version__])
@@ -346,8 +344,6 @@ def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device:
                                 num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs)
         rec = {"model": model_dir, "scores": scores, "avg": score_avg(scores),
                "eval_s": round(time.perf_counter() - t0, 3)}
-        from .judge import JUDGED
-
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
         if judged:
             rec["outputs"] = judged
@@ -436,20 +432,15 @@ def where_is(path: str) -> str:
     return "hub" if len(parts) == 2 and all(parts) and not path.startswith((".", "~")) else "missing"
 
 
-def _paths(plan: dict) -> dict[str, str]:
-    return {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
-
-
 def cost_report(plan: dict, sal: dict, merged: dict, device: str) -> dict[str, Any]:
     """The paper's Table 10 figures for this job: models merged, their size, GPUs, saliency time per sample and in
-    all (computed now, not read from the cache's earlier runs: cached entries keep the time they took) and merge
-    time."""
+    all, and merge time (cached statistics and merges carry the times measured when they were computed)."""
     import torch
 
     from .checkpoint import open_checkpoint
 
     ck = open_checkpoint(plan["merge"]["base_model"])
-    params = sum(math.prod(t.shape) for t in ck.tensors.values())
+    params = ck.n_params
     ck.release()
     samples = sum(s["samples"] for s in sal.values())
     seconds = sum(s["seconds"] for s in sal.values())
@@ -477,14 +468,14 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     h = plan_hash(plan)
     if cfg.dry_run:
         check_tasks(plan["tasks"])
-        where = {m["name"]: where_is(m["path"]) for m in plan["merge"]["models"]}
-        where["base"] = where_is(plan["merge"]["base_model"])
+        paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+        where = {n: where_is(p) for n, p in paths.items()}
         write_json(job_dir / "plan.json", {"config_hash": h, **plan, "paths": where})
         print(f"[plan] {job_name or job_dir.name}: {plan['method']} of {', '.join(plan['models'])} -> "
               f"{len(plan['tasks'])} tasks")
-        missing = [n for n, w in where.items() if w == "missing"]
+        missing = [f"{n} ({paths[n]})" for n, w in where.items() if w == "missing"]
         if missing and not plan.get("zoo"):  # the zoo's models appear on the first real job
-            print(f"[plan]   not found yet: {', '.join(f'{n} ({m})' for n, m in _paths(plan).items() if n in missing)}")
+            print(f"[plan]   not found yet: {', '.join(missing)}")
         return None
     prev = read_json(job_dir / "result.json")
     if prev is not None and prev.get("config_hash") == h and not _judge_pending(prev):
@@ -523,19 +514,17 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     if not cfg.keep_merged:
         shutil.rmtree(merged["dir"], ignore_errors=True)
 
+    cost = cost_report(plan, sal, merged, device)
     result = {
         "config_hash": h, "config": _plain(cfg), "plan": plan, "experiment": plan["experiment"],
         "setting": plan["setting"], "method": plan["method"], "models": plan["models"],
         "n_models": plan["n_models"], "main": plan["main"], "overrides": plan["overrides"],
         "scores": {t: ev["scores"][t] for t in plan["tasks"]}, "avg": ev["avg"], "individual": individual,
         "outputs": ev.get("outputs"),
-        "saliency_s": round(sum(s["seconds"] for s in sal.values()), 3),
-        "saliency_s_per_sample": (round(sum(s["seconds"] for s in sal.values())
-                                        / sum(s["samples"] for s in sal.values()), 5) if sal else None),
+        "saliency_s": cost["saliency_s"] or 0, "saliency_s_per_sample": cost["hessian_s_per_sample"],
         "merge_s": merged["merge_s"], "eval_s": ev["eval_s"],
         "peak_rss_mb": round(mem.peak / 2**20, 1), "peak_gpu_mb": peak_gpu,
-        "device": device, "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
-        "cost": cost_report(plan, sal, merged, device),
+        "device": device, "gpus": cost["gpus"], "cost": cost,
         "cached": {"saliency": all(s["cached"] for s in sal.values()) if sal else None,
                    "merge": merged["cached"], "eval": ev["cached"]},
         "merged_dir": merged["dir"] if cfg.keep_merged else None, "saliency": sal,

@@ -319,17 +319,21 @@ def table10(results: list[dict]) -> str | None:
             ours[r["experiment"]] = r
     if not ours:
         return None
-    lines = ["# Table 10: compute cost of OBIM", "",
-             "| source | models | model size | GPUs | Hessian s/sample | saliency s | merge s |",
+    return "# Table 10: compute cost of OBIM\n\n" + cost_table(
+        [(f"ours: {name}", r["cost"]) for name, r in sorted(ours.items())])
+
+
+def cost_table(ours: list[tuple[str, dict]]) -> str:
+    """The paper's Table 10 rows, then ours (label, a job's `cost` record: obim.sweep.cost_report's keys)."""
+    lines = ["| source | models | model size | GPUs | Hessian s/sample | saliency s | merge s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for p in paper_tables()["table10"]:
         lines.append(f"| paper (A800 80G) | {p['model_count']} | {p['model_size']} | {p['gpus']} | "
                      f"{p['hessian_s_per_sample']:.2f} | {p['saliency_s']} | {p['merge_s']} |")
-    for name, r in sorted(ours.items()):
-        c = r["cost"]
+    for label, c in ours:
         where = c.get("gpu_name") or "CPU"
         size = f"{c['params_b']:.3g}B" if c["params_b"] >= 1 else f"{c['params_b'] * 1000:.3g}M"
-        lines.append(f"| ours: {name} ({where}) | {c['models']} | {size} | {c['gpus']} | "
+        lines.append(f"| {label} ({where}) | {c['models']} | {size} | {c['gpus']} | "
                      f"{c['hessian_s_per_sample']:.4f} | {c['saliency_s']:.1f} | {c['merge_s']:.1f} |")
     lines += ["", "- Hessian s/sample: the forward passes that collect the layer inputs' second moments, per "
               "validation sample; saliency s: all of them for every model; merge s: OBIM's merge, I/O included."]

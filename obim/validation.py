@@ -9,7 +9,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ObimError
 
@@ -38,28 +38,38 @@ class ValidationSpec:
         return cls(**d)
 
 
-def read_texts(path: str | Path, size: int | None = None, field: str = "text") -> list[str]:
-    """The first `size` samples (all when None) of a JSONL validation file's `field`."""
+def read_jsonl(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[int, Any]]:
+    """(line number, record) of each non-blank line of a JSONL validation file; a bad line is a one-line error
+    naming the file, the line and `what` it should be."""
     path = Path(path)
     if not path.is_file():
         raise ObimError(f"{path}: validation file not found")
-    if size is not None and size < 1:
-        raise ObimError(f"validation size must be at least 1, got {size}")
-    texts: list[str] = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec[field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ObimError(f"{path}:{lineno}: not a JSON object with a '{field}' field") from None
-            if not isinstance(text, str):
-                raise ObimError(f"{path}:{lineno}: field '{field}' is not a string")
-            texts.append(text)
-            if size is not None and len(texts) >= size:
-                break
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError:
+                    raise ObimError(f"{path}:{lineno}: not {what}") from None
+
+
+def read_texts(path: str | Path, size: int | None = None, field: str = "text") -> list[str]:
+    """The first `size` samples (all when None) of a JSONL validation file's `field`."""
+    path = Path(path)
+    if size is not None and size < 1:
+        raise ObimError(f"validation size must be at least 1, got {size}")
+    what = f"a JSON object with a '{field}' field"
+    texts: list[str] = []
+    for lineno, rec in read_jsonl(path, what):
+        try:
+            text = rec[field]
+        except (KeyError, TypeError):
+            raise ObimError(f"{path}:{lineno}: not {what}") from None
+        if not isinstance(text, str):
+            raise ObimError(f"{path}:{lineno}: field '{field}' is not a string")
+        texts.append(text)
+        if size is not None and len(texts) >= size:
+            break
     if not texts:
         raise ObimError(f"{path}: validation set is empty")
     return texts
@@ -239,18 +249,7 @@ def resolve_source(source: str, spec: dict | None, split: str, where: str) -> di
 
 def _load_records(spec: dict) -> list[dict]:
     if spec["builder"] == "jsonl":
-        path = Path(spec["path"])
-        if not path.is_file():
-            raise ObimError(f"{path}: validation file not found")
-        recs = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise ObimError(f"{path}:{lineno}: not a JSON object") from None
-        return recs
+        return [rec for _, rec in read_jsonl(spec["path"])]
     import datasets
 
     names = spec.get("name")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 
+from obim.validation import last_boxed  # the validation builder reads MATH's gold answers the same way
+
 ANSWER = re.compile(r"The answer is:?", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -46,12 +48,6 @@ def process_gsm8k_cot(doc, results):
 
 
 # ------------------------------------------------------------------------------------------------------ MATH
-
-
-def last_boxed(text: str) -> str | None:
-    from obim.validation import last_boxed as lb
-
-    return lb(text)
 
 
 def _fix_fracs(s: str) -> str:
