@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny Llama models made with transformers, with a character-level tokenizer."""
+"""Shared fixtures: tiny Llama models made with transformers, with a character-level tokenizer; the sweep run as a
+user runs it."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,12 @@ def quick_zoo(tmp_path_factory) -> Path:
 
     return build(tmp_path_factory.mktemp("toyzoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
                  log=lambda s: None)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)

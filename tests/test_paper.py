@@ -7,12 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_sweep
 from obim.errors import ObimError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +26,7 @@ def dry_run(tmp_path: Path, *overrides: str) -> dict[str, dict]:
     out = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OBIM_ZOO": str(tmp_path / "zoo"), "OBIM_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "experiments/sweep.py", "-m", *overrides, "dry_run=true",
-                           f"hydra.sweep.dir={out}", "progress=false"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    proc = run_sweep([*overrides, "dry_run=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/plan.json")}
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "cache").exists()  # nothing built or loaded

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_sweep
 from obim.errors import ObimError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,17 +100,12 @@ def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def _sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_path):
     env = {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     args = ["method=ta,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "progress=false",
             f"hydra.sweep.dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"]
-    first = _sweep(args, env, tmp_path)
+    first = run_sweep(args, env, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     results = {}
     for method in ("ta", "obim"):
@@ -130,17 +124,17 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     table = (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
     assert "| TA |" in table and "| OBIM |" in table and "(45.23)" in table  # the paper's OBIM avg beside ours
 
-    again = _sweep(args, env, tmp_path)
+    again = run_sweep(args, env, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("[skip]") == 2 and "[done]" not in again.stdout
 
     # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge)
     args3 = [a if not a.startswith("method=") else "method=ties" for a in args]
-    failed = _sweep(args3, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
+    failed = run_sweep(args3, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
     assert failed.returncode != 0 and "simulated failure" in failed.stderr
     (ties_dir,) = (tmp_path / "runs").glob("*method=ties")
     assert not (ties_dir / "result.json").exists()
-    redo = _sweep(args3, env, tmp_path)
+    redo = run_sweep(args3, env, tmp_path)
     assert redo.returncode == 0, redo.stderr[-3000:]
     r = json.loads((ties_dir / "result.json").read_text())
     assert r["cached"]["merge"] is True and set(r["scores"]) == set(TASKS)
@@ -149,7 +143,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
 def test_dry_run_plans_without_loading(tmp_path):
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
-    out = _sweep(["dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
+    out = run_sweep(["dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = sorted((tmp_path / "runs").glob("*/plan.json"))
     methods = {json.loads(p.read_text())["method"] for p in plans}
@@ -164,7 +158,7 @@ def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
     extra = ["hydra.launcher.timeout_min=5"] if launcher == "submitit_local" else []
-    out = _sweep(["dry_run=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
+    out = run_sweep(["dry_run=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
                   f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/plan.json")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-
 from obim.tasks import utils as task_utils
 from obim.zoo import PT_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
 from obim.zoo import data as D
