@@ -197,6 +197,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """`name` or `org/name`, not a path: what resolve_model_dir fetches from the hub when no such directory exists."""
+    return bool(spec) and not spec.startswith((".", "/", "~")) and spec.count("/") <= 1
+
+
 def resolve_model_dir(spec: str) -> Path:
     """A local model directory, or a hub id fetched (weights, configs, tokenizer) into the HF cache."""
     p = Path(spec).expanduser()
@@ -204,7 +209,7 @@ def resolve_model_dir(spec: str) -> Path:
         return p
     if p.exists():
         raise ObimError(f"{spec}: is a file, expected a model directory or a hub id")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec:
+    if not looks_like_hub_id(spec):
         raise ObimError(f"{spec}: model directory not found")
     from huggingface_hub import snapshot_download
 

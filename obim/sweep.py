@@ -424,12 +424,12 @@ def _lm_eval_version() -> str:
 
 
 def where_is(path: str) -> str:
-    """`local` (a directory here), `hub` (an org/name id, downloaded at run time) or `missing`."""
-    p = Path(path)
-    if p.exists():
+    """`local` (a directory here), `hub` (an id resolve_model_dir downloads at run time) or `missing`."""
+    from .checkpoint import looks_like_hub_id
+
+    if Path(path).expanduser().exists():
         return "local"
-    parts = path.split("/")
-    return "hub" if len(parts) == 2 and all(parts) and not path.startswith((".", "~")) else "missing"
+    return "hub" if looks_like_hub_id(path) else "missing"
 
 
 def cost_report(plan: dict, sal: dict, merged: dict, device: str) -> dict[str, Any]:
