@@ -11,12 +11,18 @@ and then each tensor's bytes as they arrive: safetensors' own `save_file` needs 
 
 from __future__ import annotations
 
+import fcntl
+import glob
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +118,7 @@ class Checkpoint:
         bin_files = sorted(p for p in directory.glob("*.bin") if re.match(r"pytorch_model.*\.bin$", p.name))
         if st_files:
             self.format = "safetensors"
-            index = self._read_json("model.safetensors.index.json")
-            files = sorted({directory / f for f in index["weight_map"].values()}) if index else st_files
+            files = self._index_files("model.safetensors.index.json") or st_files
             for f in files:
                 if not f.exists():
                     raise ObimError(f"{f}: shard named in model.safetensors.index.json is missing")
@@ -121,8 +126,7 @@ class Checkpoint:
                 self._add(infos.values())
         elif bin_files:
             self.format = "bin"
-            index = self._read_json("pytorch_model.bin.index.json")
-            files = sorted({directory / f for f in index["weight_map"].values()}) if index else bin_files
+            files = self._index_files("pytorch_model.bin.index.json") or bin_files
             for f in files:
                 state = self._load_bin(f)
                 self._add(TensorInfo(k, v.dtype, tuple(v.shape), f) for k, v in state.items())
@@ -143,9 +147,25 @@ class Checkpoint:
                 raise ObimError(f"{p}: missing (model '{self.spec}' is not a Hugging Face model directory)")
             return None
         try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            out = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ObimError(f"{p}: invalid JSON ({e})") from None
+        if not isinstance(out, dict):
+            raise ObimError(f"{p}: expected a JSON object, got a {type(out).__name__}")
+        return out
+
+    def _index_files(self, name: str) -> list[Path]:
+        """The shards an index names ([] without an index); each must be a file name inside the directory."""
+        index = self._read_json(name)
+        if index is None:
+            return []
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
+            raise ObimError(f"{self.dir / name}: expected a non-empty `weight_map` of tensor name -> shard file")
+        bad = [f for f in wm.values() if Path(f).name != f]
+        if bad:
+            raise ObimError(f"{self.dir / name}: shard {bad[0]!r} is not a file name in {self.dir}")
+        return sorted({self.dir / f for f in wm.values()})
 
     @staticmethod
     def _load_bin(path: Path) -> dict:
@@ -183,6 +203,35 @@ class Checkpoint:
             self._bin_state = self._load_bin(info.file)
             self._bin_file = info.file
         return self._bin_state[name].clone()
+
+    def fingerprint(self) -> str:
+        """These weights, wherever and however sharded they are stored: each tensor's name, dtype and shape and three
+        1 KiB samples of its bytes (start, middle, end). ~3 KiB read per tensor; a fine-tune changes every sample
+        of each tensor it trained, so an hdiag file made for another model of the same shape does not match."""
+        samples: dict[str, bytes] = {}
+        for info in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset, t.name)):
+            n = info.nbytes
+            c = min(1024, n)
+            starts = sorted({0, (n - c) // 2, n - c})
+            if self.format == "safetensors":
+                with open(info.file, "rb", buffering=0) as f:
+                    parts = []
+                    for st in starts:
+                        f.seek(info.offset + st)
+                        parts.append(f.read(c))
+                samples[info.name] = b"".join(parts)
+            else:
+                if self._bin_file != info.file:
+                    self._bin_state, self._bin_file = self._load_bin(info.file), info.file
+                raw = self._bin_state[info.name].contiguous().view(-1).view(torch.uint8) if n else torch.empty(0)
+                samples[info.name] = b"".join(raw[st:st + c].numpy().tobytes() for st in starts)
+        self.release()
+        h = hashlib.sha256()
+        for name in sorted(samples):
+            info = self.tensors[name]
+            h.update(json.dumps([name, ST_CODES.get(info.dtype, str(info.dtype)), list(info.shape)]).encode())
+            h.update(samples[name])
+        return h.hexdigest()[:32]
 
     @property
     def n_params(self) -> int:
@@ -314,45 +363,145 @@ class ShardedWriter:
         self._close()
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ObimError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ObimError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
+OUTPUT_MARKER = "obim_merge.yaml"  # every merge output holds it: the proof that obim wrote a directory
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's time limit, `kill`), raised where the process was so that cleanup runs as on Ctrl-C."""
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside OUT; rename it to OUT only when the block completes."""
-    out = Path(out).absolute()
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.obim-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises Terminated in the main thread (unless someone else handles SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+            signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.obim-old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def check_output_dir(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> None:
+    """OUT must be absent or empty; with `overwrite`, it may also be a directory obim wrote (it holds `marker`)."""
+    if out.exists() and not out.is_dir():
+        raise ObimError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ObimError(f"{out}: output directory is not empty (pass --overwrite to replace an output of obim)")
+        if not (out / marker).is_file():
+            raise ObimError(f"{out}: --overwrite replaces only a directory obim wrote (it has no {marker}); "
+                            "remove it yourself or choose another output directory")
+
+
+def check_disjoint(out: Path, inputs: dict[str, Path]) -> None:
+    """OUT may not be, hold, or lie inside any input: replacing it would destroy that input."""
+    o = Path(os.path.realpath(out))
+    for what, p in inputs.items():
+        r = Path(os.path.realpath(p))
+        if o == r:
+            raise ObimError(f"{out}: the output directory is {what} ({p})")
+        if o in r.parents:
+            raise ObimError(f"{out}: the output directory contains {what} ({p})")
+        if r in o.parents:
+            raise ObimError(f"{out}: the output directory lies inside {what} ({p})")
+
+
+def _staging_names(out: Path, sid: str) -> tuple[Path, Path, Path]:
+    """(staging dir, trash dir for the replaced OUT, lock file) of one writer of OUT."""
+    return tuple(out.parent / f".{out.name}.obim-{kind}-{sid}" for kind in ("tmp", "old", "lock"))
+
+
+def clean_stale_staging(out: Path) -> list[Path]:
+    """Remove what writers of OUT that died (kill -9, a node lost) left beside it. A live writer holds an flock
+    on its lock file, so a lock that can be taken marks a dead one; dirs without a lock file (the writer died
+    before making it) go when the pid in their name is not running here."""
+    removed = []
+    for p in sorted(out.parent.glob(glob.escape(f".{out.name}.obim-") + "*-*")):
+        kind, _, sid = p.name[len(out.name) + 2:].partition("-")[2].partition("-")
+        if kind != "lock" and not (kind in ("tmp", "old") and p.is_dir()):
+            continue
+        tmp, old, lock = _staging_names(out, sid)
+        if kind == "lock":
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: its writer is alive
+            else:
+                for d in (tmp, old):
+                    if d.exists():
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed.append(d)
+                lock.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        elif not lock.exists():
+            pid = sid.split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> Iterator[Path]:
+    """Yield a temporary directory beside OUT; rename it to OUT only when the block completes. SIGTERM cleans up
+    as Ctrl-C does, and what killed writers left is removed first."""
+    out = Path(out).absolute()
+    check_output_dir(out, overwrite, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(out)
+    tmp, trash, lock = _staging_names(out, f"{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with sigterm_as_interrupt():
+            tmp.mkdir()
+            try:
+                yield tmp
+                if out.exists():
+                    os.replace(out, trash)
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def atomic_write_file(path: Path, write) -> None:
     """Call write(tmp_path) and rename the result onto path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.obim-tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.obim-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with sigterm_as_interrupt():
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -102,8 +102,14 @@ class Consensus(Combiner):
 
     params = (
         Param("tall_lambda", 0.4, number_in(0.0, float("inf")), per_model=True, doc="mask threshold λt"),
-        Param("k", 2, number_in(0, float("inf"))),
+        Param("k", 2, number_in(1, float("inf"), integer=True), doc="models that must agree"),
     )
+
+    def validate(self, params, models):
+        k = params[0]["k"]
+        if k > len(models):  # no entry could get k votes: the merge would return the base
+            return f"parameter `k` of tall_mask is {k}, more than the {len(models)} models merged"
+        return None
 
     def __call__(self, sparse, ctx):
         total = _sum(s.delta for s in sparse)

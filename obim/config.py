@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import mapping, number_in, require
 from .errors import ObimError
 from .methods import Method, get_method
 from .validation import ValidationSpec
@@ -128,7 +129,7 @@ def load_config(src: Any) -> MergeConfig:
     method = get_method(str(raw["method"]))
     by_name = {p.name: p for p in method.params}
 
-    wide = dict(raw.get("parameters") or {})
+    wide = dict(require("parameters", raw.get("parameters"), mapping) or {})
     bad = set(wide) - set(by_name)
     if bad:
         raise ObimError(f"parameters: unknown parameter(s) {', '.join(sorted(bad))} for method {method.name}; "
@@ -151,7 +152,7 @@ def load_config(src: Any) -> MergeConfig:
         where = f"models[{i}] ({name})"
         if name == "base" or name in [x.name for x in models]:
             raise ObimError(f"{where}: model names must be unique and not 'base'")
-        own = dict(m.get("parameters") or {})
+        own = dict(require(f"{where}.parameters", m.get("parameters"), mapping) or {})
         bad = set(own) - set(by_name)
         if bad:
             raise ObimError(f"{where}.parameters: unknown parameter(s) {', '.join(sorted(bad))} for method "
@@ -201,9 +202,7 @@ def load_config(src: Any) -> MergeConfig:
     tok = str(raw.get("tokenizer_source") or "base")
     if tok != "base" and tok not in names:
         raise ObimError(f"tokenizer_source: expected `base` or a model name ({', '.join(names)}), got {tok!r}")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ObimError(f"seed: expected an integer, got {seed!r}")
+    seed = int(require("seed", raw.get("seed", 0), number_in(0, 2**63 - 1, integer=True)))
     if method.uses_saliency:
         for i, m in enumerate(models):
             if m.hdiag is None and m.validation is None:

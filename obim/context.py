@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checks import number_in, one_of  # noqa: F401  (parameter checks live beside Param)
 from .threads import parallel_map
 
 
@@ -23,21 +24,6 @@ class Param:
     check: Callable[[Any], str | None] = lambda v: None
     per_model: bool = False
     doc: str = ""
-
-
-def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"must be a number, got {v!r}"
-        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-            return f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}"
-        return None
-
-    return check
-
-
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
 
 def random_key(seed: int, tensor: str, model: str) -> int:

@@ -5,6 +5,7 @@ knows about any particular method."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import (TOKENIZER_FILES, Checkpoint, ShardedWriter, check_output_dir, open_checkpoint,
-                         plan_shards, staged_output)
+from .checkpoint import (TOKENIZER_FILES, Checkpoint, ShardedWriter, check_disjoint, check_output_dir,
+                         open_checkpoint, plan_shards, staged_output)
+from .checks import device_check, require
 from .config import MergeConfig, load_config
 from .context import TensorContext
 from .errors import ObimError
@@ -117,15 +119,15 @@ def prepare_saliency(cfg: MergeConfig, models: list[Checkpoint], device: str, pr
         return out, meta
     for i, (spec, ck) in enumerate(zip(cfg.models, models)):
         if spec.hdiag is not None:
-            out[i] = load_hdiag(spec.hdiag)
-            check_hdiag(out[i], ck, spec.hdiag)
+            out[i], hm = load_hdiag(spec.hdiag)
+            check_hdiag(out[i], hm, ck, spec.hdiag)
         else:
             v = spec.validation
             texts = read_texts(v.data, v.size, v.text_field)
             out[i], meta[spec.name] = compute_hdiag(str(ck.dir), texts, max_length=v.max_length,
                                                     batch_size=v.batch_size, device=device, dtype=v.dtype,
                                                     progress=progress, source=v.data)
-            check_hdiag(out[i], ck, f"statistics computed from {v.data}")
+            check_hdiag(out[i], meta[spec.name], ck, f"statistics computed from {v.data}")
     return out, meta
 
 
@@ -165,6 +167,8 @@ def merge_tensor(cfg: MergeConfig, plan: TensorPlan, tensors: list[torch.Tensor]
     b = base_t.to(device, torch.float32)
     if rows is not None:
         b = b[:rows]
+    if not torch.isfinite(b.sum()) and not torch.isfinite(b).all():
+        raise ObimError(f"tensor {plan.name}: the base model has NaN or Inf entries")
     deltas = []
     for spec in cfg.models:
         t = tensors.pop(1)
@@ -220,6 +224,20 @@ def _write_aux(tmp: Path, cfg: MergeConfig, base: Checkpoint, models: list[Check
     (tmp / "obim_merge.yaml").write_text(text)
 
 
+def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkpoint]) -> dict[str, Path]:
+    """Every file or folder the merge reads: OUT may not be, hold or lie in any of them (check_disjoint)."""
+    out = {"the base model": base.dir}
+    for spec, ck in zip(cfg.models, models):
+        out[f"model '{spec.name}'"] = ck.dir
+        if spec.hdiag is not None:
+            out[f"the hdiag file of '{spec.name}'"] = Path(spec.hdiag)
+        if spec.validation is not None:
+            out[f"the validation data of '{spec.name}'"] = Path(spec.validation.data)
+    if isinstance(config, (str, Path)):
+        out["the merge config"] = Path(config)
+    return out
+
+
 def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False,
           progress: bool = True) -> MergeResult:
     """Merge per `config` (a YAML path, a dict, a DictConfig or a MergeConfig) into the model directory out_dir."""
@@ -227,14 +245,13 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
+    dev = torch.device(require("--device", device, device_check))
     check_output_dir(out, overwrite)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ObimError(f"--device {device}: CUDA is not available on this machine")
-    dev = torch.device(device)
-    _keep_freed_memory()
     base = open_checkpoint(cfg.base_model)
     models = [open_checkpoint(m.path) for m in cfg.models]
+    check_disjoint(out, _inputs(cfg, config, base, models))
     plans = plan_merge(cfg, base, models)
+    _keep_freed_memory()
 
     t0 = time.perf_counter()
     hdiags, hmeta = prepare_saliency(cfg, models, device, progress)
@@ -255,6 +272,7 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
         return j < len(plans) and not (
             4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest)
 
+    pause = float(os.environ.get("OBIM_TEST_PAUSE_PER_TENSOR") or 0)  # tests: a merge to kill midway
     with staged_output(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
         writer = ShardedWriter(tmp, shards)
         pending = None
@@ -265,6 +283,8 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
                 tensors = pending.result() if pending is not None else read(p)
                 pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
                 writer.write(p.name, merge_tensor(cfg, p, tensors, hdiags, dev))
+                if pause:
+                    time.sleep(pause)
                 bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
             bar.close()
             writer.finish()

@@ -8,6 +8,9 @@ uniform random scores, as the paper prunes them randomly.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import Checkpoint, atomic_write_file
+from .checks import device_check, require
 from .context import TensorContext
 from .errors import ObimError
 
@@ -37,13 +41,15 @@ def saliency(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- the hdiag file
 
 
-def load_hdiag(path: str | Path) -> dict[str, torch.Tensor]:
+def load_hdiag(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(statistics, metadata) of an hdiag file, every vector checked 1-D, finite and non-negative."""
     path = Path(path)
     if not path.is_file():
         raise ObimError(f"{path}: hdiag file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             out = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise ObimError(f"{path}: unreadable hdiag safetensors file ({e})") from None
     for k, v in out.items():
@@ -51,11 +57,48 @@ def load_hdiag(path: str | Path) -> dict[str, torch.Tensor]:
             raise ObimError(f"{path}: hdiag tensor {k} must be a 1-D float vector, got {list(v.shape)} {v.dtype}")
         if not torch.isfinite(v).all() or (v < 0).any():
             raise ObimError(f"{path}: hdiag tensor {k} has negative, NaN or Inf entries")
-    return {k: v.float() for k, v in out.items()}
+    return {k: v.float() for k, v in out.items()}, meta
 
 
-def check_hdiag(hdiag: dict[str, torch.Tensor], ckpt: Checkpoint, source: str) -> None:
-    """Every statistic must name a 2-D weight of the model whose input dimension matches its length."""
+def _linear_weights(net: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layers OBM scores: every nn.Linear by its weight's name, except one sharing its weight with an
+    embedding (a tied lm_head), which is scored randomly as the embeddings are."""
+    shared = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
+    return {f"{n}.weight" if n else "weight": m for n, m in net.named_modules()
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared}
+
+
+def expected_hdiag(ckpt: Checkpoint) -> list[str]:
+    """The tensors an hdiag file of this model must cover: its linear weights, read from the architecture built
+    on the meta device (no memory, no weights). Where transformers cannot build it, or names its weights
+    otherwise than the checkpoint, every 2-D float weight that is not an embedding / vocabulary matrix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.dir)
+        with torch.device("meta"):
+            names = sorted(_linear_weights(AutoModelForCausalLM.from_config(config)))
+        if names and all(n in ckpt.tensors for n in names):
+            return names
+    except Exception:  # custom code, unknown architecture: the shape rule below
+        pass
+    vocab = ckpt.config.get("vocab_size")
+    return sorted(n for n, t in ckpt.tensors.items()
+                  if len(t.shape) == 2 and t.dtype.is_floating_point and n.endswith("weight")
+                  and t.shape[0] != vocab and not re.search(r"embed|wte|wpe|word_emb", n))
+
+
+def check_hdiag(hdiag: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint, source: str) -> None:
+    """The statistics must come from this model (its fingerprint) and cover exactly its linear weights, each
+    vector as long as the weight's input dimension: anything else would silently score some layers at random."""
+    want = meta.get("model_fingerprint")
+    if not want:
+        raise ObimError(f"{source}: hdiag file records no model fingerprint (written by an older obim or another "
+                        f"tool); recompute it with obim-saliency for model '{ckpt.spec}'")
+    have = ckpt.fingerprint()
+    if want != have:
+        raise ObimError(f"{source}: hdiag statistics were computed for another model ({meta.get('model', '?')}, "
+                        f"fingerprint {want}), not for '{ckpt.spec}' (fingerprint {have})")
     for name, vec in hdiag.items():
         info = ckpt.tensors.get(name)
         if info is None:
@@ -63,6 +106,10 @@ def check_hdiag(hdiag: dict[str, torch.Tensor], ckpt: Checkpoint, source: str) -
         if len(info.shape) != 2 or info.shape[1] != vec.numel():
             raise ObimError(f"{source}: hdiag tensor {name} has length {vec.numel()}, but the model's weight "
                             f"has shape {list(info.shape)} (expected length = its input dimension)")
+    missing = [n for n in expected_hdiag(ckpt) if n not in hdiag]
+    if missing:
+        raise ObimError(f"{source}: hdiag covers {len(hdiag)} linear weights of model '{ckpt.spec}'; missing "
+                        f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
 def save_hdiag(hdiag: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -100,8 +147,9 @@ def compute_hdiag(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import resolve_model_dir
+    from .checkpoint import open_checkpoint, resolve_model_dir
 
+    require("device", device, device_check)
     if not texts:
         raise ObimError(f"validation set {source or '(texts)'} is empty: saliency needs at least one sample")
     if max_length < 1 or batch_size < 1:
@@ -119,7 +167,6 @@ def compute_hdiag(
     else:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(dev).eval()
 
-    shared_inputs = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
     sums: dict[str, torch.Tensor] = {}
     state: dict = {"mask": None, "last": (None, None)}
 
@@ -134,10 +181,7 @@ def compute_hdiag(
             sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
         return hook
 
-    handles = []
-    for mname, mod in net.named_modules():
-        if isinstance(mod, torch.nn.Linear) and id(mod.weight) not in shared_inputs:  # tied lm_head: random, as embeddings
-            handles.append(mod.register_forward_pre_hook(hook_for(f"{mname}.weight" if mname else "weight")))
+    handles = [mod.register_forward_pre_hook(hook_for(wname)) for wname, mod in _linear_weights(net).items()]
 
     tokens = 0
     t0 = time.perf_counter()
@@ -164,6 +208,8 @@ def compute_hdiag(
         "model": str(model), "data": str(source), "samples": str(len(texts)), "tokens": str(tokens),
         "max_length": str(max_length), "seconds": f"{elapsed:.3f}",
         "seconds_per_sample": f"{elapsed / len(texts):.5f}",
+        "model_fingerprint": open_checkpoint(str(path)).fingerprint(),
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
     }
     del net
     return hdiag, meta

@@ -10,6 +10,7 @@ result.json holds the same config hash and redoes any other.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -18,9 +19,11 @@ from typing import Any
 
 from . import __version__
 from .cache import default_cache_dir, digest, locked, model_fingerprint, read_json, write_json
+from .checks import device_check, number_in, one_of, optional, require
 from .errors import ObimError
 
 ORDER_KINDS = ("experiment", "rotation", "first", "last", "fixed")
+POSITIVE = number_in(1, float("inf"), integer=True)
 
 
 def _register_resolvers() -> None:
@@ -105,8 +108,7 @@ def _validation(cfg: dict, exp: dict, name: str) -> dict[str, int]:
         raise ObimError(f"experiment.models.{name}.validation: no validation sources for model '{name}'")
     size = v.get("size")
     if applies and size is not None:
-        if not isinstance(size, int) or size < 1:
-            raise ObimError(f"validation.size: expected a positive integer, got {size!r}")
+        require("validation.size", size, POSITIVE)
         if size < len(sources):
             raise ObimError(f"validation.size: {size} samples cannot cover {len(sources)} sources")
         return _split_evenly(size, list(sources))
@@ -166,10 +168,52 @@ def _validation_set(c: dict, exp: dict, name: str, model: dict) -> dict[str, Any
                 raise ObimError(f"experiment.validation_sources: no source '{s}' (model '{name}')")
             spec = {"builder": "jsonl", "path": exp["validation_data"].replace("{source}", s)}
         data[s] = resolve_source(s, spec, split, f"experiment.validation_sources.{s}")
+        if data[s]["builder"] == "jsonl":
+            _check_jsonl_source(s, data[s]["path"], exp, name)
     fmt = str(model.get("prompt_format") or "plain")
     check_format(fmt, f"experiment.models.{name}.prompt_format")
     return {"sources": counts, "data": data, "format": fmt, "seed": int(c["seed"]),
-            "max_length": int(c["validation"]["max_length"]), "batch_size": int(c["validation"]["batch_size"])}
+            "max_length": require("validation.max_length", c["validation"]["max_length"], POSITIVE),
+            "batch_size": require("validation.batch_size", c["validation"]["batch_size"], POSITIVE)}
+
+
+def _check_jsonl_source(source: str, path: str, exp: dict, model: str) -> None:
+    """A JSONL validation file must exist, or be one the toy zoo will write when it is built by the first job."""
+    if Path(path).is_file():
+        return
+    zoo = exp.get("zoo")
+    if zoo and not (Path(zoo) / "zoo.json").is_file() and Path(path).is_relative_to(zoo):
+        from .zoo import validation_sources
+
+        if source in validation_sources():
+            return
+        raise ObimError(f"validation.source: '{source}' (model '{model}') is not a toy zoo source; one of "
+                        f"{', '.join(validation_sources())}")
+    raise ObimError(f"validation.source: '{source}' (model '{model}'): no file {path}")
+
+
+
+def _check_options(c: dict) -> None:
+    """The job's own options, before anything runs: each a one-line error naming it."""
+    require("seed", c["seed"], number_in(0, 2**63 - 1, integer=True))
+    for key, v in (("device", c.get("device")), ("eval.device", c["eval"].get("device"))):
+        if v != "auto":
+            require(key, v, lambda d: device_check(d, present=not c.get("dry_run")))
+    require("retention", c.get("retention"), optional(number_in(0.0, 1.0)))
+    ev = c["eval"]
+    require("eval.backend", ev.get("backend"), one_of("hf", "vllm"))
+    require("eval.limit", ev.get("limit"), optional(_limit))
+    bs = ev.get("batch_size")
+    if not (isinstance(bs, str) and re.fullmatch(r"auto(:\d+)?", bs)):
+        require("eval.batch_size", bs, lambda v: POSITIVE(v) and f"expected a positive integer, auto or auto:N, "
+                f"got {v!r}")
+
+
+def _limit(v: Any) -> str | None:
+    """lm-eval's --limit: a sample count per task, or a fraction of each task below 1."""
+    if POSITIVE(v) is None or number_in(0, 1, lo_open=True, hi_open=True)(v) is None:
+        return None
+    return f"expected null, a positive integer or a fraction in (0, 1), got {v!r}"
 
 
 def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -180,6 +224,7 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     c = _plain(cfg)
     exp = c["experiment"]
     method = get_method(str(c["method"]["name"]))
+    _check_options(c)
     exp_models = _models(exp)
     all_names = list(exp_models)
     n = c.get("n_models")
@@ -219,8 +264,6 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
 
     benchmarks, shots = _benchmarks(exp)
     ev = c["eval"]
-    if ev["backend"] not in ("hf", "vllm"):
-        raise ObimError(f"eval.backend: expected hf or vllm, got {ev['backend']!r}")
     evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
     if shots:  # only when set: the toy experiments' evaluation keys stay as they were
         evp["num_fewshot"] = shots

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .checks import number_in, require
 from .errors import ObimError
 
 
@@ -35,6 +36,10 @@ class ValidationSpec:
         unknown = set(d) - known
         if unknown:
             raise ObimError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+        positive = number_in(1, float("inf"), integer=True)
+        for key in ("size", "max_length", "batch_size"):
+            if d.get(key) is not None or key != "size":
+                require(f"{where}.{key}", d.get(key, getattr(cls, key)), positive)
         return cls(**d)
 
 

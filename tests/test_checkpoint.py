@@ -94,6 +94,10 @@ def test_staged_output_renames_only_on_success(tmp_path):
     with pytest.raises(ObimError, match="not empty"):
         with staged_output(out, overwrite=False):
             pass
+    with pytest.raises(ObimError, match="replaces only a directory obim wrote"):
+        with staged_output(out, overwrite=True):
+            pass
+    (out / "obim_merge.yaml").write_text("")
     with staged_output(out, overwrite=True) as tmp:
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in out.iterdir()) == ["new"]

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from obim import METHODS, merge
+from obim.checkpoint import open_checkpoint
 from obim.cli import merge_main
 from obim.errors import ObimError
 
@@ -235,12 +236,13 @@ def test_bad_models(zoo, tmp_path):
 def test_bad_saliency_inputs(zoo, val_jsonl, tmp_path):
     out = tmp_path / "out"
     h = tmp_path / "h.safetensors"
-    save_file({"model.layers.0.mlp.down_proj.weight": torch.ones(7)}, str(h))
     c = cfg(zoo, "obim")
-    for m in c["models"]:
-        m["hdiag"] = str(h)
+    c["models"] = c["models"][:1]
+    c["models"][0]["hdiag"] = str(h)
+    meta = {"model_fingerprint": open_checkpoint(str(zoo["lm"])).fingerprint()}
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.ones(7)}, str(h), metadata=meta)
     fails(c, out, r"h.safetensors: hdiag tensor model.layers.0.mlp.down_proj.weight has length 7")
-    save_file({"model.layers.0.mlp.nope.weight": torch.ones(7)}, str(h))
+    save_file({"model.layers.0.mlp.nope.weight": torch.ones(7)}, str(h), metadata=meta)
     fails(c, out, r"hdiag tensor model.layers.0.mlp.nope.weight is not a tensor")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -256,8 +258,17 @@ def test_refuses_non_empty_out_unless_overwrite(zoo, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not empty" in err and str(out) in err
     assert (out / "keep").exists()
+    # --overwrite replaces only what obim wrote
+    assert merge_main([str(tmp_path / "c.yaml"), str(out), "--quiet", "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "replaces only a directory obim wrote" in err
+    assert (out / "keep").read_text() == "x"
+    (out / "keep").unlink()
+    assert merge_main([str(tmp_path / "c.yaml"), str(out), "--quiet"]) == 0
+    (out / "stray").write_text("x")
     assert merge_main([str(tmp_path / "c.yaml"), str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep").exists() and (out / "model.safetensors").exists()
+    assert not (out / "stray").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out"]
 
 
 def test_python_api_is_the_cli_path(zoo, tmp_path):

@@ -76,7 +76,7 @@ def test_cli_writes_hdiag_used_by_merge(zoo, val_jsonl, tmp_path):
     with safe_open(str(paths["lm"]), "pt") as f:
         meta = f.metadata()
     assert meta["samples"] == "4" and meta["data"] == str(val_jsonl) and meta["model"] == str(zoo["lm"])
-    assert set(load_hdiag(paths["lm"])) == set(compute_hdiag(str(zoo["lm"]), ["x"], progress=False)[0])
+    assert set(load_hdiag(paths["lm"])[0]) == set(compute_hdiag(str(zoo["lm"]), ["x"], progress=False)[0])
 
     base = {"method": "obim", "base_model": str(zoo["base"]), "order": "rotation"}
     rets = {"lm": 0.4, "math": 0.45, "code": 0.1}

@@ -13,11 +13,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..checkpoint import staged_output
 from . import data as D
 
 RECIPE: dict[str, Any] = {
@@ -97,6 +97,12 @@ def _batches(mix: dict[str, float], batch: int, seed: int) -> Iterator[list[tupl
 # --------------------------------------------------------------------------------------------------- build
 
 
+def validation_sources() -> list[str]:
+    """The sources _write_validation writes (data/<source>/{train,dev}.jsonl): what a plan may name before the
+    zoo is built."""
+    return [*D.SFT_TASKS, *(f"lang_{lang.name}" for lang in D.LANGS.values())]
+
+
 def _write_validation(root: Path, size: int, seed: int) -> None:
     """JSONL validation sets (train and dev splits, `text` = prompt + answer) for saliency statistics."""
     for name, make in D.SFT_TASKS.items():
@@ -116,8 +122,6 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
           progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Build the zoo into `out` (default: $OBIM_ZOO or ~/.cache/obim/zoo), or reuse it when complete with the same
     recipe. Returns the directory."""
-    from .train import ModelShape, new_model, save, train
-
     recipe = recipe or RECIPE
     root = Path(out) if out else default_dir()
     h = recipe_hash(recipe)
@@ -125,75 +129,70 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
     if stamp.exists() and json.loads(stamp.read_text()).get("recipe_hash") == h:
         return root
     t0 = time.perf_counter()
-    tmp = root.parent / f".{root.name}.building-{os.getpid()}"
-    for stale in root.parent.glob(f".{root.name}.building-*"):  # left by killed builds
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    seed, batch = recipe["seed"], recipe["batch"]
-    shape = ModelShape(**recipe["shape"])
-    timings: dict[str, float] = {}
-    try:
-        _write_validation(tmp, recipe["validation_size"], seed)
-        # SFT setting
-        sft = recipe["sft"]
-        base = new_model(shape, seed)
-        r = train(base, _batches(sft["base"]["mix"], batch, seed), sft["base"]["steps"], answer_only=False,
-                  lr=sft["base"]["lr"], seed=seed, desc="sft/base", progress=progress)
-        timings["sft/base"] = r["seconds"]
-        save(base, tmp / "sft" / "base")
-        for i, name in enumerate(SFT_EXPERTS, 1):
-            from transformers import LlamaForCausalLM
-
-            expert = LlamaForCausalLM.from_pretrained(tmp / "sft" / "base")
-            spec = sft[name]
-            r = train(expert, _batches(spec["mix"], batch, seed + i), spec["steps"], answer_only=True,
-                      lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress)
-            timings[f"sft/{name}"] = r["seconds"]
-            save(expert, tmp / "sft" / name)
-        # post-pretraining setting
-        pt = recipe["pt"]
-        pbase = new_model(shape, seed + 10)
-        r = train(pbase, _batches(pt["base"]["mix"], batch, seed + 10), pt["base"]["steps"], answer_only=False,
-                  lr=pt["base"]["lr"], seed=seed + 10, desc="pt/base", progress=progress)
-        timings["pt/base"] = r["seconds"]
-        save(pbase, tmp / "pt" / "base")
-        cont = pt["continued"]
-
-        def checkpoint(step: int) -> None:
-            if step % cont["every"] == 0:
-                save(pbase, tmp / "pt" / f"ckpt-{step // cont['every']}")
-                pbase.train()
-
-        r = train(pbase, _batches(cont["mix"], batch, seed + 11), cont["every"] * cont["ckpts"],
-                  answer_only=False, lr=cont["lr"], seed=seed + 11, desc="pt/continued", progress=progress,
-                  on_step=checkpoint)
-        timings["pt/continued"] = r["seconds"]
-        train_s = time.perf_counter() - t0
-        table = ""
-        if evaluate:
-            scores = evaluate_zoo(tmp, progress=progress)
-            table = zoo_table(scores)
-            (tmp / "zoo.md").write_text(table)
-            (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
-        total = time.perf_counter() - t0
-        stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
-                     "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
-        (tmp / "zoo.json").write_text(json.dumps(stamp_tmp, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
+    with staged_output(root, overwrite=True, marker="zoo.json") as tmp:
+        total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0)
     log(f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     if table:
         log(table)
     return root
+
+
+def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float
+                ) -> tuple[float, float, dict[str, float], str]:
+    from .train import ModelShape, new_model, save, train
+
+    seed, batch = recipe["seed"], recipe["batch"]
+    shape = ModelShape(**recipe["shape"])
+    timings: dict[str, float] = {}
+    _write_validation(tmp, recipe["validation_size"], seed)
+    # SFT setting
+    sft = recipe["sft"]
+    base = new_model(shape, seed)
+    r = train(base, _batches(sft["base"]["mix"], batch, seed), sft["base"]["steps"], answer_only=False,
+              lr=sft["base"]["lr"], seed=seed, desc="sft/base", progress=progress)
+    timings["sft/base"] = r["seconds"]
+    save(base, tmp / "sft" / "base")
+    for i, name in enumerate(SFT_EXPERTS, 1):
+        from transformers import LlamaForCausalLM
+
+        expert = LlamaForCausalLM.from_pretrained(tmp / "sft" / "base")
+        spec = sft[name]
+        r = train(expert, _batches(spec["mix"], batch, seed + i), spec["steps"], answer_only=True,
+                  lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress)
+        timings[f"sft/{name}"] = r["seconds"]
+        save(expert, tmp / "sft" / name)
+    # post-pretraining setting
+    pt = recipe["pt"]
+    pbase = new_model(shape, seed + 10)
+    r = train(pbase, _batches(pt["base"]["mix"], batch, seed + 10), pt["base"]["steps"], answer_only=False,
+              lr=pt["base"]["lr"], seed=seed + 10, desc="pt/base", progress=progress)
+    timings["pt/base"] = r["seconds"]
+    save(pbase, tmp / "pt" / "base")
+    cont = pt["continued"]
+
+    def checkpoint(step: int) -> None:
+        if step % cont["every"] == 0:
+            save(pbase, tmp / "pt" / f"ckpt-{step // cont['every']}")
+            pbase.train()
+
+    r = train(pbase, _batches(cont["mix"], batch, seed + 11), cont["every"] * cont["ckpts"],
+              answer_only=False, lr=cont["lr"], seed=seed + 11, desc="pt/continued", progress=progress,
+              on_step=checkpoint)
+    timings["pt/continued"] = r["seconds"]
+    train_s = time.perf_counter() - t0
+    table = ""
+    if evaluate:
+        scores = evaluate_zoo(tmp, progress=progress)
+        table = zoo_table(scores)
+        (tmp / "zoo.md").write_text(table)
+        (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    total = time.perf_counter() - t0
+    stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
+                 "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
+    (tmp / "zoo.json").write_text(json.dumps(stamp_tmp, indent=2, sort_keys=True) + "\n")
+    return total, train_s, timings, table
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
