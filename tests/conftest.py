@@ -54,3 +54,14 @@ def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProc
     """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+def compose(*overrides: str):
+    """The sweep's composed config for these overrides, as a Hydra job sees it."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    import obim.sweep  # noqa: F401  (registers the ${obim:...} resolver)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hcompose("sweep", overrides=list(overrides))

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_sweep
+from conftest import compose, run_sweep
 from obim.errors import ObimError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
-
-
-def compose(*overrides: str):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    import obim.sweep  # noqa: F401  (registers the ${obim:...} resolver)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hcompose("sweep", overrides=list(overrides))
 
 
 # ------------------------------------------------------------------------------------------------ planning
