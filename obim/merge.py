@@ -246,10 +246,10 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
     dev = torch.device(require("--device", device, device_check))
-    check_output_dir(out, overwrite)
     base = open_checkpoint(cfg.base_model)
     models = [open_checkpoint(m.path) for m in cfg.models]
     check_disjoint(out, _inputs(cfg, config, base, models))
+    check_output_dir(out, overwrite)
     plans = plan_merge(cfg, base, models)
     _keep_freed_memory()
 
