@@ -63,20 +63,81 @@ def model_args_string(model_dir: str | Path, model_args: dict[str, Any] | str | 
     return f"pretrained={model_dir}" + (f",{extra}" if extra else "")
 
 
+def code_allowed(allow_code: bool = False) -> bool:
+    """Code execution is opted in: `allow_code` (eval.allow_code=true) or HF_ALLOW_CODE_EVAL=1 (lm-eval's way)."""
+    return bool(allow_code) or os.environ.get("HF_ALLOW_CODE_EVAL") == "1"
+
+
+def code_tasks(tasks: list[str]) -> list[str]:
+    """Those of `tasks` (lm-eval tasks, groups or tags, obim's or lm-eval's own) that execute generated code: their
+    config says `unsafe_code: true`, or for a group or tag, one of its subtasks' does. Read from the task index
+    (configs as parsed YAML), so nothing is built or downloaded."""
+    index = task_manager().task_index
+    return [t for t in tasks if _unsafe(index, t, set())]
+
+
+def _unsafe(index: dict, name: str, seen: set[str]) -> bool:
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return False
+    seen.add(name)
+    if entry.kind.name == "TAG":
+        return any(_unsafe(index, t, seen) for t in sorted(entry.tags))
+    cfg = entry.cfg or {}
+    if entry.kind.name == "GROUP":
+        return _group_unsafe(index, cfg, seen)
+    return bool(cfg.get("unsafe_code", False))
+
+
+def _group_unsafe(index: dict, cfg: dict, seen: set[str]) -> bool:
+    if "unsafe_code" in cfg:  # a group's own task keys override its members'
+        return bool(cfg["unsafe_code"])
+    members = cfg.get("task") or []
+    for item in members if isinstance(members, list) else [members]:
+        if isinstance(item, str):
+            if _unsafe(index, item, seen):
+                return True
+        elif isinstance(item, dict):
+            if "unsafe_code" in item:  # a member listed with overrides
+                if item["unsafe_code"]:
+                    return True
+                continue
+            ref = item.get("group", item.get("task"))
+            if isinstance(ref, str) and ref in index:
+                if _unsafe(index, ref, seen):
+                    return True
+            elif "group" in item and _group_unsafe(index, item, seen):  # an inline group
+                return True
+    return False
+
+
+def check_code_opt_in(tasks: list[str], allow_code: bool = False) -> None:
+    """A one-line error when `tasks` execute generated code and neither opt-in (`allow_code`, i.e.
+    eval.allow_code=true, or HF_ALLOW_CODE_EVAL=1) is given."""
+    if code_allowed(allow_code):
+        return
+    code = code_tasks(tasks)
+    if code:
+        raise ObimError(f"{', '.join(code)} execute{'s' if len(code) == 1 else ''} model-generated code: opt in "
+                        "with eval.allow_code=true (or HF_ALLOW_CODE_EVAL=1 in the environment)")
+
+
 def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", batch_size: int | str = 32,
                    limit: int | None = None, device: str = "cpu", model_args: dict[str, Any] | str | None = None,
                    num_fewshot: dict[str, int] | None = None, outputs_dir: str | Path | None = None,
-                   ) -> dict[str, float | None]:
+                   allow_code: bool = False) -> dict[str, float | None]:
     """{task: score in percent} of one model directory, through lm-eval's own model classes (loaded once).
 
     `num_fewshot` sets a task's shots (others keep their YAML's). Judged tasks (AlpacaEval) score None unless a
     judge is configured; their outputs go to `outputs_dir`. `vllm` runs in a child process: vLLM spawns workers and
-    keeps its memory until its process ends."""
+    keeps its memory until its process ends. Tasks that execute generated code (toy_humaneval, humaneval...) run
+    only with `allow_code` or HF_ALLOW_CODE_EVAL=1 (a one-line error otherwise)."""
     if backend not in ("hf", "vllm"):
         raise ObimError(f"eval backend: expected hf or vllm, got {backend!r}")
+    check_code_opt_in(tasks, allow_code)
     req = {"model_dir": str(model_dir), "tasks": list(tasks), "backend": backend, "batch_size": batch_size,
            "limit": limit, "device": device, "model_args": model_args, "num_fewshot": num_fewshot or {},
-           "outputs_dir": str(outputs_dir) if outputs_dir else None}
+           "outputs_dir": str(outputs_dir) if outputs_dir else None, "allow_code": code_allowed(allow_code)}
     if backend == "vllm":
         return _evaluate_in_child(req)
     if model_args is None:
@@ -90,7 +151,6 @@ def _run(r: dict) -> dict[str, float | None]:
 
     from .judge import JUDGED, judge
 
-    os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     opts = {"batch_size": r["batch_size"]}
     if r["backend"] == "hf":
         opts["device"] = r["device"]
@@ -99,17 +159,27 @@ def _run(r: dict) -> dict[str, float | None]:
     for t in r["tasks"]:
         groups.setdefault(r["num_fewshot"].get(t), []).append(t)
     scores: dict[str, float | None] = {}
-    for shots, group in groups.items():
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=group, num_fewshot=shots, batch_size=r["batch_size"], limit=r["limit"],
-            task_manager=task_manager(), confirm_run_unsafe_code=True,
-            log_samples=any(t in JUDGED for t in group),
-        )
-        for t in group:
-            if t in JUDGED:
-                scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
-            else:
-                scores[t] = task_score(out, t)
+    allow = bool(r.get("allow_code"))
+    before = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if allow:  # code_eval and obim's toy scorers read it; for this evaluation only
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        for shots, group in groups.items():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=group, num_fewshot=shots, batch_size=r["batch_size"], limit=r["limit"],
+                task_manager=task_manager(), confirm_run_unsafe_code=allow,
+                log_samples=any(t in JUDGED for t in group),
+            )
+            for t in group:
+                if t in JUDGED:
+                    scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
+                else:
+                    scores[t] = task_score(out, t)
+    finally:
+        if before is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = before
     return {t: scores[t] for t in r["tasks"]}
 
 
@@ -117,8 +187,8 @@ def _evaluate_in_child(req: dict) -> dict[str, float | None]:
     with tempfile.TemporaryDirectory(prefix="obim-eval-") as tmp:
         path, res = Path(tmp) / "request.json", Path(tmp) / "scores.json"
         path.write_text(json.dumps({**req, "out": str(res)}))
-        env = {**os.environ, "HF_ALLOW_CODE_EVAL": "1", "VLLM_TARGET_DEVICE": os.environ.get(
-            "VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
+        # the child opts in to code execution through req["allow_code"], not an inherited variable
+        env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
         proc = subprocess.run([sys.executable, "-m", "obim.evaluation", str(path)], env=env)
         if proc.returncode != 0 or not res.is_file():
             raise ObimError(f"vllm evaluation of {req['model_dir']} failed (exit status {proc.returncode}; see above)")

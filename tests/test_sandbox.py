@@ -1,0 +1,189 @@
+"""The code sandbox (obim.sandbox) and the opt-in to code execution. Each escape is written so that its benchmark
+item would PASS if the escape worked: the toy scorer must score it failed, and the escape must have no effect."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from obim import sandbox
+from obim.errors import ObimError
+from obim.tasks import utils as task_utils
+
+MODES = ["bwrap", "plain"]
+# an MBPP-style item: the completion is the whole function, its test wants f() == 1
+DOC = {"test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f"}
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch):
+    """Code execution opted in, and the scorer's sandbox with bubblewrap (where it works here) or without."""
+    use_bwrap = request.param == "bwrap"
+    if use_bwrap and not sandbox.isolation(True).startswith("bwrap"):
+        pytest.skip("bubblewrap is not installed or does not work here")
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    monkeypatch.setattr(sandbox, "run", functools.partial(sandbox.run, bwrap=use_bwrap))
+    return request.param
+
+
+def score(body: str) -> float:
+    """pass@1 of `def f(): <body>; return 1` through the toy MBPP scorer."""
+    completion = "def f():\n" + "".join(f"    {line}\n" for line in body.strip("\n").splitlines()) + "    return 1\n"
+    return task_utils.process_mbpp(DOC, [completion])["pass@1"]
+
+
+def alive(marker: str) -> list[int]:
+    """Processes whose command line contains `marker`."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(d))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def test_correct_program_passes(mode):
+    assert score("pass") == 1.0
+    doc = {"prompt": 'def g(x):\n    """return x plus 4."""\n', "entry_point": "g",
+           "test": "def check(candidate):\n    assert candidate(1) == 5\n    assert candidate(3) == 7\n"}
+    assert task_utils.process_humaneval(doc, ["    return x+4\n"]) == {"pass@1": 1.0}
+    assert task_utils.process_humaneval(doc, ["    return x+3\n"]) == {"pass@1": 0.0}
+    # what benchmark code may do: the standard library, files in its own work dir, tempfile
+    assert score("import collections, math, re, tempfile\nwith open('x.txt', 'w') as fh:\n    fh.write('ok')\n"
+                 "assert open('x.txt').read() == 'ok'\ntempfile.mkstemp()") == 1.0
+
+
+@pytest.fixture
+def shared():
+    """A directory anyone may write to (as /tmp is), so that only the sandbox stands in the way."""
+    d = Path(tempfile.mkdtemp(prefix="obim-test-shared-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_write_outside_work_dir(mode, tmp_path, shared):
+    for target in [shared / "escape.txt", tmp_path / "escape.txt", f"/tmp/obim-escape-{uuid.uuid4().hex}"]:
+        assert score(f"open({str(target)!r}, 'w').write('x')") == 0.0
+        assert not os.path.exists(target)
+    victim = shared / "victim"
+    victim.write_text("keep")
+    victim.chmod(0o666)
+    assert score(f"import os\nos.remove({str(victim)!r})") == 0.0
+    assert score(f"import os\nos.rename({str(victim)!r}, {str(victim)!r} + '2')") == 0.0
+    assert score(f"open({str(victim)!r}, 'a').write('x')") == 0.0
+    assert victim.read_text() == "keep"
+    assert score(f"import os\nos.mkdir({str(shared / 'd')!r})") == 0.0
+    assert sorted(p.name for p in shared.iterdir()) == ["victim"]
+
+
+@pytest.mark.parametrize("how", ["posix_spawn", "popen", "double_fork"])
+def test_no_process_survives(mode, how):
+    marker = f"obim-survivor-{uuid.uuid4().hex}"
+    cmd = ["/bin/sh", "-c", "sleep 30; true", marker]  # sh keeps the marker ($0) in its command line
+    body = {"posix_spawn": f"import os\nos.posix_spawn('/bin/sh', {cmd!r}, {{}}, setsid=True)",
+            "popen": f"import subprocess\nsubprocess.Popen({cmd!r}, start_new_session=True)",
+            "double_fork": (f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                            f"        os.execv('/bin/sh', {cmd!r})\n    os.abort()")}[how]
+    assert score(body) == 0.0
+    assert alive(marker) == []
+
+
+def test_memory_limit(mode):
+    assert score("x = bytearray(10**10)") == 0.0
+
+
+def test_fork_bomb(mode):
+    # bounded (64 children that idle and exit), so that a broken sandbox cannot take the machine down
+    assert score("import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(2)\n"
+                 "        os.abort()") == 0.0
+
+
+def test_secrets_not_visible(mode, monkeypatch):
+    monkeypatch.setenv("OBIM_TEST_SECRET", "s3cret")
+    assert score("import os\nassert 'OBIM_TEST_SECRET' not in os.environ") == 1.0
+    assert score("import os\nassert 's3cret' not in str(os.environ)") == 1.0
+    # another process's environment through /proc (ours there is the one we started with: a child's has it)
+    with subprocess.Popen(["sleep", "30"], env={"OBIM_TEST_SECRET": "s3cret"}) as other:
+        try:
+            assert score(f"assert b's3cret' in open('/proc/{other.pid}/environ', 'rb').read()") == 0.0
+        finally:
+            other.kill()
+
+
+def test_no_signals_to_other_processes(mode):
+    assert score(f"import os\nos.kill({os.getpid()}, 0)") == 0.0
+
+
+def test_no_network(mode):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        assert score(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()") == 0.0
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+def test_no_ctypes(mode):
+    assert score("import ctypes\nctypes.CDLL(None)") == 0.0
+
+
+def test_exit_is_not_a_pass(mode):
+    assert score("import sys\nsys.exit(0)") == 0.0
+    assert score("import os\nos._exit(0)") == 0.0
+
+
+def test_infinite_loop_times_out_fast(mode):
+    doc = {**DOC, "prompt": "def f():\n"}
+    t0 = time.perf_counter()
+    assert task_utils.run_tests(doc["prompt"], "    while True:\n        pass\n", doc, timeout=1.0) is False
+    assert time.perf_counter() - t0 < 1.8
+    assert sandbox.run("while True:\n    pass\n", 0.5).reason == "timed out after 0.5 s"
+
+
+def test_refused_without_opt_in(monkeypatch):
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(ObimError, match=r"eval\.allow_code=true .*HF_ALLOW_CODE_EVAL=1"):
+        score("pass")
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "0")
+    with pytest.raises(ObimError):
+        score("pass")
+
+
+def test_isolation_reported():
+    layers = sandbox.isolation().split("+")
+    assert {"rlimits", "audit-hook", "pgroup"} <= set(layers)
+    if os.geteuid() == 0 and os.path.exists("/usr/bin/python3"):
+        assert "nobody" in layers  # root drops to nobody (with the system's interpreter if ours is under /root)
+    assert "bwrap" not in sandbox.isolation(False)
+
+
+def test_code_tasks_and_opt_in(monkeypatch):
+    from obim.evaluation import check_code_opt_in, code_tasks, evaluate_model
+
+    tasks = ["toy_humaneval", "toy_mbpp", "toy_gsm8k", "humaneval", "mbpp", "gsm8k", "toy_sft", "humaneval_infilling"]
+    assert code_tasks(tasks) == ["toy_humaneval", "toy_mbpp", "humaneval", "mbpp", "toy_sft", "humaneval_infilling"]
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(ObimError, match=r"^toy_humaneval execute.*eval\.allow_code=true.*HF_ALLOW_CODE_EVAL=1"):
+        check_code_opt_in(["toy_gsm8k", "toy_humaneval"], False)
+    check_code_opt_in(["toy_gsm8k", "toy_humaneval"], True)
+    check_code_opt_in(["toy_gsm8k"], False)
+    # refused before any model is loaded
+    with pytest.raises(ObimError, match="toy_mbpp"):
+        evaluate_model("/nonexistent", ["toy_mbpp"])
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    check_code_opt_in(["toy_gsm8k", "toy_humaneval"], False)
