@@ -25,15 +25,16 @@ install-vllm: install
 test: install-vllm
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# the main job: the default sweep on the toy zoo (built on first use), tables in results/toy_sft/
+# the main job: the default sweep on the toy zoo (built on first use), tables in results/toy_sft/. Its code
+# benchmarks execute model-generated code (in obim's sandbox): HF_ALLOW_CODE_EVAL=1 is that opt-in.
 sweep: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/sweep.py -m
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/sweep.py -m
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/demo_merge.py
 
 zoo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/obim-zoo build --table results/toy/zoo.md
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/obim-zoo build --allow-code --table results/toy/zoo.md
 
 bench: install
 	$(BIN)/python experiments/bench_merge.py

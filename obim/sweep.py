@@ -267,6 +267,10 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
     if shots:  # only when set: the toy experiments' evaluation keys stay as they were
         evp["num_fewshot"] = shots
+    from .evaluation import check_code_opt_in
+
+    allow_code = bool(ev.get("allow_code"))
+    check_code_opt_in(list(benchmarks), allow_code)
     from .tables import axis_of
 
     main = all(axis_of(o) is None for o in (overrides or []))
@@ -276,12 +280,13 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
         "benchmarks": benchmarks, "eval": evp,
         "individual": bool(ev.get("individual", True)), "main": main, "overrides": sorted(overrides or []),
         "zoo": exp.get("zoo"), "zoo_recipe": exp.get("zoo_recipe", "full"), "seed": int(c["seed"]),
+        "allow_code": allow_code,
     }
 
 
 def plan_hash(plan: dict) -> str:
     """What makes two jobs the same job: everything but how it was asked for."""
-    keep = {k: v for k, v in plan.items() if k not in ("overrides", "main")}
+    keep = {k: v for k, v in plan.items() if k not in ("overrides", "main", "allow_code")}
     return digest([keep, __version__])
 
 
@@ -359,7 +364,8 @@ def score_avg(scores: dict[str, float | None]) -> float | None:
     return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
 
-def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str) -> dict[str, Any]:
+def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str, allow_code: bool = False
+                ) -> dict[str, Any]:
     """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
     score left empty is filled from the saved outputs once a judge is configured."""
     import lm_eval
@@ -384,7 +390,7 @@ def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device:
         outputs = cache / "evals" / key
         scores = evaluate_model(model_dir, tasks, backend=ev["backend"], batch_size=ev["batch_size"],
                                 limit=ev["limit"], device=device, model_args=ev["model_args"],
-                                num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs)
+                                num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs, allow_code=allow_code)
         rec = {"model": model_dir, "scores": scores, "avg": score_avg(scores),
                "eval_s": round(time.perf_counter() - t0, 3)}
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
@@ -446,7 +452,8 @@ def ensure_zoo(plan: dict, progress: bool) -> None:
 
     recipe = quick_recipe() if plan["zoo_recipe"] == "quick" else RECIPE
     with locked(Path(plan["zoo"]).parent / f".{Path(plan['zoo']).name}"):
-        build(plan["zoo"], recipe=recipe, evaluate=plan["zoo_recipe"] != "quick", progress=progress)
+        build(plan["zoo"], recipe=recipe, evaluate=plan["zoo_recipe"] != "quick", progress=progress,
+              allow_code=plan["allow_code"])
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -546,12 +553,12 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     _fault("merge")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
-    ev = cached_eval(cache, merged["dir"], plan["tasks"], plan["eval"], eval_device)
+    ev = cached_eval(cache, merged["dir"], plan["tasks"], plan["eval"], eval_device, plan["allow_code"])
     individual = {}
     if plan["individual"]:
         for name, path in [("base", plan["merge"]["base_model"])] + [(m["name"], m["path"])
                                                                       for m in plan["merge"]["models"]]:
-            r = cached_eval(cache, path, plan["tasks"], plan["eval"], eval_device)
+            r = cached_eval(cache, path, plan["tasks"], plan["eval"], eval_device, plan["allow_code"])
             individual[name] = {"scores": r["scores"], "avg": r["avg"], "eval_s": r["eval_s"]}
     _fault("eval")
     if not cfg.keep_merged:

@@ -56,12 +56,13 @@ def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=900)
 
 
-def compose(*overrides: str):
-    """The sweep's composed config for these overrides, as a Hydra job sees it."""
+def compose(*overrides: str, allow_code: bool = True):
+    """The sweep's composed config for these overrides, as a Hydra job sees it; opted in to code execution (the
+    toy and paper code benchmarks) unless `allow_code` is False."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
     import obim.sweep  # noqa: F401  (registers the ${obim:...} resolver)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hcompose("sweep", overrides=list(overrides))
+        return hcompose("sweep", overrides=[*overrides, *(["eval.allow_code=true"] if allow_code else [])])

@@ -356,9 +356,32 @@ def test_dry_run_refuses_unknown_source(tmp_path):
 
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "zoo"), "OBIM_CACHE": str(tmp_path / "cache")}
     proc = run_sweep(["method=obim", "validation.source=nosuch", "validation.size=10", "dry_run=true",
-                      f"hydra.sweep.dir={tmp_path / 'runs'}"], env, REPO)
+                      "eval.allow_code=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, REPO)
     assert proc.returncode != 0 and "validation.source: 'nosuch'" in proc.stderr
     assert not list((tmp_path / "runs").rglob("plan.json"))
+    env.pop("HF_ALLOW_CODE_EVAL", None)
+    proc = run_sweep(["method=ta", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, REPO)
+    assert proc.returncode != 0 and "sweep: error: toy_humaneval, toy_mbpp execute model-generated code" in \
+        proc.stderr
+    assert not list((tmp_path / "runs").rglob("plan.json"))
+
+
+@pytest.mark.parametrize("experiment, tasks", [("toy_sft", "toy_humaneval, toy_mbpp"),
+                                               ("llama2_13b_sft", "humaneval, mbpp")])
+def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, experiment, tasks):
+    from obim.sweep import plan_job
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    over = ["method=ta", f"experiment={experiment}", f"experiment.zoo={tmp_path}" if experiment == "toy_sft" else
+            "seed=0"]
+    one_line_refusal(lambda: plan_job(compose(*over, allow_code=False)),
+                     rf"^{tasks} execute model-generated code: opt in with eval.allow_code=true")
+    assert plan_job(compose(*over))["allow_code"] is True
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert plan_job(compose(*over, allow_code=False))["allow_code"] is False  # the environment's opt-in
+    # toy_pt has no code benchmark: no opt-in needed
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
+    plan_job(compose("method=ta", "experiment=toy_pt", f"experiment.zoo={tmp_path}", allow_code=False))
 
 
 def test_tall_mask_k_checked(zoo):

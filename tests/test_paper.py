@@ -26,7 +26,7 @@ def dry_run(tmp_path: Path, *overrides: str) -> dict[str, dict]:
     out = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OBIM_ZOO": str(tmp_path / "zoo"), "OBIM_CACHE": str(tmp_path / "cache")}
-    proc = run_sweep([*overrides, "dry_run=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT)
+    proc = run_sweep([*overrides, "dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/plan.json")}
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "cache").exists()  # nothing built or loaded
@@ -124,7 +124,8 @@ def test_plan_rejects_bad_sources_and_tasks(tmp_path):
 
     def plan(*o):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            return plan_job(compose("sweep", overrides=["experiment=llama2_13b_sft", "method=obim", *o]))
+            return plan_job(compose("sweep", overrides=["experiment=llama2_13b_sft", "method=obim",
+                                                        "eval.allow_code=true", *o]))
 
     cases = [
         (["experiment.validation_sources.gsm8k.split=test"], "validation_sources.gsm8k.split: 'test'"),
@@ -381,7 +382,9 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
     from obim.sweep import plan_job
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev"]))
-        q = plan_job(compose("sweep", overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev"]))
+        p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev",
+                                           "eval.allow_code=true"]))
+        q = plan_job(compose("sweep", overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev",
+                                           "eval.allow_code=true"]))
     assert p["validation"]["math"]["data"]["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
     assert q["validation"]["lm"]["data"]["alpaca"]["split"] == "train"  # named in the experiment

@@ -93,7 +93,7 @@ def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
 def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_path):
     env = {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    args = ["method=ta,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "progress=false",
+    args = ["method=ta,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "progress=false", "eval.allow_code=true",
             f"hydra.sweep.dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"]
     first = run_sweep(args, env, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
 def test_dry_run_plans_without_loading(tmp_path):
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
-    out = run_sweep(["dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
+    out = run_sweep(["dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = sorted((tmp_path / "runs").glob("*/plan.json"))
     methods = {json.loads(p.read_text())["method"] for p in plans}
@@ -148,7 +148,7 @@ def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO)}
     extra = ["hydra.launcher.timeout_min=5"] if launcher == "submitit_local" else []
-    out = run_sweep(["dry_run=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
+    out = run_sweep(["dry_run=true", "eval.allow_code=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
                   f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/plan.json")}

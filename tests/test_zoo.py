@@ -45,7 +45,7 @@ def test_cached_by_recipe_and_deterministic(quick_zoo, tmp_path):
 def test_every_toy_task_runs_through_lm_eval(quick_zoo):
     from obim.evaluation import evaluate_model
 
-    sft = evaluate_model(quick_zoo / "sft" / "math", SFT_BENCHMARKS, limit=3)
+    sft = evaluate_model(quick_zoo / "sft" / "math", SFT_BENCHMARKS, limit=3, allow_code=True)
     pt = evaluate_model(quick_zoo / "pt" / "ckpt-1", PT_BENCHMARKS, limit=3)
     for scores in (sft, pt):
         assert all(0.0 <= v <= 100.0 for v in scores.values())
@@ -78,7 +78,21 @@ def test_gsm8k_and_math_answer_extraction():
     assert task_utils.process_gsm8k(doc, ["the answer is 5"]) == {"exact_match": 0.0}
 
 
-def test_code_scorer_executes_tests():
+def test_zoo_table_leaves_unmeasured_code_scores_empty(quick_zoo, monkeypatch):
+    from obim.zoo import evaluate_zoo, zoo_table
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    scores = evaluate_zoo(quick_zoo, progress=False, limit=2)
+    assert scores["sft/code"]["toy_humaneval"] is None and scores["sft/code"]["toy_mbpp"] is None
+    assert all(v is not None for k, s in scores.items() for b, v in s.items() if b not in ("toy_humaneval",
+                                                                                            "toy_mbpp"))
+    table = zoo_table(scores)
+    row = next(line for line in table.splitlines() if line.startswith("| sft/code |"))
+    assert row.count("—") == 3 and "not measured" in table  # two benchmarks and the average
+
+
+def test_code_scorer_executes_tests(monkeypatch):
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     ex = D.Example('def f(x):\n    """return x plus 3."""\n', "    return x+3\n",
                    test="def check(candidate):\n    assert candidate(2) == 5\n    assert candidate(0) == 3\n",
                    entry_point="f")

@@ -119,9 +119,10 @@ def _write_validation(root: Path, size: int, seed: int) -> None:
 
 
 def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log: Callable[[str], None] = print) -> Path:
+          progress: bool = True, log: Callable[[str], None] = print, allow_code: bool = False) -> Path:
     """Build the zoo into `out` (default: $OBIM_ZOO or ~/.cache/obim/zoo), or reuse it when complete with the same
-    recipe. Returns the directory."""
+    recipe. Returns the directory. Its table scores the code benchmarks only when code execution is opted in
+    (`allow_code` or HF_ALLOW_CODE_EVAL=1); otherwise they are left empty."""
     recipe = recipe or RECIPE
     root = Path(out) if out else default_dir()
     h = recipe_hash(recipe)
@@ -131,7 +132,7 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
     t0 = time.perf_counter()
     # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
     with staged_output(root, overwrite=True, marker="zoo.json") as tmp:
-        total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0)
+        total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0, allow_code)
     log(f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     if table:
@@ -139,7 +140,7 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
     return root
 
 
-def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float
+def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float, allow_code: bool
                 ) -> tuple[float, float, dict[str, float], str]:
     from .train import ModelShape, new_model, save, train
 
@@ -184,7 +185,7 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
     train_s = time.perf_counter() - t0
     table = ""
     if evaluate:
-        scores = evaluate_zoo(tmp, progress=progress)
+        scores = evaluate_zoo(tmp, progress=progress, allow_code=allow_code)
         table = zoo_table(scores)
         (tmp / "zoo.md").write_text(table)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
@@ -198,26 +199,36 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
 # ------------------------------------------------------------------------------------------------ evaluate
 
 
-def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Scores (percent) of every zoo model on its setting's benchmarks, through lm-eval."""
-    from ..evaluation import evaluate_model
+def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None, allow_code: bool = False
+                 ) -> dict[str, dict[str, float | None]]:
+    """Scores (percent) of every zoo model on its setting's benchmarks, through lm-eval; the code benchmarks None
+    unless code execution is opted in."""
+    from ..evaluation import code_allowed, code_tasks, evaluate_model
 
+    skip = [] if code_allowed(allow_code) else code_tasks(SFT_BENCHMARKS)
+    run = [b for b in SFT_BENCHMARKS if b not in skip]
     scores = {}
     for name in ["base", *SFT_EXPERTS]:
-        scores[f"sft/{name}"] = evaluate_model(root / "sft" / name, SFT_BENCHMARKS, limit=limit)
+        got = evaluate_model(root / "sft" / name, run, limit=limit, allow_code=allow_code)
+        scores[f"sft/{name}"] = {b: got.get(b) for b in SFT_BENCHMARKS}
     for d in sorted((root / "pt").iterdir(), key=lambda p: (p.name != "base", p.name)):
         scores[f"pt/{d.name}"] = evaluate_model(d, PT_BENCHMARKS, limit=limit)
     return scores
 
 
-def zoo_table(scores: dict[str, dict[str, float]]) -> str:
+def zoo_table(scores: dict[str, dict[str, float | None]]) -> str:
+    """Markdown tables of the zoo's scores; a score not measured (code not opted in) is — and so is its average."""
     lines = []
     for setting, benches in (("sft", SFT_BENCHMARKS), ("pt", PT_BENCHMARKS)):
         lines += [f"| {setting} model | " + " | ".join(benches) + " | avg |", "|---|" + "---:|" * (len(benches) + 1)]
         for model, s in scores.items():
             if model.startswith(setting + "/"):
                 vals = [s.get(b) for b in benches]
-                avg = sum(vals) / len(vals)
-                lines.append(f"| {model} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {avg:.1f} |")
+                avg = None if None in vals else sum(vals) / len(vals)
+                lines.append(f"| {model} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in vals + [avg])
+                             + " |")
         lines.append("")
+    if any(v is None for s in scores.values() for v in s.values()):
+        lines.append("— : not measured (the code benchmarks run only with HF_ALLOW_CODE_EVAL=1 or "
+                     "eval.allow_code=true)\n")
     return "\n".join(lines)
