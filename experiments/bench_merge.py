@@ -7,6 +7,13 @@ requested obim method through `obim-merge`, and mergekit's `ties` and `task_arit
 
     python experiments/bench_merge.py                       # all methods, the default shape
     python experiments/bench_merge.py --layers 32 --methods ties obim   # does peak RSS grow with depth?
+    python experiments/bench_merge.py --busy --methods ties obim       # the thread budget under a busy neighbour
+
+--busy: each method idle and beside a busy neighbour (one pure-Python spinning process per CPU, started before and
+stopped after each timed run), for three thread settings: `old` (OBIM_THREAD_BUDGET=0: 2 workers beside torch's
+own threads), `new, spinning` (the budget while OpenMP spins, as when torch is imported before obim) and `new,
+passive` (the budget with OMP_WAIT_POLICY=PASSIVE, obim's setting). The floor runs with one thread
+(OBIM_NUM_THREADS=1); every ratio is to the floor measured in the same state (idle or busy); medians of --reps.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -26,7 +34,7 @@ import yaml
 
 from obim.checkpoint import ShardedWriter, open_checkpoint, plan_shards
 from obim.methods import METHODS
-from obim.saliency import save_hdiag
+from obim.saliency import load_hdiag, save_hdiag
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -88,17 +96,21 @@ def make_hdiags(root: Path, dirs: list[Path]) -> list[Path]:
     ck = open_checkpoint(str(dirs[0]))
     for i, d in enumerate(dirs[1:], 1):
         p = root / f"hdiag-{d.name}.safetensors"
-        if not p.exists():
+        fingerprint = open_checkpoint(str(d)).fingerprint()
+        if not p.exists() or load_hdiag(p)[1].get("model_fingerprint") != fingerprint:
             g = torch.Generator().manual_seed(100 + i)
             h = {n: torch.rand(info.shape[1], generator=g) + 0.01 for n, info in ck.tensors.items()
                  if n.endswith(tuple(f"{x}.weight" for x in LINEAR)) or n == "lm_head.weight"}
-            save_hdiag(h, p, {"model": str(d), "data": "synthetic"})
+            save_hdiag(h, p, {"model": str(d), "data": "synthetic", "model_fingerprint": fingerprint})
         out.append(p)
     return out
 
 
 def floor_job(dirs: list[str], out: str) -> None:
     """The I/O floor: read every input tensor once, add them, write one model."""
+    from obim.threads import configure
+
+    configure()
     cks = [open_checkpoint(d) for d in dirs]
     names = sorted(cks[0].tensors.values(), key=lambda t: (str(t.file), t.offset))
     outp = Path(out)
@@ -113,8 +125,11 @@ def floor_job(dirs: list[str], out: str) -> None:
     w.finish()
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in GB, exit status) of one child process, from its own rusage."""
+def run_measured(cmd: list[str], env: dict | None = None, out: Path | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, exit status) of one child process, from its own rusage; `out` is removed
+    first (each run writes a fresh directory)."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -125,6 +140,91 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     if code != 0:
         print(f"  FAILED ({code}): {' '.join(cmd)}\n  {err.splitlines()[-1] if err else ''}", file=sys.stderr)
     return wall, usage.ru_maxrss / 1024**2, code
+
+
+def busy_neighbour(n: int) -> list[subprocess.Popen]:
+    """n processes spinning in pure Python (one per CPU: every core busy), until stopped."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    time.sleep(0.5)  # running, not starting
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
+
+
+THREAD_SETTINGS = {  # --busy: name -> environment changes (None: removed)
+    "old": {"OBIM_THREAD_BUDGET": "0", "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
+    # libgomp's default when OMP_WAIT_POLICY is unset (spin ~300k iterations), spelled out
+    "new, spinning": {"OBIM_THREAD_BUDGET": None, "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"},
+    "new, passive": {"OBIM_THREAD_BUDGET": None, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+}
+
+
+def with_env(changes: dict[str, str | None]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OBIM_NUM_THREADS", "OMP_NUM_THREADS")}
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[str], reps: int, device: str
+               ) -> str:
+    """Each method idle and beside a busy neighbour, in each thread setting; every idle run is followed by its busy
+    twin, and settings alternate within each repetition (the machine's other load drifts)."""
+    out = root / "out"
+    n_busy = os.cpu_count() or 1
+    walls: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
+
+    def measure(key: str, cmd: list[str], env: dict) -> None:
+        for state in ("idle", "busy"):
+            procs = busy_neighbour(n_busy) if state == "busy" else []
+            try:
+                before = os.times()
+                wall, _, code = run_measured(cmd, env, out)
+                after = os.times()
+            finally:
+                stop(procs)
+            if code != 0:
+                raise SystemExit(f"{key} failed")
+            cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            walls.setdefault((key, state), []).append(wall)
+            cpus.setdefault((key, state), []).append(cpu)
+            print(f"  {key:<32} {state}: {wall:6.1f} s wall, {cpu:6.1f} s CPU", flush=True)
+
+    floor_key = "I/O floor (1 thread)"
+    cfgs = {}
+    for method in methods:
+        cfgs[method] = root / f"{method}.yaml"
+        cfgs[method].write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
+    for rep in range(reps):
+        print(f"repetition {rep + 1} of {reps} (neighbour: {n_busy} spinning processes)", flush=True)
+        measure(floor_key, [sys.executable, __file__, "--_floor", *map(str, dirs), str(out)],
+                with_env({"OBIM_NUM_THREADS": "1"}))
+        for method in methods:
+            names = list(THREAD_SETTINGS)
+            for setting in names[rep % len(names):] + names[: rep % len(names)]:
+                cmd = [sys.executable, "-m", "obim.cli", str(cfgs[method]), str(out), "--quiet", "--device", device]
+                measure(f"obim {method}, {setting}", cmd, with_env(THREAD_SETTINGS[setting]))
+    shutil.rmtree(out, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpus.items()}
+    lines = ["| what | idle (s) | idle x floor | busy (s) | busy x floor | busy/idle of x floor | CPU s idle / busy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    keys = [floor_key] + [f"obim {m}, {s}" for m in methods for s in THREAD_SETTINGS]
+    for k in keys:
+        ri, rb = med[k, "idle"] / med[floor_key, "idle"], med[k, "busy"] / med[floor_key, "busy"]
+        lines.append(f"| {k} | {med[k, 'idle']:.1f} | {ri:.2f} | {med[k, 'busy']:.1f} | {rb:.2f} | {rb / ri:.2f} "
+                     f"| {mcpu[k, 'idle']:.1f} / {mcpu[k, 'busy']:.1f} |")
+    return "\n".join(lines)
 
 
 def obim_config(method: str, dirs: list[Path], hdiags: list[Path]) -> dict:
@@ -155,12 +255,15 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--models", type=int, default=3, help="number of fine-tunes")
-    ap.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    ap.add_argument("--methods", nargs="*", help="default: all; with --busy, ties and obim")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
                     help="mergekit-yaml executable (skipped when absent)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--busy", action="store_true",
+                    help="the thread budget: each method idle and beside a busy neighbour, old and new settings")
+    ap.add_argument("--reps", type=int, default=3, help="--busy: repetitions (medians are reported)")
     ap.add_argument("--_floor", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._floor:
@@ -175,26 +278,31 @@ def main() -> None:
           f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); ready in {time.perf_counter() - t0:.0f} s")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
     out = root / "out"
+    if args.busy:
+        table = busy_table(root, dirs, hdiags, args.methods or ["ties", "obim"],
+                           args.reps, args.device)
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return
     rows = []
 
-    wall, rss, code = run_measured([sys.executable, __file__, "--_floor", *map(str, dirs), str(out)])
+    wall, rss, code = run_measured([sys.executable, __file__, "--_floor", *map(str, dirs), str(out)], out=out)
     floor = wall
     rows.append(("I/O floor (read all, add, write one)", wall, rss, code))
-    for method in args.methods:
+    for method in args.methods or sorted(METHODS):
         cfg_path = root / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
-        cmd = [sys.executable, "-m", "obim.cli", str(cfg_path), str(out), "--overwrite", "--quiet",
-               "--device", args.device]
-        rows.append((f"obim {method}", *run_measured(cmd)))
+        cmd = [sys.executable, "-m", "obim.cli", str(cfg_path), str(out), "--quiet", "--device", args.device]
+        rows.append((f"obim {method}", *run_measured(cmd, out=out)))
     if args.mergekit and not args.no_mergekit:
         for method in ("task_arithmetic", "ties"):
             cfg_path = root / f"mergekit-{method}.yaml"
             cfg_path.write_text(yaml.safe_dump(mergekit_config(method, dirs)))
-            shutil.rmtree(out, ignore_errors=True)
             cmd = [args.mergekit, str(cfg_path), str(out), "--allow-crimes", "--lazy-unpickle"]
             if args.device.startswith("cuda"):
                 cmd.append("--cuda")
-            rows.append((f"mergekit {method}", *run_measured(cmd)))
+            rows.append((f"mergekit {method}", *run_measured(cmd, out=out)))
     shutil.rmtree(out, ignore_errors=True)
 
     lines = ["| what | wall (s) | x floor | peak RSS (GB) |", "|---|---:|---:|---:|"]

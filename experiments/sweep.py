@@ -7,8 +7,14 @@ tables are written when the sweep ends. See README.md for the axes, presets, bac
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads (obim.threads.prefer_passive_openmp, which the obim package can only run when imported first):
+# OpenMP's idle threads then sleep at once instead of spinning, and the jobs' own processes inherit it.
+if os.environ.get("OBIM_THREAD_BUDGET", "1").strip().lower() not in {"0", "off", "false", "no"}:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout runs without installing
 
@@ -22,16 +28,29 @@ def _default_backend(argv: list[str]) -> list[str]:
     return [*argv, "eval=vllm"] if torch.cuda.is_available() else argv
 
 
+def parallel_jobs(launcher) -> int:
+    """How many sweep jobs share this machine: the joblib launcher's n_jobs (joblib's meaning: -1 all CPUs, -2 all
+    but one, ...), else 1 (the basic launcher runs one job at a time; Slurm gives each its own CPUs)."""
+    if launcher is None or "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    from obim.threads import cores_available
+
+    n = int(launcher.get("n_jobs", -1) or 1)
+    return n if n > 0 else max(1, cores_available() + 1 + n)
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from obim.errors import ObimError
     from obim.sweep import run_job
+    from obim.threads import configure
 
     @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
     def job(cfg) -> None:
         hc = HydraConfig.get()
+        configure(parallel_jobs(hc.get("launcher")))  # this job's share of the machine's threads
         try:
             run_job(cfg, hc.runtime.output_dir, list(hc.overrides.task), hc.job.override_dirname or hc.job.name)
         except ObimError as e:

@@ -22,6 +22,9 @@ def _run(prog: str, fn) -> int:
 
 
 def merge_main(argv: list[str] | None = None) -> int:
+    from .threads import configure
+
+    configure()
     from .methods import METHODS
 
     ap = argparse.ArgumentParser(
@@ -46,6 +49,9 @@ def merge_main(argv: list[str] | None = None) -> int:
 
 
 def saliency_main(argv: list[str] | None = None) -> int:
+    from .threads import configure
+
+    configure()
     ap = argparse.ArgumentParser(
         prog="obim-saliency",
         description="Compute OBM saliency statistics (the hdiag file: mean x² per input feature of every nn.Linear).")
@@ -81,6 +87,9 @@ def saliency_main(argv: list[str] | None = None) -> int:
 
 
 def zoo_main(argv: list[str] | None = None) -> int:
+    from .threads import configure
+
+    configure()
     ap = argparse.ArgumentParser(prog="obim-zoo", description="The toy zoo: tiny models trained here, offline.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the zoo (or reuse it when built by the same recipe); prints its "
