@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import threads as _threads  # noqa: E402,F401  (first: OpenMP reads OMP_WAIT_POLICY once, when torch loads)
 from .config import MergeConfig, load_config  # noqa: E402
 from .errors import ObimError  # noqa: E402
 from .evaluation import tasks_dir  # noqa: E402

@@ -10,14 +10,20 @@ from .errors import ObimError
 
 
 def _run(prog: str, fn) -> int:
+    from .checkpoint import sigterm_as_interrupt
+
     try:
-        fn()
+        with sigterm_as_interrupt():
+            fn()
     except ObimError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (checkpoint.Terminated): staged output is removed
+        from .checkpoint import Terminated
+
+        term = isinstance(e, Terminated)
+        print(f"{prog}: {'terminated' if term else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 143 if term else 130
     return 0
 
 
@@ -68,13 +74,11 @@ def saliency_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        import torch
-
+        from .checks import device_check, require
         from .saliency import compute_hdiag, save_hdiag
         from .validation import read_texts
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ObimError(f"--device {args.device}: CUDA is not available on this machine")
+        require("--device", args.device, device_check)
         texts = read_texts(args.data, args.size, args.text_field)
         hdiag, meta = compute_hdiag(args.model, texts, max_length=args.max_length, batch_size=args.batch_size,
                                     device=args.device, dtype=args.dtype, progress=not args.quiet,
@@ -98,6 +102,8 @@ def zoo_main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a few training steps only: the layout in seconds")
     b.add_argument("--no-eval", action="store_true", help="skip the lm-eval table")
     b.add_argument("--table", default=None, help="also write the evaluation table (markdown) to this file")
+    b.add_argument("--allow-code", action="store_true", help="score the code benchmarks, which execute "
+                   "model-generated code in obim's sandbox (as HF_ALLOW_CODE_EVAL=1)")
     b.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -105,6 +111,7 @@ def zoo_main(argv: list[str] | None = None) -> int:
         from .zoo import RECIPE, build, quick_recipe
 
         root = build(args.out, recipe=quick_recipe() if args.quick else RECIPE, evaluate=not args.no_eval,
+                     allow_code=args.allow_code,
                      progress=not args.quiet)
         if args.table and (root / "zoo.md").exists():
             Path(args.table).parent.mkdir(parents=True, exist_ok=True)
