@@ -479,18 +479,33 @@ def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> It
             tmp.mkdir()
             try:
                 yield tmp
-                if out.exists():
-                    os.replace(out, trash)
-                    os.replace(tmp, out)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            _swap_in(tmp, out, trash)
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _swap_in(tmp: Path, out: Path, trash: Path) -> None:
+    """Rename the finished output onto OUT with SIGINT/SIGTERM held off, so no signal lands between the two renames
+    (which would leave OUT missing); if the second rename fails, the previous OUT goes back."""
+    mask = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        if out.exists():
+            os.replace(out, trash)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash, out)
+                raise
+        else:
+            os.replace(tmp, out)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def atomic_write_file(path: Path, write) -> None:

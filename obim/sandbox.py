@@ -90,10 +90,13 @@ def _hook(work, posix, stat):
     deny_import = frozenset(("_ctypes", "ctypes", "_posixsubprocess", "posix", "_xxsubinterpreters",
                              "_testcapi", "_testinternalcapi"))
     # event -> (argument positions that are paths, positions that are dir_fds)
-    paths = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
-             "os.rename": ((0, 1), (2, 3)), "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)),
-             "os.utime": ((0,), (3,)), "os.truncate": ((0,), ()), "os.setxattr": ((0,), ()),
-             "os.removexattr": ((0,), ()), "shutil.chown": ((0,), ())}
+    # a tuple, not a dict: a traceback out of the hook could reach its closure, and must find nothing to clear
+    paths = (("os.remove", (0,), (1,)), ("os.rmdir", (0,), (1,)), ("os.mkdir", (0,), (2,)),
+             ("os.rename", (0, 1), (2, 3)), ("os.chmod", (0,), (2,)), ("os.chown", (0,), (3,)),
+             ("os.utime", (0,), (3,)), ("os.truncate", (0,), ()), ("os.setxattr", (0,), ()),
+             ("os.removexattr", (0,), ()), ("shutil.chown", (0,), ()))
+    path_events = frozenset(e for e, _, _ in paths)
+    BaseException_ = BaseException
 
     def refuse(what):  # kill rather than raise: the program cannot catch it and go on
         try:
@@ -124,6 +127,12 @@ def _hook(work, posix, stat):
         return n is not None and (n == work or n.startswith(work + "/"))
 
     def hook(event, args):
+        try:
+            check(event, args)
+        except BaseException_:  # the check itself failed (no cwd, recursion limit): refuse, never let it through
+            refuse("an event the sandbox could not check")
+
+    def check(event, args):
         if type_(event) is not str_:
             return  # not an event of CPython's: the program's own sys.audit call
         if event in deny or event.startswith(deny_prefix):
@@ -135,6 +144,8 @@ def _hook(work, posix, stat):
             n = norm(path)
             if n is None:
                 refuse("open of a non-str path")
+            if "/proc/" in n and "/proc/" in n[n.index("/proc/") + 5:]:  # /proc/self/root/proc/<pid>/...
+                refuse("open " + n)
             if n.startswith("/proc/") and n.split("/")[2] not in own_proc:
                 refuse("open " + n)
             writing = type_(flags) is int_ and flags & wflags
@@ -152,8 +163,8 @@ def _hook(work, posix, stat):
                         refuse("os.open of a directory " + n)
                 except OSError_:
                     pass
-        elif event in paths:
-            where, fds = paths[event]
+        elif event in path_events:
+            where, fds = next((w, f) for e, w, f in paths if e == event)
             for i in fds:
                 if args[i] is not None and (type_(args[i]) is not int_ or args[i] != -1):
                     refuse(event + " with dir_fd")

@@ -299,7 +299,9 @@ def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, pro
     from .validation import build_texts
 
     texts = build_texts(v)
-    key = digest([model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__])
+    # hdiag-v2: files record the model's fingerprint (older cached files lack it and would be refused)
+    key = digest([model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__,
+                  "hdiag-v2"])
     out = cache / "saliency" / f"{name}-{key}.safetensors"
     with locked(out):
         hit = out.is_file()
