@@ -2,7 +2,9 @@
 
 With no override it runs the default sweep on the toy SFT setting (Table 1 + the Table 3 ablations); every job
 computes saliency statistics -> merges -> evaluates through lm-eval -> logs to W&B -> writes result.json, and the
-tables are written when the sweep ends. See README.md for the axes, presets, backends and cluster launchers.
+tables are written when the sweep ends. The console shows a progress bar, a line per job and the main table at the
+end (obim.console); the libraries' logs go to each job's log file unless verbose=true. See README.md for the axes,
+presets, backends and cluster launchers.
 """
 
 from __future__ import annotations
@@ -42,20 +44,29 @@ def parallel_jobs(launcher) -> int:
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from obim.errors import ObimError
+    from obim.joblog import job_session
     from obim.sweep import run_job
     from obim.threads import configure
 
     @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
-    def job(cfg) -> None:
+    def job(cfg) -> dict:
         hc = HydraConfig.get()
         configure(parallel_jobs(hc.get("launcher")))  # this job's share of the machine's threads
-        try:
-            run_job(cfg, hc.runtime.output_dir, list(hc.overrides.task), hc.job.override_dirname or hc.job.name)
-        except ObimError as e:
-            print(f"sweep: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        name = hc.job.override_dirname or hc.job.name
+        overrides = list(hc.overrides.task)
+        sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+        with job_session(hc.runtime.output_dir, name, overrides, sweep_dir, bool(cfg.get("verbose"))) as s:
+            try:
+                outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name))
+            except Exception as e:  # this job's one-line error on the console (obim.console); the sweep goes on
+                outcome = s.failed(e)
+        if outcome["status"] == "failed" and not any("SweepConsole" in str(c.get("_target_", ""))
+                                                    for c in (hc.callbacks or {}).values()):
+            print(f"sweep: error: {outcome['error']} (log: {outcome['log']})", file=sys.stderr)
+            raise SystemExit(1)  # no console callback to report it and fail the sweep
+        return outcome
 
     sys.argv = [sys.argv[0], *_default_backend(sys.argv[1:])]
     job()

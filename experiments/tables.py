@@ -1,8 +1,9 @@
 """Write the paper's tables from sweep results: `python experiments/tables.py [EXPERIMENT ...]`.
 
 Reads every result.json under multirun/<experiment>/ and writes results/<experiment>/<table>.md|csv (in the
-paper's layout, the paper's numbers beside ours), figure3.png when the number of merged models was swept, and
-jobs.md (every job with its costs). The sweep runs this itself when it ends.
+paper's layout, the paper's numbers beside ours), a PNG plot beside each axis table (<table>.png; figure3.png when
+the number of merged models was swept), and jobs.md (every job with its costs). The sweep runs this itself when it
+ends. `--replot DIR` redraws the plots in DIR from its tables' CSV files alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiments", nargs="*", help="experiment names (default: every folder under --runs)")
     ap.add_argument("--runs", default="multirun", help="sweep root (hydra.sweep.dir's parent)")
     ap.add_argument("--out", default="results", help="tables root")
+    ap.add_argument("--replot", metavar="DIR", help="redraw the axis plots in DIR from its <table>.csv files")
     args = ap.parse_args(argv)
+    if args.replot:
+        from obim.plots import replot
+
+        for p in replot(Path(args.replot)):
+            print(p)
+        return 0
     runs = Path(args.runs)
     names = args.experiments or sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
     if not names:

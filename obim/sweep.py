@@ -21,6 +21,7 @@ from . import __version__
 from .cache import default_cache_dir, digest, locked, model_fingerprint, read_json, write_json
 from .checks import device_check, number_in, one_of, optional, require
 from .errors import ObimError
+from .joblog import status
 
 ORDER_KINDS = ("experiment", "rotation", "first", "last", "fixed")
 POSITIVE = number_in(1, float("inf"), integer=True)
@@ -513,8 +514,9 @@ def _judge_pending(result: dict) -> bool:
     return missing and judge_configured()
 
 
-def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, job_name: str = "") -> dict | None:
-    """Run one sweep job into job_dir; returns its result (None for a dry run)."""
+def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, job_name: str = "") -> dict:
+    """Run one sweep job into job_dir; returns its result (`skipped` set when result.json already held it), or for
+    a dry run {dry_run: True, summary}. Its stages are reported to the sweep's console (obim.joblog.status)."""
     job_dir = Path(job_dir)
     plan = plan_job(cfg, overrides)
     h = plan_hash(plan)
@@ -523,21 +525,21 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
         where = {n: where_is(p) for n, p in paths.items()}
         write_json(job_dir / "plan.json", {"config_hash": h, **plan, "paths": where})
-        print(f"[plan] {job_name or job_dir.name}: {plan['method']} of {', '.join(plan['models'])} -> "
-              f"{len(plan['tasks'])} tasks")
+        summary = f"{plan['method']} of {', '.join(plan['models'])} -> {len(plan['tasks'])} tasks"
         missing = [f"{n} ({paths[n]})" for n, w in where.items() if w == "missing"]
         if missing and not plan.get("zoo"):  # the zoo's models appear on the first real job
-            print(f"[plan]   not found yet: {', '.join(missing)}")
-        return None
+            summary += f"; not found yet: {', '.join(missing)}"
+        return {"dry_run": True, "summary": summary}
     prev = read_json(job_dir / "result.json")
     if prev is not None and prev.get("config_hash") == h and not _judge_pending(prev):
-        print(f"[skip] {job_name or job_dir.name}: result.json exists for this config")
-        return prev
+        return {**prev, "skipped": True}  # result.json holds this config's result (the flag is not stored)
     (job_dir / "result.json").unlink(missing_ok=True)
     progress = bool(cfg.progress)
     cache = Path(str(cfg.cache_dir))
     device = auto_device(str(cfg.device))
     eval_device = auto_device(str(cfg.eval.device))
+    if plan.get("zoo") and not (Path(plan["zoo"]) / "zoo.json").is_file():
+        status("building the toy zoo (first use)", "zoo")
     ensure_zoo(plan, progress)
 
     import torch
@@ -548,18 +550,22 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         sal: dict[str, dict] = {}
         for spec in plan["merge"]["models"]:
             if spec["name"] in plan["validation"]:
+                status(f"saliency of {spec['name']}", "saliency")
                 sal[spec["name"]] = cached_saliency(cache, spec["name"], spec["path"],
                                                     plan["validation"][spec["name"]], device, progress)
                 spec["hdiag"] = sal[spec["name"]]["hdiag"]
+        status("merge", "merge")
         merged = cached_merge(cache, plan["merge"], device, progress)
     _fault("merge")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
+    status("eval of the merged model", "eval")
     ev = cached_eval(cache, merged["dir"], plan["tasks"], plan["eval"], eval_device, plan["allow_code"])
     individual = {}
     if plan["individual"]:
         for name, path in [("base", plan["merge"]["base_model"])] + [(m["name"], m["path"])
                                                                       for m in plan["merge"]["models"]]:
+            status(f"eval of {name}", "eval")
             r = cached_eval(cache, path, plan["tasks"], plan["eval"], eval_device, plan["allow_code"])
             individual[name] = {"scores": r["scores"], "avg": r["avg"], "eval_s": r["eval_s"]}
     _fault("eval")
@@ -585,27 +591,7 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     # log before result.json exists: a job whose logging failed is redone (from the caches) by a rerun
     from .tracking import log_job
 
+    status("logging the result", "log")
     result["wandb_dir"] = log_job(_plain(cfg.tracking), job_dir, job_name or job_dir.name, result)
     write_json(job_dir / "result.json", result)
-    avg = "—" if result["avg"] is None else f"{result['avg']:.1f}"
-    print(f"[done] {job_name or job_dir.name}: avg {avg} "
-          + " ".join(f"{plan['benchmarks'][t]}=" + ("—" if v is None else f"{v:.1f}")
-                     for t, v in result["scores"].items()))
     return result
-
-
-from hydra.experimental.callback import Callback  # noqa: E402
-
-
-class TablesCallback(Callback):
-    """Hydra callback: when a multirun ends, aggregate its results into the paper's tables."""
-
-    def on_multirun_end(self, config: Any, **_: Any) -> None:
-        from .tables import write_tables
-
-        if config.get("dry_run"):
-            return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        out = Path(str(config.results_dir)) / str(config.experiment.name)
-        for p in write_tables(sweep_dir, out):
-            print(f"[tables] {p}")

@@ -1,9 +1,11 @@
 """The paper's tables from sweep results: every `result.json` under a sweep directory, aggregated into Markdown and
-CSV in the paper's layout, each of our cells beside the paper's number (obim/paper_tables.yaml), and Figure 3.
+CSV in the paper's layout, each of our cells beside the paper's number (obim/paper_tables.yaml), and their plots
+(obim/plots.py).
 
 A row comes from the latest result (by file time) of the jobs that match it: Tables 1-3 use each experiment's main
 setting (only `method` and evaluation/logging options overridden); Tables 4-6 and 11 the OBIM (and DARE) jobs that
-vary one axis: validation source, validation size, order, number of models.
+vary one axis: validation source, validation size, order, number of models; the grid table the jobs that vary only
+retentions or method parameters.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
 SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
 # Overrides that leave what a job computes as the experiment defines it (only which method, how it is evaluated
 # or logged): a job with only these is the experiment's main setting, the one Tables 1-3 report.
-NEUTRAL = {"method", "experiment", "experiment.zoo", "experiment.zoo_recipe", "progress", "keep_merged", "cache_dir",
-           "results_dir", "device", "dry_run", "paper"}
+NEUTRAL = {"method", "experiment", "experiment.zoo", "experiment.zoo_recipe", "progress", "verbose", "keep_merged",
+           "cache_dir", "results_dir", "device", "dry_run", "paper"}
 NEUTRAL_GROUPS = {"eval", "tracking", "hydra"}
 
 
@@ -258,44 +260,6 @@ def table11(results: list[dict], paper: dict) -> Table | None:
     return t
 
 
-def figure3(results: list[dict], out: Path) -> Path | None:
-    """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
-    seen = _by_count(results)
-    counts = sorted({n for n, _ in seen})
-    if len(counts) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paper = paper_tables()["table11"]["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax = axes[0]
-    for m, style in (("obim", "o-"), ("dare", "s-")):
-        xs = [n for n in counts if (n, m) in seen]
-        ax.plot(xs, [seen[(n, m)]["avg"] for n in xs], style, label=METHOD_LABELS[m])
-    xs = [n for n in counts if _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))]
-    ax.plot(xs, [_best_single(seen.get((n, "obim")) or seen.get((n, "dare")))[1] for n in xs], "k--",
-            label="best single model")
-    ax.set(title=f"ours ({next(iter(seen.values()))['experiment']})", xlabel="models merged (base included)",
-           ylabel="average score", xticks=counts)
-    ax.legend()
-    ax = axes[1]
-    pc = sorted(int(k) for k in paper)
-    for m, style in (("OBIM", "o-"), ("DARE", "s-")):
-        ax.plot(pc, [paper[str(n)][m][-1] for n in pc], style, label=m)
-    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=pc)
-    ax.legend()
-    fig.tight_layout()
-    from .checkpoint import atomic_write_file
-
-    path = out / "figure3.png"
-    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}))
-    plt.close(fig)
-    return path
-
-
 def jobs_table(results: list[dict]) -> str:
     """Every job: what it varied, its average and its costs (the paper's Table 10 figures)."""
     lines = ["# Jobs", "", "| job | method | avg | saliency s | s/sample | merge s | eval s | peak RSS MB |",
@@ -340,6 +304,38 @@ def cost_table(ours: list[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GRID_PREFIXES = ("method.parameters.", "method.per_model.", "experiment.models.")
+
+
+def grid_table(results: list[dict]) -> Table | None:
+    """Retention and parameter grids: jobs that vary only retentions or the method's parameters, a row per
+    (method, setting), latest result each; the paper reports no such table."""
+    seen: dict[tuple[str, str], dict] = {}
+    for r in results:
+        grid = [o.lstrip("+~") for o in r.get("overrides", []) if axis_of(o) in ("retention", "method")]
+        if grid and _varies_only(r, {"retention", "method"}):
+            setting = " ".join(sorted(next((o[len(p):] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
+            seen[(r["method"], setting)] = r
+    if not seen:
+        return None
+    order = list(METHOD_LABELS)
+
+    def key(k: tuple[str, str]) -> tuple:  # the methods in the paper's order, then numeric settings by value
+        v = k[1].partition("=")[2]
+        num = v.replace(".", "", 1).isdigit()
+        return (order.index(k[0]) if k[0] in order else len(order), k[0], not num, float(v) if num else 0.0, k[1])
+
+    last = list(seen.values())[-1]
+    named = list(dict.fromkeys(last["plan"]["benchmarks"].values()))
+    main = (paper_tables().get({"sft": "table1", "pt": "table2"}.get(last.get("setting"), "")) or {}).get("columns")
+    cols = main if main and set(named) <= set(main) else [*named, "avg"]  # the paper's column order
+    t = Table("grid", "Retention and parameter grid", cols, lead="method, setting")
+    for m, setting in sorted(seen, key=key):
+        r = seen[(m, setting)]
+        t.rows.append((f"{METHOD_LABELS.get(m, m)}, {setting}", _row(r["scores"], r["plan"]["benchmarks"], cols), None))
+    return t
+
+
 def build_tables(results: list[dict]) -> list[Table]:
     paper = paper_tables()
     found = [
@@ -349,14 +345,17 @@ def build_tables(results: list[dict]) -> list[Table]:
         table4(results, paper), table5(results, paper), table6(results, paper),
         _main_table("table2", "Table 2: merging post-pretrained checkpoints", results, "pt", TABLE1_METHODS,
                     paper, True),
-        table11(results, paper),
+        table11(results, paper), grid_table(results),
     ]
     return [t for t in found if t is not None]
 
 
 def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
-    """Aggregate every result under `runs` into `out`/<table>.md|csv (+ figure3.png, jobs.md)."""
+    """Aggregate every result under `runs` into `out`/<table>.md|csv, a PNG plot beside each axis table
+    (<table>.png, figure3.png for Table 11), table10.md and jobs.md; tables and plots also go to the active W&B
+    run, if any."""
     from .checkpoint import atomic_write_file
+    from .plots import figure3, log_to_wandb, write_plots
 
     results = load_results(runs)
     out = Path(out)
@@ -364,14 +363,17 @@ def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for t in build_tables(results):
+    tables = build_tables(results)
+    for t in tables:
         for suffix, text in ((".md", t.markdown()), (".csv", t.csv())):
             p = out / f"{t.name}{suffix}"
             atomic_write_file(p, lambda tmp, text=text: tmp.write_text(text))
             written.append(p)
+    figures = write_plots(tables, out)
     fig = figure3(results, out)
-    if fig:
-        written.append(fig)
+    figures += [fig] if fig else []
+    written += figures
+    log_to_wandb(tables, figures)
     t10 = table10(results)
     if t10:
         p = out / "table10.md"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import netrc
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -65,3 +66,24 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
     finally:
         run.finish()
     return run_dir
+
+
+@contextmanager
+def tables_run(tracking: dict[str, Any], run_dir: Path, name: str) -> Iterator[None]:
+    """A W&B run around the sweep's tables (obim.tables.write_tables logs them and their plots to the active run),
+    in the sweep's group; nothing when tracking is off."""
+    if tracking.get("backend", "none") != "wandb":
+        yield
+        return
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=tracking.get("group"),
+        name=name, job_type="tables", tags=list(tracking.get("tags") or []), dir=str(run_dir),
+        mode=wandb_mode(tracking.get("mode")),  # not create_new: it is wandb.run, where write_tables logs
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    try:
+        yield
+    finally:
+        run.finish()

@@ -1,0 +1,125 @@
+"""A plot beside each axis table (obim/plots.py), from hand-made results: written as PNG, drawing exactly the table's
+numbers (ours and the paper's), the same bytes from the same table, redrawn from the CSV alone, logged to an active
+W&B run."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from test_tables import PT, result
+from obim.plots import axis_figure, replot
+from obim.tables import build_tables, load_results, write_tables
+
+AXIS_TABLES = {"table4", "table5", "table6", "grid"}
+
+
+def sweep_results(runs: Path) -> None:
+    """Tables 4, 5, 6 and 11 and a retention/density grid, every score distinct."""
+    s = iter(range(1, 1000))
+    sc = lambda: [float(next(s)) for _ in range(6)]  # noqa: E731
+    for src, sources in (("math", {"gsm8k": 50, "math": 50}), ("code", {"mbpp": 100}),
+                         ("math_code", {"gsm8k": 34, "math": 33, "mbpp": 33})):
+        result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"], math_sources=sources)
+    for size in (10, 50, 200):
+        result(runs, f"size-{size}", "obim", sc(), overrides=["validation=math", f"validation.size={size}"],
+               math_sources={"gsm8k": size // 2, "math": size - size // 2})
+    result(runs, "rotation", "obim", sc(), overrides=["order=rotation"],
+           order={"kind": "rotation", "resolved": "rotation"})
+    result(runs, "math-first", "obim", sc(), overrides=["order=first", "order.model=math"],
+           order={"kind": "first", "model": "math", "resolved": ["math", "lm", "code"]})
+    for m in ("obim", "ties_im"):
+        for r in (0.2, 0.3, 0.45):
+            result(runs, f"{m}-r{r}", m, sc(), overrides=[f"retention={r}"])
+    for n in (1, 2, 3):
+        for m in ("obim", "dare"):
+            result(runs, f"{m}-n{n}", m, [float(next(s)) for _ in PT], setting="pt", n_models=n,
+                   overrides=[f"n_models={n}"], order={"kind": "experiment", "resolved": "rotation"})
+
+
+def plotted(fig) -> list[dict]:
+    """What each panel of a figure draws: {title, x labels or values, {series: [y]}}."""
+    out = []
+    for ax in fig.axes:
+        series = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        series.update({c.get_label(): [p.get_height() for p in c] for c in ax.containers})
+        xs = [list(line.get_xdata()) for line in ax.get_lines()]
+        out.append({"title": ax.get_title(), "series": series, "x": xs[0] if xs else
+                    [t.get_text() for t in ax.get_xticklabels()]})
+    return out
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all((x is None and math.isnan(y)) or (x is not None and y == pytest.approx(x))
+                                    for x, y in zip(a, b))
+
+
+def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
+    runs = tmp_path / "runs"
+    sweep_results(runs)
+    out = tmp_path / "out"
+    written = {p.name for p in write_tables(runs, out)}
+    tables = {t.name: t for t in build_tables(load_results(runs))}
+    assert AXIS_TABLES | {"table11"} <= set(tables)
+    for name in AXIS_TABLES:
+        assert {f"{name}.md", f"{name}.csv", f"{name}.png"} <= written, name
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "figure3.png" in written  # Table 11's plot
+    assert not {"table1.png", "table3.png", "table10.png"} & written  # plots only where an axis is swept
+
+    for name in AXIS_TABLES:
+        t = tables[name]
+        with open(out / f"{name}.csv") as f:
+            rows = list(csv.DictReader(f))
+        panels = plotted(axis_figure(t))
+        if name == "grid":
+            # a panel per method, x the retention, a line per benchmark and avg
+            assert [p["title"] for p in panels] == ["OBIM", "TIES+IM"]
+            for p in panels:
+                mine = [r for r in rows if r[t.lead].startswith(p["title"] + ",")]
+                assert p["x"] == [float(r[t.lead].split("=")[1]) for r in mine] == [0.2, 0.3, 0.45]
+                for c in t.columns:
+                    assert same([float(r[c]) for r in mine], p["series"][c]), (name, c)
+            continue
+        ours, paper = panels[0], panels[1]
+        assert ours["title"] == "ours" and paper["title"].startswith("paper")
+        labels = [r[t.lead] for r in rows]
+        assert ours["x"] == ([float(v) for v in labels] if name == "table5" else labels)
+        for c in t.columns:  # the CSV's numbers, ours and the paper's, are the plotted ones
+            assert same([float(r[c]) for r in rows], ours["series"][c]), (name, c)
+            assert same([float(r[f"paper_{c}"]) if r[f"paper_{c}"] else None for r in rows], paper["series"][c])
+
+    # the same table gives the same bytes; the CSV alone redraws them
+    again = tmp_path / "again"
+    write_tables(runs, again)
+    for name in AXIS_TABLES:
+        assert (again / f"{name}.png").read_bytes() == (out / f"{name}.png").read_bytes()
+        (again / f"{name}.png").unlink()
+    assert {p.name for p in replot(again)} == {f"{n}.png" for n in AXIS_TABLES}
+    for name in AXIS_TABLES:
+        assert (again / f"{name}.png").read_bytes() == (out / f"{name}.png").read_bytes(), name
+
+
+def test_tables_and_plots_go_to_the_active_wandb_run(tmp_path, monkeypatch):
+    logged = []
+    run = types.SimpleNamespace(log=logged.append)
+    stub = types.SimpleNamespace(run=run, Table=lambda columns, data: ("table", columns, data),
+                                 Image=lambda path: ("image", path))
+    runs = tmp_path / "runs"
+    sweep_results(runs)
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    written = write_tables(runs, tmp_path / "out")
+    (data,) = logged
+    assert {k for k in data if k.startswith("figures/")} == {f"figures/{p.stem}" for p in written if p.suffix == ".png"}
+    assert data["figures/table5"] == ("image", str(tmp_path / "out" / "table5.png"))
+    kind, columns, rows = data["tables/table5"]
+    assert columns == ["samples", "gsm8k", "math", "avg", "paper_gsm8k", "paper_math", "paper_avg"]
+    assert kind == "table" and [r[0] for r in rows] == ["10", "50", "100", "200"]
+    stub.run = None  # no active run: nothing logged
+    write_tables(runs, tmp_path / "out2")
+    assert len(logged) == 1
