@@ -63,10 +63,10 @@ def clock(s: float) -> str:
 def rel(p: str | Path) -> str:
     """A path as short as it can be written from here."""
     p = Path(p)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
+    for a, b in ((p.absolute(), Path.cwd()), (p.resolve(), Path.cwd().resolve())):
+        if a.is_relative_to(b):
+            return str(a.relative_to(b))
+    return str(p)
 
 
 def _num(v: float | None, digits: int = 1) -> str:

@@ -60,7 +60,7 @@ def axis_figure(t: Table):
 
     d = plot_data(t)
     n = len(d["panels"])
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=((4.5 if d["numeric"] else 5.5) * n, 3.8), squeeze=False)
     for ax, p in zip(axes[0], d["panels"]):
         ys = {c: [math.nan if v is None else v for v in vs] for c, vs in p["series"].items()}
         if d["numeric"]:
@@ -71,11 +71,15 @@ def axis_figure(t: Table):
             width = 0.8 / max(1, len(ys))
             for i, (c, y) in enumerate(ys.items()):
                 ax.bar([j + (i - (len(ys) - 1) / 2) * width for j in range(len(y))], y, width, label=c)
-            ax.set_xticks(range(len(p["x"])), [str(v) for v in p["x"]], rotation=20, ha="right", fontsize=8)
+            ticks = [str(v).replace(" (", "\n(").translate(str.maketrans("", "", "[]'")) for v in p["x"]]
+            ax.set_xticks(range(len(p["x"])), ticks, fontsize=7)
+        top = max([v for y in ys.values() for v in y if not math.isnan(v)] + [0])
+        ax.set_ylim(0, max(5.0, top * 1.1))
         ax.set(title=p["title"], xlabel=d["xlabel"], ylabel="score")
-        ax.legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # every panel draws the same series
+    fig.legend(handles, labels, loc="lower center", ncols=len(labels), fontsize=8, frameon=False)
     fig.suptitle(t.title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
