@@ -185,6 +185,8 @@ class Live:
         kind = ev.get("kind")
         if kind in ("start", "status"):
             self.now[self.label(ev)] = ev.get("text", "starting")
+            if ev.get("stage") == "zoo" and not self.tty:  # minutes without a job line: say why
+                self.print(f"{self.label(ev)}: {ev['text']}")
         elif kind == "warning":
             key = (ev.get("level", ""), ev.get("text", ""))
             if key not in self.warned:

@@ -143,10 +143,10 @@ def job_log_path(job_dir: Path) -> Path:
 class JobSession:
     """One job's link to the console: the stage it is in (and how long each took), its log, its outcome."""
 
-    def __init__(self, job_dir: Path, name: str, overrides: list[str], channel: Path | None, quiet: bool) -> None:
-        self.job_dir, self.name, self.overrides = job_dir, name, overrides
-        self.channel, self.quiet = channel, quiet
+    def __init__(self, job_dir: Path, name: str, overrides: list[str], channel: Path | None) -> None:
+        self.job_dir, self.name, self.overrides, self.channel = job_dir, name, overrides, channel
         self.log = job_log_path(job_dir)
+        self._console_fd = 2  # the terminal: fd 2 until a quiet job points it at the log
         self.t0 = time.monotonic()
         self.stages: dict[str, float] = {}
         self._stage: tuple[str, float] | None = None
@@ -162,7 +162,7 @@ class JobSession:
         now = self._close_stage()
         self._stage = (stage, now) if stage else None
         logging.getLogger("obim.sweep").info(text)
-        emit(self.channel, "status", name=self.name, overrides=self.overrides, text=text)
+        emit(self.channel, "status", name=self.name, overrides=self.overrides, text=text, stage=stage)
 
     def warn(self, rec: dict) -> None:
         rec = {**rec, "log": str(self.log), "name": self.name}
@@ -213,8 +213,7 @@ def job_session(job_dir: str | Path, name: str, overrides: list[str], sweep_dir:
     channel = events_dir(sweep_dir) if sweep_dir is not None else None
     if channel is not None and not channel.is_dir():
         channel = None  # no console callback in this sweep
-    s = JobSession(Path(job_dir), name, overrides, channel, quiet=not verbose)
-    s._console_fd = 2
+    s = JobSession(Path(job_dir), name, overrides, channel)
     _current = s
     try:
         if verbose:
