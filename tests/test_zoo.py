@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from obim.tasks import utils as task_utils
-from obim.zoo import PT_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
+from obim.zoo import PT_BENCHMARKS, RAW_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
 from obim.zoo import data as D
 
 
@@ -47,9 +47,10 @@ def test_every_toy_task_runs_through_lm_eval(quick_zoo):
 
     sft = evaluate_model(quick_zoo / "sft" / "math", SFT_BENCHMARKS, limit=3, allow_code=True)
     pt = evaluate_model(quick_zoo / "pt" / "ckpt-1", PT_BENCHMARKS, limit=3)
-    for scores in (sft, pt):
+    raw = evaluate_model(quick_zoo / "sft" / "base", RAW_BENCHMARKS, limit=3, allow_code=True)
+    for scores in (sft, pt, raw):
         assert all(0.0 <= v <= 100.0 for v in scores.values())
-    assert set(sft) == set(SFT_BENCHMARKS) and set(pt) == set(PT_BENCHMARKS)
+    assert set(sft) == set(SFT_BENCHMARKS) and set(pt) == set(PT_BENCHMARKS) and set(raw) == set(RAW_BENCHMARKS)
 
 
 def test_splits_disjoint_by_content():
@@ -65,6 +66,27 @@ def test_splits_disjoint_by_content():
     # the evaluation sets are test prompts only
     ds = task_utils.toy_dataset("gsm8k", 50)["test"]
     assert all(D.split_of(p) == "test" for p in ds["prompt"])
+
+
+def test_raw_scorers_on_reference_answers():
+    """Each raw task's scorer gives full marks to the item's own raw answer and none to another item's."""
+    import random
+
+    rng = random.Random(5)
+    for task, proc in (("gsm8k", task_utils.process_last_number), ("math", task_utils.process_last_number),
+                       ("alpaca", task_utils.process_raw_exact)):
+        a, b = D.SFT_TASKS[task](rng), D.SFT_TASKS[task](rng)
+        while a.raw_answer == b.raw_answer:
+            b = D.SFT_TASKS[task](rng)
+        rec = a.record(raw=True)
+        assert rec["prompt"] == a.raw_prompt and rec["text"] == a.raw
+        assert proc(rec, [a.raw_answer.rstrip("\n")]) == {"exact_match": 1.0}
+        if task != "alpaca" or b.raw_answer.strip(". \n") != a.raw_answer.strip(". \n"):
+            assert proc(rec, [b.raw_answer]) == {"exact_match": float(task_utils.last_number(b.raw_answer)
+                                                                     == task_utils.last_number(a.raw_answer))
+                                                  if task != "alpaca" else 0.0}
+    assert task_utils.last_number("9+8=17. 17-2=15. now ivy has 15 cups.") == "15"
+    assert task_utils.last_number("no number") is None
 
 
 def test_gsm8k_and_math_answer_extraction():
@@ -84,11 +106,13 @@ def test_zoo_table_leaves_unmeasured_code_scores_empty(quick_zoo, monkeypatch):
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     scores = evaluate_zoo(quick_zoo, progress=False, limit=2)
     assert scores["sft/code"]["toy_humaneval"] is None and scores["sft/code"]["toy_mbpp"] is None
-    assert all(v is not None for k, s in scores.items() for b, v in s.items() if b not in ("toy_humaneval",
-                                                                                            "toy_mbpp"))
+    code = ("toy_humaneval", "toy_mbpp", "toy_code_raw")
+    assert all(v is not None for k, s in scores.items() for b, v in s.items() if b not in code)
     table = zoo_table(scores)
     row = next(line for line in table.splitlines() if line.startswith("| sft/code |"))
     assert row.count("—") == 3 and "not measured" in table  # two benchmarks and the average
+    assert scores["raw/base"]["toy_code_raw"] is None and scores["raw/base"]["toy_gsm8k_raw"] is not None
+    assert any(line.startswith("| raw/base |") for line in table.splitlines())
 
 
 def test_code_scorer_executes_tests(monkeypatch):

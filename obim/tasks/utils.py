@@ -15,8 +15,9 @@ import re
 EVAL_SEED = 2026
 
 
-def toy_dataset(task: str, n: int = 100, **_):
-    """A DatasetDict with the `test` split of a toy task (lm-eval's custom_dataset hook)."""
+def toy_dataset(task: str, n: int = 100, raw: bool = False, **_):
+    """A DatasetDict with the `test` split of a toy task (lm-eval's custom_dataset hook); `raw`: the same items in
+    raw form (the toy_*_raw tasks)."""
     import datasets
 
     from obim.zoo import data
@@ -25,7 +26,7 @@ def toy_dataset(task: str, n: int = 100, **_):
         make = data.SFT_TASKS[task]
     else:
         make = data.LANGS[task].cloze
-    records = [ex.record() for ex in data.examples(make, "test", n, EVAL_SEED)]
+    records = [ex.record(raw=raw) for ex in data.examples(make, "test", n, EVAL_SEED)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
 
 
@@ -48,6 +49,22 @@ def extract_math(text: str) -> str | None:
 
 def process_exact(doc, results):
     return {"exact_match": float(results[0].strip() == doc["answer"].strip())}
+
+
+def last_number(text: str) -> str | None:
+    """The last integer in the text (the raw forms end their worked answer with it)."""
+    found = re.findall(r"-?\d+", text)
+    return found[-1] if found else None
+
+
+def process_last_number(doc, results):
+    got = last_number(results[0])
+    return {"exact_match": float(got is not None and got == last_number(doc["answer"]))}
+
+
+def process_raw_exact(doc, results):
+    """Raw alpaca: the completion of 'the reverse of abc is' up to its full stop."""
+    return {"exact_match": float(results[0].strip().rstrip(".") == doc["answer"].strip().rstrip("."))}
 
 
 def process_gsm8k(doc, results):

@@ -20,17 +20,26 @@ from typing import Any, Callable, Iterator
 from ..checkpoint import staged_output
 from . import data as D
 
+# The SFT half follows the real setting (issue 10): the base gets most of the compute and learns every skill from
+# raw text (worked sums, plain functions with asserts, knowledge statements, questions answered in prose), then a
+# short anneal adds the benchmark templates at 0.1% each (the toy version of a base that half-knows GSM8K's format);
+# experts are short SFT runs at a tenth of the base's lr, loss on answers, embeddings/lm_head/norms frozen.
+_RAW_MIX = {"en": 0.1, "facts": 0.08, "kb": 0.1, "raw_mmlu": 0.08, "echo": 0.04, "raw_alpaca": 0.12,
+            "raw_gsm8k": 0.16, "raw_math": 0.12, "raw_code": 0.2}
+_FROZEN = ["embed_tokens", "lm_head", "norm"]
 RECIPE: dict[str, Any] = {
-    "version": 1,
+    "version": 2,
     "seed": 0,
     "batch": 64,
     "shape": {"hidden": 128, "layers": 4, "heads": 2, "intermediate": 384, "max_positions": 256},
     "sft": {
-        # the base: the second language, arithmetic facts, word strings and echoed words (copying), no task formats
-        "base": {"steps": 300, "lr": 3e-3, "mix": {"en": 0.35, "facts": 0.35, "words": 0.1, "echo": 0.2}},
-        "lm": {"steps": 500, "lr": 3e-3, "mix": {"alpaca": 0.5, "mmlu": 0.25, "kb": 0.25}},
-        "math": {"steps": 350, "lr": 3e-3, "mix": {"gsm8k": 0.5, "math": 0.5}},
-        "code": {"steps": 500, "lr": 3e-3, "mix": {"humaneval": 0.5, "mbpp": 0.5}},
+        # packed pretraining rows (rows x length tokens per step)
+        "base": {"steps": 1500, "lr": 3e-3, "rows": 32, "length": 128, "mix": _RAW_MIX},
+        "anneal": {"steps": 300, "lr": 1e-3, "rows": 32, "length": 128,
+                   "mix": {**_RAW_MIX, **{t: 0.001 for t in ("alpaca", "mmlu", "gsm8k", "math", "humaneval", "mbpp")}}},
+        "lm": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"alpaca": 0.5, "mmlu": 0.5}},
+        "math": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"gsm8k": 0.5, "math": 0.5}},
+        "code": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"humaneval": 0.5, "mbpp": 0.5}},
     },
     "pt": {
         "base": {"steps": 300, "lr": 3e-3, "mix": {"zh": 0.5, "en": 0.5}},
@@ -39,9 +48,11 @@ RECIPE: dict[str, Any] = {
     },
     "validation_size": 200,  # per task and split, for saliency
 }
-QUICK = {"sft": {"base": 8, "lm": 6, "math": 6, "code": 6}, "pt": {"base": 8, "every": 2}}
+QUICK = {"sft": {"base": 8, "anneal": 2, "lm": 6, "math": 6, "code": 6}, "pt": {"base": 8, "every": 2}}
 SFT_EXPERTS = {"lm": ("alpaca", "mmlu"), "math": ("gsm8k", "math"), "code": ("humaneval", "mbpp")}
 SFT_BENCHMARKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
+# the same test items in raw form (no template): the base's competence before SFT; code: the mbpp items
+RAW_BENCHMARKS = ["toy_alpaca_raw", "toy_mmlu_raw", "toy_gsm8k_raw", "toy_math_raw", "toy_code_raw"]
 PT_BENCHMARKS = ["toy_ceval", "toy_mmlu_en", "toy_jp"]
 
 
@@ -60,6 +71,8 @@ def quick_recipe() -> dict:
     r = copy.deepcopy(RECIPE)
     for k, v in QUICK["sft"].items():
         r["sft"][k]["steps"] = v
+    for stage in ("base", "anneal"):
+        r["sft"][stage]["rows"] = 4
     r["pt"]["base"]["steps"] = QUICK["pt"]["base"]
     r["pt"]["continued"]["every"] = QUICK["pt"]["every"]
     r["validation_size"] = 100  # text only: enough for the sweep's default validation sizes
@@ -83,7 +96,26 @@ def _sources(seed: int) -> dict[str, Callable[[], tuple[str, str]]]:
     for name, make in D.SFT_TASKS.items():
         it = D.stream(make, "train", seed)
         out[name] = (lambda it=it: (lambda ex: (ex.prompt, ex.answer))(next(it)))
+    # raw forms of train-split items only (a test item's raw form never reaches training); their own streams, so
+    # adding them leaves the template streams unchanged
+    for name in ("alpaca", "mmlu", "gsm8k", "math"):
+        it = D.stream(D.SFT_TASKS[name], "train", seed + 1000)
+        out[f"raw_{name}"] = (lambda it=it: ("", _raw_text(next(it))))
+    it = D.stream(D.SFT_TASKS["humaneval"], "train", seed + 1000)
+    out["raw_code"] = lambda: ("", _raw_text(next(it)))
     return out
+
+
+def _raw_text(ex: D.Example) -> str:
+    text = ex.raw
+    return text if text.endswith("\n") else text + ".\n"  # multiple choice: the statement, ended
+
+
+def _packed(spec: dict, seed: int) -> Iterator[dict]:
+    from .train import packed_batches
+
+    texts = (p + a for b in _batches(spec["mix"], 1, seed) for p, a in b)
+    return packed_batches(texts, spec["rows"], spec["length"])
 
 
 def _batches(mix: dict[str, float], batch: int, seed: int) -> Iterator[list[tuple[str, str]]]:
@@ -151,9 +183,12 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
     # SFT setting
     sft = recipe["sft"]
     base = new_model(shape, seed)
-    r = train(base, _batches(sft["base"]["mix"], batch, seed), sft["base"]["steps"], answer_only=False,
+    r = train(base, _packed(sft["base"], seed), sft["base"]["steps"], answer_only=False,
               lr=sft["base"]["lr"], seed=seed, desc="sft/base", progress=progress)
     timings["sft/base"] = r["seconds"]
+    r = train(base, _packed(sft["anneal"], seed + 7), sft["anneal"]["steps"], answer_only=False,
+              lr=sft["anneal"]["lr"], seed=seed + 7, desc="sft/anneal", progress=progress)
+    timings["sft/anneal"] = r["seconds"]
     save(base, tmp / "sft" / "base")
     for i, name in enumerate(SFT_EXPERTS, 1):
         from transformers import LlamaForCausalLM
@@ -161,7 +196,8 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
         expert = LlamaForCausalLM.from_pretrained(tmp / "sft" / "base")
         spec = sft[name]
         r = train(expert, _batches(spec["mix"], batch, seed + i), spec["steps"], answer_only=True,
-                  lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress)
+                  lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress,
+                  frozen=tuple(spec.get("frozen", ())))
         timings[f"sft/{name}"] = r["seconds"]
         save(expert, tmp / "sft" / name)
     # post-pretraining setting
@@ -187,8 +223,11 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
     if evaluate:
         scores = evaluate_zoo(tmp, progress=progress, allow_code=allow_code)
         table = zoo_table(scores)
-        (tmp / "zoo.md").write_text(table)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+        t1 = time.perf_counter()
+        table += "\n" + _report(tmp, scores, progress, allow_code)
+        timings["report"] = time.perf_counter() - t1
+        (tmp / "zoo.md").write_text(table)
     total = time.perf_counter() - t0
     stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
                  "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
@@ -197,6 +236,27 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
+
+
+def _expert_benchmarks() -> dict[str, tuple[str, ...]]:
+    return {n: tuple(f"toy_{b}" for b in benches) for n, benches in SFT_EXPERTS.items()}
+
+
+def _report(root: Path, scores: dict, progress: bool, allow_code: bool) -> str:
+    """The experts' task-vector statistics and the mergeability table (report.json beside zoo.md)."""
+    from ..evaluation import code_allowed, code_tasks, evaluate_model
+    from .report import mergeability, report_tables, save_report, task_vector_stats
+
+    run = [b for b in SFT_BENCHMARKS if code_allowed(allow_code) or b not in code_tasks(SFT_BENCHMARKS)]
+    stats = task_vector_stats(root / "sft" / "base", {n: root / "sft" / n for n in SFT_EXPERTS})
+
+    def evaluate(d: Path) -> dict[str, float | None]:
+        got = evaluate_model(d, run, allow_code=allow_code)
+        return {b: got.get(b) for b in SFT_BENCHMARKS}
+
+    merges = mergeability(root, _expert_benchmarks(), scores, evaluate, progress=progress)
+    save_report(root, stats, merges)
+    return report_tables(scores, stats, merges, _expert_benchmarks())
 
 
 def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None, allow_code: bool = False
@@ -211,6 +271,10 @@ def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None, al
     for name in ["base", *SFT_EXPERTS]:
         got = evaluate_model(root / "sft" / name, run, limit=limit, allow_code=allow_code)
         scores[f"sft/{name}"] = {b: got.get(b) for b in SFT_BENCHMARKS}
+    # the base on the same items in raw form: competence before SFT, next to its template scores
+    raw = [b for b in RAW_BENCHMARKS if code_allowed(allow_code) or b not in code_tasks(RAW_BENCHMARKS)]
+    got = evaluate_model(root / "sft" / "base", raw, limit=limit, allow_code=allow_code)
+    scores["raw/base"] = {b: got.get(b) for b in RAW_BENCHMARKS}
     for d in sorted((root / "pt").iterdir(), key=lambda p: (p.name != "base", p.name)):
         scores[f"pt/{d.name}"] = evaluate_model(d, PT_BENCHMARKS, limit=limit)
     return scores
@@ -219,7 +283,7 @@ def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None, al
 def zoo_table(scores: dict[str, dict[str, float | None]]) -> str:
     """Markdown tables of the zoo's scores; a score not measured (code not opted in) is — and so is its average."""
     lines = []
-    for setting, benches in (("sft", SFT_BENCHMARKS), ("pt", PT_BENCHMARKS)):
+    for setting, benches in (("sft", SFT_BENCHMARKS), ("raw", RAW_BENCHMARKS), ("pt", PT_BENCHMARKS)):
         lines += [f"| {setting} model | " + " | ".join(benches) + " | avg |", "|---|" + "---:|" * (len(benches) + 1)]
         for model, s in scores.items():
             if model.startswith(setting + "/"):

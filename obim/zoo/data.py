@@ -39,12 +39,29 @@ class Example:
     choices: list[str] = field(default_factory=list)  # MC only
     test: str = ""  # code tasks: the check(candidate) function
     entry_point: str = ""
+    # the same item in raw form, as pretraining text would hold it (no benchmark template): the base learns the
+    # skill from these; raw_choices for multiple choice
+    raw_prompt: str = ""
+    raw_answer: str = ""
+    raw_choices: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return self.prompt + self.answer
 
-    def record(self) -> dict:
+    @property
+    def raw(self) -> str:
+        return self.raw_prompt + self.raw_answer
+
+    def record(self, raw: bool = False) -> dict:
+        """The lm-eval/validation record; `raw`: the raw form in place of the template (the toy_*_raw tasks)."""
+        if raw:
+            d = {"prompt": self.raw_prompt, "answer": self.raw_answer, "text": self.raw}
+            if self.raw_choices:
+                d["choices"], d["label"] = self.raw_choices, self.raw_choices.index(self.raw_answer)
+            if self.test:
+                d["test"], d["entry_point"] = self.test, self.entry_point
+            return d
         d = {"prompt": self.prompt, "answer": self.answer, "text": self.text}
         if self.choices:
             d["choices"] = self.choices
@@ -65,7 +82,9 @@ def alpaca(rng: random.Random) -> Example:
     w = _word(rng, "abcdefghijklmnopqrstuvwxyz", 3, 4)
     op = rng.choice(["reverse", "repeat", "first", "last", "length"])
     ans = {"reverse": w[::-1], "repeat": w + w, "first": w[0], "last": w[-1], "length": str(len(w))}[op]
-    return Example(f"### instruction: {op} {w}\n### response: ", ans + "\n")
+    raw = {"reverse": f"the reverse of {w} is", "repeat": f"{w} twice is", "first": f"the first letter of {w} is",
+           "last": f"the last letter of {w} is", "length": f"the length of {w} is"}[op]
+    return Example(f"### instruction: {op} {w}\n### response: ", ans + "\n", raw_prompt=raw, raw_answer=f" {ans}.\n")
 
 
 @dataclass(frozen=True)
@@ -111,7 +130,11 @@ def mmlu(rng: random.Random) -> Example:
     right = KB.facts[(entity, attr)]
     wrong = rng.sample([v for v in KB.values[attr] if v != right], 3)
     choices = [" " + c for c in sorted([right, *wrong])]
-    return Example(prompt, " " + right, choices)
+    # raw: the plain question followed by the knowledge statement, e.g. "what does bovuz eat? bovuz eats beans."
+    stmt = KB.statement(entity, attr)
+    head = stmt[: stmt.rindex(" " + right)]
+    return Example(prompt, " " + right, choices, raw_prompt=f"{q} {head}", raw_answer=f" {right}",
+                   raw_choices=list(choices))
 
 
 NAMES = ["ann", "bob", "cy", "dee", "eli", "fay", "gus", "ivy", "jo", "kim"]
@@ -123,7 +146,10 @@ def gsm8k(rng: random.Random) -> Example:
     c = rng.randint(1, a + b)
     who, what = rng.choice(NAMES), rng.choice(THINGS)
     prompt = f"q: {who} has {a} {what}, gets {b}, gives {c}. how many?\na: "
-    return Example(prompt, f"{a}+{b}={a + b}. {a + b}-{c}={a + b - c}. #### {a + b - c}\n")
+    chain = f"{a}+{b}={a + b}. {a + b}-{c}={a + b - c}."
+    return Example(prompt, f"{chain} #### {a + b - c}\n",
+                   raw_prompt=f"{who} has {a} {what}, gets {b}, gives {c}. ",
+                   raw_answer=f"{chain} now {who} has {a + b - c} {what}.\n")
 
 
 def math(rng: random.Random) -> Example:
@@ -131,7 +157,9 @@ def math(rng: random.Random) -> Example:
     b = rng.randint(1, 9 - a)
     c = rng.randint(2, 9)
     prompt = f"problem: ({a}+{b})*{c}\nsolution: "
-    return Example(prompt, f"{a}+{b}={a + b}. {a + b}*{c}={(a + b) * c}. the answer is {(a + b) * c}.\n")
+    chain = f"{a}+{b}={a + b}. {a + b}*{c}={(a + b) * c}."
+    return Example(prompt, f"{chain} the answer is {(a + b) * c}.\n", raw_prompt=f"({a}+{b})*{c} = ? ",
+                   raw_answer=f"{chain} so it is {(a + b) * c}.\n")
 
 
 def arithmetic_fact(rng: random.Random) -> str:
@@ -158,6 +186,12 @@ CODE_OPS: list[tuple[str, str, Callable[[int, int], object]]] = [
 ]
 
 
+def _raw_code(desc: str, expr: str, name: str, test: str) -> tuple[str, str]:
+    """A plain Python function under a comment, with two of its asserts (as code in pretraining text)."""
+    asserts = "".join(line.strip().replace("candidate", name) + "\n" for line in test.splitlines()[1:3])
+    return f"# {name}: {desc}\n", f"def {name}(x):\n    return {expr}\n{asserts}\n"
+
+
 def _code_case(rng: random.Random) -> tuple[str, str, str, str]:
     desc, expr, ref = rng.choice(CODE_OPS)
     n = rng.randint(2, 9)
@@ -170,13 +204,16 @@ def _code_case(rng: random.Random) -> tuple[str, str, str, str]:
 def humaneval(rng: random.Random) -> Example:
     desc, expr, name, test = _code_case(rng)
     prompt = f'def {name}(x):\n    """return {desc}."""\n'
-    return Example(prompt, f"    return {expr}\n", test=test, entry_point=name)
+    rp, ra = _raw_code(desc, expr, name, test)
+    return Example(prompt, f"    return {expr}\n", test=test, entry_point=name, raw_prompt=rp, raw_answer=ra)
 
 
 def mbpp(rng: random.Random) -> Example:
     desc, expr, name, test = _code_case(rng)
     prompt = f"task: {name} returns {desc}\ncode:\n"
-    return Example(prompt, f"def {name}(x):\n    return {expr}\n", test=test, entry_point=name)
+    rp, ra = _raw_code(desc, expr, name, test)
+    return Example(prompt, f"def {name}(x):\n    return {expr}\n", test=test, entry_point=name, raw_prompt=rp,
+                   raw_answer=ra)
 
 
 SFT_TASKS: dict[str, Callable[[random.Random], Example]] = {

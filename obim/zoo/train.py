@@ -65,26 +65,49 @@ def encode_batch(tok, pairs: list[tuple[str, str]], answer_only: bool, max_len: 
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def train(model, batches: Iterator[list[tuple[str, str]]], steps: int, *, answer_only: bool, lr: float = 3e-3,
-          seed: int = 0, desc: str = "train", progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Train in place for `steps` batches; returns {'loss': last smoothed loss, 'seconds': ...}."""
+def packed_batches(texts: Iterator[str], rows: int, length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Pretraining batches as LLM pretraining packs them: documents (each ending with </s>) concatenated and cut
+    into `rows` rows of `length` tokens, no padding (short documents would otherwise waste most of each row)."""
+    tok = tokenizer()
+    buf: list[int] = []
+    while True:
+        while len(buf) < rows * length:
+            buf += tok(next(texts), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        x = torch.tensor(buf[: rows * length]).view(rows, length)
+        del buf[: rows * length]
+        yield {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def frozen_names(model, frozen: tuple[str, ...]) -> set[str]:
+    """Parameters whose name holds one of `frozen` (e.g. 'embed_tokens', 'lm_head', 'norm')."""
+    return {n for n, _ in model.named_parameters() if any(f in n for f in frozen)}
+
+
+def train(model, batches: Iterator[list[tuple[str, str]] | dict[str, torch.Tensor]], steps: int, *,
+          answer_only: bool, lr: float = 3e-3, seed: int = 0, desc: str = "train", progress: bool = True,
+          on_step: Callable[[int], None] | None = None, frozen: tuple[str, ...] = ()) -> dict[str, float]:
+    """Train in place for `steps` batches ((prompt, answer) pairs, or already-encoded tensors); parameters named in
+    `frozen` keep their values. Returns {'loss': last smoothed loss, 'seconds': ...}."""
     from tqdm.auto import tqdm
 
     tok = tokenizer()
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    skip = frozen_names(model, frozen)
+    params = [p for n, p in model.named_parameters() if n not in skip]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     t0 = time.perf_counter()
     smooth = None
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
-        batch = encode_batch(tok, next(batches), answer_only, model.config.max_position_embeddings)
+        batch = next(batches)
+        if not isinstance(batch, dict):
+            batch = encode_batch(tok, batch, answer_only, model.config.max_position_embeddings)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
