@@ -28,7 +28,7 @@ _RAW_MIX = {"en": 0.1, "facts": 0.08, "kb": 0.1, "raw_mmlu": 0.08, "echo": 0.04,
             "raw_gsm8k": 0.16, "raw_math": 0.12, "raw_code": 0.2}
 _FROZEN = ["embed_tokens", "lm_head", "norm"]
 RECIPE: dict[str, Any] = {
-    "version": 2,
+    "version": 3,  # 3: raw gsm8k/alpaca text varies in layout (data._pick)
     "seed": 0,
     "batch": 64,
     "shape": {"hidden": 128, "layers": 4, "heads": 2, "intermediate": 384, "max_positions": 256},

@@ -71,6 +71,13 @@ class Example:
         return d
 
 
+def _pick(key: str, options: list[str]) -> str:
+    """One of `options` chosen by the item's text, not the task's random stream: the raw form varies in layout (so
+    the base copies numbers and words by content, not by offset, as varied pretraining text teaches) while the
+    benchmark items stay those of a draw without the variants."""
+    return options[int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % len(options)]
+
+
 def _word(rng: random.Random, letters: str, lo: int = 3, hi: int = 5) -> str:
     return "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
 
@@ -82,9 +89,13 @@ def alpaca(rng: random.Random) -> Example:
     w = _word(rng, "abcdefghijklmnopqrstuvwxyz", 3, 4)
     op = rng.choice(["reverse", "repeat", "first", "last", "length"])
     ans = {"reverse": w[::-1], "repeat": w + w, "first": w[0], "last": w[-1], "length": str(len(w))}[op]
-    raw = {"reverse": f"the reverse of {w} is", "repeat": f"{w} twice is", "first": f"the first letter of {w} is",
-           "last": f"the last letter of {w} is", "length": f"the length of {w} is"}[op]
-    return Example(f"### instruction: {op} {w}\n### response: ", ans + "\n", raw_prompt=raw, raw_answer=f" {ans}.\n")
+    prompt = f"### instruction: {op} {w}\n### response: "
+    raw = _pick(prompt, {"reverse": [f"the reverse of {w} is", f"{w} reversed is", f"reverse {w} and you get"],
+                         "repeat": [f"{w} twice is", f"{w} repeated is", f"repeat {w} and you get"],
+                         "first": [f"the first letter of {w} is", f"{w} starts with", f"take the first of {w}:"],
+                         "last": [f"the last letter of {w} is", f"{w} ends with", f"take the last of {w}:"],
+                         "length": [f"the length of {w} is", f"{w} has length", f"count the letters of {w}:"]}[op])
+    return Example(prompt, ans + "\n", raw_prompt=raw, raw_answer=f" {ans}.\n")
 
 
 @dataclass(frozen=True)
@@ -147,9 +158,11 @@ def gsm8k(rng: random.Random) -> Example:
     who, what = rng.choice(NAMES), rng.choice(THINGS)
     prompt = f"q: {who} has {a} {what}, gets {b}, gives {c}. how many?\na: "
     chain = f"{a}+{b}={a + b}. {a + b}-{c}={a + b - c}."
-    return Example(prompt, f"{chain} #### {a + b - c}\n",
-                   raw_prompt=f"{who} has {a} {what}, gets {b}, gives {c}. ",
-                   raw_answer=f"{chain} now {who} has {a + b - c} {what}.\n")
+    n = a + b - c
+    ask = _pick(prompt, ["", f"how many {what} now? ", f"how many does {who} have?\n", "let us count.\n"])
+    end = _pick(prompt + "end", [f"now {who} has {n} {what}.", f"so {who} has {n}.", f"in the end: {n}."])
+    return Example(prompt, f"{chain} #### {n}\n", raw_prompt=f"{who} has {a} {what}, gets {b}, gives {c}. {ask}",
+                   raw_answer=f"{chain} {end}\n")
 
 
 def math(rng: random.Random) -> Example:
