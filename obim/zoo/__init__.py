@@ -28,10 +28,10 @@ _RAW_MIX = {"en": 0.1, "facts": 0.08, "kb": 0.1, "raw_mmlu": 0.08, "echo": 0.04,
             "raw_gsm8k": 0.16, "raw_math": 0.12, "raw_code": 0.2}
 _FROZEN = ["embed_tokens", "lm_head", "norm"]
 RECIPE: dict[str, Any] = {
-    "version": 3,  # 3: raw gsm8k/alpaca text varies in layout (data._pick)
+    "version": 3,  # 3: raw gsm8k/alpaca text varies in layout (data._pick); 4 heads
     "seed": 0,
     "batch": 64,
-    "shape": {"hidden": 128, "layers": 4, "heads": 2, "intermediate": 384, "max_positions": 256},
+    "shape": {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "max_positions": 256},
     "sft": {
         # packed pretraining rows (rows x length tokens per step)
         "base": {"steps": 1500, "lr": 3e-3, "rows": 32, "length": 128, "mix": _RAW_MIX},
