@@ -514,6 +514,13 @@ def _judge_pending(result: dict) -> bool:
     return missing and judge_configured()
 
 
+def input_fingerprints(plan: dict) -> dict[str, str]:
+    """The fingerprint of every model the job reads (obim.cache.model_fingerprint): a result is reused only for
+    the same weights, not only the same paths (a retrained expert, a zoo rebuilt by a new recipe)."""
+    paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+    return {name: model_fingerprint(path) for name, path in paths.items()}
+
+
 def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, job_name: str = "") -> dict:
     """Run one sweep job into job_dir; returns its result (`skipped` set when result.json already held it), or for
     a dry run {dry_run: True, summary}. Its stages are reported to the sweep's console (obim.joblog.status)."""
@@ -530,17 +537,18 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         if missing and not plan.get("zoo"):  # the zoo's models appear on the first real job
             summary += f"; not found yet: {', '.join(missing)}"
         return {"dry_run": True, "summary": summary}
+    progress = bool(cfg.progress)
+    if plan.get("zoo") and not (Path(plan["zoo"]) / "zoo.json").is_file():
+        status("building the toy zoo (first use)", "zoo")
+    ensure_zoo(plan, progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
+    inputs = input_fingerprints(plan)
     prev = read_json(job_dir / "result.json")
-    if prev is not None and prev.get("config_hash") == h and not _judge_pending(prev):
+    if prev is not None and prev.get("config_hash") == h and prev.get("inputs") == inputs and not _judge_pending(prev):
         return {**prev, "skipped": True}  # result.json holds this config's result (the flag is not stored)
     (job_dir / "result.json").unlink(missing_ok=True)
-    progress = bool(cfg.progress)
     cache = Path(str(cfg.cache_dir))
     device = auto_device(str(cfg.device))
     eval_device = auto_device(str(cfg.eval.device))
-    if plan.get("zoo") and not (Path(plan["zoo"]) / "zoo.json").is_file():
-        status("building the toy zoo (first use)", "zoo")
-    ensure_zoo(plan, progress)
 
     import torch
 
@@ -585,7 +593,7 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
         "device": device, "gpus": cost["gpus"], "cost": cost,
         "cached": {"saliency": all(s["cached"] for s in sal.values()) if sal else None,
                    "merge": merged["cached"], "eval": ev["cached"]},
-        "merged_dir": merged["dir"] if cfg.keep_merged else None, "saliency": sal,
+        "merged_dir": merged["dir"] if cfg.keep_merged else None, "saliency": sal, "inputs": inputs,
         "obim_version": __version__, "job": job_name,
     }
     # log before result.json exists: a job whose logging failed is redone (from the caches) by a rerun

@@ -118,6 +118,19 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("; cached result") == 2  # every job from its result.json
 
+    # new weights at the same path (a retrained expert, a zoo rebuilt by a new recipe): no job reuses its result
+    w = quick_zoo / "sft" / "math" / "model.safetensors"
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        changed = run_sweep(args, env, tmp_path)
+    finally:
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert changed.stdout.count("; cached result") == 0
+    inputs = json.loads(next((tmp_path / "runs").glob("*method=ta")).joinpath("result.json").read_text())["inputs"]
+    assert set(inputs) == {"base", "lm", "math", "code"} and inputs["math"] != results["ta"]["inputs"]["math"]
+
     # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge)
     args3 = [a if not a.startswith("method=") else "method=ties" for a in args]
     failed = run_sweep(args3, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
