@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_merge import make_models
-    from obim.checkpoint import open_checkpoint
-    from obim.merge import merge
-    from obim.saliency import compute_hdiag, save_hdiag
-    from obim.tables import cost_table
+    from obim.merging.checkpoint import open_checkpoint
+    from obim.merging.merge import merge
+    from obim.merging.saliency import compute_hdiag, save_hdiag
+    from obim.bench.tables import cost_table
     from obim.tiny import make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

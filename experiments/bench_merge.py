@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from obim.checkpoint import ShardedWriter, open_checkpoint, plan_shards
-from obim.methods import METHODS
-from obim.saliency import load_hdiag, save_hdiag
+from obim.merging.checkpoint import ShardedWriter, open_checkpoint, plan_shards
+from obim.merging.methods import METHODS
+from obim.merging.saliency import load_hdiag, save_hdiag
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -108,7 +108,7 @@ def make_hdiags(root: Path, dirs: list[Path]) -> list[Path]:
 
 def floor_job(dirs: list[str], out: str) -> None:
     """The I/O floor: read every input tensor once, add them, write one model."""
-    from obim.threads import configure
+    from obim.merging.threads import configure
 
     configure()
     cks = [open_checkpoint(d) for d in dirs]
@@ -211,7 +211,7 @@ def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[s
         for method in methods:
             names = list(THREAD_SETTINGS)
             for setting in names[rep % len(names):] + names[: rep % len(names)]:
-                cmd = [sys.executable, "-m", "obim.cli", str(cfgs[method]), str(out), "--quiet", "--device", device]
+                cmd = [sys.executable, "-m", "obim.merging.cli", str(cfgs[method]), str(out), "--quiet", "--device", device]
                 measure(f"obim {method}, {setting}", cmd, with_env(THREAD_SETTINGS[setting]))
     shutil.rmtree(out, ignore_errors=True)
 
@@ -293,7 +293,7 @@ def main() -> None:
     for method in args.methods or sorted(METHODS):
         cfg_path = root / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
-        cmd = [sys.executable, "-m", "obim.cli", str(cfg_path), str(out), "--quiet", "--device", args.device]
+        cmd = [sys.executable, "-m", "obim.merging.cli", str(cfg_path), str(out), "--quiet", "--device", args.device]
         rows.append((f"obim {method}", *run_measured(cmd, out=out)))
     if args.mergekit and not args.no_mergekit:
         for method in ("task_arithmetic", "ties"):

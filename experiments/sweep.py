@@ -3,7 +3,7 @@
 With no override it runs the default sweep on the toy SFT setting (Table 1 + the Table 3 ablations); every job
 computes saliency statistics -> merges -> evaluates through lm-eval -> logs to W&B -> writes result.json, and the
 tables are written when the sweep ends. The console shows a progress bar, a line per job and the main table at the
-end (obim.console); the libraries' logs go to each job's log file unless verbose=true. See README.md for the axes,
+end (obim.bench.console); the libraries' logs go to each job's log file unless verbose=true. See README.md for the axes,
 presets, backends and cluster launchers.
 """
 
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-# Before torch loads (obim.threads.prefer_passive_openmp, which the obim package can only run when imported first):
+# Before torch loads (obim.merging.threads.prefer_passive_openmp, which the obim package can only run when imported first):
 # OpenMP's idle threads then sleep at once instead of spinning, and the jobs' own processes inherit it.
 if os.environ.get("OBIM_THREAD_BUDGET", "1").strip().lower() not in {"0", "off", "false", "no"}:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,7 +35,7 @@ def parallel_jobs(launcher) -> int:
     but one, ...), else 1 (the basic launcher runs one job at a time; Slurm gives each its own CPUs)."""
     if launcher is None or "joblib" not in str(launcher.get("_target_", "")).lower():
         return 1
-    from obim.threads import cores_available
+    from obim.merging.threads import cores_available
 
     n = int(launcher.get("n_jobs", -1) or 1)
     return n if n > 0 else max(1, cores_available() + 1 + n)
@@ -46,9 +46,9 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from obim.joblog import job_session
-    from obim.sweep import run_job
-    from obim.threads import configure
+    from obim.bench.joblog import job_session
+    from obim.bench.sweep import run_job
+    from obim.merging.threads import configure
 
     @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
     def job(cfg) -> dict:
@@ -60,7 +60,7 @@ def main() -> None:
         with job_session(hc.runtime.output_dir, name, overrides, sweep_dir, bool(cfg.get("verbose"))) as s:
             try:
                 outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name))
-            except Exception as e:  # this job's one-line error on the console (obim.console); the sweep goes on
+            except Exception as e:  # this job's one-line error on the console (obim.bench.console); the sweep goes on
                 outcome = s.failed(e)
         if outcome["status"] == "failed" and not any("SweepConsole" in str(c.get("_target_", ""))
                                                     for c in (hc.callbacks or {}).values()):

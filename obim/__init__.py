@@ -1,14 +1,27 @@
-"""obim: an experiment and benchmark harness for merging LLMs, built around OBIM (Optimal Brain Iterative Merging)."""
+"""obim: an experiment and benchmark harness for merging LLMs, built around OBIM (Optimal Brain Iterative Merging).
+
+obim.merging is the merging library (checkpoints, selection, saliency, the method registry, the driver, its CLIs);
+obim.bench is the benchmark harness on top of it (plan, job stages, caches, evaluation, tracking, reporting, the
+toy zoo). The library imports nothing from the harness. This package re-exports the library's API."""
 
 __version__ = "0.1.0"
 
-from . import threads as _threads  # noqa: E402,F401  (first: OpenMP reads OMP_WAIT_POLICY once, when torch loads)
-from .config import MergeConfig, load_config  # noqa: E402
-from .errors import ObimError  # noqa: E402
-from .evaluation import tasks_dir  # noqa: E402
-from .merge import MergeResult, merge  # noqa: E402
-from .methods import METHODS, Method, get_method, register  # noqa: E402
-from .saliency import compute_hdiag, load_hdiag, save_hdiag  # noqa: E402
+from .merging import threads as _threads  # noqa: E402,F401  (first: OpenMP reads OMP_WAIT_POLICY once, when torch loads)
+from .merging.config import MergeConfig, load_config  # noqa: E402
+from .merging.errors import ObimError  # noqa: E402
+from .merging.merge import MergeResult, merge  # noqa: E402
+from .merging.methods import METHODS, Method, get_method, register  # noqa: E402
+from .merging.saliency import compute_hdiag, load_hdiag, save_hdiag  # noqa: E402
 
 __all__ = ["MergeConfig", "MergeResult", "METHODS", "Method", "ObimError", "compute_hdiag", "get_method",
-           "load_config", "load_hdiag", "merge", "register", "save_hdiag", "tasks_dir"]
+           "load_config", "load_hdiag", "merge", "register", "save_hdiag"]
+
+
+def __getattr__(name: str):
+    # obim.tasks_dir() (spec/interfaces.md section 5) lives in the harness: imported on first use, so importing the
+    # library never loads the harness
+    if name == "tasks_dir":
+        from .bench.evaluation import tasks_dir
+
+        return tasks_dir
+    raise AttributeError(f"module 'obim' has no attribute '{name}'")

@@ -41,7 +41,7 @@ def val_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quick_zoo(tmp_path_factory) -> Path:
     """The toy zoo with a handful of training steps (layout and every code path; not its quality)."""
-    from obim.zoo import build, quick_recipe
+    from obim.bench.zoo import build, quick_recipe
 
     return build(tmp_path_factory.mktemp("toyzoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
                  log=lambda s: None)
@@ -62,7 +62,7 @@ def compose(*overrides: str, allow_code: bool = True):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    import obim.sweep  # noqa: F401  (registers the ${obim:...} resolver)
+    import obim.bench.sweep  # noqa: F401  (registers the ${obim:...} resolver)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hcompose("sweep", overrides=[*overrides, *(["eval.allow_code=true"] if allow_code else [])])

@@ -7,8 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from obim.checkpoint import Checkpoint, ShardedWriter, plan_shards, read_safetensors_header, staged_output
-from obim.errors import ObimError
+from obim.merging.checkpoint import Checkpoint, ShardedWriter, plan_shards, read_safetensors_header
+from obim.merging.staging import staged_output
+from obim.merging.errors import ObimError
 
 
 def _tensors():

@@ -1,4 +1,4 @@
-"""The sweep's console (obim/console.py, obim/joblog.py): quiet by default (the libraries' logs in each job's log
+"""The sweep's console (obim/bench/console.py, obim/bench/joblog.py): quiet by default (the libraries' logs in each job's log
 file), a line per job, the main table and the files at the end; verbose=true brings the logs back; warnings of real
 problems reach the console once."""
 
@@ -92,7 +92,7 @@ def test_verbose_brings_the_library_logs_back(quick_zoo, tmp_path):
 def test_capture_sends_everything_to_the_log_and_real_warnings_to_the_console_once(tmp_path, capfd):
     import transformers.utils.logging as tlog
 
-    from obim.joblog import Relay, captured
+    from obim.bench.joblog import Relay, captured
 
     tlog.get_logger("transformers.modeling_utils")  # transformers' own handler (stderr, no propagation) exists
     relayed: list[dict] = []
@@ -129,8 +129,8 @@ def test_capture_sends_everything_to_the_log_and_real_warnings_to_the_console_on
 
 
 def test_live_console_counts_cached_jobs_at_once_and_estimates_the_rest(tmp_path):
-    from obim.console import Live
-    from obim.joblog import emit, events_dir
+    from obim.bench.console import Live
+    from obim.bench.joblog import emit, events_dir
 
     inbox = events_dir(tmp_path)
     inbox.mkdir()
@@ -161,8 +161,8 @@ def test_live_console_counts_cached_jobs_at_once_and_estimates_the_rest(tmp_path
 def test_planned_jobs_and_the_main_table():
     from omegaconf import OmegaConf
 
-    from obim.console import main_table, planned_jobs, varying_keys
-    from obim.tables import Table
+    from obim.bench.console import main_table, planned_jobs, varying_keys
+    from obim.bench.tables import Table
 
     cfg = OmegaConf.create({"hydra": {
         "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import compose, make_llama
 from obim import METHODS, load_config, merge
-from obim.checkpoint import Checkpoint, open_checkpoint
-from obim.cli import merge_main, saliency_main
-from obim.errors import ObimError
-from obim.saliency import expected_hdiag, load_hdiag
+from obim.merging.checkpoint import Checkpoint, open_checkpoint
+from obim.merging.cli import merge_main, saliency_main
+from obim.merging.errors import ObimError
+from obim.merging.saliency import expected_hdiag, load_hdiag
 
 RET = {"lm": 0.4, "math": 0.45, "code": 0.1}
 
@@ -89,7 +89,7 @@ def test_cli_refuses_non_finite_before_writing(zoo, tmp_path, capsys, yaml_value
     ("retention=nan", r"retention: must be a finite number"),
 ])
 def test_sweep_plan_refuses_non_finite(tmp_path, override, message):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     method = "method=obim" if override.startswith("retention") else "method=ta"
     one_line_refusal(lambda: plan_job(compose(method, override, f"experiment.zoo={tmp_path}")), message)
@@ -218,7 +218,7 @@ def test_incomplete_or_foreign_hdiag_refused(zoo, hdiag_lm, tmp_path, case):
 def _start_merge(c: dict, out: Path, tmp_path: Path) -> subprocess.Popen:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
     env = {**os.environ, "OBIM_TEST_PAUSE_PER_TENSOR": "0.5"}
-    return subprocess.Popen([sys.executable, "-c", "import sys; from obim.cli import merge_main; "
+    return subprocess.Popen([sys.executable, "-c", "import sys; from obim.merging.cli import merge_main; "
                              "sys.exit(merge_main(sys.argv[1:]))", str(tmp_path / "c.yaml"), str(out), "--quiet"],
                             env=env, stderr=subprocess.PIPE, text=True)
 
@@ -267,7 +267,7 @@ def test_live_writer_staging_is_not_removed(zoo, tmp_path):
     staging = _wait_mid_merge(proc, out)
     other = tmp_path / "side"
     merge(cfg(zoo, "ta"), other, progress=False)  # a different OUT in the same folder
-    from obim.checkpoint import clean_stale_staging
+    from obim.merging.staging import clean_stale_staging
 
     assert clean_stale_staging(out) == [] and staging.is_dir()
     proc.kill()
@@ -332,13 +332,13 @@ def test_bad_device(zoo, tmp_path, val_jsonl, capsys):
     (["method=tall_mask", "method.parameters.k=4"], r"`k` of tall_mask is 4, more than the 3 models"),
 ])
 def test_sweep_plan_one_line_errors(tmp_path, overrides, message):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     one_line_refusal(lambda: plan_job(compose(*overrides, f"experiment.zoo={tmp_path}")), message)
 
 
 def test_sweep_plan_accepts_good_limits_and_sources(tmp_path):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     zoo = f"experiment.zoo={tmp_path}"
     assert plan_job(compose("method=ta", zoo, "eval.limit=0.5"))["eval"]["limit"] == 0.5
@@ -369,7 +369,7 @@ def test_dry_run_refuses_unknown_source(tmp_path):
 @pytest.mark.parametrize("experiment, tasks", [("toy_sft", "toy_humaneval, toy_mbpp"),
                                                ("llama2_13b_sft", "humaneval, mbpp")])
 def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, experiment, tasks):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     over = ["method=ta", f"experiment={experiment}", f"experiment.zoo={tmp_path}" if experiment == "toy_sft" else
@@ -406,7 +406,7 @@ def test_nan_in_the_base_blamed_on_the_base(zoo, tmp_path):
 
 
 def test_zoo_build_never_replaces_a_foreign_folder(tmp_path):
-    from obim.zoo import build, quick_recipe
+    from obim.bench.zoo import build, quick_recipe
 
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "thesis.tex").write_text("years of work")

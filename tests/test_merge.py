@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from obim import METHODS, merge
-from obim.checkpoint import open_checkpoint
-from obim.cli import merge_main
-from obim.errors import ObimError
+from obim.merging.checkpoint import open_checkpoint
+from obim.merging.cli import merge_main
+from obim.merging.errors import ObimError
 
 from conftest import make_llama
 
@@ -279,4 +279,4 @@ def test_python_api_is_the_cli_path(zoo, tmp_path):
     assert digest(tmp_path / "cli") == digest(tmp_path / "api")
     with safe_open(str(tmp_path / "api" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-    assert sys.modules["obim.merge"]  # the console script imported the same driver
+    assert sys.modules["obim.merging.merge"]  # the console script imported the same driver

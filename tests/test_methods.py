@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from obim.config import load_config
-from obim.context import random_key, uniform
-from obim.merge import TensorPlan, merge_tensor
+from obim.merging.config import load_config
+from obim.merging.context import random_key, uniform
+from obim.merging.merge import TensorPlan, merge_tensor
 
 LINEAR = "model.layers.0.mlp.up_proj.weight"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_sweep
-from obim.errors import ObimError
+from obim.merging.errors import ObimError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_presets_toy(tmp_path):
 def test_plan_rejects_bad_sources_and_tasks(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from obim.sweep import check_tasks, plan_job
+    from obim.bench.sweep import check_tasks, plan_job
 
     def plan(*o):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -162,13 +162,13 @@ def hub_dataset(root: Path, configs: dict[str, dict[str, list[dict]]]) -> str:
 
 
 def samples(source, spec, n, seed=0, split="train"):
-    from obim.validation import load_samples, resolve_source
+    from obim.bench.validation import load_samples, resolve_source
 
     return load_samples(source, resolve_source(source, spec, split, f"src.{source}"), n, seed)
 
 
 def test_builders_on_hub_shaped_fixtures(tmp_path):
-    from obim.validation import build_texts, render, resolve_source
+    from obim.bench.validation import build_texts, render, resolve_source
 
     gsm = hub_dataset(tmp_path / "gsm8k", {"main": {
         "train": [{"question": f"Q{i}?", "answer": f"Half is 4/2=<<4/2=2>>2.\n#### {i},000"} for i in range(8)],
@@ -251,7 +251,7 @@ def test_builders_on_hub_shaped_fixtures(tmp_path):
 
 
 def paper_utils():
-    spec = importlib.util.spec_from_file_location("paper_utils", ROOT / "obim/tasks/paper/utils.py")
+    spec = importlib.util.spec_from_file_location("paper_utils", ROOT / "obim/bench/tasks/paper/utils.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -297,7 +297,7 @@ def test_math_cot_extraction():
 
 def test_group_score_without_aggregate():
     """japanese_leaderboard reports no metric of its own: its score is the mean of its subtasks'."""
-    from obim.evaluation import task_score
+    from obim.bench.evaluation import task_score
 
     out = {"results": {"jp": {"alias": "jp"}, "jp_a": {"acc,none": 0.5, "acc_stderr,none": 0.1},
                        "jp_b": {"exact_match,remove_whitespace": 0.25}, "mmlu": {"acc,none": 0.6}},
@@ -321,8 +321,8 @@ SAMPLES = [{"doc_id": 1, "doc": {"instruction": "Name a fruit.", "dataset": "koa
 
 
 def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
-    from obim.judge import judge
-    from obim.sweep import score_avg
+    from obim.bench.judge import judge
+    from obim.bench.sweep import score_avg
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OBIM_ALPACA_EVAL_ANNOTATORS", raising=False)
@@ -336,7 +336,7 @@ def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
 
 def test_alpaca_eval_with_judge(tmp_path, monkeypatch):
     """A stand-in `alpaca_eval` command (alpaca_eval's CLI and leaderboard.csv layout) scores the outputs."""
-    from obim.judge import judge
+    from obim.bench.judge import judge
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -363,7 +363,7 @@ wins = sum(o["output"].startswith("Hi") for o in outputs) / len(outputs) * 100
 
 
 def test_alpaca_eval_judge_failure_keeps_outputs(tmp_path, monkeypatch):
-    from obim.judge import judge
+    from obim.bench.judge import judge
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -379,7 +379,7 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
     """validation.split picks the toy zoo's files; a hub source keeps the split it names."""
     from hydra import compose, initialize_config_dir
 
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev",

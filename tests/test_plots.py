@@ -1,4 +1,4 @@
-"""A plot beside each axis table (obim/plots.py), from hand-made results: written as PNG, drawing exactly the table's
+"""A plot beside each axis table (obim/bench/plots.py), from hand-made results: written as PNG, drawing exactly the table's
 numbers (ours and the paper's), the same bytes from the same table, redrawn from the CSV alone, logged to an active
 W&B run."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from test_tables import PT, result
-from obim.plots import axis_figure, replot
-from obim.tables import build_tables, load_results, write_tables
+from obim.bench.plots import axis_figure, replot
+from obim.bench.tables import build_tables, load_results, write_tables
 
 AXIS_TABLES = {"table4", "table5", "table6", "grid"}
 

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 from obim import compute_hdiag, load_hdiag, merge
-from obim.cli import saliency_main
-from obim.validation import read_texts
+from obim.merging.cli import saliency_main
+from obim.merging.texts import read_texts
 
 
 def independent_stats(model_dir, texts):

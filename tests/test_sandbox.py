@@ -1,4 +1,4 @@
-"""The code sandbox (obim.sandbox) and the opt-in to code execution. Each escape is written so that its benchmark
+"""The code sandbox (obim.bench.sandbox) and the opt-in to code execution. Each escape is written so that its benchmark
 item would PASS if the escape worked: the toy scorer must score it failed, and the escape must have no effect."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from obim import sandbox
-from obim.errors import ObimError
-from obim.tasks import utils as task_utils
+from obim.bench import sandbox
+from obim.merging.errors import ObimError
+from obim.bench.tasks import utils as task_utils
 
 MODES = ["bwrap", "plain"]
 # an MBPP-style item: the completion is the whole function, its test wants f() == 1
@@ -173,7 +173,7 @@ def test_isolation_reported():
 
 
 def test_code_tasks_and_opt_in(monkeypatch):
-    from obim.evaluation import check_code_opt_in, code_tasks, evaluate_model
+    from obim.bench.evaluation import check_code_opt_in, code_tasks, evaluate_model
 
     tasks = ["toy_humaneval", "toy_mbpp", "toy_gsm8k", "humaneval", "mbpp", "gsm8k", "toy_sft", "humaneval_infilling"]
     assert code_tasks(tasks) == ["toy_humaneval", "toy_mbpp", "humaneval", "mbpp", "toy_sft", "humaneval_infilling"]

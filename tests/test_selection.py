@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from obim.selection import (kth_largest, kth_largest_many, row_band_mask, row_ranks, row_topk_mask, sorted_at,
+from obim.merging.selection import (kth_largest, kth_largest_many, row_band_mask, row_ranks, row_topk_mask, sorted_at,
                             topk_mask)
 
 

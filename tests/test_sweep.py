@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, run_sweep
-from obim.errors import ObimError
+from obim.merging.errors import ObimError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -23,8 +23,8 @@ TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "to
 def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
     import yaml
 
-    from obim.methods import METHODS
-    from obim.sweep import plan_job
+    from obim.merging.methods import METHODS
+    from obim.bench.sweep import plan_job
 
     assert {p.stem for p in (CONF / "method").glob("*.yaml")} == set(METHODS)
     for name, method in METHODS.items():
@@ -40,7 +40,7 @@ def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
 
 
 def test_plan_orders_validation_and_model_count(tmp_path):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     zoo = f"experiment.zoo={tmp_path}"
     p = plan_job(compose("method=obim", zoo))
@@ -80,7 +80,7 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     (["method=ties", "+method.per_model.vision.density=0.1"], "method.per_model"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
-    from obim.sweep import plan_job
+    from obim.bench.sweep import plan_job
 
     with pytest.raises(ObimError) as e:
         plan_job(compose(*overrides, f"experiment.zoo={tmp_path}"))

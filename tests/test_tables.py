@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from obim.tables import load_results, write_tables
+from obim.bench.tables import load_results, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = {"toy_alpaca": "alpaca_eval", "toy_mmlu": "mmlu", "toy_gsm8k": "gsm8k", "toy_math": "math",
@@ -127,7 +127,7 @@ def test_pt_table11_and_figure3_via_cli(tmp_path):
 
 
 def test_axis_of_overrides():
-    from obim.tables import axis_of
+    from obim.bench.tables import axis_of
 
     assert axis_of("method=obim") is None and axis_of("eval.limit=2") is None and axis_of("experiment=toy_pt") is None
     assert axis_of("experiment.zoo_recipe=quick") is None and axis_of("hydra/launcher=slurm") is None
@@ -142,7 +142,7 @@ def test_axis_of_overrides():
 
 
 def test_job_dirname():
-    from obim.sweep import job_dirname
+    from obim.bench.sweep import job_dirname
 
     assert job_dirname("method=obim,n_models=2") == "method=obim,n_models=2"
     assert job_dirname("experiment.checkpoints=[/c/1,/c/2]") == "experiment.checkpoints=[%2Fc%2F1,%2Fc%2F2]"
@@ -153,7 +153,7 @@ def test_job_dirname():
 
 def test_table10_and_missing_scores(tmp_path):
     """Table 10 beside the paper's; a job with an unjudged AlpacaEval (None) shows '—' and no average."""
-    from obim.tables import build_tables, table10
+    from obim.bench.tables import build_tables, table10
 
     runs = tmp_path / "runs"
     result(runs, "method=obim", "obim", [0, 50, 60, 10, 20, 30])

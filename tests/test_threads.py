@@ -1,4 +1,4 @@
-"""One thread budget per process (obim/threads.py): where the CPU count comes from, how jobs share it, and that a
+"""One thread budget per process (obim/merging/threads.py): where the CPU count comes from, how jobs share it, and that a
 merge burns CPU on no more threads than the budget, with the same bytes whatever the budget."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from obim import threads
+from obim.merging import threads
 
 REPO = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "OBIM_NUM_THREADS", "OBIM_THREAD_BUDGET", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
@@ -57,7 +57,8 @@ BURN = r"""
 import json, os, sys
 from pathlib import Path
 import torch
-from obim import merge, threads
+from obim import merge
+from obim.merging import threads
 
 def cpu_by_thread():
     out = {}
@@ -158,7 +159,7 @@ def test_budget_splits_cores_between_jobs():
 CONFIGURE = r"""
 import json
 import torch
-from obim import threads
+from obim.merging import threads
 
 threads.cores_available = lambda **kw: 2  # this machine as two CPUs, whatever it has
 out = {"two_jobs": [threads.configure(jobs=2), threads.pool_size(), torch.get_num_threads()]}
@@ -201,7 +202,8 @@ def test_sweep_jobs_come_from_the_joblib_launcher(monkeypatch):
 MERGE_ALL = r"""
 import json, sys
 from pathlib import Path
-from obim import merge, threads
+from obim import merge
+from obim.merging import threads
 
 cfgs, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 for name, c in cfgs.items():

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("OBIM_SKIP_VLLM") == "1", reason=
 
 def test_vllm_cpu_backend_matches_hf(quick_zoo):
     assert importlib.util.find_spec("vllm") is not None, "vLLM is not installed: run `make install-vllm`"
-    from obim.evaluation import evaluate_model
+    from obim.bench.evaluation import evaluate_model
 
     conf = yaml.safe_load((CONF / "eval" / "vllm_cpu.yaml").read_text())
     model, tasks = quick_zoo / "pt" / "ckpt-2", ["toy_jp", "toy_ceval"]

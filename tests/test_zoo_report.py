@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from obim.tiny import make_llama
-from obim.zoo import data as D
-from obim.zoo.report import (MERGES, OBIM_RETENTION, OBIM_VALIDATION, ORDER, gain_kept, merge_configs,
+from obim.bench.zoo import data as D
+from obim.bench.zoo.report import (MERGES, OBIM_RETENTION, OBIM_VALIDATION, ORDER, gain_kept, merge_configs,
                              report_tables, task_vector_stats)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +74,14 @@ def test_listed_merges_and_obim_settings_follow_the_experiment(tmp_path):
     obim = cfgs["OBIM"]
     assert [m["retention"] for m in obim["models"]] == [0.4, 0.45, 0.1]
     assert obim["models"][1]["validation"]["data"] == str(tmp_path / "val" / "math.jsonl")
-    from obim.config import load_config
+    from obim.merging.config import load_config
 
     for _, cfg in cfgs.items():  # each is a valid merge-core config
         load_config(cfg)
 
 
 def test_packed_batches_concatenate_documents_into_full_rows():
-    from obim.zoo.train import packed_batches, tokenizer
+    from obim.bench.zoo.train import packed_batches, tokenizer
 
     tok = tokenizer()
     docs = iter(["ab\n", "c\n", "defg\n"] * 10)
@@ -96,7 +96,7 @@ def test_packed_batches_concatenate_documents_into_full_rows():
 
 
 def test_frozen_parameters_keep_their_values():
-    from obim.zoo.train import ModelShape, new_model, train
+    from obim.bench.zoo.train import ModelShape, new_model, train
 
     model = new_model(ModelShape(hidden=64, layers=1, heads=1, intermediate=64, max_positions=64), 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -110,7 +110,7 @@ def test_frozen_parameters_keep_their_values():
 def test_raw_forms_hold_the_same_item_without_its_template():
     import random
 
-    from obim.tasks.utils import last_number
+    from obim.bench.tasks.utils import last_number
 
     rng = random.Random(3)
     for name, make in D.SFT_TASKS.items():
@@ -131,7 +131,7 @@ def test_raw_forms_hold_the_same_item_without_its_template():
 
 
 def test_raw_training_text_comes_from_the_train_split_only():
-    from obim.zoo import _sources
+    from obim.bench.zoo import _sources
 
     src = _sources(0)
     train_raw = {ex.raw for ex in D.examples(D.SFT_TASKS["math"], "train", 2000, 1000)}

@@ -1,0 +1,213 @@
+"""Evaluation through lm-eval (every metric comes from lm_eval.simple_evaluate): the tasks shipped in obim/tasks
+(the toy benchmarks; the paper's GSM8K/MATH prompts and AlpacaEval generation in obim/tasks/paper) and any task
+lm-eval knows, with lm-eval's own `hf` or `vllm` model classes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from obim.merging.errors import ObimError
+
+METRICS = ("exact_match", "pass@1", "acc", "acc_norm", "rouge2")  # rouge2: japanese_leaderboard's xlsum (0-1)
+
+
+def tasks_dir() -> str:
+    """The folder to pass to lm_eval.tasks.TaskManager(include_path=...): obim's tasks (the toy benchmarks, and
+    the paper's GSM8K/MATH/AlpacaEval forms in paper/)."""
+    return str(Path(__file__).parent / "tasks")
+
+
+@functools.cache
+def task_manager():
+    """One TaskManager per process: building it indexes lm-eval's bundled tasks (~9 s here)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir())
+
+
+def primary_score(result: dict) -> float:
+    """The task's main metric from an lm-eval result entry ('exact_match,none', 'pass@1,none', 'acc,none')."""
+    for m in METRICS:
+        for key, v in result.items():
+            if key.split(",")[0] == m and isinstance(v, (int, float)):
+                return float(v)
+    raise KeyError(f"no known metric in {sorted(result)}")
+
+
+def task_score(out: dict, task: str) -> float:
+    """A task's or group's score in percent from simple_evaluate's output. A group that aggregates no metric
+    itself (japanese_leaderboard) scores the mean of its subtasks' scores, as its leaderboard averages them."""
+    try:
+        return 100.0 * primary_score(out["results"].get(task) or out.get("groups", {}).get(task) or {})
+    except KeyError:
+        subtasks = (out.get("group_subtasks") or {}).get(task)
+        if not subtasks:
+            raise ObimError(f"lm-eval task {task}: no score among its metrics "
+                            f"{sorted((out['results'].get(task) or {}))}") from None
+        return sum(task_score(out, t) for t in subtasks) / len(subtasks)
+
+
+def model_args_string(model_dir: str | Path, model_args: dict[str, Any] | str | None) -> str:
+    """lm-eval's `model_args` string: pretrained=DIR plus the backend's options."""
+    if isinstance(model_args, str):
+        extra = model_args
+    else:
+        extra = ",".join(f"{k}={v}" for k, v in (model_args or {}).items() if v is not None)
+    return f"pretrained={model_dir}" + (f",{extra}" if extra else "")
+
+
+def code_allowed(allow_code: bool = False) -> bool:
+    """Code execution is opted in: `allow_code` (eval.allow_code=true) or HF_ALLOW_CODE_EVAL=1 (lm-eval's way)."""
+    return bool(allow_code) or os.environ.get("HF_ALLOW_CODE_EVAL") == "1"
+
+
+def code_tasks(tasks: list[str]) -> list[str]:
+    """Those of `tasks` (lm-eval tasks, groups or tags, obim's or lm-eval's own) that execute generated code: their
+    config says `unsafe_code: true`, or for a group or tag, one of its subtasks' does. Read from the task index
+    (configs as parsed YAML), so nothing is built or downloaded."""
+    index = task_manager().task_index
+    return [t for t in tasks if _unsafe(index, t, set())]
+
+
+def _unsafe(index: dict, name: str, seen: set[str]) -> bool:
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return False
+    seen.add(name)
+    if entry.kind.name == "TAG":
+        return any(_unsafe(index, t, seen) for t in sorted(entry.tags))
+    cfg = entry.cfg or {}
+    if entry.kind.name == "GROUP":
+        return _group_unsafe(index, cfg, seen)
+    return bool(cfg.get("unsafe_code", False))
+
+
+def _group_unsafe(index: dict, cfg: dict, seen: set[str]) -> bool:
+    if "unsafe_code" in cfg:  # a group's own task keys override its members'
+        return bool(cfg["unsafe_code"])
+    members = cfg.get("task") or []
+    for item in members if isinstance(members, list) else [members]:
+        if isinstance(item, str):
+            if _unsafe(index, item, seen):
+                return True
+        elif isinstance(item, dict):
+            if "unsafe_code" in item:  # a member listed with overrides
+                if item["unsafe_code"]:
+                    return True
+                continue
+            ref = item.get("group", item.get("task"))
+            if isinstance(ref, str) and ref in index:
+                if _unsafe(index, ref, seen):
+                    return True
+            elif "group" in item and _group_unsafe(index, item, seen):  # an inline group
+                return True
+    return False
+
+
+def check_code_opt_in(tasks: list[str], allow_code: bool = False) -> None:
+    """A one-line error when `tasks` execute generated code and neither opt-in (`allow_code`, i.e.
+    eval.allow_code=true, or HF_ALLOW_CODE_EVAL=1) is given."""
+    if code_allowed(allow_code):
+        return
+    code = code_tasks(tasks)
+    if code:
+        raise ObimError(f"{', '.join(code)} execute{'s' if len(code) == 1 else ''} model-generated code: opt in "
+                        "with eval.allow_code=true (or HF_ALLOW_CODE_EVAL=1 in the environment)")
+
+
+def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", batch_size: int | str = 32,
+                   limit: int | None = None, device: str = "cpu", model_args: dict[str, Any] | str | None = None,
+                   num_fewshot: dict[str, int] | None = None, outputs_dir: str | Path | None = None,
+                   allow_code: bool = False) -> dict[str, float | None]:
+    """{task: score in percent} of one model directory, through lm-eval's own model classes (loaded once).
+
+    `num_fewshot` sets a task's shots (others keep their YAML's). Judged tasks (AlpacaEval) score None unless a
+    judge is configured; their outputs go to `outputs_dir`. `vllm` runs in a child process: vLLM spawns workers and
+    keeps its memory until its process ends. Tasks that execute generated code (toy_humaneval, humaneval...) run
+    only with `allow_code` or HF_ALLOW_CODE_EVAL=1 (a one-line error otherwise)."""
+    if backend not in ("hf", "vllm"):
+        raise ObimError(f"eval backend: expected hf or vllm, got {backend!r}")
+    check_code_opt_in(tasks, allow_code)
+    req = {"model_dir": str(model_dir), "tasks": list(tasks), "backend": backend, "batch_size": batch_size,
+           "limit": limit, "device": device, "model_args": model_args, "num_fewshot": num_fewshot or {},
+           "outputs_dir": str(outputs_dir) if outputs_dir else None, "allow_code": code_allowed(allow_code)}
+    if backend == "vllm":
+        return _evaluate_in_child(req)
+    if model_args is None:
+        req["model_args"] = {"dtype": "float32"}
+    return _run(req)
+
+
+def _run(r: dict) -> dict[str, float | None]:
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    from .judge import JUDGED, judge
+
+    opts = {"batch_size": r["batch_size"]}
+    if r["backend"] == "hf":
+        opts["device"] = r["device"]
+    lm = get_model(r["backend"]).create_from_arg_string(model_args_string(r["model_dir"], r["model_args"]), opts)
+    groups: dict[int | None, list[str]] = {}
+    for t in r["tasks"]:
+        groups.setdefault(r["num_fewshot"].get(t), []).append(t)
+    scores: dict[str, float | None] = {}
+    allow = bool(r.get("allow_code"))
+    before = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if allow:  # code_eval and obim's toy scorers read it; for this evaluation only
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        for shots, group in groups.items():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=group, num_fewshot=shots, batch_size=r["batch_size"], limit=r["limit"],
+                task_manager=task_manager(), confirm_run_unsafe_code=allow,
+                log_samples=any(t in JUDGED for t in group),
+            )
+            for t in group:
+                if t in JUDGED:
+                    scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
+                else:
+                    scores[t] = task_score(out, t)
+    finally:
+        if before is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = before
+    return {t: scores[t] for t in r["tasks"]}
+
+
+def _evaluate_in_child(req: dict) -> dict[str, float | None]:
+    with tempfile.TemporaryDirectory(prefix="obim-eval-") as tmp:
+        path, res = Path(tmp) / "request.json", Path(tmp) / "scores.json"
+        path.write_text(json.dumps({**req, "out": str(res)}))
+        # the child opts in to code execution through req["allow_code"], not an inherited variable
+        env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
+        proc = subprocess.run([sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env)
+        if proc.returncode != 0 or not res.is_file():
+            raise ObimError(f"vllm evaluation of {req['model_dir']} failed (exit status {proc.returncode}; see above)")
+        return json.loads(res.read_text())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _child_main(request: str) -> None:
+    r = json.loads(Path(request).read_text())
+    Path(r["out"]).write_text(json.dumps(_run(r)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the scores are written: skip vLLM's exit-time teardown, which can abort (SIGABRT) on CPU
+
+
+if __name__ == "__main__":  # the vllm child process (vLLM spawns workers: the guard is required)
+    _child_main(sys.argv[1])

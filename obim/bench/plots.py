@@ -1,0 +1,175 @@
+"""Plots of the axis tables, drawn from the tables themselves (so a plot shows exactly its table's numbers): Table 4
+(validation source), Table 5 (validation size), Table 6 (order), the retention/parameter grid, and Figure 3 (number
+of merged models, Table 11). PNG beside each table; logged to W&B when a run is active."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .tables import METHOD_LABELS, Table, _best_single, _by_count, paper_tables
+
+# table -> the x axis of its plot (Table 11's is Figure 3)
+AXES = {"table4": "validation source of the math model (samples)", "table5": "validation samples of the math model",
+        "table6": "iteration order", "grid": None}
+DPI = 110
+
+
+def _number(s: str) -> float | None:
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def plot_data(t: Table) -> dict[str, Any]:
+    """What the plot of table `t` shows: {xlabel, numeric, panels: [{title, x, series: {column: [y per x]}}]}.
+    Ours in one panel (one per method for a grid), the paper's beside where it reports numbers."""
+    if t.name == "grid":
+        # rows "OBIM, retention=0.3": a panel per method, x the swept value (numeric when one key is swept)
+        groups: dict[str, list] = {}
+        for label, ours, _ in t.rows:
+            method, _, setting = label.partition(", ")
+            groups.setdefault(method, []).append((setting, ours))
+        keys = {s.partition("=")[0] for rows in groups.values() for s, _ in rows}
+        values = [_number(s.partition("=")[2]) for rows in groups.values() for s, _ in rows]
+        numeric = len(keys) == 1 and all(v is not None for v in values)
+        panels = [{"title": method, "x": [_number(s.partition("=")[2]) if numeric else s for s, _ in rows],
+                   "series": {c: [o.get(c) for _, o in rows] for c in t.columns}} for method, rows in groups.items()]
+        return {"xlabel": next(iter(keys)) if numeric else "setting", "numeric": numeric, "panels": panels}
+    xs = [_number(label) for label, _, _ in t.rows]
+    numeric = all(x is not None for x in xs)
+    x = xs if numeric else [label for label, _, _ in t.rows]
+    panels = [{"title": "ours", "x": x, "series": {c: [o.get(c) for _, o, _ in t.rows] for c in t.columns}}]
+    paper = {c: [p[i] if p is not None and i < len(p) else None for _, _, p in t.rows] for i, c in enumerate(t.columns)}
+    if any(v is not None for ys in paper.values() for v in ys):
+        panels.append({"title": "paper (Llama-2-13B)", "x": x, "series": paper})
+    return {"xlabel": AXES.get(t.name) or t.lead, "numeric": numeric, "panels": panels}
+
+
+def axis_figure(t: Table):
+    """The matplotlib figure of an axis table: lines over a numeric axis, grouped bars over named settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = plot_data(t)
+    n = len(d["panels"])
+    fig, axes = plt.subplots(1, n, figsize=((4.5 if d["numeric"] else 5.5) * n, 3.8), squeeze=False)
+    for ax, p in zip(axes[0], d["panels"]):
+        ys = {c: [math.nan if v is None else v for v in vs] for c, vs in p["series"].items()}
+        if d["numeric"]:
+            for c, y in ys.items():  # avg solid and black, the benchmarks dashed
+                ax.plot(p["x"], y, "o-" if c == "avg" else "o--", label=c, **({"color": "black"} if c == "avg" else {}))
+            ax.set_xticks(sorted(set(p["x"])))
+        else:
+            width = 0.8 / max(1, len(ys))
+            for i, (c, y) in enumerate(ys.items()):
+                ax.bar([j + (i - (len(ys) - 1) / 2) * width for j in range(len(y))], y, width, label=c)
+            ticks = [str(v).replace(" (", "\n(").translate(str.maketrans("", "", "[]'")) for v in p["x"]]
+            ax.set_xticks(range(len(p["x"])), ticks, fontsize=7)
+        top = max([v for y in ys.values() for v in y if not math.isnan(v)] + [0])
+        ax.set_ylim(0, max(5.0, top * 1.1))
+        ax.set(title=p["title"], xlabel=d["xlabel"], ylabel="score")
+    handles, labels = axes[0][0].get_legend_handles_labels()  # every panel draws the same series
+    fig.legend(handles, labels, loc="lower center", ncols=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(t.title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def save(fig, path: Path) -> Path:
+    """PNG, atomically, with no software/version stamp: the same table gives the same bytes."""
+    import matplotlib.pyplot as plt
+
+    from obim.merging.staging import atomic_write_file
+
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None}))
+    plt.close(fig)
+    return path
+
+
+def write_plots(tables: list[Table], out: Path) -> list[Path]:
+    """<table>.png beside each axis table's .md."""
+    return [save(axis_figure(t), out / f"{t.name}.png") for t in tables if t.name in AXES and t.rows]
+
+
+def figure3(results: list[dict], out: Path) -> Path | None:
+    """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
+    seen = _by_count(results)
+    counts = sorted({n for n, _ in seen})
+    if len(counts) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paper = paper_tables()["table11"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax = axes[0]
+    for m, style in (("obim", "o-"), ("dare", "s-")):
+        xs = [n for n in counts if (n, m) in seen]
+        ax.plot(xs, [seen[(n, m)]["avg"] for n in xs], style, label=METHOD_LABELS[m])
+    xs = [n for n in counts if _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))]
+    ax.plot(xs, [_best_single(seen.get((n, "obim")) or seen.get((n, "dare")))[1] for n in xs], "k--",
+            label="best single model")
+    ax.set(title=f"ours ({next(iter(seen.values()))['experiment']})", xlabel="models merged (base included)",
+           ylabel="average score", xticks=counts)
+    ax.legend()
+    ax = axes[1]
+    pc = sorted(int(k) for k in paper)
+    for m, style in (("OBIM", "o-"), ("DARE", "s-")):
+        ax.plot(pc, [paper[str(n)][m][-1] for n in pc], style, label=m)
+    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=pc)
+    ax.legend()
+    fig.tight_layout()
+    return save(fig, out / "figure3.png")
+
+
+def log_to_wandb(tables: list[Table], figures: list[Path]) -> bool:
+    """Log the tables and figures to the active W&B run, if there is one (wandb is not imported for this)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return False
+    data: dict[str, Any] = {}
+    for t in tables:
+        rows = list(csv.reader(t.csv().splitlines()))
+        data[f"tables/{t.name}"] = wandb.Table(columns=rows[0], data=rows[1:])
+    for p in figures:
+        data[f"figures/{p.stem}"] = wandb.Image(str(p))
+    run.log(data)
+    return True
+
+
+def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Table:
+    """A table written by write_tables read back (ours and the paper's numbers): plots without the results."""
+    rows = list(csv.reader(Path(path).read_text().splitlines()))
+    head = rows[0]
+    cols = [c for c in head[1:] if not c.startswith("paper_")]
+    t = Table(name or Path(path).stem, title or Path(path).stem, cols, lead=head[0])
+    for r in rows[1:]:
+        cell = dict(zip(head, r))
+        paper = [_number(cell.get(f"paper_{c}", "")) for c in cols]
+        t.rows.append((r[0], {c: _number(cell[c]) for c in cols}, paper if any(v is not None for v in paper) else None))
+    return t
+
+
+def replot(out: Path) -> list[Path]:
+    """Redraw the axis plots in `out` from its tables' CSV files (`experiments/tables.py --replot DIR`)."""
+    import re
+
+    written = []
+    for name in AXES:
+        p = out / f"{name}.csv"
+        if p.is_file():
+            md = out / f"{name}.md"
+            title = re.sub(r"^# ", "", md.read_text().splitlines()[0]) if md.is_file() else name
+            written += write_plots([table_from_csv(p, name, title)], out)
+    return written

@@ -1,0 +1,1 @@
+"""lm-eval task definitions of the toy benchmarks (pass obim.bench.evaluation.tasks_dir() to TaskManager(include_path=...))."""

@@ -1,0 +1,79 @@
+"""The methods registry: each merge method is an intra-model sparsifier composed with an inter-model combiner,
+as in the paper's Table 7. Registering a new one here (or from user code) touches no driver code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .combiners import Choice, Combiner, Consensus, DisjointMean, IterativeMerging, Sum, WeightedMean
+from .context import Param, number_in
+from .errors import ObimError
+from .saliency import magnitude, saliency
+from .sparsifiers import Breadcrumbs, Keep, MagPrune, PCBBalance, RandomDrop, Rank, Sparsifier, TopK
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    sparsifier: Sparsifier
+    combiner: Combiner
+    lam: float = 1.0  # default of `lambda`: θ = θ0 + λ·δM
+    retention_param: str | None = None  # the parameter a model's `retention` key sets
+    uses_saliency: bool = False  # needs hdiag statistics (OBM)
+    doc: str = ""
+    label: str = ""  # the paper's name of the method (tables, plots); the registry name when empty
+    reference_url: str = ""  # the paper that defines it
+
+    @property
+    def pretty_name(self) -> str:
+        return self.label or self.name
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return (*self.sparsifier.params, *self.combiner.params, Param("lambda", self.lam, number_in(-1e9, 1e9)))
+
+    def validate(self, params: list[dict], models: list[str]) -> str | None:
+        return self.sparsifier.validate(params, models) or self.combiner.validate(params, models)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ObimError(f"method: unknown method '{name}'; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+# The paper's Table 7 (plus Breadcrumbs): sparsifier | combiner.
+register(Method("ta", Keep(), Sum(), doc="Task Arithmetic", label="TA",
+                reference_url="https://arxiv.org/abs/2212.04089"))
+register(Method("ties", TopK(magnitude, density=0.2), DisjointMean(), doc="TIES-Merging", label="TIES",
+                reference_url="https://arxiv.org/abs/2306.01708"))
+register(Method("dare", RandomDrop(drop_rate=0.9),
+                Choice("combine", "sum", {"sum": Sum(), "ties": DisjointMean()}), doc="DARE (+TA or +TIES)",
+                label="DARE", reference_url="https://arxiv.org/abs/2311.03099"))
+register(Method("della", MagPrune(density=0.7, epsilon=0.07), DisjointMean(), lam=1.1, doc="DELLA (MAGPRUNE)",
+                label="DELLA", reference_url="https://arxiv.org/abs/2406.11617"))
+register(Method("tall_mask", Keep(), Consensus(), doc="TALL-Mask / consensus merging", label="TALL-Mask",
+                reference_url="https://arxiv.org/abs/2405.07813"))
+register(Method("pcb", PCBBalance(ratio=0.1), WeightedMean(), doc="Parameter Competition Balancing", label="PCB",
+                reference_url="https://arxiv.org/abs/2410.02396"))
+register(Method("breadcrumbs", Breadcrumbs(density=0.1, gamma=0.01), Sum(), doc="Model Breadcrumbs",
+                label="Breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795"))
+register(Method("obim", Rank(saliency), IterativeMerging(), retention_param="retention", uses_saliency=True,
+                doc="OBIM: OBM saliency + iterative merging", label="OBIM",
+                reference_url="https://arxiv.org/abs/2502.12217"))
+register(Method("ties_obm", TopK(saliency, density=0.2), DisjointMean(), retention_param="density",
+                uses_saliency=True, doc="ablation: OBM saliency + TIES disjoint mean", label="TIES+OBM",
+                reference_url="https://arxiv.org/abs/2502.12217"))
+register(Method("ties_im", Rank(magnitude), IterativeMerging(), retention_param="retention",
+                doc="ablation: magnitude + iterative merging", label="TIES+IM",
+                reference_url="https://arxiv.org/abs/2502.12217"))

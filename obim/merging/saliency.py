@@ -1,0 +1,216 @@
+"""OBM saliency: the per-input-feature statistics of every linear layer ("hdiag") and the scores built on them.
+
+hdiag[W][j] = mean over validation tokens (padding excluded) of x_j², x the input of the nn.Linear owning W when the
+model runs forward on its own validation set: the diagonal of the layer-wise Hessian 2·E[x xᵀ] up to a constant.
+The saliency of entry (i, j) of a task vector δ is δ[i, j]² · hdiag[W][j]; tensors that are not linear weights get
+uniform random scores, as the paper prunes them randomly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import Checkpoint
+from .staging import atomic_write_file
+from .checks import device_check, require
+from .context import TensorContext
+from .errors import ObimError
+
+Score = Callable[[torch.Tensor, int, TensorContext], torch.Tensor]
+
+
+def magnitude(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
+    return delta.abs()
+
+
+def saliency(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
+    h = ctx.hdiag[i]
+    if h is None:
+        return ctx.rand(i, delta.shape)
+    return delta.square() * h.to(delta.device)
+
+
+# ------------------------------------------------------------------------------------------- the hdiag file
+
+
+def load_hdiag(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(statistics, metadata) of an hdiag file, every vector checked 1-D, finite and non-negative."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObimError(f"{path}: hdiag file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ObimError(f"{path}: unreadable hdiag safetensors file ({e})") from None
+    for k, v in out.items():
+        if v.dim() != 1 or not v.is_floating_point():
+            raise ObimError(f"{path}: hdiag tensor {k} must be a 1-D float vector, got {list(v.shape)} {v.dtype}")
+        if not torch.isfinite(v).all() or (v < 0).any():
+            raise ObimError(f"{path}: hdiag tensor {k} has negative, NaN or Inf entries")
+    return {k: v.float() for k, v in out.items()}, meta
+
+
+def _linear_weights(net: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layers OBM scores: every nn.Linear by its weight's name, except one sharing its weight with an
+    embedding (a tied lm_head), which is scored randomly as the embeddings are."""
+    shared = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
+    return {f"{n}.weight" if n else "weight": m for n, m in net.named_modules()
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared}
+
+
+def expected_hdiag(ckpt: Checkpoint) -> list[str]:
+    """The tensors an hdiag file of this model must cover: its linear weights, read from the architecture built
+    on the meta device (no memory, no weights). Where transformers cannot build it, or names its weights
+    otherwise than the checkpoint, every 2-D float weight that is not an embedding / vocabulary matrix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.dir)
+        with torch.device("meta"):
+            names = sorted(_linear_weights(AutoModelForCausalLM.from_config(config)))
+        if all(n in ckpt.tensors for n in names):  # empty for Conv1D models (GPT-2): nothing is hooked either
+            return names
+    except Exception:  # custom code, unknown architecture: the shape rule below
+        pass
+    vocab = ckpt.config.get("vocab_size")
+    return sorted(n for n, t in ckpt.tensors.items()
+                  if len(t.shape) == 2 and t.dtype.is_floating_point and n.endswith("weight")
+                  and t.shape[0] != vocab and not re.search(r"embed|wte|wpe|word_emb", n))
+
+
+def check_hdiag(hdiag: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint, source: str) -> None:
+    """The statistics must come from this model (its fingerprint) and cover exactly its linear weights, each
+    vector as long as the weight's input dimension: anything else would silently score some layers at random."""
+    want = meta.get("model_fingerprint")
+    if not want:
+        raise ObimError(f"{source}: hdiag file records no model fingerprint (written by an older obim or another "
+                        f"tool); recompute it with obim-saliency for model '{ckpt.spec}'")
+    have = ckpt.fingerprint()
+    if want != have:
+        raise ObimError(f"{source}: hdiag statistics were computed for another model ({meta.get('model', '?')}, "
+                        f"fingerprint {want}), not for '{ckpt.spec}' (fingerprint {have})")
+    for name, vec in hdiag.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise ObimError(f"{source}: hdiag tensor {name} is not a tensor of model '{ckpt.spec}'")
+        if len(info.shape) != 2 or info.shape[1] != vec.numel():
+            raise ObimError(f"{source}: hdiag tensor {name} has length {vec.numel()}, but the model's weight "
+                            f"has shape {list(info.shape)} (expected length = its input dimension)")
+    missing = [n for n in expected_hdiag(ckpt) if n not in hdiag]
+    if missing:
+        raise ObimError(f"{source}: hdiag covers {len(hdiag)} linear weights of model '{ckpt.spec}'; missing "
+                        f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def save_hdiag(hdiag: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    tensors = {k: v.float().contiguous() for k, v in sorted(hdiag.items())}
+    atomic_write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+# ------------------------------------------------------------------------------------------ computing it
+
+
+def _dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return "auto"
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ObimError(f"dtype: unknown torch dtype '{name}'")
+    return dt
+
+
+def compute_hdiag(
+    model: str,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
+    source: str = "",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run `model` (a directory or hub id) forward over `texts` and return (hdiag, metadata).
+
+    The model is loaded once, in `dtype` (None: its own), on `device`; statistics accumulate in float64.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import open_checkpoint, resolve_model_dir
+
+    require("device", device, device_check)
+    if not texts:
+        raise ObimError(f"validation set {source or '(texts)'} is empty: saliency needs at least one sample")
+    if max_length < 1 or batch_size < 1:
+        raise ObimError("max_length and batch_size must be positive")
+    path = resolve_model_dir(model)
+    dev = torch.device(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        # a model larger than one GPU (the paper: 13B on 2 GPUs): layers spread over all of them (accelerate)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), device_map="auto").eval()
+        dev = net.get_input_embeddings().weight.device
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(dev).eval()
+
+    sums: dict[str, torch.Tensor] = {}
+    state: dict = {"mask": None, "last": (None, None)}
+
+    def hook_for(wname: str):
+        def hook(module, args):
+            x = args[0]
+            last_x, acc = state["last"]
+            if x is not last_x:  # q/k/v (gate/up) run back to back on one input: square it once
+                sel = x[state["mask"].to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+                acc = sel.double().square().sum(0)
+                state["last"] = (x, acc)  # holding x keeps the identity test sound
+            sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(wname)) for wname, mod in _linear_weights(net).items()]
+
+    tokens = 0
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            bar = tqdm(range(0, len(texts), batch_size), desc=f"saliency {Path(str(model)).name}", unit="batch",
+                       disable=not progress)
+            for start in bar:
+                enc = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length).to(dev)
+                mask = enc["attention_mask"].bool()
+                state["mask"], state["last"] = mask, (None, None)
+                tokens += int(mask.sum())
+                net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        state["last"] = (None, None)
+        for h in handles:
+            h.remove()
+    elapsed = time.perf_counter() - t0
+    if tokens == 0:
+        raise ObimError(f"validation set {source}: no tokens after tokenization")
+    hdiag = {k: (v / tokens).float().cpu() for k, v in sums.items()}
+    meta = {
+        "model": str(model), "data": str(source), "samples": str(len(texts)), "tokens": str(tokens),
+        "max_length": str(max_length), "seconds": f"{elapsed:.3f}",
+        "seconds_per_sample": f"{elapsed / len(texts):.5f}",
+        "model_fingerprint": open_checkpoint(str(path)).fingerprint(),
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+    }
+    del net
+    return hdiag, meta

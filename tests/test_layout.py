@@ -1,0 +1,56 @@
+"""The merging library imports nothing from the benchmark harness: every module of obim.merging loads, and a merge
+with OBM saliency runs through the package API, while obim.bench cannot be imported; nor does it load lm-eval, Hydra, W&B or matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent("""
+    import importlib, importlib.abc, json, pkgutil, sys
+    from pathlib import Path
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "obim.bench" or name.startswith("obim.bench."):
+                raise ImportError(f"the merging library imported {name}")
+
+    HARNESS_LIBS = ("lm_eval", "hydra", "wandb", "matplotlib")  # probed by transformers, never imported
+    sys.meta_path.insert(0, Block())
+    import obim
+    import obim.merging
+    for m in pkgutil.iter_modules(obim.merging.__path__):
+        importlib.import_module(f"obim.merging.{m.name}")
+    from obim.tiny import make_llama
+
+    root = Path(sys.argv[1])
+    base = make_llama(root / "base", 0, hidden=32, head_dim=16, layers=1)
+    experts = [make_llama(root / n, i, base=base, hidden=32, head_dim=16, layers=1) for i, n in enumerate("ab", 1)]
+    (root / "v.jsonl").write_text(json.dumps({"text": "abc 12"}) + "\\n")
+    cfg = {"method": "obim", "base_model": str(base), "seed": 0,
+           "models": [{"name": p.name, "path": str(p), "retention": 0.5, "validation": {"data": str(root / "v.jsonl")}}
+                      for p in experts]}
+    res = obim.merge(cfg, root / "out", progress=False)
+    assert (Path(res.out_dir) / "model.safetensors").is_file()
+    print(sorted(m for m in sys.modules if m.startswith("obim.") or m.split(".")[0] in HARNESS_LIBS))
+""")
+
+
+def test_merging_library_imports_nothing_from_the_harness(tmp_path):
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    loaded = eval(p.stdout.strip().splitlines()[-1])
+    assert "obim.merging.merge" in loaded
+    assert [m for m in loaded if not m.startswith("obim.merging") and m != "obim.tiny"] == []  # no harness module or library
+
+
+def test_tasks_dir_stays_on_the_package():
+    """spec/interfaces.md section 5: obim.tasks_dir() is the folder to give lm-eval's TaskManager (loaded from the
+    harness on first use)."""
+    from pathlib import Path
+
+    import obim
+
+    root = Path(obim.tasks_dir())
+    assert (root / "toy_gsm8k.yaml").is_file() and (root / "paper" / "obim_gsm8k_cot.yaml").is_file()
