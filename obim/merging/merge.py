@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from .architectures import is_vocab_tensor
 from .checkpoint import TOKENIZER_FILES, Checkpoint, ShardedWriter, open_checkpoint, plan_shards
 from .checks import device_check, require
 from .config import MergeConfig, load_config
@@ -58,14 +59,11 @@ def _vocab_size(ckpt: Checkpoint) -> int | None:
     return c.get("vocab_size") or (c.get("text_config") or {}).get("vocab_size")
 
 
-VOCAB_TENSOR_RE = re.compile(r"embed|lm_head|wte|word_emb|output")
-
-
 def _only_vocab_rows_differ(name: str, shapes: list[tuple[int, ...]], ckpts: list[Checkpoint]) -> bool:
     """True for an embedding / lm_head whose shapes differ only in rows, each model's rows being its vocab size."""
     same_cols = all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes)
     rows_are_vocab = all(_vocab_size(ck) in (None, s[0]) for ck, s in zip(ckpts, shapes))
-    return same_cols and rows_are_vocab and bool(VOCAB_TENSOR_RE.search(name))
+    return same_cols and rows_are_vocab and is_vocab_tensor(name, ckpts[0].architecture[0])
 
 
 @dataclass
