@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import psutil
 import pytest
 import yaml
 
@@ -21,6 +22,10 @@ def test_vllm_cpu_backend_matches_hf(quick_zoo):
     conf = yaml.safe_load((CONF / "eval" / "vllm_cpu.yaml").read_text())
     model, tasks = quick_zoo / "pt" / "ckpt-2", ["toy_jp", "toy_ceval"]
     v = evaluate_model(model, tasks, backend="vllm", batch_size="auto", limit=20, model_args=conf["model_args"])
+    # vLLM's engine and workers ended with the evaluation (they outlived it once, holding ~1.6 GB each time)
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if any("VLLM::" in c for c in
+                                                                               p.info["cmdline"] or [])]
+    assert left == []
     h = evaluate_model(model, tasks, backend="hf", limit=20)
     assert set(v) == set(tasks)
     for t in tasks:  # the same log-likelihood ranking; allow one near-tie to flip between the two numerics

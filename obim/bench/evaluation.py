@@ -189,10 +189,36 @@ def _evaluate_in_child(req: dict) -> dict[str, float | None]:
         path.write_text(json.dumps({**req, "out": str(res)}))
         # the child opts in to code execution through req["allow_code"], not an inherited variable
         env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
-        proc = subprocess.run([sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env)
-        if proc.returncode != 0 or not res.is_file():
-            raise ObimError(f"vllm evaluation of {req['model_dir']} failed (exit status {proc.returncode}; see above)")
+        # its own process group: vLLM's engine and workers are its children, and the child leaves by os._exit
+        # (below), so they would outlive it holding their memory; the group is ended when the child is done
+        proc = subprocess.Popen([sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait()
+        finally:
+            end_process_group(proc.pid)
+        if rc != 0 or not res.is_file():
+            raise ObimError(f"vllm evaluation of {req['model_dir']} failed (exit status {rc}; see above)")
         return json.loads(res.read_text())
+
+
+def end_process_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM every process left in group `pgid`, SIGKILL what is still there after `grace_s`."""
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return  # nothing left
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
 
 
 def _cuda() -> bool:
