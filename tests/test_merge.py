@@ -115,6 +115,23 @@ def test_sharded_output_and_dtype(zoo, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
+def test_sharded_safetensors_input_is_read_through_its_index(zoo, tmp_path):
+    """An expert saved in several shards (model.safetensors.index.json) merges to the same bytes as the single
+    file it was saved from."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "math-sharded"
+    AutoModelForCausalLM.from_pretrained(zoo["math"]).save_pretrained(sharded, max_shard_size="100KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    ck = open_checkpoint(str(sharded))
+    assert set(ck.tensors) == set(load_state(zoo["math"]))
+    assert all(torch.equal(ck.get(k), v) for k, v in load_state(zoo["math"]).items())
+    merge(cfg(zoo, "ties"), tmp_path / "single", progress=False)
+    merge(cfg({**zoo, "math": sharded}, "ties"), tmp_path / "from-shards", progress=False)
+    assert (tmp_path / "single" / "model.safetensors").read_bytes() == \
+        (tmp_path / "from-shards" / "model.safetensors").read_bytes()
+
+
 def test_bin_checkpoints_merge_like_safetensors(zoo, tmp_path):
     bins = {}
     for n in ["base", "lm", "math", "code"]:
@@ -150,6 +167,30 @@ def test_vocab_rows_differ(zoo, tmp_path):
     assert json.loads((tmp_path / "big-vocab" / "config.json").read_text())["vocab_size"] == 65
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "big-vocab")
     assert model.get_input_embeddings().weight.shape[0] == 65
+
+
+def test_vocab_tensors_are_declared_per_architecture(zoo, tmp_path):
+    from obim.merging.architectures import is_vocab_tensor
+
+    # BERT's attention output projection is not a vocabulary matrix, though the fallback pattern matches it
+    assert not is_vocab_tensor("bert.encoder.layer.0.attention.output.dense.weight", "bert")
+    assert is_vocab_tensor("bert.embeddings.word_embeddings.weight", "bert")
+    assert is_vocab_tensor("lm_head.weight", "llama") and not is_vocab_tensor("model.layers.0.mlp.up_proj.weight", "llama")
+    assert is_vocab_tensor("transformer.wte.weight", "my_custom_lm")  # undeclared: the name pattern
+    # the merge asks the declaration: relabelled as GPT-2 (vocabulary rows in transformer.wte / lm_head), the Llama
+    # names that differ in rows are refused; as Llama, the same files merge (test_vocab_rows_differ)
+    big = make_llama(tmp_path / "big", 7, base=zoo["base"], vocab=65, extra_tokens=1)
+    models = {}
+    for name, src in (("base", zoo["base"]), ("lm", zoo["lm"]), ("math", zoo["math"]), ("code", big)):
+        models[name] = tmp_path / f"gpt2-{name}"
+        shutil.copytree(src, models[name])
+        conf = json.loads((models[name] / "config.json").read_text())
+        conf["model_type"] = "gpt2"
+        (models[name] / "config.json").write_text(json.dumps(conf))
+    c = cfg({**zoo, **models}, "ta")
+    with pytest.raises(ObimError, match=r"tensor model.embed_tokens.weight: shapes differ"):
+        merge(c, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -97,10 +97,12 @@ def _as_plain(src: Any) -> dict:
 def parse_size(v: Any, where: str) -> int:
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(v), re.I)
-    if not m:
-        raise ObimError(f"{where}: expected a positive size in bytes (e.g. 5000000000 or 5GB), got {v!r}")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2).upper()]
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(v), re.I)
+    if not m or (m.group(3) and not m.group(2)):
+        raise ObimError(f"{where}: expected a positive size in bytes (e.g. 5000000000, 5GB or 4GiB), got {v!r}")
+    # KB, MB, GB: powers of 1000 (as transformers' max_shard_size); KiB, MiB, GiB: powers of 1024
+    unit = m.group(2).upper()
+    scale = (1024 if m.group(3) else 1000) ** ("KMGT".index(unit) + 1) if unit else 1
     size = int(float(m.group(1)) * scale)
     if size <= 0:
         raise ObimError(f"{where}: size must be positive, got {v!r}")

@@ -1,0 +1,102 @@
+"""Units of the harness that decide whether work is redone or how it is reported: a model's fingerprint, the task
+folders' fingerprint, a score waiting for a judge, the W&B mode, and the merge config's size option."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from obim.bench import evaluation
+from obim.bench.cache import model_fingerprint
+from obim.bench.stages import _tasks_fingerprint, judge_pending
+from obim.bench.tracking import wandb_mode
+from obim.merging.config import parse_size
+from obim.merging.errors import ObimError
+
+
+def test_model_fingerprint_follows_config_index_and_weight_files(tmp_path):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text('{"model_type": "llama"}')
+    (m / "model.safetensors").write_bytes(b"x" * 10)
+    (m / "README.md").write_text("a model")
+    fp = model_fingerprint(str(m))
+    assert model_fingerprint(str(m)) == fp
+    (m / "README.md").write_text("another card")  # not part of the weights
+    assert model_fingerprint(str(m)) == fp
+    st = (m / "model.safetensors").stat()
+    os.utime(m / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # rewritten in place
+    assert model_fingerprint(str(m)) != fp
+    fp = model_fingerprint(str(m))
+    (m / "config.json").write_text('{"model_type": "llama", "vocab_size": 65}')
+    assert model_fingerprint(str(m)) != fp
+    fp = model_fingerprint(str(m))
+    (m / "model-00002-of-00002.safetensors").write_bytes(b"y")  # a new shard
+    assert model_fingerprint(str(m)) != fp
+    fp = model_fingerprint(str(m))
+    (m / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert model_fingerprint(str(m)) != fp
+    copy = tmp_path / "copy"
+    shutil.copytree(m, copy, copy_function=shutil.copy2)  # same files, another place
+    assert model_fingerprint(str(copy)) != model_fingerprint(str(m))
+    assert model_fingerprint("meta-llama/Llama-2-13b-hf") == "hub:meta-llama/Llama-2-13b-hf"
+
+
+def test_tasks_fingerprint_follows_the_folders_that_define_the_tasks(tmp_path, monkeypatch):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(evaluation.tasks_dir(), tasks, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(evaluation, "tasks_dir", lambda: str(tasks))
+    toy, paper = _tasks_fingerprint(["toy_gsm8k"]), _tasks_fingerprint(["obim_gsm8k_cot"])
+    assert _tasks_fingerprint(["gsm8k"]) == _tasks_fingerprint([])  # lm-eval's own: covered by its version
+    assert len({toy, paper, _tasks_fingerprint([])}) == 3
+    (tasks / "utils.py").write_text((tasks / "utils.py").read_text() + "\n# a scorer changed\n")
+    assert _tasks_fingerprint(["toy_gsm8k"]) != toy  # same folder: re-evaluate
+    assert _tasks_fingerprint(["obim_gsm8k_cot"]) == paper  # another folder: untouched
+    (tasks / "paper" / "_obim_math_cot_template").write_text("changed: true\n")
+    assert _tasks_fingerprint(["obim_gsm8k_cot"]) != paper  # a template its folder includes
+
+
+def test_a_result_waits_for_a_judge_only_when_one_is_configured(monkeypatch):
+    from obim.bench import judge
+
+    scored = {"scores": {"obim_alpaca_eval": 80.0, "toy_mmlu": 50.0},
+              "individual": {"base": {"scores": {"obim_alpaca_eval": 10.0}}}}
+    unjudged = {**scored, "scores": {"obim_alpaca_eval": None, "toy_mmlu": 50.0}}
+    base_unjudged = {**scored, "individual": {"base": {"scores": {"obim_alpaca_eval": None}}}}
+    missing_other = {**scored, "scores": {"obim_alpaca_eval": 80.0, "toy_mmlu": None}}  # not a judged task
+    monkeypatch.setattr(judge, "judge_configured", lambda: True)
+    assert [judge_pending(r) for r in (scored, unjudged, base_unjudged, missing_other)] == [False, True, True, False]
+    monkeypatch.setattr(judge, "judge_configured", lambda: False)
+    assert not judge_pending(unjudged) and not judge_pending(base_unjudged)
+
+
+def test_wandb_mode(tmp_path, monkeypatch):
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode(None) == "offline"  # no key, no login: never the network
+    netrc.write_text("machine example.org login u password p\n")
+    assert wandb_mode(None) == "offline"
+    netrc.write_text("machine api.wandb.ai login user password key\n")
+    netrc.chmod(0o600)
+    assert wandb_mode(None) == "online"  # `wandb login`
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_mode(None) == "offline"  # logged in elsewhere
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "disabled"
+    assert wandb_mode("offline") == "offline"  # tracking.mode wins
+
+
+def test_parse_size():
+    assert parse_size(5_000_000_000, "shard_size") == 5_000_000_000
+    assert parse_size("5GB", "shard_size") == 5 * 10**9 and parse_size("5 gb", "shard_size") == 5 * 10**9
+    assert parse_size("1.5MB", "shard_size") == 1_500_000 and parse_size("100", "shard_size") == 100
+    assert parse_size("2GiB", "shard_size") == 2 * 2**30 and parse_size("512KiB", "shard_size") == 512 * 2**10
+    for bad in ("", "abc", "0", "0.1", "-5GB", "5XB", True, 0, -1, None):
+        with pytest.raises(ObimError, match=r"^shard_size: "):
+            parse_size(bad, "shard_size")
