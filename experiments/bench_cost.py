@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from obim.merging.checkpoint import open_checkpoint
     from obim.merging.merge import merge
     from obim.merging.saliency import compute_hdiag, save_hdiag
-    from obim.bench.tables import cost_table
+    from obim.bench.costs import cost_table
     from obim.tiny import make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

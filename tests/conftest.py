@@ -62,7 +62,7 @@ def compose(*overrides: str, allow_code: bool = True):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    import obim.bench.sweep  # noqa: F401  (registers the ${obim:...} resolver)
+    import obim.bench.plan  # noqa: F401  (registers the ${obim:...} resolver)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hcompose("sweep", overrides=[*overrides, *(["eval.allow_code=true"] if allow_code else [])])

@@ -89,7 +89,7 @@ def test_cli_refuses_non_finite_before_writing(zoo, tmp_path, capsys, yaml_value
     ("retention=nan", r"retention: must be a finite number"),
 ])
 def test_sweep_plan_refuses_non_finite(tmp_path, override, message):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     method = "method=obim" if override.startswith("retention") else "method=ta"
     one_line_refusal(lambda: plan_job(compose(method, override, f"experiment.zoo={tmp_path}")), message)
@@ -330,15 +330,20 @@ def test_bad_device(zoo, tmp_path, val_jsonl, capsys):
     (["method=obim", "validation.max_length=0"], r"^validation.max_length: must be in"),
     (["method=obim", "validation.size=true"], r"^validation.size: must be an integer"),
     (["method=tall_mask", "method.parameters.k=4"], r"`k` of tall_mask is 4, more than the 3 models"),
+    # experiments are checked as schemas: a key no code reads is an error, not silently ignored
+    (["method=ta", "+experiment.tables=[table1]"], r"^experiment toy_sft: unknown key\(s\) tables; valid: name, "),
+    (["method=ta", "experiment.setting=rlhf"], r"^experiment.setting: expected one of sft, pt, got 'rlhf'"),
+    (["method=ta", "experiment.zoo_recipe=tiny"], r"^experiment.zoo_recipe: expected full or quick, got 'tiny'"),
+    (["method=ta", "experiment.base=null"], r"^experiment toy_sft: `base` is required"),
 ])
 def test_sweep_plan_one_line_errors(tmp_path, overrides, message):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     one_line_refusal(lambda: plan_job(compose(*overrides, f"experiment.zoo={tmp_path}")), message)
 
 
 def test_sweep_plan_accepts_good_limits_and_sources(tmp_path):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     zoo = f"experiment.zoo={tmp_path}"
     assert plan_job(compose("method=ta", zoo, "eval.limit=0.5"))["eval"]["limit"] == 0.5
@@ -369,7 +374,7 @@ def test_dry_run_refuses_unknown_source(tmp_path):
 @pytest.mark.parametrize("experiment, tasks", [("toy_sft", "toy_humaneval, toy_mbpp"),
                                                ("llama2_13b_sft", "humaneval, mbpp")])
 def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, experiment, tasks):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     over = ["method=ta", f"experiment={experiment}", f"experiment.zoo={tmp_path}" if experiment == "toy_sft" else

@@ -120,7 +120,8 @@ def test_presets_toy(tmp_path):
 def test_plan_rejects_bad_sources_and_tasks(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from obim.bench.sweep import check_tasks, plan_job
+    from obim.bench.plan import plan_job
+    from obim.bench.stages import check_tasks
 
     def plan(*o):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -322,7 +323,7 @@ SAMPLES = [{"doc_id": 1, "doc": {"instruction": "Name a fruit.", "dataset": "koa
 
 def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
     from obim.bench.judge import judge
-    from obim.bench.sweep import score_avg
+    from obim.bench.stages import score_avg
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OBIM_ALPACA_EVAL_ANNOTATORS", raising=False)
@@ -379,7 +380,7 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
     """validation.split picks the toy zoo's files; a hub source keeps the split it names."""
     from hydra import compose, initialize_config_dir
 
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tables import PT, result
+from test_tables import result
 from obim.bench.plots import axis_figure, replot
 from obim.bench.tables import build_tables, load_results, write_tables
 
@@ -23,23 +23,18 @@ def sweep_results(runs: Path) -> None:
     """Tables 4, 5, 6 and 11 and a retention/density grid, every score distinct."""
     s = iter(range(1, 1000))
     sc = lambda: [float(next(s)) for _ in range(6)]  # noqa: E731
-    for src, sources in (("math", {"gsm8k": 50, "math": 50}), ("code", {"mbpp": 100}),
-                         ("math_code", {"gsm8k": 34, "math": 33, "mbpp": 33})):
-        result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"], math_sources=sources)
+    for src in ("math", "code", "math_code"):
+        result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"])
     for size in (10, 50, 200):
-        result(runs, f"size-{size}", "obim", sc(), overrides=["validation=math", f"validation.size={size}"],
-               math_sources={"gsm8k": size // 2, "math": size - size // 2})
-    result(runs, "rotation", "obim", sc(), overrides=["order=rotation"],
-           order={"kind": "rotation", "resolved": "rotation"})
-    result(runs, "math-first", "obim", sc(), overrides=["order=first", "order.model=math"],
-           order={"kind": "first", "model": "math", "resolved": ["math", "lm", "code"]})
+        result(runs, f"size-{size}", "obim", sc(), overrides=["validation=math", f"validation.size={size}"])
+    result(runs, "rotation", "obim", sc(), overrides=["order=rotation"])
+    result(runs, "math-first", "obim", sc(), overrides=["order=first", "order.model=math"])
     for m in ("obim", "ties_im"):
-        for r in (0.2, 0.3, 0.45):
+        for r in (0.1, 0.2, 0.3):  # every model: at most 1/3 each for IM
             result(runs, f"{m}-r{r}", m, sc(), overrides=[f"retention={r}"])
     for n in (1, 2, 3):
         for m in ("obim", "dare"):
-            result(runs, f"{m}-n{n}", m, [float(next(s)) for _ in PT], setting="pt", n_models=n,
-                   overrides=[f"n_models={n}"], order={"kind": "experiment", "resolved": "rotation"})
+            result(runs, f"{m}-n{n}", m, [float(next(s)) for _ in range(3)], setting="pt", overrides=[f"n_models={n}"])
 
 
 def plotted(fig) -> list[dict]:
@@ -82,7 +77,7 @@ def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
             assert [p["title"] for p in panels] == ["OBIM", "TIES+IM"]
             for p in panels:
                 mine = [r for r in rows if r[t.lead].startswith(p["title"] + ",")]
-                assert p["x"] == [float(r[t.lead].split("=")[1]) for r in mine] == [0.2, 0.3, 0.45]
+                assert p["x"] == [float(r[t.lead].split("=")[1]) for r in mine] == [0.1, 0.2, 0.3]
                 for c in t.columns:
                     assert same([float(r[c]) for r in mine], p["series"][c]), (name, c)
             continue

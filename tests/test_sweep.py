@@ -15,6 +15,10 @@ from obim.merging.errors import ObimError
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
+# result.json's keys (README "Sweep results")
+RESULT_KEYS = {"schema", "config_hash", "job", "obim_version", "config", "plan", "inputs", "scores", "avg", "outputs",
+               "individual", "saliency_s", "merge_s", "eval_s", "saliency", "cost", "peak_rss_mb", "peak_gpu_mb",
+               "device", "cached", "merged_dir", "wandb_dir"}
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -24,7 +28,7 @@ def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
     import yaml
 
     from obim.merging.methods import METHODS
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     assert {p.stem for p in (CONF / "method").glob("*.yaml")} == set(METHODS)
     for name, method in METHODS.items():
@@ -40,7 +44,7 @@ def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
 
 
 def test_plan_orders_validation_and_model_count(tmp_path):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     zoo = f"experiment.zoo={tmp_path}"
     p = plan_job(compose("method=obim", zoo))
@@ -80,7 +84,7 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     (["method=ties", "+method.per_model.vision.density=0.1"], "method.per_model"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
-    from obim.bench.sweep import plan_job
+    from obim.bench.plan import plan_job
 
     with pytest.raises(ObimError) as e:
         plan_job(compose(*overrides, f"experiment.zoo={tmp_path}"))
@@ -105,18 +109,33 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
         assert set(r["scores"]) == set(TASKS) and all(0 <= v <= 100 for v in r["scores"].values())
         assert r["avg"] == pytest.approx(sum(r["scores"].values()) / len(TASKS))
         assert set(r["individual"]) == {"base", "lm", "math", "code"}
-        for key in ("saliency_s", "merge_s", "eval_s", "peak_rss_mb"):
-            assert r[key] >= 0
-        assert r["config"]["method"]["name"] == method
+        # each figure in one place, and what the stages measured: a first run computes everything
+        assert r["schema"] == 2 and r["plan"]["method"] == method and r["config"]["method"]["name"] == method
+        assert set(r) == RESULT_KEYS
+        assert r["cached"] == {"saliency": False if method == "obim" else None, "merge": False, "eval": False}
+        assert r["merge_s"] > 0 and r["eval_s"] > 0 and r["peak_rss_mb"] > 100  # torch alone holds more
+        assert r["saliency_s"] == pytest.approx(sum(s["seconds"] for s in r["saliency"].values()), abs=1e-3)
+        samples = sum(s["samples"] for s in r["saliency"].values())
+        assert samples == sum(sum(v["sources"].values()) for v in r["plan"]["validation"].values())
+        if samples:
+            assert r["cost"]["hessian_s_per_sample"] == pytest.approx(r["saliency_s"] / samples, rel=1e-3)
+        assert r["inputs"].keys() == {"base", "lm", "math", "code"}
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert results["obim"]["saliency_s"] > 0 and results["ta"]["saliency_s"] == 0
     table = (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
     assert "| TA |" in table and "| OBIM |" in table and "(45.23)" in table  # the paper's OBIM avg beside ours
 
+    # a result.json of an older layout is redone (from the caches), never half-read
+    (obim_job,) = (tmp_path / "runs").glob("*method=obim")
+    old = {**results["obim"], "schema": 1}
+    (obim_job / "result.json").write_text(json.dumps(old))
     again = run_sweep(args, env, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("; cached result") == 2  # every job from its result.json
+    assert again.stdout.count("; cached result") == 1  # ta from its result.json; obim redone
+    redone = json.loads((obim_job / "result.json").read_text())
+    assert redone["schema"] == 2 and redone["cached"] == {"saliency": True, "merge": True, "eval": True}
+    assert redone["scores"] == results["obim"]["scores"]
 
     # new weights at the same path (a retrained expert, a zoo rebuilt by a new recipe): no job reuses its result
     w = quick_zoo / "sft" / "math" / "model.safetensors"

@@ -11,60 +11,68 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import compose
 from obim.bench.tables import load_results, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
-SFT = {"toy_alpaca": "alpaca_eval", "toy_mmlu": "mmlu", "toy_gsm8k": "gsm8k", "toy_math": "math",
-       "toy_humaneval": "humaneval", "toy_mbpp": "mbpp"}
-PT = {"toy_ceval": "ceval", "toy_mmlu_en": "mmlu", "toy_jp": "jp_lmeh"}
 
 
-def result(root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=None, order=None,
-           individual=None, n_models=3, math_sources=None, mtime=None) -> None:
-    bench = SFT if setting == "sft" else PT
-    models = ["lm", "math", "code"] if setting == "sft" else [f"ckpt-{i}" for i in range(1, n_models + 1)]
-    order_cfg = order or {"kind": "experiment"}
-    r = {
-        "experiment": f"toy_{setting}", "setting": setting, "method": method, "models": models,
-        "n_models": n_models, "main": not overrides, "overrides": ["method=" + method, *(overrides or [])],
-        "scores": dict(zip(bench, scores)), "avg": sum(scores) / len(scores), "individual": individual or {},
-        "plan": {"benchmarks": bench, "merge": {"order": order_cfg.get("resolved", ["lm", "math", "code"])},
-                 "validation": {"math": {"sources": math_sources or {"gsm8k": 50, "math": 50}}}},
-        "config": {"order": order_cfg}, "saliency_s": 1.5, "saliency_s_per_sample": 0.015, "merge_s": 2.0,
-        "eval_s": 3.0, "peak_rss_mb": 100.0, "job": job,
-    }
+ZOO = "/nonexistent/toy-zoo"  # plans only: no zoo file is read
+
+
+def result(root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=(), individual=None,
+           mtime=None) -> dict:
+    """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
+    composed config), made-up scores in the plan's task order; individual: {model: scores}."""
+    from obim.bench.plan import plain, plan_hash, plan_job
+    from obim.bench.stages import Evaluated, JobResult, Merged, Saliency, score_avg
+
+    ov = [f"method={method}", *([] if setting == "sft" else ["experiment=toy_pt"]), *overrides]
+    cfg = compose(*ov, f"experiment.zoo={ZOO}")
+    plan = plan_job(cfg, ov)
+
+    def ev(s: list[float]) -> Evaluated:
+        named = dict(zip(plan["tasks"], s))
+        return Evaluated(scores=named, avg=score_avg(named), eval_s=3.0, cached=False)
+
+    sal = {n: Saliency(hdiag=f"{n}.safetensors", cached=False, seconds=0.5, samples=100, tokens=1000,
+                       seconds_per_sample=0.005) for n in plan["validation"]}
+    r = JobResult(config_hash=plan_hash(plan), config=plain(cfg), plan=plan, inputs={}, saliency=sal,
+                  merged=Merged(dir="merged", cached=False, merge_s=2.0, tensors=10, bytes=1000), evaluated=ev(scores),
+                  individual={n: ev(s) for n, s in (individual or {}).items()},
+                  cost={"params_b": 0.001, "gpus": 0, "gpu_name": None, "hessian_s_per_sample": 0.005},
+                  peak_rss_mb=100.0, peak_gpu_mb=None, device="cpu", merged_kept=False, job=job).to_json()
     p = root / job / "result.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(r))
     if mtime is not None:
         os.utime(p, ns=(mtime, mtime))
+    return r
 
 
 def rows(md: str) -> dict[str, list[str]]:
+    """A markdown table's body: {first cell: the other cells}, the header row left out."""
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
     out = {}
-    for line in md.splitlines():
-        if line.startswith("| ") and not line.startswith("| model |") and "---" not in line:
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            out[cells[0]] = cells[1:]
+    for line in lines[1:]:  # lines[0]: the header
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
     return out
 
 
 def test_sft_tables(tmp_path):
     runs = tmp_path / "runs"
-    ind = {"base": {"scores": dict(zip(SFT, [0] * 6)), "avg": 0.0},  # as result.json stores them: sorted keys
-           "code": {"scores": dict(zip(SFT, [0, 10, 0, 0, 100, 90])), "avg": 200 / 6},
-           "lm": {"scores": dict(zip(SFT, [60, 90, 0, 0, 0, 0])), "avg": 25.0},
-           "math": {"scores": dict(zip(SFT, [0, 20, 80, 70, 0, 0])), "avg": 170 / 6}}
+    ind = {"base": [0] * 6, "code": [0, 10, 0, 0, 100, 90], "lm": [60, 90, 0, 0, 0, 0],  # sorted, as in the file
+           "math": [0, 20, 80, 70, 0, 0]}
     result(runs, "method=ta", "ta", [10, 20, 30, 40, 50, 60], mtime=1_000)
     result(runs, "old-obim", "obim", [0, 0, 0, 0, 0, 0], mtime=2_000)
     result(runs, "method=obim", "obim", [12, 24, 36, 48, 60, 72], individual=ind, mtime=3_000)
     result(runs, "method=ties", "ties", [1, 2, 3, 4, 5, 6], mtime=4_000)
-    result(runs, "first", "obim", [5, 5, 50, 10, 5, 5], overrides=["order=first", "order.model=math"],
-           order={"kind": "first", "model": "math", "resolved": ["math", "lm", "code"]}, mtime=5_000)
-    result(runs, "src-code", "obim", [5, 5, 40, 20, 5, 5], overrides=["validation=code"],
-           math_sources={"mbpp": 100}, mtime=6_000)
-    result(runs, "src-math", "obim", [5, 5, 44, 22, 5, 5], overrides=["validation=math"],
-           math_sources={"gsm8k": 50, "math": 50}, mtime=7_000)
+    result(runs, "first", "obim", [5, 5, 50, 10, 5, 5], overrides=["order=first", "order.model=math"], mtime=5_000)
+    result(runs, "src-code", "obim", [5, 5, 40, 20, 5, 5], overrides=["validation=code"], mtime=6_000)
+    result(runs, "src-math", "obim", [5, 5, 44, 22, 5, 5], overrides=["validation=math"], mtime=7_000)
     assert len(load_results(runs)) == 7
 
     out = tmp_path / "tables"
@@ -97,13 +105,10 @@ def test_sft_tables(tmp_path):
 
 def test_pt_table11_and_figure3_via_cli(tmp_path):
     runs = tmp_path / "multirun" / "toy_pt"
-    ind = {"base": {"scores": dict(zip(PT, [90, 90, 30])), "avg": 70.0},
-           "ckpt-1": {"scores": dict(zip(PT, [70, 60, 95])), "avg": 75.0},
-           "ckpt-2": {"scores": dict(zip(PT, [80, 70, 96])), "avg": 82.0}}
+    ind = {"base": [90, 90, 30], "ckpt-1": [70, 60, 95], "ckpt-2": [80, 70, 96]}
     for n in (1, 2):
         for m, s in (("obim", [80, 80, 90]), ("dare", [70, 70, 80])):
-            result(runs, f"{m}-{n}", m, [v + n for v in s], setting="pt", n_models=n,
-                   overrides=[f"n_models={n}"], order={"kind": "experiment", "resolved": "rotation"},
+            result(runs, f"{m}-{n}", m, [v + n for v in s], setting="pt", overrides=[f"n_models={n}"],
                    individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n})
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "tables.py"), "--runs",
                            str(tmp_path / "multirun"), "--out", str(tmp_path / "results")],
@@ -127,7 +132,7 @@ def test_pt_table11_and_figure3_via_cli(tmp_path):
 
 
 def test_axis_of_overrides():
-    from obim.bench.tables import axis_of
+    from obim.bench.plan import axis_of
 
     assert axis_of("method=obim") is None and axis_of("eval.limit=2") is None and axis_of("experiment=toy_pt") is None
     assert axis_of("experiment.zoo_recipe=quick") is None and axis_of("hydra/launcher=slurm") is None
@@ -142,7 +147,7 @@ def test_axis_of_overrides():
 
 
 def test_job_dirname():
-    from obim.bench.sweep import job_dirname
+    from obim.bench.plan import job_dirname
 
     assert job_dirname("method=obim,n_models=2") == "method=obim,n_models=2"
     assert job_dirname("experiment.checkpoints=[/c/1,/c/2]") == "experiment.checkpoints=[%2Fc%2F1,%2Fc%2F2]"
@@ -153,15 +158,16 @@ def test_job_dirname():
 
 def test_table10_and_missing_scores(tmp_path):
     """Table 10 beside the paper's; a job with an unjudged AlpacaEval (None) shows '—' and no average."""
-    from obim.bench.tables import build_tables, table10
+    from obim.bench.costs import table10
+    from obim.bench.tables import build_tables
 
     runs = tmp_path / "runs"
     result(runs, "method=obim", "obim", [0, 50, 60, 10, 20, 30])
     p = runs / "method=obim" / "result.json"
     r = json.loads(p.read_text())
     r["scores"]["toy_alpaca"], r["avg"] = None, None
-    r["cost"] = {"models": 3, "params_b": 13.016, "gpus": 2, "gpu_name": "NVIDIA A800", "hessian_s_per_sample": 0.4123,
-                 "saliency_s": 61.84, "merge_s": 130.0}
+    r["cost"] = {"params_b": 13.016, "gpus": 2, "gpu_name": "NVIDIA A800", "hessian_s_per_sample": 0.4123}
+    r["saliency_s"], r["merge_s"] = 61.84, 130.0
     p.write_text(json.dumps(r))
     results = load_results(runs)
     t10 = table10(results)
@@ -173,3 +179,49 @@ def test_table10_and_missing_scores(tmp_path):
     write_tables(runs, tmp_path / "out")
     assert (tmp_path / "out" / "table10.md").read_text() == t10
     assert "| method=obim | obim | — |" in (tmp_path / "out" / "jobs.md").read_text()
+
+
+def test_table2_base_row_table5_rows_and_figure3_series(tmp_path):
+    """Table 2's base row carries the paper's Qwen2-7B numbers; Table 5's rows are named by sample count, as the
+    paper's; Figure 3 draws OBIM's averages as OBIM and DARE's as DARE, the best single model from the jobs."""
+    from obim.bench.plots import figure3_data
+    from obim.bench.tables import build_tables
+
+    runs = tmp_path / "runs"
+    ind = {"base": [90, 90, 30], "ckpt-1": [70, 60, 95], "ckpt-2": [80, 70, 96]}
+    result(runs, "pt-main", "obim", [80, 70, 90], setting="pt", individual=ind)
+    for n in (1, 2):
+        result(runs, f"obim-{n}", "obim", [81, 71, 90 + n], setting="pt", overrides=[f"n_models={n}"],
+               individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n})
+        result(runs, f"dare-{n}", "dare", [60, 50, 40 + n], setting="pt", overrides=[f"n_models={n}"])
+    for size, s in ((10, [30, 10]), (100, [40, 20])):
+        result(runs, f"size-{size}", "obim", [0, 0, *s, 0, 0], overrides=["validation=math", f"validation.size={size}"])
+    results = load_results(runs)
+    tables = {t.name: rows(t.markdown()) for t in build_tables(results)}
+
+    t2 = tables["table2"]
+    assert list(t2)[:3] == ["base", "ckpt-1", "ckpt-2"]
+    assert t2["base"] == ["90.00 (83.51)", "90.00 (69.22)", "30.00 (69.19)", "70.00 (73.97)"]
+    assert t2["OBIM"][0] == "80.00 (80.46)"
+    t5 = tables["table5"]
+    assert list(t5) == ["10", "100"]
+    assert t5["10"] == ["30.00 (68.16)", "10.00 (12.10)", "20.00 (40.13)"]
+    assert t5["100"] == ["40.00 (68.23)", "20.00 (12.50)", "30.00 (40.37)"]
+
+    fig = figure3_data(results)
+    assert fig["counts"] == [2, 3, 4]  # the main job (3 checkpoints) is the count-4 point
+    assert fig["ours"]["OBIM"] == [[2, 3, 4], [(81 + 71 + 91) / 3, (81 + 71 + 92) / 3, 80.0]]
+    assert fig["ours"]["DARE"] == [[2, 3], [(60 + 50 + 41) / 3, (60 + 50 + 42) / 3]]
+    assert fig["ours"]["best single model"] == [[2, 3, 4], [75.0, 82.0, 82.0]]
+    assert fig["paper"]["OBIM"][1][:2] == [74.38, 74.03] and fig["paper"]["DARE"][1][:2] == [74.09, 73.44]
+
+
+def test_results_of_an_older_layout_are_refused(tmp_path):
+    from obim.merging.errors import ObimError
+
+    runs = tmp_path / "runs"
+    r = result(runs, "method=ta", "ta", [1, 2, 3, 4, 5, 6])
+    (runs / "old" / "result.json").parent.mkdir()
+    (runs / "old" / "result.json").write_text(json.dumps({**r, "schema": 1}))
+    with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 2; rerun"):
+        load_results(runs)

@@ -43,7 +43,7 @@ def varying_keys(jobs: list[list[str]]) -> list[str]:
     """The override keys whose value differs between jobs: what tells one job's line from another's (a lone job:
     its method and sweep axes)."""
     if len(jobs) == 1:
-        from .tables import axis_of
+        from .plan import axis_of
 
         return [o.partition("=")[0] for o in jobs[0] if o.partition("=")[0] == "method" or axis_of(o)]
     values: dict[str, set[str]] = {}
@@ -108,7 +108,7 @@ def text_table(t: Any) -> str:
 
 def main_table(tables: list, jobs: list[dict]) -> Any | None:
     """The table this sweep's jobs are about: the table of the axis they vary, else the setting's main table."""
-    from .tables import axis_of
+    from .plan import axis_of
 
     by_name = {t.name: t for t in tables}
     keys = {o.partition("=")[0].lstrip("+~") for j in jobs for o in j.get("overrides", [])}

@@ -185,7 +185,7 @@ class JobSession:
             return self.outcome("planned", summary=r.get("summary", ""))
         names = result["plan"]["benchmarks"]
         return self.outcome(
-            "skipped" if result.get("skipped") else "done", experiment=result.get("experiment"),
+            "skipped" if result.get("skipped") else "done", experiment=result["plan"]["experiment"],
             avg=result.get("avg"), scores={names.get(t, t): result["scores"][t] for t in result["plan"]["tasks"]},
             merge_s=result.get("merge_s"), eval_s=result.get("eval_s"), cached=result.get("cached") or {},
             wandb_dir=result.get("wandb_dir"))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .tables import METHOD_LABELS, Table, _best_single, _by_count, paper_tables
+from .tables import Table, best_single, by_count, method_label, paper_tables
 
 # table -> the x axis of its plot (Table 11's is Figure 3)
 AXES = {"table4": "validation source of the math model (samples)", "table5": "validation samples of the math model",
@@ -99,34 +99,47 @@ def write_plots(tables: list[Table], out: Path) -> list[Path]:
     return [save(axis_figure(t), out / f"{t.name}.png") for t in tables if t.name in AXES and t.rows]
 
 
-def figure3(results: list[dict], out: Path) -> Path | None:
-    """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
-    seen = _by_count(results)
+def figure3_data(results: list[dict]) -> dict[str, Any] | None:
+    """What Figure 3 shows: for each number of merged models (base included), ours (OBIM, DARE and the job's best
+    single model) and the paper's (OBIM, DARE); None with fewer than two counts."""
+    seen = by_count(results)
     counts = sorted({n for n, _ in seen})
     if len(counts) < 2:
+        return None
+    ours: dict[str, list] = {}
+    for m in ("obim", "dare"):
+        xs = [n for n in counts if (n, m) in seen]
+        ours[method_label(m)] = [xs, [seen[(n, m)]["avg"] for n in xs]]
+    best = {n: best_single(seen.get((n, "obim")) or seen.get((n, "dare"))) for n in counts}
+    ours["best single model"] = [[n for n in counts if best[n]], [best[n][1] for n in counts if best[n]]]
+    paper = paper_tables()["table11"]["rows"]
+    pc = sorted(int(k) for k in paper)
+    return {"counts": counts, "experiment": next(iter(seen.values()))["plan"]["experiment"], "ours": ours,
+            "paper": {m: [pc, [paper[str(n)][m][-1] for n in pc]] for m in ("OBIM", "DARE")}}
+
+
+def figure3(results: list[dict], out: Path) -> Path | None:
+    """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
+    data = figure3_data(results)
+    if data is None:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paper = paper_tables()["table11"]["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     ax = axes[0]
-    for m, style in (("obim", "o-"), ("dare", "s-")):
-        xs = [n for n in counts if (n, m) in seen]
-        ax.plot(xs, [seen[(n, m)]["avg"] for n in xs], style, label=METHOD_LABELS[m])
-    xs = [n for n in counts if _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))]
-    ax.plot(xs, [_best_single(seen.get((n, "obim")) or seen.get((n, "dare")))[1] for n in xs], "k--",
-            label="best single model")
-    ax.set(title=f"ours ({next(iter(seen.values()))['experiment']})", xlabel="models merged (base included)",
-           ylabel="average score", xticks=counts)
+    for (label, (xs, ys)), style in zip(data["ours"].items(), ("o-", "s-", "k--")):
+        ax.plot(xs, ys, style, label=label)
+    ax.set(title=f"ours ({data['experiment']})", xlabel="models merged (base included)", ylabel="average score",
+           xticks=data["counts"])
     ax.legend()
     ax = axes[1]
-    pc = sorted(int(k) for k in paper)
-    for m, style in (("OBIM", "o-"), ("DARE", "s-")):
-        ax.plot(pc, [paper[str(n)][m][-1] for n in pc], style, label=m)
-    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=pc)
+    for (label, (xs, ys)), style in zip(data["paper"].items(), ("o-", "s-")):
+        ax.plot(xs, ys, style, label=label)
+    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)",
+           xticks=data["paper"]["OBIM"][0])
     ax.legend()
     fig.tight_layout()
     return save(fig, out / "figure3.png")

@@ -1,11 +1,11 @@
 """The paper's tables from sweep results: every `result.json` under a sweep directory, aggregated into Markdown and
-CSV in the paper's layout, each of our cells beside the paper's number (obim/bench/paper_tables.yaml), and their plots
-(obim/plots.py).
+CSV in the paper's layout, each of our cells beside the paper's number (obim/bench/paper_tables.yaml), and their
+plots (obim/bench/plots.py).
 
 A row comes from the latest result (by file time) of the jobs that match it: Tables 1-3 use each experiment's main
 setting (only `method` and evaluation/logging options overridden); Tables 4-6 and 11 the OBIM (and DARE) jobs that
 vary one axis: validation source, validation size, order, number of models; the grid table the jobs that vary only
-retentions or method parameters.
+retentions or method parameters. Methods are named by the registry's labels (obim.merging.methods).
 """
 
 from __future__ import annotations
@@ -19,34 +19,21 @@ from typing import Any, Callable
 
 import yaml
 
-METHOD_LABELS = {"ta": "TA", "ties": "TIES", "dare": "DARE", "della": "DELLA", "tall_mask": "TALL-Mask",
-                 "pcb": "PCB", "breadcrumbs": "Breadcrumbs", "obim": "OBIM", "ties_obm": "TIES+OBM",
-                 "ties_im": "TIES+IM"}
+from obim.merging.errors import ObimError
+from obim.merging.methods import METHODS
+
+from .plan import axis_of
+from .stages import RESULT_SCHEMA, score_avg
+
 MODEL_LABELS = {"lm": "LM", "math": "Math", "code": "Code"}
-BASE_LABELS = {"sft": "Base", "pt": "Qwen2-7B"}  # the paper's name of the pt base row
+PT_BASE_LABEL = "Qwen2-7B"  # the paper's name of Table 2's base row
 TABLE1_METHODS = ["ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"]
 TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
 SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
-# Overrides that leave what a job computes as the experiment defines it (only which method, how it is evaluated
-# or logged): a job with only these is the experiment's main setting, the one Tables 1-3 report.
-NEUTRAL = {"method", "experiment", "experiment.zoo", "experiment.zoo_recipe", "progress", "verbose", "keep_merged",
-           "cache_dir", "results_dir", "device", "dry_run", "paper"}
-NEUTRAL_GROUPS = {"eval", "tracking", "hydra"}
 
 
-def axis_of(override: str) -> str | None:
-    """The sweep axis an override changes (None: neutral), e.g. 'order.model=math' -> 'order',
-    'experiment.models.math.retention=0.3' -> 'retention', 'method.parameters.density=0.3' -> 'method'."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    if key in NEUTRAL or key.split(".")[0].split("/")[0] in NEUTRAL_GROUPS:
-        return None
-    if key.startswith("experiment.models.") and key.endswith(".retention"):
-        return "retention"
-    # which models and where the data lives (a local copy of a hub model, your checkpoints) is not an axis
-    if key in ("experiment.base", "experiment.checkpoints") or key.startswith("experiment.validation_sources.") or (
-            key.startswith("experiment.models.") and key.endswith(".path")):
-        return None
-    return key if key.startswith("experiment.") else key.split(".")[0]
+def method_label(name: str) -> str:
+    return METHODS[name].pretty_name if name in METHODS else name
 
 
 def paper_tables() -> dict[str, Any]:
@@ -91,34 +78,42 @@ class Table:
 
 
 def load_results(root: str | Path) -> list[dict[str, Any]]:
-    """Every result.json under root, oldest first (so later ones win)."""
+    """Every result.json under root, oldest first (so later ones win). One written by an older obim is refused
+    rather than half-read: rerunning its sweep redoes it from the caches."""
     found = []
     for p in Path(root).rglob("result.json"):
         try:
             r = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
             continue
+        if r.get("schema") != RESULT_SCHEMA:
+            raise ObimError(f"{p}: result.json of layout {r.get('schema', 1)}, this obim reads {RESULT_SCHEMA}; "
+                            f"rerun its sweep (jobs are redone from the caches) or move it out of {root}")
         r["_path"], r["_mtime"] = str(p), p.stat().st_mtime_ns
         found.append(r)
     return sorted(found, key=lambda r: (r["_mtime"], r["_path"]))
 
 
+def _plan(r: dict, key: str) -> Any:
+    return r["plan"].get(key)
+
+
 def _varies_only(r: dict, axes: set[str]) -> bool:
-    return {a for a in map(axis_of, r.get("overrides", [])) if a is not None} <= axes
-
-
-def _named(scores: dict[str, float], benchmarks: dict[str, str]) -> dict[str, float]:
-    return {benchmarks.get(t, t): v for t, v in scores.items()}
+    return {a for a in map(axis_of, _plan(r, "overrides") or []) if a is not None} <= axes
 
 
 def _row(scores: dict[str, float] | None, benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
+    """A table row: each paper column's score (benchmarks: lm-eval task -> column), and their average."""
     if scores is None:
         return {}
-    named = _named(scores, benchmarks)
+    named = {benchmarks.get(t, t): v for t, v in scores.items()}
     row = {c: named.get(c) for c in columns if c != "avg"}
-    vals = [v for v in row.values() if v is not None]
-    row["avg"] = sum(vals) / len(vals) if vals and len(vals) == len(row) else None
+    row["avg"] = score_avg(row)
     return row
+
+
+def _result_row(r: dict, columns: list[str]) -> dict[str, float | None]:
+    return _row(r["scores"], _plan(r, "benchmarks"), columns)
 
 
 def _latest(results: list[dict], pred: Callable[[dict], bool]) -> dict | None:
@@ -136,67 +131,84 @@ def _paper_row(paper: dict, table: str, label: str) -> list | None:
 def _main_table(name: str, title: str, results: list[dict], setting: str, methods: list[str], paper: dict,
                 individuals: bool) -> Table | None:
     cols = paper[name]["columns"]
-    main = [r for r in results if r.get("setting") == setting and r.get("main")]
+    main = [r for r in results if _plan(r, "setting") == setting and _plan(r, "main")]
     if not main:
         return None
-    bench = main[-1]["plan"]["benchmarks"]
+    bench = _plan(main[-1], "benchmarks")
     t = Table(name, title, cols)
     if individuals:
         ref = _latest(main, lambda r: bool(r.get("individual")))
         if ref is not None:
             ind = ref["individual"]
-            for model in [m for m in ["base", *ref["models"]] if m in ind]:  # the base order, not the file's
-                rec = ind[model]
-                if setting == "sft" and model == "base":
+            for model in [m for m in ["base", *_plan(ref, "models")] if m in ind]:  # the base order
+                if model == "base" and setting == "sft":
                     continue  # the paper's Table 1 lists the experts only
-                label = BASE_LABELS[setting] if model == "base" else MODEL_LABELS.get(model, model)
-                t.rows.append((label if setting == "sft" or model != "base" else "base",
-                               _row(rec["scores"], bench, cols), _paper_row(paper, name, label)))
+                label, cited = ("base", PT_BASE_LABEL) if model == "base" else (MODEL_LABELS.get(model, model),) * 2
+                t.rows.append((label, _row(ind[model]["scores"], bench, cols), _paper_row(paper, name, cited)))
     for m in methods:
-        r = _latest(main, lambda r, m=m: r["method"] == m)
+        r = _latest(main, lambda r, m=m: _plan(r, "method") == m)
         if r is not None:
-            t.rows.append((METHOD_LABELS[m], _row(r["scores"], bench, cols),
-                           _paper_row(paper, name, METHOD_LABELS[m])))
-    if not any(lbl in METHOD_LABELS.values() for lbl, _, _ in t.rows):
+            t.rows.append((method_label(m), _result_row(r, cols), _paper_row(paper, name, method_label(m))))
+    if not any(_plan(r, "method") in methods for r in main):
         return None
     ex = main[-1]
-    t.notes.append(f"experiment {ex['experiment']}; models {', '.join(ex['models'])}; "
+    t.notes.append(f"experiment {_plan(ex, 'experiment')}; models {', '.join(_plan(ex, 'models'))}; "
                    f"order {ex['plan']['merge']['order']}")
     return t
 
 
+Row = tuple[Any, str, "list | None"]  # (sort key, label, the paper's row)
+
+
+def _axis_table(name: str, title: str, lead: str, results: list[dict], paper: dict,
+                describe: Callable[[dict], Row | None]) -> Table:
+    """A table over one sweep axis: a row per setting (`describe`'s sort key), the latest result of each."""
+    seen: dict[Any, tuple[Row, dict]] = {}
+    for r in results:
+        d = describe(r)
+        if d is not None:
+            seen[d[0]] = (d, r)
+    t = Table(name, title, paper[name]["columns"], lead=lead)
+    for key in sorted(seen):
+        (_, label, cited), r = seen[key]
+        t.rows.append((label, _result_row(r, t.columns), cited))
+    return t
+
+
+def _obim_sft(r: dict, axis: str) -> bool:
+    return _plan(r, "setting") == "sft" and _plan(r, "method") == "obim" and _varies_only(r, {axis})
+
+
 def _math_sources(r: dict) -> tuple[tuple[str, ...], int] | None:
-    v = r["plan"].get("validation", {}).get("math")
+    v = (_plan(r, "validation") or {}).get("math")
     if not v:
         return None
     return tuple(sorted(v["sources"])), sum(v["sources"].values())
 
 
 def table4(results: list[dict], paper: dict) -> Table | None:
-    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim"
-          and _varies_only(r, {"validation"}) and _math_sources(r)]
-    t = Table("table4", "Table 4: validation-set source for the math model's saliency", paper["table4"]["columns"],
-              lead="source")
-    seen = {}
-    for r in rs:
-        seen[_math_sources(r)] = r
-    for (sources, size), r in sorted(seen.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    def describe(r: dict) -> Row | None:
+        ms = _math_sources(r) if _obim_sft(r, "validation") else None
+        if ms is None:
+            return None
+        sources, size = ms
         label = SOURCE_LABELS.get(sources, "+".join(sources))
-        paper_row = _paper_row(paper, "table4", label) if size == 100 else None
-        t.rows.append((f"{label} ({size})", _row(r["scores"], r["plan"]["benchmarks"], t.columns), paper_row))
+        return (size, sources), f"{label} ({size})", _paper_row(paper, "table4", label) if size == 100 else None
+
+    t = _axis_table("table4", "Table 4: validation-set source for the math model's saliency", "source", results,
+                    paper, describe)
     return t if len(t.rows) > 1 else None
 
 
 def table5(results: list[dict], paper: dict) -> Table | None:
-    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim"
-          and _varies_only(r, {"validation"}) and _math_sources(r) and _math_sources(r)[0] == ("gsm8k", "math")]
-    t = Table("table5", "Table 5: validation-set size (math model, source Math)", paper["table5"]["columns"],
-              lead="samples")
-    seen = {_math_sources(r)[1]: r for r in rs}
-    for size in sorted(seen):
-        r = seen[size]
-        t.rows.append((str(size), _row(r["scores"], r["plan"]["benchmarks"], t.columns),
-                       _paper_row(paper, "table5", str(size))))
+    def describe(r: dict) -> Row | None:
+        ms = _math_sources(r) if _obim_sft(r, "validation") else None
+        if ms is None or ms[0] != ("gsm8k", "math"):
+            return None
+        return ms[1], str(ms[1]), _paper_row(paper, "table5", str(ms[1]))
+
+    t = _axis_table("table5", "Table 5: validation-set size (math model, source Math)", "samples", results, paper,
+                    describe)
     return t if len(t.rows) > 1 else None
 
 
@@ -204,104 +216,67 @@ def _order_label(r: dict) -> str:
     order = r["plan"]["merge"]["order"]
     if order == "rotation":
         return "Rotation"
-    base = r["models"]
     kind = (r["config"].get("order") or {}).get("kind")
     if kind in ("first", "last"):
         m = r["config"]["order"]["model"]
         return f"{MODEL_LABELS.get(m, m)} {kind.capitalize()}"
-    if order == base[: len(order)]:
-        return f"{MODEL_LABELS.get(base[-1], base[-1])} Last"
+    merged = _plan(r, "models")
+    if order == merged:  # the base order (the SFT experiments' own): its last model last
+        return f"{MODEL_LABELS.get(merged[-1], merged[-1])} Last"
     return " > ".join(order)
 
 
 def table6(results: list[dict], paper: dict) -> Table | None:
-    rs = [r for r in results if r.get("setting") == "sft" and r["method"] == "obim" and _varies_only(r, {"order"})]
-    t = Table("table6", "Table 6: iteration order", paper["table6"]["columns"], lead="order")
-    seen = {}
-    for r in rs:
-        seen[(_order_label(r), str(r["plan"]["merge"]["order"]))] = r
-    for (label, order), r in sorted(seen.items()):
-        t.rows.append((f"{label} ({order})" if order != "rotation" else label,
-                       _row(r["scores"], r["plan"]["benchmarks"], t.columns), _paper_row(paper, "table6", label)))
+    def describe(r: dict) -> Row | None:
+        if not _obim_sft(r, "order"):
+            return None
+        label, order = _order_label(r), str(r["plan"]["merge"]["order"])
+        return (label, order), label if order == "rotation" else f"{label} ({order})", _paper_row(paper, "table6",
+                                                                                                   label)
+
+    t = _axis_table("table6", "Table 6: iteration order", "order", results, paper, describe)
     return t if len(t.rows) > 1 else None
 
 
-def _by_count(results: list[dict]) -> dict[tuple[int, str], dict]:
-    out = {}
-    for r in results:
-        if r.get("setting") == "pt" and r["method"] in ("obim", "dare") and _varies_only(r, {"n_models"}):
-            out[(r["n_models"] + 1, r["method"])] = r  # the paper counts the base among the merged models
-    return out
+def _count_job(r: dict) -> bool:
+    return _plan(r, "setting") == "pt" and _plan(r, "method") in ("obim", "dare") and _varies_only(r, {"n_models"})
 
 
-def _best_single(r: dict) -> tuple[str, float] | None:
-    ind = r.get("individual") or {}
+def by_count(results: list[dict]) -> dict[tuple[int, str], dict]:
+    """The post-pretraining OBIM and DARE jobs that vary only the number of models, by (models merged with the
+    base counted, as the paper counts them; method), the latest of each."""
+    return {(_plan(r, "n_models") + 1, _plan(r, "method")): r for r in results if _count_job(r)}
+
+
+def best_single(r: dict | None) -> tuple[str, float] | None:
+    """The job's best individual model by average (an unscored one, e.g. unjudged, is left out)."""
+    ind = {k: v["avg"] for k, v in ((r or {}).get("individual") or {}).items() if v.get("avg") is not None}
     if not ind:
         return None
-    name = max(ind, key=lambda k: ind[k]["avg"])
-    return name, ind[name]["avg"]
+    name = max(ind, key=ind.__getitem__)
+    return name, ind[name]
 
 
 def table11(results: list[dict], paper: dict) -> Table | None:
-    seen = _by_count(results)
+    seen = by_count(results)
     if len({n for n, _ in seen}) < 2:
         return None
-    t = Table("table11", "Table 11: number of merged models (the base included)", paper["table11"]["columns"],
-              lead="models, method")
     prow = paper["table11"]["rows"]
-    for (n, m), r in sorted(seen.items()):
-        label = METHOD_LABELS[m]
-        t.rows.append((f"{n}, {label}", _row(r["scores"], r["plan"]["benchmarks"], t.columns),
-                       (prow.get(str(n)) or {}).get(label)))
+
+    def describe(r: dict) -> Row | None:
+        if not _count_job(r):
+            return None
+        key = (_plan(r, "n_models") + 1, _plan(r, "method"))
+        label = method_label(key[1])
+        return key, f"{key[0]}, {label}", (prow.get(str(key[0])) or {}).get(label)
+
+    t = _axis_table("table11", "Table 11: number of merged models (the base included)", "models, method", results,
+                    paper, describe)
     for n in sorted({n for n, _ in seen}):
-        best = _best_single(seen.get((n, "obim")) or seen.get((n, "dare")))
+        best = best_single(seen.get((n, "obim")) or seen.get((n, "dare")))
         if best:
             t.notes.append(f"{n} models: best single model {best[0]} (avg {best[1]:.2f})")
     return t
-
-
-def jobs_table(results: list[dict]) -> str:
-    """Every job: what it varied, its average and its costs (the paper's Table 10 figures)."""
-    lines = ["# Jobs", "", "| job | method | avg | saliency s | s/sample | merge s | eval s | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: r.get("job") or r["_path"]):
-        sps = r.get("saliency_s_per_sample")
-        avg = "—" if r["avg"] is None else f"{r['avg']:.2f}"
-        lines.append(f"| {r.get('job') or Path(r['_path']).parent.name} | {r['method']} | {avg} | "
-                     f"{r['saliency_s']:.1f} | {'' if sps is None else f'{sps:.4f}'} | {r['merge_s']:.1f} | "
-                     f"{r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def table10(results: list[dict]) -> str | None:
-    """The paper's Table 10 (compute cost) beside ours: each experiment's latest main OBIM job. Cached statistics
-    and merges carry the times measured when they were computed."""
-    ours = {}
-    for r in results:
-        c = r.get("cost")
-        if r["method"] == "obim" and r.get("main") and c and c.get("hessian_s_per_sample") is not None:
-            ours[r["experiment"]] = r
-    if not ours:
-        return None
-    return "# Table 10: compute cost of OBIM\n\n" + cost_table(
-        [(f"ours: {name}", r["cost"]) for name, r in sorted(ours.items())])
-
-
-def cost_table(ours: list[tuple[str, dict]]) -> str:
-    """The paper's Table 10 rows, then ours (label, a job's `cost` record: obim.bench.sweep.cost_report's keys)."""
-    lines = ["| source | models | model size | GPUs | Hessian s/sample | saliency s | merge s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for p in paper_tables()["table10"]:
-        lines.append(f"| paper (A800 80G) | {p['model_count']} | {p['model_size']} | {p['gpus']} | "
-                     f"{p['hessian_s_per_sample']:.2f} | {p['saliency_s']} | {p['merge_s']} |")
-    for label, c in ours:
-        where = c.get("gpu_name") or "CPU"
-        size = f"{c['params_b']:.3g}B" if c["params_b"] >= 1 else f"{c['params_b'] * 1000:.3g}M"
-        lines.append(f"| {label} ({where}) | {c['models']} | {size} | {c['gpus']} | "
-                     f"{c['hessian_s_per_sample']:.4f} | {c['saliency_s']:.1f} | {c['merge_s']:.1f} |")
-    lines += ["", "- Hessian s/sample: the forward passes that collect the layer inputs' second moments, per "
-              "validation sample; saliency s: all of them for every model; merge s: OBIM's merge, I/O included."]
-    return "\n".join(lines) + "\n"
 
 
 GRID_PREFIXES = ("method.parameters.", "method.per_model.", "experiment.models.")
@@ -312,27 +287,26 @@ def grid_table(results: list[dict]) -> Table | None:
     (method, setting), latest result each; the paper reports no such table."""
     seen: dict[tuple[str, str], dict] = {}
     for r in results:
-        grid = [o.lstrip("+~") for o in r.get("overrides", []) if axis_of(o) in ("retention", "method")]
+        grid = [o.lstrip("+~") for o in _plan(r, "overrides") or [] if axis_of(o) in ("retention", "method")]
         if grid and _varies_only(r, {"retention", "method"}):
             setting = " ".join(sorted(next((o[len(p):] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
-            seen[(r["method"], setting)] = r
+            seen[(_plan(r, "method"), setting)] = r
     if not seen:
         return None
-    order = list(METHOD_LABELS)
+    order = list(METHODS)
 
-    def key(k: tuple[str, str]) -> tuple:  # the methods in the paper's order, then numeric settings by value
+    def key(k: tuple[str, str]) -> tuple:  # the methods in the registry's order, then numeric settings by value
         v = k[1].partition("=")[2]
         num = v.replace(".", "", 1).isdigit()
         return (order.index(k[0]) if k[0] in order else len(order), k[0], not num, float(v) if num else 0.0, k[1])
 
     last = list(seen.values())[-1]
-    named = list(dict.fromkeys(last["plan"]["benchmarks"].values()))
-    main = (paper_tables().get({"sft": "table1", "pt": "table2"}.get(last.get("setting"), "")) or {}).get("columns")
+    named = list(dict.fromkeys(_plan(last, "benchmarks").values()))
+    main = (paper_tables().get({"sft": "table1", "pt": "table2"}.get(_plan(last, "setting"), "")) or {}).get("columns")
     cols = main if main and set(named) <= set(main) else [*named, "avg"]  # the paper's column order
     t = Table("grid", "Retention and parameter grid", cols, lead="method, setting")
     for m, setting in sorted(seen, key=key):
-        r = seen[(m, setting)]
-        t.rows.append((f"{METHOD_LABELS.get(m, m)}, {setting}", _row(r["scores"], r["plan"]["benchmarks"], cols), None))
+        t.rows.append((f"{method_label(m)}, {setting}", _result_row(seen[(m, setting)], cols), None))
     return t
 
 
@@ -355,6 +329,8 @@ def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
     (<table>.png, figure3.png for Table 11), table10.md and jobs.md; tables and plots also go to the active W&B
     run, if any."""
     from obim.merging.staging import atomic_write_file
+
+    from .costs import jobs_table, table10
     from .plots import figure3, log_to_wandb, write_plots
 
     results = load_results(runs)

@@ -42,7 +42,7 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
     names = plan["benchmarks"]
     run = wandb.init(
         project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=tracking.get("group"),
-        name=name or result["method"], job_type=result["method"], tags=list(tracking.get("tags") or []),
+        name=name or plan["method"], job_type=plan["method"], tags=list(tracking.get("tags") or []),
         config=result["config"], dir=str(job_dir), mode=wandb_mode(tracking.get("mode")), reinit="create_new",
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
@@ -56,7 +56,7 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
         if result.get("peak_gpu_mb") is not None:
             metrics["peak_gpu_mb"] = result["peak_gpu_mb"]
         cols = ["model", *[names.get(t, t) for t in result["scores"]], "avg"]
-        rows = [[f"merged ({result['method']})", *result["scores"].values(), result["avg"]]]
+        rows = [[f"merged ({plan['method']})", *result["scores"].values(), result["avg"]]]
         for model, r in result.get("individual", {}).items():
             rows.append([model, *[r["scores"].get(t) for t in result["scores"]], r["avg"]])
         metrics["results"] = wandb.Table(columns=cols, data=rows)

@@ -1,0 +1,364 @@
+"""A sweep job's stages: saliency -> merge -> evaluate, each a function of the plan (obim.bench.plan) and of what
+the stage before returned, and the record they make together (`JobResult`, written as result.json). Each stage goes
+through a content-addressed cache (obim.bench.cache): saliency statistics per (model weights, validation texts),
+merged models per resolved merge config, evaluations per (model weights, tasks, backend). A stage never changes the
+plan: the merge config with each model's statistics is a new dict.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from obim import __version__
+from obim.merging.errors import ObimError
+
+from .cache import digest, locked, model_fingerprint, read_json, write_json
+from .joblog import status
+
+RESULT_SCHEMA = 2  # result.json's layout (README "Sweep results"); older files are refused, not half-read
+
+
+@dataclass(frozen=True)
+class JobContext:
+    cache: Path
+    device: str       # saliency and merge
+    eval_device: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class Saliency:
+    hdiag: str                 # the statistics file
+    cached: bool
+    seconds: float             # as measured when it was computed
+    samples: int
+    tokens: int
+    seconds_per_sample: float
+
+
+@dataclass(frozen=True)
+class Merged:
+    dir: str
+    cached: bool
+    merge_s: float
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    scores: dict[str, float | None]
+    avg: float | None
+    eval_s: float
+    cached: bool
+    outputs: dict[str, str] | None = None  # saved generations of judged benchmarks
+
+
+def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
+    """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
+    from obim.merging.saliency import compute_hdiag, save_hdiag
+    from .validation import build_texts
+
+    texts = build_texts(v)
+    # hdiag-v2: files record the model's fingerprint (older cached files lack it and would be refused)
+    key = digest([model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__,
+                  "hdiag-v2"])
+    out = cache / "saliency" / f"{name}-{key}.safetensors"
+    with locked(out):
+        hit = out.is_file()
+        if not hit:
+            hdiag, meta = compute_hdiag(path, texts, max_length=v["max_length"], batch_size=v["batch_size"],
+                                        device=device, progress=progress,
+                                        source="+".join(f"{s}:{n}" for s, n in v["sources"].items()))
+            save_hdiag(hdiag, out, meta)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {"hdiag": str(out), "cached": hit, "seconds": float(meta.get("seconds", 0)),
+            "samples": int(meta.get("samples", len(texts))), "tokens": int(meta.get("tokens", 0)),
+            "seconds_per_sample": float(meta.get("seconds_per_sample", 0))}
+
+
+def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> dict[str, Any]:
+    from obim.merging.config import load_config
+    from obim.merging.merge import merge
+
+    cfg = load_config(merge_cfg)
+    ident = cfg.to_dict()
+    ident["base_model"] = model_fingerprint(cfg.base_model)
+    for m in ident["models"]:
+        m["path"] = model_fingerprint(m["path"])
+    key = digest([ident, __version__])
+    out = cache / "merges" / f"{cfg.method.name}-{key}"
+    stamp = out / "obim_merge.json"
+    with locked(out):
+        info = read_json(stamp)
+        if info is None:
+            if out.exists():
+                shutil.rmtree(out)  # left by a crash between the rename and the stamp
+            res = merge(cfg, out, device=device, progress=progress)
+            info = {"merge_s": round(res.merge_s, 3), "tensors": res.tensors, "bytes": res.bytes_written}
+            write_json(stamp, info)
+            return {"dir": str(out), "cached": False, **info}
+    return {"dir": str(out), "cached": True, **info}
+
+
+def _tasks_fingerprint(tasks: list[str]) -> str:
+    """The contents of obim's task folders that define any of `tasks` (the toy tasks, obim/bench/tasks/paper): editing
+    a task re-evaluates; tasks lm-eval ships are covered by its version."""
+    from .evaluation import tasks_dir
+
+    root = Path(tasks_dir())
+    folders = set()
+    for y in sorted(root.rglob("*.yaml")):
+        head = y.read_text()
+        for line in head.splitlines():
+            if line.startswith(("task:", "group:")) and line.split(":", 1)[1].strip() in tasks:
+                folders.add(y.parent)
+    return digest([[str(p.relative_to(root)), p.read_text()] for f in sorted(folders)
+                   for p in sorted(f.iterdir()) if p.is_file() and p.suffix != ".pyc"])
+
+
+def score_avg(scores: dict[str, float | None]) -> float | None:
+    """The mean over every benchmark; None when one is missing (an unjudged AlpacaEval): never a partial mean
+    standing in for the paper's average."""
+    vals = list(scores.values())
+    return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
+
+
+def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str, allow_code: bool = False
+                ) -> dict[str, Any]:
+    """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
+    score left empty is filled from the saved outputs once a judge is configured."""
+    import lm_eval
+
+    from .evaluation import evaluate_model
+    from .judge import JUDGED, judge_configured, run_judge
+
+    key = digest([model_fingerprint(model_dir), tasks, ev, device, _tasks_fingerprint(tasks), lm_eval.__version__
+                  if hasattr(lm_eval, "__version__") else "", __version__])
+    out = cache / "evals" / f"{key}.json"
+    with locked(out):
+        hit = read_json(out)
+        if hit is not None:
+            missing = [t for t, v in hit["scores"].items() if v is None and t in (hit.get("outputs") or {})]
+            if missing and judge_configured():
+                for t in missing:
+                    hit["scores"][t] = run_judge(Path(hit["outputs"][t]))
+                hit["avg"] = score_avg(hit["scores"])
+                write_json(out, hit)
+            return {**hit, "cached": True}
+        t0 = time.perf_counter()
+        outputs = cache / "evals" / key
+        scores = evaluate_model(model_dir, tasks, backend=ev["backend"], batch_size=ev["batch_size"],
+                                limit=ev["limit"], device=device, model_args=ev["model_args"],
+                                num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs, allow_code=allow_code)
+        rec = {"model": model_dir, "scores": scores, "avg": score_avg(scores),
+               "eval_s": round(time.perf_counter() - t0, 3)}
+        judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
+        if judged:
+            rec["outputs"] = judged
+        write_json(out, rec)
+    return {**rec, "cached": False}
+
+
+class PeakMemory:
+    """Peak resident memory of this process and its children while the block runs (sampled every 20 ms), and the
+    peak CUDA memory when CUDA is used."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        p = psutil.Process()
+        total = p.memory_info().rss
+        for ch in p.children(recursive=True):
+            try:
+                total += ch.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = self._rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def fault(stage: str) -> None:
+    """Fault injection for the resume tests: OBIM_FAIL_AFTER=<stage> raises after that stage."""
+    if os.environ.get("OBIM_FAIL_AFTER") == stage:
+        raise RuntimeError(f"OBIM_FAIL_AFTER={stage}: simulated failure after {stage}")
+
+
+def ensure_zoo(plan: dict, progress: bool) -> None:
+    if not plan.get("zoo"):
+        return
+    from .zoo import RECIPE, build, quick_recipe
+
+    recipe = quick_recipe() if plan["zoo_recipe"] == "quick" else RECIPE
+    with locked(Path(plan["zoo"]).parent / f".{Path(plan['zoo']).name}"):
+        build(plan["zoo"], recipe=recipe, evaluate=plan["zoo_recipe"] != "quick", progress=progress,
+              allow_code=plan["allow_code"])
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Every benchmark is a task or group lm-eval knows (its own, or obim's in obim/bench/tasks): one line otherwise."""
+    from .evaluation import task_manager
+
+    known = set(task_manager().all_tasks)
+    for t in tasks:
+        if t not in known:
+            raise ObimError(f"experiment.benchmarks: '{t}' is not an lm-eval task or group (lm-eval "
+                            f"{_lm_eval_version()}, obim tasks in {Path(__file__).parent / 'tasks'})")
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def where_is(path: str) -> str:
+    """`local` (a directory here), `hub` (an id resolve_model_dir downloads at run time) or `missing`."""
+    from obim.merging.checkpoint import looks_like_hub_id
+
+    if Path(path).expanduser().exists():
+        return "local"
+    return "hub" if looks_like_hub_id(path) else "missing"
+
+
+def cost_report(plan: dict, saliency: dict[str, Saliency], device: str) -> dict[str, Any]:
+    """This job's figures for the paper's Table 10 beyond its timings: the size of the models, the GPUs, saliency
+    time per sample (cached statistics carry the time measured when they were computed)."""
+    import torch
+
+    from obim.merging.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(plan["merge"]["base_model"])
+    params = ck.n_params
+    ck.release()
+    samples = sum(s.samples for s in saliency.values())
+    seconds = sum(s.seconds for s in saliency.values())
+    return {"params_b": round(params / 1e9, 3),
+            "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
+            "gpu_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "hessian_s_per_sample": round(seconds / samples, 5) if samples else None}
+
+
+def judge_pending(result: dict) -> bool:
+    """A result with an unjudged AlpacaEval score, now that a judge is configured: redo the job (from the caches;
+    cached_eval judges the saved outputs)."""
+    from .judge import JUDGED, judge_configured
+
+    recs = [result, *(result.get("individual") or {}).values()]
+    missing = any(v is None and t in JUDGED for r in recs for t, v in (r.get("scores") or {}).items())
+    return missing and judge_configured()
+
+
+def input_fingerprints(plan: dict) -> dict[str, str]:
+    """The fingerprint of every model the job reads (obim.bench.cache.model_fingerprint): a result is reused only for
+    the same weights, not only the same paths (a retrained expert, a zoo rebuilt by a new recipe)."""
+    paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+    return {name: model_fingerprint(path) for name, path in paths.items()}
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def saliency_stage(plan: dict, ctx: JobContext) -> dict[str, Saliency]:
+    """Each saliency method's model: its statistics on its validation set."""
+    out = {}
+    for spec in plan["merge"]["models"]:
+        if spec["name"] in plan["validation"]:
+            status(f"saliency of {spec['name']}", "saliency")
+            out[spec["name"]] = Saliency(**cached_saliency(ctx.cache, spec["name"], spec["path"],
+                                                           plan["validation"][spec["name"]], ctx.device,
+                                                           ctx.progress))
+    return out
+
+
+def merge_stage(plan: dict, saliency: dict[str, Saliency], ctx: JobContext) -> Merged:
+    status("merge", "merge")
+    cfg = {**plan["merge"], "models": [{**m, "hdiag": saliency[m["name"]].hdiag} if m["name"] in saliency else m
+                                       for m in plan["merge"]["models"]]}
+    info = cached_merge(ctx.cache, cfg, ctx.device, ctx.progress)
+    return Merged(dir=info["dir"], cached=info["cached"], merge_s=info["merge_s"], tensors=info["tensors"],
+                  bytes=info["bytes"])
+
+
+def _evaluated(rec: dict) -> Evaluated:
+    return Evaluated(scores=rec["scores"], avg=rec["avg"], eval_s=rec["eval_s"], cached=rec["cached"],
+                     outputs=rec.get("outputs"))
+
+
+def evaluate_stage(plan: dict, merged: Merged, ctx: JobContext) -> tuple[Evaluated, dict[str, Evaluated]]:
+    """The merged model's scores, and (plan `individual`) the base's and each expert's."""
+    status("eval of the merged model", "eval")
+    ev = _evaluated(cached_eval(ctx.cache, merged.dir, plan["tasks"], plan["eval"], ctx.eval_device,
+                                plan["allow_code"]))
+    individual = {}
+    if plan["individual"]:
+        for name, path in [("base", plan["merge"]["base_model"])] + [(m["name"], m["path"])
+                                                                      for m in plan["merge"]["models"]]:
+            status(f"eval of {name}", "eval")
+            individual[name] = _evaluated(cached_eval(ctx.cache, path, plan["tasks"], plan["eval"],
+                                                      ctx.eval_device, plan["allow_code"]))
+    return ev, individual
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job computed, in one place each: result.json is `to_json()` (README "Sweep results")."""
+
+    config_hash: str
+    config: dict
+    plan: dict
+    inputs: dict[str, str]
+    saliency: dict[str, Saliency]
+    merged: Merged
+    evaluated: Evaluated
+    individual: dict[str, Evaluated]
+    cost: dict[str, Any]
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    device: str
+    merged_kept: bool
+    job: str
+
+    def to_json(self) -> dict[str, Any]:
+        ev = self.evaluated
+        return {
+            "schema": RESULT_SCHEMA, "config_hash": self.config_hash, "job": self.job, "obim_version": __version__,
+            "config": self.config, "plan": self.plan, "inputs": self.inputs,
+            "scores": {t: ev.scores[t] for t in self.plan["tasks"]}, "avg": ev.avg, "outputs": ev.outputs,
+            "individual": {n: {"scores": e.scores, "avg": e.avg, "eval_s": e.eval_s}
+                           for n, e in self.individual.items()},
+            "saliency_s": round(sum(s.seconds for s in self.saliency.values()), 3),
+            "merge_s": self.merged.merge_s, "eval_s": ev.eval_s,
+            "saliency": {n: asdict(s) for n, s in self.saliency.items()}, "cost": self.cost,
+            "peak_rss_mb": self.peak_rss_mb, "peak_gpu_mb": self.peak_gpu_mb, "device": self.device,
+            "cached": {"saliency": all(s.cached for s in self.saliency.values()) if self.saliency else None,
+                       "merge": self.merged.cached, "eval": ev.cached},
+            "merged_dir": self.merged.dir if self.merged_kept else None,
+        }
