@@ -211,7 +211,8 @@ def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[s
         for method in methods:
             names = list(THREAD_SETTINGS)
             for setting in names[rep % len(names):] + names[: rep % len(names)]:
-                cmd = [sys.executable, "-m", "obim.merging.cli", str(cfgs[method]), str(out), "--quiet", "--device", device]
+                cmd = [sys.executable, "-m", "obim.merging.cli", str(cfgs[method]), str(out), "--quiet",
+                       "--device", device]
                 measure(f"obim {method}, {setting}", cmd, with_env(THREAD_SETTINGS[setting]))
     shutil.rmtree(out, ignore_errors=True)
 

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-# Before torch loads (obim.merging.threads.prefer_passive_openmp, which the obim package can only run when imported first):
+# Before torch loads (obim.merging.threads.prefer_passive_openmp, which the obim package can only run when
+# imported first):
 # OpenMP's idle threads then sleep at once instead of spinning, and the jobs' own processes inherit it.
 if os.environ.get("OBIM_THREAD_BUDGET", "1").strip().lower() not in {"0", "off", "false", "no"}:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

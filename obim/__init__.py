@@ -6,7 +6,8 @@ toy zoo). The library imports nothing from the harness. This package re-exports 
 
 __version__ = "0.1.0"
 
-from .merging import threads as _threads  # noqa: E402,F401  (first: OpenMP reads OMP_WAIT_POLICY once, when torch loads)
+# first: OpenMP reads OMP_WAIT_POLICY once, when torch loads
+from .merging import threads as _threads  # noqa: E402,F401
 from .merging.config import MergeConfig, load_config  # noqa: E402
 from .merging.errors import ObimError  # noqa: E402
 from .merging.merge import MergeResult, merge  # noqa: E402

@@ -1,6 +1,6 @@
-"""The sweep's console (obim/bench/console.py, obim/bench/joblog.py): quiet by default (the libraries' logs in each job's log
-file), a line per job, the main table and the files at the end; verbose=true brings the logs back; warnings of real
-problems reach the console once."""
+"""The sweep's console (obim/bench/console.py, obim/bench/joblog.py): quiet by default (the libraries' logs in each
+job's log file), a line per job, the main table and the files at the end; verbose=true brings the logs back;
+warnings of real problems reach the console once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The merging library imports nothing from the benchmark harness: every module of obim.merging loads, and a merge
-with OBM saliency runs through the package API, while obim.bench cannot be imported; nor does it load lm-eval, Hydra, W&B or matplotlib."""
+with OBM saliency runs through the package API, while obim.bench cannot be imported; nor does it load lm-eval,
+Hydra, W&B or matplotlib."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_merging_library_imports_nothing_from_the_harness(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     loaded = eval(p.stdout.strip().splitlines()[-1])
     assert "obim.merging.merge" in loaded
-    assert [m for m in loaded if not m.startswith("obim.merging") and m != "obim.tiny"] == []  # no harness module or library
+    # no harness module or library
+    assert [m for m in loaded if not m.startswith("obim.merging") and m != "obim.tiny"] == []
 
 
 def test_tasks_dir_stays_on_the_package():

@@ -175,7 +175,8 @@ def test_vocab_tensors_are_declared_per_architecture(zoo, tmp_path):
     # BERT's attention output projection is not a vocabulary matrix, though the fallback pattern matches it
     assert not is_vocab_tensor("bert.encoder.layer.0.attention.output.dense.weight", "bert")
     assert is_vocab_tensor("bert.embeddings.word_embeddings.weight", "bert")
-    assert is_vocab_tensor("lm_head.weight", "llama") and not is_vocab_tensor("model.layers.0.mlp.up_proj.weight", "llama")
+    assert is_vocab_tensor("lm_head.weight", "llama")
+    assert not is_vocab_tensor("model.layers.0.mlp.up_proj.weight", "llama")
     assert is_vocab_tensor("transformer.wte.weight", "my_custom_lm")  # undeclared: the name pattern
     # the merge asks the declaration: relabelled as GPT-2 (vocabulary rows in transformer.wte / lm_head), the Llama
     # names that differ in rows are refused; as Llama, the same files merge (test_vocab_rows_differ)

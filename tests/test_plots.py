@@ -1,6 +1,6 @@
-"""A plot beside each axis table (obim/bench/plots.py), from hand-made results: written as PNG, drawing exactly the table's
-numbers (ours and the paper's), the same bytes from the same table, redrawn from the CSV alone, logged to an active
-W&B run."""
+"""A plot beside each axis table (obim/bench/plots.py), from job results: written as PNG, drawing exactly the
+table's numbers (ours and the paper's), the same bytes from the same table, redrawn from the CSV alone, logged to an
+active W&B run."""
 
 from __future__ import annotations
 

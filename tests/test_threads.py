@@ -1,5 +1,5 @@
-"""One thread budget per process (obim/merging/threads.py): where the CPU count comes from, how jobs share it, and that a
-merge burns CPU on no more threads than the budget, with the same bytes whatever the budget."""
+"""One thread budget per process (obim/merging/threads.py): where the CPU count comes from, how jobs share it, and
+that a merge burns CPU on no more threads than the budget, with the same bytes whatever the budget."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The toy zoo: a tiny Llama base and experts trained here, offline, on synthetic tasks (see obim.bench.zoo.data), in the
-paper's two settings. `build()` (CLI: `obim-zoo build [--out DIR]`) trains, saves Hugging Face model directories,
+"""The toy zoo: a tiny Llama base and experts trained here, offline, on synthetic tasks (see obim.bench.zoo.data), in
+the paper's two settings. `build()` (CLI: `obim-zoo build [--out DIR]`) trains, saves Hugging Face model directories,
 writes validation sets for saliency, evaluates every model through lm-eval and prints the table; it returns at once
 when DIR holds a complete zoo of the same recipe (a hash), and rebuilds when the recipe changes.
 
