@@ -1,0 +1,76 @@
+"""The search (obim.bench.search, experiments/search.py): its objective on dev data, checked disjoint from the test
+benchmarks and the saliency validation samples; the search space declared beside each method's config; a small
+study on the quick zoo end to end (study storage, the best trial on the test benchmarks, the tuned table); resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose
+from obim.merging.errors import ObimError
+
+
+# ----------------------------------------------------------------------------------- the objective: dev data
+
+
+def test_toy_dev_plan_leaves_out_benchmarks_without_dev_data(tmp_path):
+    from obim.bench.plan import plan_dev
+
+    d = plan_dev(compose("experiment=toy_sft", f"experiment.zoo={tmp_path}"))
+    assert d["benchmarks"] == {"toy_mmlu_dev": "mmlu", "toy_gsm8k_dev": "gsm8k", "toy_math_dev": "math",
+                               "toy_mbpp_dev": "mbpp"}
+    assert d["left_out"] == ["alpaca_eval", "humaneval"]  # as in the real setting: no dev data
+    assert plan_dev(compose("experiment=toy_pt", f"experiment.zoo={tmp_path}"))["tasks"] == \
+        ["toy_ceval_dev", "toy_mmlu_en_dev", "toy_jp_dev"]
+
+
+def test_dev_refused_when_it_is_the_test_split(tmp_path):
+    from obim.bench.plan import plan_dev
+
+    with pytest.raises(ObimError, match=r"dev_benchmarks.toy_gsm8k_dev: reads split 'test' .*dev and test data "
+                                        r"must be disjoint"):
+        plan_dev(compose(f"experiment.zoo={tmp_path}", "experiment.dev_benchmarks.toy_gsm8k_dev.split=test"))
+    with pytest.raises(ObimError, match="'toy_gsm8k' is a test benchmark"):
+        plan_dev(compose(f"experiment.zoo={tmp_path}",
+                         "+experiment.dev_benchmarks.toy_gsm8k={column: gsm8k, source: gsm8k, split: dev}"))
+    with pytest.raises(ObimError, match="split 'validation' .*test benchmark"):  # declared test split
+        plan_dev(compose("experiment=qwen2_7b_pt", "experiment.dev_benchmarks.obim_jcqa_dev.split=validation"))
+
+
+def test_dev_refused_when_it_is_the_saliency_validation_data(tmp_path):
+    from obim.bench.plan import plan_dev
+
+    # toy: the saliency sets drawn from the dev split of the same data
+    with pytest.raises(ObimError, match=r"toy_mmlu_dev: reads split 'dev' of 'mmlu', which model 'lm' draws its "
+                                        r"saliency validation samples from .*must be disjoint"):
+        plan_dev(compose(f"experiment.zoo={tmp_path}", "validation.split=dev"))
+    # Table 4's math model reading mbpp (train) is fine: the dev task reads dev
+    plan_dev(compose(f"experiment.zoo={tmp_path}", "validation=code"))
+    # real: a train slice past the validation draw, disjoint only while the draw stays within `skip`, same seed
+    d = plan_dev(compose("experiment=llama2_13b_sft"))
+    assert d["left_out"] == ["alpaca_eval", "humaneval"] and d["eval"]["num_fewshot"] == {"obim_mmlu_dev": 5}
+    with pytest.raises(ObimError, match=r"obim_gsm8k_cot_dev: reads split 'train' of 'gsm8k', which model 'math'"):
+        plan_dev(compose("experiment=llama2_13b_sft", "experiment.dev_benchmarks.obim_gsm8k_cot_dev.skip=20"))
+    with pytest.raises(ObimError, match="obim_gsm8k_cot_dev: .* seed 1, dev skip 1000"):
+        plan_dev(compose("experiment=llama2_13b_sft", "seed=1"))
+    # another source key naming the same dataset and split is the same data
+    with pytest.raises(ObimError, match="obim_mbpp_dev: reads split 'validation' of 'mbpp', which model 'code'"):
+        plan_dev(compose("experiment=llama2_13b_sft", "+experiment.validation_sources.mbpp_val={builder: mbpp, path: "
+                         "google-research-datasets/mbpp, name: full, split: validation}",
+                         "+experiment.models.code.validation.mbpp_val=50"))
+    # C-Eval's dev split is the saliency set: declaring it as dev data is refused
+    with pytest.raises(ObimError, match="toy|ceval_dev: reads split 'dev' of 'ceval'"):
+        plan_dev(compose("experiment=qwen2_7b_pt",
+                         "+experiment.dev_benchmarks.ceval_dev={column: ceval, source: ceval, split: dev}"))
+
+
+def test_toy_dev_tasks_read_no_test_item():
+    from obim.bench.tasks.toy_dev.utils import toy_dev_dataset
+    from obim.bench.tasks.utils import toy_dataset
+    from obim.bench.zoo import data
+
+    for task in ("mmlu", "gsm8k", "math", "mbpp"):
+        dev = {r["prompt"] for r in toy_dev_dataset(task)["dev"]}
+        test = {r["prompt"] for r in toy_dataset(task)["test"]}
+        assert dev and not dev & test
+        assert all(data.split_of(p) == "dev" for p in dev)  # and never train, where the saliency sets come from
