@@ -74,3 +74,58 @@ def test_toy_dev_tasks_read_no_test_item():
         test = {r["prompt"] for r in toy_dataset(task)["test"]}
         assert dev and not dev & test
         assert all(data.split_of(p) == "dev" for p in dev)  # and never train, where the saliency sets come from
+
+
+# ----------------------------------------------------------------------------------------------- the space
+
+
+def test_every_method_declares_a_search_space_of_its_own_parameters():
+    import yaml
+
+    from obim.bench.search import check_space
+    from obim.merging.methods import METHODS
+
+    from conftest import REPO
+
+    for name in METHODS:
+        conf = yaml.safe_load((REPO / "conf" / "method" / f"{name}.yaml").read_text())
+        space = check_space(name, conf.get("search"))
+        assert space and set(space) <= {p.name for p in METHODS[name].params}
+    # the list: what each method searches
+    wanted = {"obim": {"retention"}, "ties_im": {"retention"}, "ties": {"density"}, "ties_obm": {"density"},
+              "dare": {"drop_rate"}, "della": {"density", "epsilon", "lambda"}, "ta": {"lambda"}, "pcb": {"ratio"},
+              "breadcrumbs": {"density", "gamma"}, "tall_mask": {"tall_lambda"}}
+    for name, params in wanted.items():
+        conf = yaml.safe_load((REPO / "conf" / "method" / f"{name}.yaml").read_text())
+        assert set(conf["search"]) == params, name
+    assert yaml.safe_load((REPO / "conf" / "method" / "obim.yaml").read_text())["search"]["retention"]["per_model"]
+
+
+@pytest.mark.parametrize("method,space,message", [
+    ("ties", {"drop_rate": {"low": 0.1, "high": 0.5}}, "not a parameter of method 'ties'"),
+    ("ties", {"density": {"low": 0.5, "high": 0.1}}, "low < high"),
+    ("ties", {"density": {"low": 0.1, "high": 1.5}}, "1.5"),
+    ("ties", {"density": {"low": 0.1}}, "expected {low, high"),
+    ("ta", {"lambda": {"low": 0.1, "high": 1.0, "per_model": True}}, "not a per-model parameter"),
+    ("dare", {"drop_rate": {"low": 0.5, "high": 1.0}}, "1.0"),  # drop_rate < 1
+    ("obim", None, "declares no search space"),
+])
+def test_bad_search_spaces_refused(method, space, message):
+    from obim.bench.search import check_space
+
+    with pytest.raises(ObimError, match=message):
+        check_space(method, space)
+
+
+def test_im_retentions_drawn_over_one_are_scaled_to_sum_one():
+    import optuna
+
+    from obim.bench.search import suggest
+
+    space = {"retention": {"low": 0.5, "high": 0.6, "log": False, "per_model": True}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    overrides, used = suggest(study.ask(), space, ["lm", "math", "code"], im=True)
+    assert 0.99 <= sum(used.values()) <= 1.0 and set(used) == {"retention.lm", "retention.math", "retention.code"}
+    assert overrides[0].startswith("experiment.models.lm.retention=")
+    ov, _ = suggest(study.ask(), {"density": {"low": 0.1, "high": 0.2, "log": False, "per_model": False}}, [], False)
+    assert ov[0].startswith("method.parameters.density=")
