@@ -129,3 +129,101 @@ def test_im_retentions_drawn_over_one_are_scaled_to_sum_one():
     assert overrides[0].startswith("experiment.models.lm.retention=")
     ov, _ = suggest(study.ask(), {"density": {"low": 0.1, "high": 0.2, "log": False, "per_model": False}}, [], False)
     assert ov[0].startswith("method.parameters.density=")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def _env(quick_zoo, tmp_path):
+    import os
+
+    from conftest import REPO
+
+    return {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+QUICK = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true", "search.startup_trials=1"]
+
+
+def _trials(search_dir, name):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(search_dir / "study.log")))
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = [*QUICK, "search.methods=[ta,obim]", "search.trials=2", f"search.dir={tmp_path / 'search'}",
+            f"results_dir={tmp_path / 'results'}"]
+
+    def run():
+        return subprocess.run([sys.executable, str(REPO / "experiments" / "search.py"), *args], cwd=tmp_path,
+                              env=_env(quick_zoo, tmp_path), capture_output=True, text=True, timeout=900)
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("[ta ") == 2 and first.stdout.count("[obim ") == 2
+    results = tmp_path / "results" / "toy_sft"
+    for method in ("ta", "obim"):
+        trials = _trials(tmp_path / "search", f"toy_sft-{method}")
+        assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+        assert all(set(t.user_attrs["dev_scores"]) == {"mmlu", "gsm8k", "math", "mbpp"} for t in trials)
+        best = json.loads((tmp_path / "search" / method / "best.json").read_text())
+        assert best["dev_avg"] == max(t.value for t in trials) and best["trials"] == 2
+        assert set(best["test_scores"]) == {"alpaca_eval", "mmlu", "gsm8k", "math", "humaneval", "mbpp"}
+        assert (results / "search" / f"{method}_history.png").is_file()
+        # a W&B run per trial, grouped by the study
+        runs = list((tmp_path / "search" / method).glob("trial-*/wandb/offline-run-*"))
+        assert len(runs) == 2
+    obim = json.loads((tmp_path / "search" / "obim" / "best.json").read_text())
+    assert set(obim["params"]) == {"retention.lm", "retention.math", "retention.code"}
+    assert sum(obim["params"].values()) <= 1
+    table = (results / "table1_tuned.md").read_text()
+    assert "Table 1, every method tuned" in table and "| TA | lambda=" in table and "| OBIM | retention.lm=" in table
+    assert "alpaca_eval, humaneval" in table  # left out of the objective, said so
+    head = (results / "table1_tuned.csv").read_text().splitlines()[0]
+    assert head == "method,best parameters,dev avg,alpaca_eval,mmlu,gsm8k,math,humaneval,mbpp,avg,untuned avg,trials"
+
+    # a rerun repeats no finished trial: the studies are complete, the best trials' scores come from the caches
+    again = run()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[ta] 2/2 trials already finished" in again.stdout and "[ta 1/2]" not in again.stdout
+    assert len(_trials(tmp_path / "search", "toy_sft-ta")) == 2
+    assert (results / "table1_tuned.md").read_text() == table
+
+
+def test_search_resumes_after_a_failed_trial(quick_zoo, tmp_path, monkeypatch):
+    from obim.bench.search import run_search
+
+    for k, v in _env(quick_zoo, tmp_path).items():
+        monkeypatch.setenv(k, v)
+    args = [*QUICK, "search.methods=[ties]", "search.trials=3", "tracking=none", f"search.dir={tmp_path / 'search'}",
+            f"results_dir={tmp_path / 'results'}"]
+    lines: list[str] = []
+    monkeypatch.setenv("OBIM_FAIL_AFTER", "trial-1")  # the second trial raises after its dev evaluation
+    with pytest.raises(RuntimeError, match="simulated failure after trial-1"):
+        run_search(args, say=lines.append)
+    trials = _trials(tmp_path / "search", "toy_sft-ties")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    first = trials[0]
+    assert not (tmp_path / "results" / "toy_sft" / "table1_tuned.md").exists()
+
+    monkeypatch.delenv("OBIM_FAIL_AFTER")
+    lines.clear()
+    out = run_search(args, say=lines.append)
+    assert "[ties] 1/3 trials already finished (study toy_sft-ties)" in lines
+    assert sum(line.startswith("[ties ") for line in lines) == 2  # trials 2 and 3 only
+    trials = _trials(tmp_path / "search", "toy_sft-ties")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[0].params == first.params and trials[0].datetime_complete == first.datetime_complete
+    assert out["records"][0]["trials"] == 3
+    assert (tmp_path / "results" / "toy_sft" / "table1_tuned.csv").is_file()

@@ -21,6 +21,7 @@ import io
 import math
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +290,9 @@ def save_plots(study: Any, out: Path, method: str) -> list[Path]:
     for kind, draw in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
         path = out / f"{method}_{kind}.png"
         try:
-            ax = draw(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = draw(study)
             ax.set_title(f"{study.study_name}: {ax.get_title()}")
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=100)
