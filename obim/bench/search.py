@@ -293,7 +293,10 @@ def save_plots(study: Any, out: Path, method: str) -> list[Path]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 ax = draw(study)
-            ax.set_title(f"{study.study_name}: {ax.get_title()}")
+            loc = "left" if ax.get_title(loc="left") else "center"
+            ax.set_title(f"{study.study_name}: {ax.get_title(loc=loc)}", loc=loc)
+            if kind == "history":
+                ax.set_ylabel("dev avg (the objective)")
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=100)
             written.append(path)
