@@ -227,3 +227,20 @@ def test_search_resumes_after_a_failed_trial(quick_zoo, tmp_path, monkeypatch):
     assert trials[0].params == first.params and trials[0].datetime_complete == first.datetime_complete
     assert out["records"][0]["trials"] == 3
     assert (tmp_path / "results" / "toy_sft" / "table1_tuned.csv").is_file()
+
+
+def test_search_dry_run_on_the_real_experiments():
+    from obim.bench.search import run_search
+
+    lines: list[str] = []
+    out = run_search(["experiment=llama2_13b_sft", "dry_run=true", "eval.allow_code=true"], say=lines.append)
+    assert out["dev"]["tasks"] == ["obim_mmlu_dev", "obim_gsm8k_cot_dev", "obim_math_cot_dev", "obim_mbpp_dev"]
+    assert "left out (no dev data): alpaca_eval, humaneval" in lines[0]
+    assert "  obim: retention in [0.05, 0.6] per model" in lines
+    out = run_search(["experiment=qwen2_7b_pt", "dry_run=true", "search.methods=[obim,ties]"], say=lines.append)
+    assert out["dev"]["left_out"] == ["ceval"]
+    with pytest.raises(ObimError, match="obim_mbpp_dev executes model-generated code"):  # the dev tasks' opt-in too
+        run_search(["experiment=llama2_13b_sft", "dry_run=true", "~experiment.benchmarks.humaneval",
+                    "~experiment.benchmarks.mbpp", "+experiment.benchmarks.no_code_here=mbpp"], say=lines.append)
+    with pytest.raises(ObimError, match="search.methods"):
+        run_search(["dry_run=true", "search.methods=[nope]"], say=lines.append)

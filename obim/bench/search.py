@@ -228,13 +228,19 @@ def run_study(s: Search, method: str) -> Any:
 
     im = get_method(method).retention_param == "retention"
     storage = s.storage()
-    study = optuna.create_study(study_name=study_name(s.experiment, method), storage=storage, direction="maximize",
-                                load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=int(opts["seed"]),
+    name = study_name(s.experiment, method)
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    finished = 0
+    if name in optuna.get_all_study_names(storage):
+        finished = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=done))
+    # The sampler's seed: search.seed for a study's first run; a resumed study's sampler would replay that random
+    # stream from its start (drawing again what the first run drew), so it is seeded by (seed, trials finished).
+    seed = int(opts["seed"]) if not finished else int(opts["seed"]) * 1_000_003 + finished
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed,
                                                                    n_startup_trials=int(opts["startup_trials"])))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     budget = int(opts["trials"])
     if finished:
         s.say(f"[{method}] {finished}/{budget} trials already finished (study {study.study_name})")
@@ -377,10 +383,22 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
     check_options(opts)
     methods = [opts["methods"]] if isinstance(opts["methods"], str) else list(opts["methods"])
     dev = plan_dev(cfg)  # the objective's checks, before anything runs
+    from .evaluation import check_code_opt_in
+
+    check_code_opt_in(dev["tasks"], bool(cfg.eval.get("allow_code")))
+    spaces = {}
     for m in methods:  # every method's space and job, before anything runs
         cm = compose([*overrides, f"method={m}"])
-        check_space(m, plain(cm.method).get("search"))
+        spaces[m] = check_space(m, plain(cm.method).get("search"))
         _check_job(cm, [f"method={m}"])
+    if cfg.dry_run:  # the checks only: what the search would tune on what, nothing loaded
+        say(f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
+            f"{', '.join(f'{t} ({c})' for t, c in dev['benchmarks'].items())}; left out (no dev data): "
+            f"{', '.join(dev['left_out']) or 'none'}")
+        for m, sp in spaces.items():
+            say(f"  {m}: " + ", ".join(f"{k} in [{v['low']:g}, {v['high']:g}]{' per model' if v['per_model'] else ''}"
+                                       for k, v in sp.items()))
+        return {"dry_run": True, "dev": dev, "spaces": spaces}
     ctx = JobContext(cache=Path(str(cfg.cache_dir)), device=auto_device(str(cfg.device)),
                      eval_device=auto_device(str(cfg.eval.device)), progress=bool(cfg.progress))
     s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), ctx=ctx, say=say)
