@@ -85,12 +85,13 @@ def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> 
         for m in (models if s["per_model"] else [None]):
             key = f"{name}.{m}" if m else name
             used[key] = trial.suggest_float(key, s["low"], s["high"], log=s["log"])
+    drawn = dict(used)
+    used = {k: round(v, 4) for k, v in drawn.items()}
     rkeys = [k for k in used if k.split(".", 1)[0] == "retention" and "." in k]
-    total = sum(used[k] for k in rkeys)
-    if im and total > 1:
+    total = sum(drawn[k] for k in rkeys)
+    if im and sum(used[k] for k in rkeys) > 1:
         for k in rkeys:
-            used[k] = math.floor(used[k] / total * 1e4) / 1e4
-    used = {k: (v if k in rkeys and im and total > 1 else round(v, 4)) for k, v in used.items()}
+            used[k] = math.floor(drawn[k] / total * 1e4) / 1e4
     overrides = []
     for key, v in used.items():
         name, _, m = key.partition(".")
