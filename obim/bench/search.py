@@ -298,7 +298,7 @@ def save_plots(study: Any, out: Path, method: str) -> list[Path]:
         path = out / f"{method}_{kind}.png"
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", UserWarning)  # "experimental" API; importances of too few trials
                 ax = draw(study)
             loc = "left" if ax.get_title(loc="left") else "center"
             ax.set_title(f"{study.study_name}: {ax.get_title(loc=loc)}", loc=loc)
