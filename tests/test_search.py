@@ -58,6 +58,10 @@ def test_dev_refused_when_it_is_the_saliency_validation_data(tmp_path):
         plan_dev(compose("experiment=llama2_13b_sft", "+experiment.validation_sources.mbpp_val={builder: mbpp, path: "
                          "google-research-datasets/mbpp, name: full, split: validation}",
                          "+experiment.models.code.validation.mbpp_val=50"))
+    # the same data under another name is drawn in another order: a skip proves nothing there
+    with pytest.raises(ObimError, match="obim_gsm8k_cot_dev: reads split 'train' of 'gsm8k', which model 'math'"):
+        plan_dev(compose("experiment=llama2_13b_sft", "+experiment.validation_sources.gsm8k_again={builder: gsm8k}",
+                         "+experiment.models.math.validation.gsm8k_again=10"))
     # C-Eval's dev split is the saliency set: declaring it as dev data is refused
     with pytest.raises(ObimError, match="toy|ceval_dev: reads split 'dev' of 'ceval'"):
         plan_dev(compose("experiment=qwen2_7b_pt",

@@ -383,8 +383,11 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
                 if not same or vd["split"] != spec["split"]:
                     continue
                 skip, seed = spec.get("skip"), spec.get("seed", 0)
-                if vd["builder"] != "jsonl" and skip is not None and int(skip) >= n and int(seed) == v["seed"]:
-                    continue  # the dev task starts past every record the validation draw can take
+                # the dev task starts past every record the validation draw can take: the same permutation (it is
+                # keyed by the source's name and the seed), and skip >= the samples drawn
+                if (vd["builder"] != "jsonl" and skip is not None and s == spec["source"] and int(skip) >= n
+                        and int(seed) == v["seed"]):
+                    continue
                 raise ObimError(f"experiment.dev_benchmarks.{task}: reads split '{spec['split']}' of "
                                 f"'{spec['source']}', which model '{name}' draws its saliency validation samples "
                                 f"from ({n} samples{', seed ' + str(v['seed']) if vd['builder'] != 'jsonl' else ''}"
