@@ -298,7 +298,8 @@ def save_plots(study: Any, out: Path, method: str) -> list[Path]:
         path = out / f"{method}_{kind}.png"
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "experimental" API; importances of too few trials
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the plots' API
+                warnings.simplefilter("ignore", UserWarning)  # importances of too few trials
                 ax = draw(study)
             loc = "left" if ax.get_title(loc="left") else "center"
             ax.set_title(f"{study.study_name}: {ax.get_title(loc=loc)}", loc=loc)
