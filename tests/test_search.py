@@ -221,13 +221,20 @@ def test_search_resumes_after_a_failed_trial(quick_zoo, tmp_path, monkeypatch):
     first = trials[0]
     assert not (tmp_path / "results" / "toy_sft" / "table1_tuned.md").exists()
 
+    # and a trial left running by a killed search (as SIGKILL leaves it in the study file)
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.load_study(study_name="toy_sft-ties", storage=JournalStorage(JournalFileBackend(
+        str(tmp_path / "search" / "study.log")))).ask()
     monkeypatch.delenv("OBIM_FAIL_AFTER")
     lines.clear()
     out = run_search(args, say=lines.append)
     assert "[ties] 1/3 trials already finished (study toy_sft-ties)" in lines
     assert sum(line.startswith("[ties ") for line in lines) == 2  # trials 2 and 3 only
     trials = _trials(tmp_path / "search", "toy_sft-ties")
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert trials[0].params == first.params and trials[0].datetime_complete == first.datetime_complete
     assert out["records"][0]["trials"] == 3
     assert (tmp_path / "results" / "toy_sft" / "table1_tuned.csv").is_file()
