@@ -131,6 +131,9 @@ def test_im_retentions_drawn_over_one_are_scaled_to_sum_one():
     overrides, used = suggest(study.ask(), space, ["lm", "math", "code"], im=True)
     assert 0.99 <= sum(used.values()) <= 1.0 and set(used) == {"retention.lm", "retention.math", "retention.code"}
     assert overrides[0].startswith("experiment.models.lm.retention=")
+    ov, used = suggest(study.ask(), {"retention": {"low": 0.4, "high": 0.5, "log": False, "per_model": False}},
+                       ["lm", "math", "code"], im=True)
+    assert used == {"retention": 0.3333} and ov == ["retention=0.3333"]
     ov, _ = suggest(study.ask(), {"density": {"low": 0.1, "high": 0.2, "log": False, "per_model": False}}, [], False)
     assert ov[0].startswith("method.parameters.density=")
 

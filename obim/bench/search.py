@@ -92,6 +92,8 @@ def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> 
     if im and sum(used[k] for k in rkeys) > 1:
         for k in rkeys:
             used[k] = math.floor(drawn[k] / total * 1e4) / 1e4
+    if im and "retention" in used and used["retention"] * len(models) > 1:  # one retention for every model
+        used["retention"] = math.floor(1e4 / len(models)) / 1e4
     overrides = []
     for key, v in used.items():
         name, _, m = key.partition(".")
