@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-vllm test demo bench zoo sweep clean
+.PHONY: install install-vllm test demo bench zoo sweep search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install-vllm
 # benchmarks execute model-generated code (in obim's sandbox): HF_ALLOW_CODE_EVAL=1 is that opt-in.
 sweep: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/sweep.py -m
+
+# every method of Table 1 tuned on the toy dev tasks (README "The search"): results/toy_sft/table1_tuned.md
+search: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/search.py
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/demo_merge.py

@@ -68,6 +68,34 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
     return run_dir
 
 
+def log_trial(tracking: dict[str, Any], run_dir: Path, name: str, group: str, config: dict[str, Any],
+              metrics: dict[str, Any]) -> str | None:
+    """One search trial (obim.bench.search) as a W&B run in its study's group: its parameters as config, its dev
+    scores and timings as metrics; returns the run directory (None when tracking is off)."""
+    if tracking.get("backend", "none") == "none":
+        return None
+    if tracking["backend"] != "wandb":
+        from obim.merging.errors import ObimError
+
+        raise ObimError(f"tracking.backend: expected wandb or none, got {tracking['backend']!r}")
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=group, name=name,
+        job_type="search-trial", tags=list(tracking.get("tags") or []), config=config, dir=str(run_dir),
+        mode=wandb_mode(tracking.get("mode")), reinit="create_new",
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
+    try:
+        run.log(metrics)
+        run.summary.update(metrics)
+        out = str(Path(run.dir).parent)
+    finally:
+        run.finish()
+    return out
+
+
 @contextmanager
 def tables_run(tracking: dict[str, Any], run_dir: Path, name: str) -> Iterator[None]:
     """A W&B run around the sweep's tables (obim.bench.tables.write_tables logs them and their plots to the active run),

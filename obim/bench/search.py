@@ -1,0 +1,441 @@
+"""The search: every method tuned with the same budget on dev data (experiments/search.py; README "The search").
+
+Per method one Optuna study (`<experiment>-<method>`, TPE with the same seed and trial budget for every method) over
+the parameters its config declares (`search:` in conf/method/<name>.yaml, checked against the registry's
+parameters). A trial composes the sweep's config with the trial's overrides and runs the sweep's own stages
+(saliency -> merge -> evaluate, through the caches) with the experiment's dev tasks as the evaluated tasks
+(`dev_benchmarks`, obim.bench.plan.plan_dev: checked disjoint from the test benchmarks and from the saliency
+samples); its value is their mean score. When a study has its trials, its best trial is evaluated on the test
+benchmarks, and the tuned table is written beside the untuned Table 1 (results/<experiment>/table1_tuned.md|csv)
+with each study's optimisation history and parameter importances (PNG).
+
+Studies live in an Optuna journal file in the search directory (multirun/<experiment>/search/study.log): a search
+killed or failed midway resumes where it stopped; the trials still to run are the budget less the finished ones
+(complete or pruned), so no finished trial is repeated (a trial that failed or was killed mid-run is redone).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from obim.merging.errors import ObimError
+
+from .cache import read_json, write_json
+from .plan import auto_device, plain, plan_dev, plan_job
+from .stages import JobContext, evaluate_stage, fault, merge_stage, saliency_stage
+
+SPACE_KEYS = ("low", "high", "log", "per_model")
+SEARCH_KEYS = ("methods", "trials", "startup_trials", "seed", "dir")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+# ------------------------------------------------------------------------------------------------ the space
+
+
+def check_space(method_name: str, space: Any) -> dict[str, dict]:
+    """A method's declared search space, checked against its registered parameters: each name a parameter of the
+    method, low < high both accepted by the parameter's own check, `per_model` only for a per-model parameter."""
+    from obim.merging.methods import get_method
+
+    method = get_method(method_name)
+    params = {p.name: p for p in method.params}
+    if not space:
+        raise ObimError(f"method.search: method '{method_name}' declares no search space (`search:` in "
+                        f"conf/method/{method_name}.yaml)")
+    out = {}
+    for name, spec in dict(space).items():
+        where = f"method.search.{name} ({method_name})"
+        if name not in params:
+            raise ObimError(f"{where}: not a parameter of method '{method_name}' ({', '.join(params)})")
+        if not isinstance(spec, dict) or set(spec) - set(SPACE_KEYS) or not {"low", "high"} <= set(spec):
+            raise ObimError(f"{where}: expected {{low, high[, log, per_model]}}, got {spec!r}")
+        low, high = spec["low"], spec["high"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or not low < high:
+            raise ObimError(f"{where}: expected finite numbers low < high, got {low!r}, {high!r}")
+        for v in (low, high):
+            err = params[name].check(v)
+            if err:
+                raise ObimError(f"{where}: {v!r}: {err}")
+        if spec.get("log") and low <= 0:
+            raise ObimError(f"{where}: a log scale needs low > 0, got {low!r}")
+        per_model = bool(spec.get("per_model", False))
+        if per_model and not params[name].per_model:
+            raise ObimError(f"{where}: '{name}' is not a per-model parameter of '{method_name}'")
+        out[name] = {"low": float(low), "high": float(high), "log": bool(spec.get("log", False)),
+                     "per_model": per_model}
+    return out
+
+
+def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> tuple[list[str], dict[str, float]]:
+    """The trial's draw as config overrides, and the values merged ({name or name.model: value}, 4 decimals).
+    Iterative merging keeps at most all of the positions: per-model retentions drawn summing over 1 are scaled
+    down to sum 1 (the trial records both, its params as drawn and `params_used` as merged)."""
+    used: dict[str, float] = {}
+    for name, s in space.items():
+        for m in (models if s["per_model"] else [None]):
+            key = f"{name}.{m}" if m else name
+            used[key] = trial.suggest_float(key, s["low"], s["high"], log=s["log"])
+    drawn = dict(used)
+    used = {k: round(v, 4) for k, v in drawn.items()}
+    rkeys = [k for k in used if k.split(".", 1)[0] == "retention" and "." in k]
+    total = sum(drawn[k] for k in rkeys)
+    if im and sum(used[k] for k in rkeys) > 1:
+        for k in rkeys:
+            used[k] = math.floor(drawn[k] / total * 1e4) / 1e4
+    if im and "retention" in used and used["retention"] * len(models) > 1:  # one retention for every model
+        used["retention"] = math.floor(1e4 / len(models)) / 1e4
+    overrides = []
+    for key, v in used.items():
+        name, _, m = key.partition(".")
+        if name == "retention":
+            overrides.append(f"experiment.models.{m}.retention={v}" if m else f"retention={v}")
+        elif m:
+            overrides.append(f"+method.per_model.{m}.{name}={v}")
+        else:
+            overrides.append(f"method.parameters.{name}={v}")
+    return overrides, used
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def compose(overrides: list[str]) -> Any:
+    """conf/search.yaml (the sweep's config and `search`) composed with these overrides."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hcompose("search", overrides=list(overrides))
+
+
+@dataclass
+class Search:
+    overrides: list[str]             # the user's overrides (experiment, eval, tracking...), every trial's base
+    cfg: Any                         # composed with them
+    out: Path                        # the search directory: study.log, search.log, <method>/
+    ctx: JobContext
+    say: Callable[[str], None] = print
+
+    @property
+    def experiment(self) -> str:
+        return str(self.cfg.experiment.name)
+
+    @property
+    def opts(self) -> dict:
+        return plain(self.cfg.search)
+
+    def storage(self) -> Any:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(self.out / "study.log")))
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The libraries' logs and progress bars to the search's log file (verbose=true: on the console)."""
+        if self.cfg.get("verbose"):
+            yield
+            return
+        from .joblog import captured
+
+        with captured(self.out / "search.log", None):
+            yield
+
+
+def check_options(opts: dict) -> None:
+    from obim.merging.checks import number_in, require
+    from obim.merging.methods import METHODS
+
+    unknown = set(opts) - set(SEARCH_KEYS)
+    if unknown:
+        raise ObimError(f"search: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(SEARCH_KEYS)}")
+    require("search.trials", opts["trials"], number_in(1, 10**6, integer=True))
+    require("search.startup_trials", opts["startup_trials"], number_in(1, 10**6, integer=True))
+    require("search.seed", opts["seed"], number_in(0, 2**32 - 1, integer=True))
+    methods = opts["methods"]
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods or any(m not in METHODS for m in methods):
+        raise ObimError(f"search.methods: expected registered methods ({', '.join(METHODS)}), got {methods!r}")
+
+
+def _trial_line(method: str, n: int, total: int, value: float, used: dict, info: dict) -> str:
+    params = " ".join(f"{k}={v:g}" for k, v in used.items())
+    cached = " (cached)" if info["cached"] else ""
+    return (f"[{method} {n}/{total}] dev avg {value:.1f} | {params} | merge {info['merge_s']:.1f} s, "
+            f"eval {info['eval_s']:.1f} s{cached}")
+
+
+def run_trial(s: Search, method: str, trial: Any, space: dict, models: list[str], im: bool, dev: dict
+              ) -> tuple[float, dict]:
+    overrides, used = suggest(trial, space, models, im)
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("params_used", used)
+    ov = [*s.overrides, f"method={method}", *overrides]
+    cfg = compose(ov)
+    plan = plan_job(cfg, ov)
+    t0 = time.perf_counter()
+    with s.quiet():
+        saliency = saliency_stage(plan, s.ctx)
+        merged = merge_stage(plan, saliency, s.ctx)
+        ev, _ = evaluate_stage({**plan, "tasks": dev["tasks"], "eval": dev["eval"], "individual": False}, merged,
+                               s.ctx)
+    fault(f"trial-{trial.number}")  # the resume tests: OBIM_FAIL_AFTER=trial-1 fails the second trial
+    if not cfg.keep_merged:
+        shutil.rmtree(merged.dir, ignore_errors=True)
+    if ev.avg is None:
+        raise ObimError(f"search: a dev score of {method} is missing ({ev.scores}); dev tasks must score")
+    scores = {dev["benchmarks"][t]: v for t, v in ev.scores.items()}
+    info = {"dev_scores": scores, "merge_s": merged.merge_s, "eval_s": ev.eval_s, "cached": merged.cached and ev.cached,
+            "wall_s": round(time.perf_counter() - t0, 2)}
+    for k, v in info.items():
+        trial.set_user_attr(k, v)
+    from .tracking import log_trial
+
+    with s.quiet():
+        log_trial(plain(s.cfg.tracking), s.out / method / f"trial-{trial.number}", f"{method}-trial-{trial.number}",
+                  study_name(s.experiment, method), {"method": method, "trial": trial.number, "params": used,
+                                                    "overrides": overrides, "experiment": s.experiment},
+                  {"dev_avg": ev.avg, **{f"dev/{k}": v for k, v in scores.items()}, "merge_s": merged.merge_s,
+                   "eval_s": ev.eval_s})
+    return ev.avg, {"used": used, **info}
+
+
+def study_name(experiment: str, method: str) -> str:
+    return f"{experiment}-{method}"
+
+
+def run_study(s: Search, method: str) -> Any:
+    """The method's study to its budget: the trials left (budget less the finished ones) run one after the other;
+    a trial left running by a killed search is marked failed first (one search per study at a time)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    opts = s.opts
+    cfg0 = compose([*s.overrides, f"method={method}"])
+    space = check_space(method, plain(cfg0.method).get("search"))
+    plan0 = plan_job(cfg0, [f"method={method}"])
+    dev = plan_dev(cfg0)
+    from obim.merging.methods import get_method
+
+    im = get_method(method).retention_param == "retention"
+    storage = s.storage()
+    name = study_name(s.experiment, method)
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    finished = 0
+    if name in optuna.get_all_study_names(storage):
+        finished = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=done))
+    # The sampler's seed: search.seed for a study's first run; a resumed study's sampler would replay that random
+    # stream from its start (drawing again what the first run drew), so it is seeded by (seed, trials finished).
+    seed = int(opts["seed"]) if not finished else int(opts["seed"]) * 1_000_003 + finished
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed,
+                                                                   n_startup_trials=int(opts["startup_trials"])))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    budget = int(opts["trials"])
+    if finished:
+        s.say(f"[{method}] {finished}/{budget} trials already finished (study {study.study_name})")
+    for n in range(finished + 1, budget + 1):
+        trial = study.ask()
+        try:
+            value, info = run_trial(s, method, trial, space, plan0["models"], im, dev)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        study.tell(trial, value)
+        s.say(_trial_line(method, n, budget, value, info["used"], info))
+    return study
+
+
+def test_best(s: Search, method: str, study: Any) -> dict:
+    """The study's best trial on the test benchmarks (the sweep's stages and caches), its record in
+    <search dir>/<method>/best.json."""
+    best = study.best_trial
+    ov = [*s.overrides, f"method={method}", *best.user_attrs["overrides"]]
+    cfg = compose(ov)
+    plan = plan_job(cfg, ov)
+    with s.quiet():
+        saliency = saliency_stage(plan, s.ctx)
+        merged = merge_stage(plan, saliency, s.ctx)
+        ev, _ = evaluate_stage({**plan, "individual": False}, merged, s.ctx)
+    if not cfg.keep_merged:
+        shutil.rmtree(merged.dir, ignore_errors=True)
+    from optuna.trial import TrialState
+
+    rec = {"method": method, "study": study.study_name, "experiment": s.experiment,
+           "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+           "best_trial": best.number, "params": best.user_attrs["params_used"], "overrides": best.user_attrs["overrides"],
+           "dev_scores": best.user_attrs["dev_scores"], "dev_avg": best.value,
+           "test_scores": {plan["benchmarks"][t]: v for t, v in ev.scores.items()}, "test_avg": ev.avg,
+           "sampler_seed": int(s.opts["seed"]), "budget": int(s.opts["trials"])}
+    write_json(s.out / method / "best.json", rec)
+    return rec
+
+
+def save_plots(study: Any, out: Path, method: str) -> list[Path]:
+    """The study's optimisation history and parameter importances as PNGs; importances need two finished trials
+    whose parameters differ (otherwise left out, said in the table's notes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, draw in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
+        path = out / f"{method}_{kind}.png"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the plots' API
+                warnings.simplefilter("ignore", UserWarning)  # importances of too few trials
+                ax = draw(study)
+            loc = "left" if ax.get_title(loc="left") else "center"
+            ax.set_title(f"{study.study_name}: {ax.get_title(loc=loc)}", loc=loc)
+            if kind == "history":
+                ax.set_ylabel("dev avg (the objective)")
+            ax.figure.tight_layout()
+            ax.figure.savefig(path, dpi=100)
+            written.append(path)
+        except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError):
+            path.unlink(missing_ok=True)
+        finally:
+            plt.close("all")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _untuned(results: Path) -> dict[str, float]:
+    """Each method's avg in the untuned tables (Table 1, Table 3) written beside, by its label."""
+    out: dict[str, float] = {}
+    for name in ("table3.csv", "table1.csv"):  # Table 1's rows win
+        p = results / name
+        if p.is_file():
+            for row in csv.DictReader(io.StringIO(p.read_text())):
+                if row.get("avg"):
+                    out[row["model"]] = float(row["avg"])
+    return out
+
+
+def tuned_table(records: list[dict], results: Path, columns: list[str], left_out: list[str], opts: dict
+                ) -> tuple[str, str]:
+    """'Table 1, every method tuned' as markdown and CSV: each method's best parameters, its dev avg, its test
+    scores and avg, and its avg in the untuned Table 1 beside."""
+    from .tables import method_label
+
+    untuned = _untuned(results)
+    head = ["method", "best parameters", "dev avg", *columns, "avg", "untuned avg", "trials"]
+    rows = []
+    for r in records:
+        label = method_label(r["method"])
+        params = " ".join(f"{k}={v:g}" for k, v in r["params"].items())
+        rows.append([label, params, r["dev_avg"], *[r["test_scores"].get(c) for c in columns], r["test_avg"],
+                     untuned.get(label), r["trials"]])
+
+    def cell(v: Any) -> str:
+        return "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    md = [f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})", "",
+          f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
+          f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
+          "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
+          "default parameters (table1.md / table3.md).", "",
+          "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    notes = [f"Left out of the objective (no dev data, as in the real setting): {', '.join(left_out)}; their test "
+             "columns are reported, never tuned on."] if left_out else []
+    notes.append("IM retentions (obim, ties_im) drawn summing over 1 are scaled down to sum 1: the parameters shown "
+                 "are those merged.")
+    md += [""] + [f"- {n}" for n in notes] + [""]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    for row in rows:
+        w.writerow(["" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for v in row])
+    return "\n".join(md), buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The search of experiments/search.py: each method's study to its budget, its best trial on the test
+    benchmarks, then the tuned table and the plots. Returns {records, table, files}."""
+    import optuna
+
+    from .plan import plan_job as _check_job
+    from .stages import ensure_zoo
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = compose(overrides)
+    opts = plain(cfg.search)
+    check_options(opts)
+    methods = [opts["methods"]] if isinstance(opts["methods"], str) else list(opts["methods"])
+    dev = plan_dev(cfg)  # the objective's checks, before anything runs
+    from .evaluation import check_code_opt_in
+
+    check_code_opt_in(dev["tasks"], bool(cfg.eval.get("allow_code")))
+    spaces = {}
+    for m in methods:  # every method's space and job, before anything runs
+        cm = compose([*overrides, f"method={m}"])
+        spaces[m] = check_space(m, plain(cm.method).get("search"))
+        _check_job(cm, [f"method={m}"])
+    if cfg.dry_run:  # the checks only: what the search would tune on what, nothing loaded
+        say(f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
+            f"{', '.join(f'{t} ({c})' for t, c in dev['benchmarks'].items())}; left out (no dev data): "
+            f"{', '.join(dev['left_out']) or 'none'}")
+        for m, sp in spaces.items():
+            say(f"  {m}: " + ", ".join(f"{k} in [{v['low']:g}, {v['high']:g}]{' per model' if v['per_model'] else ''}"
+                                       for k, v in sp.items()))
+        return {"dry_run": True, "dev": dev, "spaces": spaces}
+    ctx = JobContext(cache=Path(str(cfg.cache_dir)), device=auto_device(str(cfg.device)),
+                     eval_device=auto_device(str(cfg.eval.device)), progress=bool(cfg.progress))
+    s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), ctx=ctx, say=say)
+    plan = plan_job(compose([*overrides, f"method={methods[0]}"]))
+    with s.quiet() if plan.get("zoo") else nullcontext():
+        ensure_zoo(plan, ctx.progress)
+    say(f"search: {len(methods)} methods x {opts['trials']} trials on {', '.join(dev['tasks'])} "
+        f"(study file {s.out / 'study.log'})")
+    t0 = time.perf_counter()
+    records, files = [], []
+    results = Path(str(cfg.results_dir)) / s.experiment
+    for m in methods:
+        study = run_study(s, m)
+        rec = test_best(s, m, study)
+        records.append(rec)
+        say(f"[{m}] best trial {rec['best_trial']}: dev avg {rec['dev_avg']:.1f}, test avg "
+            f"{'—' if rec['test_avg'] is None else format(rec['test_avg'], '.1f')} | "
+            + " ".join(f"{k}={v:g}" for k, v in rec["params"].items()))
+        files += save_plots(study, results / "search", m)
+    columns = list(dict.fromkeys(plan["benchmarks"].values()))
+    md, csv_text = tuned_table(records, results, columns, dev["left_out"], opts)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "table1_tuned.md").write_text(md)
+    (results / "table1_tuned.csv").write_text(csv_text)
+    files = [results / "table1_tuned.md", results / "table1_tuned.csv", *files]
+    wall = time.perf_counter() - t0
+    write_json(s.out / "search.json", {"records": records, "wall_s": round(wall, 1), "overrides": list(overrides),
+                                       "files": [str(f) for f in files]})
+    say(md)
+    say("written:\n" + "\n".join(f"  {f}" for f in files))
+    say(f"search: {len(methods)} studies in {int(wall // 60)}:{int(wall % 60):02d}")
+    return {"records": records, "table": md, "files": files, "wall_s": wall}
+
+
+def load_best(out: Path, method: str) -> dict | None:
+    return read_json(Path(out) / method / "best.json")

@@ -1,0 +1,45 @@
+"""Datasets and scorers of the paper's dev tasks (the search's objective on the real models; see the experiments'
+`dev_benchmarks`). A train slice starts past the first `skip` records of the permutation the saliency validation
+draw uses (obim.bench.validation.load_samples: random.Random(f"{seed}-{source}") over the split's records, in the
+order of the dataset's configs), so no dev sample is a validation sample while a model draws at most `skip`
+(obim.bench.plan.plan_dev checks it). They need the hub (not run by the tests here).
+"""
+
+from __future__ import annotations
+
+import random
+
+from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot  # noqa: F401
+
+MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus"]
+
+
+def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
+    import datasets
+
+    recs = []
+    for name in names:
+        recs += list(datasets.load_dataset(path, name, split=split))
+    order = list(range(len(recs)))
+    random.Random(f"{seed}-{source}").shuffle(order)
+    return datasets.DatasetDict({"dev": datasets.Dataset.from_list([recs[i] for i in order[skip:skip + n]])})
+
+
+def gsm8k_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
+    return _past_validation("openai/gsm8k", ["main"], "train", "gsm8k", skip, seed, n)
+
+
+def math_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
+    return _past_validation("EleutherAI/hendrycks_math", MATH_SUBJECTS, "train", "math", skip, seed, n)
+
+
+def jcqa_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
+    ds = _past_validation("Rakuten/JGLUE", ["JCommonsenseQA"], "train", "jp", skip, seed, n)
+    return ds.map(lambda d: {"choices": [d[f"choice{i}"] for i in range(5)]})
+
+
+def mbpp_pass_at_1(references, predictions):
+    from lm_eval.tasks.mbpp.utils import pass_at_1
+
+    return pass_at_1(references, predictions)

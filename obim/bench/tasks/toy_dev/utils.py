@@ -1,0 +1,22 @@
+"""The toy dev tasks' dataset and scorers: the same generators and scorers as the toy test tasks (../utils.py), drawn
+from the `dev` split (obim.bench.zoo.data splits every example 80/10/10 train/dev/test by a hash of its prompt).
+
+These files live in their own folder so that the toy test tasks' folder, whose contents key the evaluation cache
+(obim.bench.stages._tasks_fingerprint), is unchanged by them.
+"""
+
+from __future__ import annotations
+
+from obim.bench.tasks.utils import (EVAL_SEED, process_gsm8k, process_math, process_mbpp,  # noqa: F401
+                                    process_exact, process_humaneval)
+
+
+def toy_dev_dataset(task: str, n: int = 50, **_):
+    """A DatasetDict with the `dev` split of a toy task (lm-eval's custom_dataset hook)."""
+    import datasets
+
+    from obim.bench.zoo import data
+
+    make = data.SFT_TASKS[task] if task in data.SFT_TASKS else data.LANGS[task].cloze
+    records = [ex.record() for ex in data.examples(make, "dev", n, EVAL_SEED)]
+    return datasets.DatasetDict({"dev": datasets.Dataset.from_list(records)})
