@@ -14,7 +14,7 @@ from obim.merging.errors import ObimError
 
 
 def test_toy_dev_plan_leaves_out_benchmarks_without_dev_data(tmp_path):
-    from obim.bench.plan import plan_dev
+    from obim.bench.dev import plan_dev
 
     d = plan_dev(compose("experiment=toy_sft", f"experiment.zoo={tmp_path}"))
     assert d["benchmarks"] == {"toy_mmlu_dev": "mmlu", "toy_gsm8k_dev": "gsm8k", "toy_math_dev": "math",
@@ -25,7 +25,7 @@ def test_toy_dev_plan_leaves_out_benchmarks_without_dev_data(tmp_path):
 
 
 def test_dev_refused_when_it_is_the_test_split(tmp_path):
-    from obim.bench.plan import plan_dev
+    from obim.bench.dev import plan_dev
 
     with pytest.raises(ObimError, match=r"dev_benchmarks.toy_gsm8k_dev: reads split 'test' .*dev and test data "
                                         r"must be disjoint"):
@@ -38,7 +38,7 @@ def test_dev_refused_when_it_is_the_test_split(tmp_path):
 
 
 def test_dev_refused_when_it_is_the_saliency_validation_data(tmp_path):
-    from obim.bench.plan import plan_dev
+    from obim.bench.dev import plan_dev
 
     # toy: the saliency sets drawn from the dev split of the same data
     with pytest.raises(ObimError, match=r"toy_mmlu_dev: reads split 'dev' of 'mmlu', which model 'lm' draws its "

@@ -4,7 +4,7 @@ Per method one Optuna study (`<experiment>-<method>`, TPE with the same seed and
 the parameters its config declares (`search:` in conf/method/<name>.yaml, checked against the registry's
 parameters). A trial composes the sweep's config with the trial's overrides and runs the sweep's own stages
 (saliency -> merge -> evaluate, through the caches) with the experiment's dev tasks as the evaluated tasks
-(`dev_benchmarks`, obim.bench.plan.plan_dev: checked disjoint from the test benchmarks and from the saliency
+(`dev_benchmarks`, obim.bench.dev.plan_dev: checked disjoint from the test benchmarks and from the saliency
 samples); its value is their mean score. When a study has its trials, its best trial is evaluated on the test
 benchmarks, and the tuned table is written beside the untuned Table 1 (results/<experiment>/table1_tuned.md|csv)
 with each study's optimisation history and parameter importances (PNG).
@@ -28,7 +28,8 @@ from obim.merging.errors import ObimError
 from obim.merging.staging import atomic_write_file
 
 from .cache import read_json, write_json
-from .plan import auto_device, plain, plan_dev, plan_job
+from .dev import plan_dev
+from .plan import auto_device, plain, plan_job
 from .search_report import save_plots, tuned_table
 from .stages import JobContext, evaluate_stage, fault, merge_stage, saliency_stage
 
@@ -275,7 +276,8 @@ def test_best(s: Search, method: str, study: Any) -> dict:
 
     rec = {"method": method, "study": study.study_name, "experiment": s.experiment,
            "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-           "best_trial": best.number, "params": best.user_attrs["params_used"], "overrides": best.user_attrs["overrides"],
+           "best_trial": best.number, "params": best.user_attrs["params_used"],
+           "overrides": best.user_attrs["overrides"],
            "dev_scores": best.user_attrs["dev_scores"], "dev_avg": best.value,
            "test_scores": {plan["benchmarks"][t]: v for t, v in ev.scores.items()}, "test_avg": ev.avg,
            "sampler_seed": int(s.opts["seed"]), "budget": int(s.opts["trials"])}

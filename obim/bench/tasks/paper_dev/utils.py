@@ -2,7 +2,7 @@
 `dev_benchmarks`). A train slice starts past the first `skip` records of the permutation the saliency validation
 draw uses (obim.bench.validation.load_samples: random.Random(f"{seed}-{source}") over the split's records, in the
 order of the dataset's configs), so no dev sample is a validation sample while a model draws at most `skip`
-(obim.bench.plan.plan_dev checks it). They need the hub (not run by the tests here).
+(obim.bench.dev.plan_dev checks it). They need the hub (not run by the tests here).
 """
 
 from __future__ import annotations
