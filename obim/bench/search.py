@@ -177,20 +177,27 @@ def _trial_line(method: str, n: int, total: int, value: float, used: dict, info:
             f"eval {info['eval_s']:.1f} s{cached}")
 
 
+def merge_and_evaluate(s: Search, method: str, overrides: list[str], evaluate: dict[str, Any]
+                       ) -> tuple[Any, dict, Any, Any]:
+    """The sweep's stages for `method` with these overrides on the search's: saliency -> merge -> evaluate (the
+    plan's tasks, or what `evaluate` puts in their place), the merged model alone; (config, plan, merged, scores)."""
+    ov = [*s.overrides, f"method={method}", *overrides]
+    cfg = compose(ov)
+    plan = plan_job(cfg, ov)
+    with s.quiet():
+        saliency = saliency_stage(plan, s.ctx)
+        merged = merge_stage(plan, saliency, s.ctx)
+        ev, _ = evaluate_stage({**plan, **evaluate, "individual": False}, merged, s.ctx)
+    return cfg, plan, merged, ev
+
+
 def run_trial(s: Search, method: str, trial: Any, space: dict, models: list[str], im: bool, dev: dict
               ) -> tuple[float, dict]:
     overrides, used = suggest(trial, space, models, im)
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("params_used", used)
-    ov = [*s.overrides, f"method={method}", *overrides]
-    cfg = compose(ov)
-    plan = plan_job(cfg, ov)
     t0 = time.perf_counter()
-    with s.quiet():
-        saliency = saliency_stage(plan, s.ctx)
-        merged = merge_stage(plan, saliency, s.ctx)
-        ev, _ = evaluate_stage({**plan, "tasks": dev["tasks"], "eval": dev["eval"], "individual": False}, merged,
-                               s.ctx)
+    cfg, _, merged, ev = merge_and_evaluate(s, method, overrides, {"tasks": dev["tasks"], "eval": dev["eval"]})
     fault(f"trial-{trial.number}")  # the resume tests: OBIM_FAIL_AFTER=trial-1 fails the second trial
     if not cfg.keep_merged:
         shutil.rmtree(merged.dir, ignore_errors=True)
@@ -263,13 +270,7 @@ def test_best(s: Search, method: str, study: Any) -> dict:
     """The study's best trial on the test benchmarks (the sweep's stages and caches), its record in
     <search dir>/<method>/best.json."""
     best = study.best_trial
-    ov = [*s.overrides, f"method={method}", *best.user_attrs["overrides"]]
-    cfg = compose(ov)
-    plan = plan_job(cfg, ov)
-    with s.quiet():
-        saliency = saliency_stage(plan, s.ctx)
-        merged = merge_stage(plan, saliency, s.ctx)
-        ev, _ = evaluate_stage({**plan, "individual": False}, merged, s.ctx)
+    cfg, plan, merged, ev = merge_and_evaluate(s, method, best.user_attrs["overrides"], {})
     if not cfg.keep_merged:
         shutil.rmtree(merged.dir, ignore_errors=True)
     from optuna.trial import TrialState
@@ -293,7 +294,6 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
     benchmarks, then the tuned table and the plots. Returns {records, table, files}."""
     import optuna
 
-    from .plan import plan_job as _check_job
     from .stages import ensure_zoo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -309,7 +309,7 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
     for m in methods:  # every method's space and job, before anything runs
         cm = compose([*overrides, f"method={m}"])
         spaces[m] = check_space(m, plain(cm.method).get("search"))
-        _check_job(cm, [f"method={m}"])
+        plan_job(cm, [f"method={m}"])
     if cfg.dry_run:  # the checks only: what the search would tune on what, nothing loaded
         say(f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
             f"{', '.join(f'{t} ({c})' for t, c in dev['benchmarks'].items())}; left out (no dev data): "

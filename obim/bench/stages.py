@@ -111,8 +111,8 @@ def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> d
 
 
 def _tasks_fingerprint(tasks: list[str]) -> str:
-    """The contents of obim's task folders that define any of `tasks` (the toy tasks, obim/bench/tasks/paper): editing
-    a task re-evaluates; tasks lm-eval ships are covered by its version."""
+    """The contents of obim's task folders that define any of `tasks` (the toy tasks, obim/bench/tasks/paper):
+    editing a task re-evaluates; tasks lm-eval ships are covered by its version."""
     from .evaluation import tasks_dir
 
     root = Path(tasks_dir())
@@ -276,11 +276,15 @@ def judge_pending(result: dict) -> bool:
     return missing and judge_configured()
 
 
+def input_paths(plan: dict) -> dict[str, str]:
+    """Every model the job reads, by name: the base first, then the merged models in order."""
+    return {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+
+
 def input_fingerprints(plan: dict) -> dict[str, str]:
-    """The fingerprint of every model the job reads (obim.bench.cache.model_fingerprint): a result is reused only for
-    the same weights, not only the same paths (a retrained expert, a zoo rebuilt by a new recipe)."""
-    paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
-    return {name: model_fingerprint(path) for name, path in paths.items()}
+    """The fingerprint of every model the job reads (obim.bench.cache.model_fingerprint): a result is reused only
+    for the same weights, not only the same paths (a retrained expert, a zoo rebuilt by a new recipe)."""
+    return {name: model_fingerprint(path) for name, path in input_paths(plan).items()}
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -302,9 +306,7 @@ def merge_stage(plan: dict, saliency: dict[str, Saliency], ctx: JobContext) -> M
     status("merge", "merge")
     cfg = {**plan["merge"], "models": [{**m, "hdiag": saliency[m["name"]].hdiag} if m["name"] in saliency else m
                                        for m in plan["merge"]["models"]]}
-    info = cached_merge(ctx.cache, cfg, ctx.device, ctx.progress)
-    return Merged(dir=info["dir"], cached=info["cached"], merge_s=info["merge_s"], tensors=info["tensors"],
-                  bytes=info["bytes"])
+    return Merged(**cached_merge(ctx.cache, cfg, ctx.device, ctx.progress))
 
 
 def _evaluated(rec: dict) -> Evaluated:
@@ -319,8 +321,7 @@ def evaluate_stage(plan: dict, merged: Merged, ctx: JobContext) -> tuple[Evaluat
                                 plan["allow_code"]))
     individual = {}
     if plan["individual"]:
-        for name, path in [("base", plan["merge"]["base_model"])] + [(m["name"], m["path"])
-                                                                      for m in plan["merge"]["models"]]:
+        for name, path in input_paths(plan).items():
             status(f"eval of {name}", "eval")
             individual[name] = _evaluated(cached_eval(ctx.cache, path, plan["tasks"], plan["eval"],
                                                       ctx.eval_device, plan["allow_code"]))

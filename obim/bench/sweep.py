@@ -12,15 +12,16 @@ from typing import Any
 
 from .cache import read_json, write_json
 from .joblog import status
-from .plan import plain, auto_device, plan_hash, plan_job
+from .plan import auto_device, plain, plan_hash, plan_job
 from .stages import (RESULT_SCHEMA, JobContext, JobResult, PeakMemory, check_tasks, cost_report, ensure_zoo,
-                     evaluate_stage, fault, input_fingerprints, judge_pending, merge_stage, saliency_stage, where_is)
+                     evaluate_stage, fault, input_fingerprints, input_paths, judge_pending, merge_stage,
+                     saliency_stage, where_is)
 
 
 def dry_run(plan: dict, h: str, job_dir: Path) -> dict:
     """Write plan.json (the merge config and the tasks, where each model is found) and say what would run."""
     check_tasks(plan["tasks"])
-    paths = {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+    paths = input_paths(plan)
     where = {n: where_is(p) for n, p in paths.items()}
     write_json(job_dir / "plan.json", {"config_hash": h, **plan, "paths": where})
     summary = f"{plan['method']} of {', '.join(plan['models'])} -> {len(plan['tasks'])} tasks"

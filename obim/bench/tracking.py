@@ -28,25 +28,45 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
-def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str, Any]) -> str | None:
-    """Log one job's resolved config, scores, timings and a results table; returns the run directory."""
-    if tracking.get("backend", "none") == "none":
-        return None
-    if tracking["backend"] != "wandb":
+def _wandb_on(tracking: dict[str, Any]) -> bool:
+    """Whether runs go to W&B (`tracking.backend: wandb`); `none` turns tracking off; anything else is an error."""
+    backend = tracking.get("backend", "none")
+    if backend not in ("wandb", "none"):
         from obim.merging.errors import ObimError
 
-        raise ObimError(f"tracking.backend: expected wandb or none, got {tracking['backend']!r}")
+        raise ObimError(f"tracking.backend: expected wandb or none, got {backend!r}")
+    return backend == "wandb"
+
+
+@contextmanager
+def _wandb_run(tracking: dict[str, Any], run_dir: Path, *, name: str, job_type: str, group: str | None,
+               config: dict[str, Any] | None = None, reinit: str | None = "create_new") -> Iterator[Any]:
+    """A W&B run under run_dir, in tracking's project, quiet, in the mode wandb_mode picks; finished on exit."""
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=group, name=name,
+        job_type=job_type, tags=list(tracking.get("tags") or []), config=config, dir=str(run_dir),
+        mode=wandb_mode(tracking.get("mode")), reinit=reinit,
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
+    try:
+        yield run
+    finally:
+        run.finish()
+
+
+def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str, Any]) -> str | None:
+    """Log one job's resolved config, scores, timings and a results table; returns the run directory."""
+    if not _wandb_on(tracking):
+        return None
     import wandb
 
     plan = result["plan"]
     names = plan["benchmarks"]
-    run = wandb.init(
-        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=tracking.get("group"),
-        name=name or plan["method"], job_type=plan["method"], tags=list(tracking.get("tags") or []),
-        config=result["config"], dir=str(job_dir), mode=wandb_mode(tracking.get("mode")), reinit="create_new",
-        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-    )
-    try:
+    with _wandb_run(tracking, job_dir, name=name or plan["method"], job_type=plan["method"],
+                    group=tracking.get("group"), config=result["config"]) as run:
         # a missing score (an unjudged AlpacaEval) is left out of the metrics, never logged as a number
         metrics = {f"score/{names.get(t, t)}": v for t, v in result["scores"].items() if v is not None}
         if result["avg"] is not None:
@@ -62,56 +82,28 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
         metrics["results"] = wandb.Table(columns=cols, data=rows)
         run.log(metrics)
         run.summary.update({k: v for k, v in metrics.items() if k != "results"})
-        run_dir = str(Path(run.dir).parent)
-    finally:
-        run.finish()
-    return run_dir
+        return str(Path(run.dir).parent)
 
 
 def log_trial(tracking: dict[str, Any], run_dir: Path, name: str, group: str, config: dict[str, Any],
               metrics: dict[str, Any]) -> str | None:
     """One search trial (obim.bench.search) as a W&B run in its study's group: its parameters as config, its dev
     scores and timings as metrics; returns the run directory (None when tracking is off)."""
-    if tracking.get("backend", "none") == "none":
+    if not _wandb_on(tracking):
         return None
-    if tracking["backend"] != "wandb":
-        from obim.merging.errors import ObimError
-
-        raise ObimError(f"tracking.backend: expected wandb or none, got {tracking['backend']!r}")
-    import wandb
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=group, name=name,
-        job_type="search-trial", tags=list(tracking.get("tags") or []), config=config, dir=str(run_dir),
-        mode=wandb_mode(tracking.get("mode")), reinit="create_new",
-        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-    )
-    try:
+    with _wandb_run(tracking, run_dir, name=name, job_type="search-trial", group=group, config=config) as run:
         run.log(metrics)
         run.summary.update(metrics)
-        out = str(Path(run.dir).parent)
-    finally:
-        run.finish()
-    return out
+        return str(Path(run.dir).parent)
 
 
 @contextmanager
 def tables_run(tracking: dict[str, Any], run_dir: Path, name: str) -> Iterator[None]:
-    """A W&B run around the sweep's tables (obim.bench.tables.write_tables logs them and their plots to the active run),
-    in the sweep's group; nothing when tracking is off."""
+    """A W&B run around the sweep's tables (obim.bench.tables.write_tables logs them and their plots to the active
+    run), in the sweep's group; nothing when tracking is off."""
     if tracking.get("backend", "none") != "wandb":
         yield
         return
-    import wandb
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=tracking.get("group"),
-        name=name, job_type="tables", tags=list(tracking.get("tags") or []), dir=str(run_dir),
-        mode=wandb_mode(tracking.get("mode")),  # not create_new: it is wandb.run, where write_tables logs
-        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
-    try:
+    # not create_new: it is wandb.run, where write_tables logs
+    with _wandb_run(tracking, run_dir, name=name, job_type="tables", group=tracking.get("group"), reinit=None):
         yield
-    finally:
-        run.finish()
