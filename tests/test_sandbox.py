@@ -4,6 +4,7 @@ item would PASS if the escape worked: the toy scorer must score it failed, and t
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import socket
@@ -29,7 +30,7 @@ def mode(request, monkeypatch):
     """Code execution opted in, and the scorer's sandbox with bubblewrap (where it works here) or without."""
     use_bwrap = request.param == "bwrap"
     if use_bwrap and not sandbox.isolation(True).startswith("bwrap"):
-        pytest.skip("bubblewrap is not installed or does not work here")
+        pytest.skip(sandbox.without_bwrap())
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     monkeypatch.setattr(sandbox, "run", functools.partial(sandbox.run, bwrap=use_bwrap))
     return request.param
@@ -187,3 +188,57 @@ def test_code_tasks_and_opt_in(monkeypatch):
         evaluate_model("/nonexistent", ["toy_mbpp"])
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     check_code_opt_in(["toy_gsm8k", "toy_humaneval"], False)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_sweep_console_names_the_sandbox_layers_once(installed, tmp_path, monkeypatch):
+    """A sweep's first evaluation of code prints the sandbox's layers once, and warns when bubblewrap is missing."""
+    from obim.bench import evaluation, joblog
+    from obim.bench.console import Live
+    from obim.bench.joblog import events_dir, job_session
+
+    if installed and not sandbox.isolation().startswith("bwrap"):
+        pytest.skip(sandbox.without_bwrap())
+    if not installed:
+        monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it (the sandbox's children get their own PATH)
+    sandbox._setup.cache_clear()
+    monkeypatch.setattr(evaluation, "_announced", set())
+    monkeypatch.setattr(joblog, "job_log_path", lambda job_dir: job_dir / "sweep.log")  # not pytest's log file
+    inbox = events_dir(tmp_path)
+    inbox.mkdir()
+    out, err = io.StringIO(), io.StringIO()
+    live = Live(tmp_path, None, verbose=False, out=out, err=err)
+    try:
+        for job in ("a", "b"):  # two quiet jobs of one sweep in this process: each evaluates code twice
+            with job_session(tmp_path / job, job, [], tmp_path, verbose=False):
+                for _ in range(2):  # said before the model loads: a missing one is enough here
+                    with pytest.raises(OSError):
+                        evaluation.evaluate_model(tmp_path / "no-model", ["toy_gsm8k", "toy_humaneval", "toy_mbpp"],
+                                                  allow_code=True)
+        live.poll()
+        expected = sandbox.describe()
+    finally:
+        sandbox._setup.cache_clear()  # the next tests probe this machine again
+    lines = out.getvalue().splitlines()
+    warned = err.getvalue().splitlines()
+    assert lines == [expected] and lines[0].startswith("code sandbox: ") and "rlimits (" in lines[0]
+    if installed:
+        assert "bubblewrap (read-only filesystem, " in lines[0] and "no network" in lines[0]
+        assert warned == []
+    else:
+        assert "bubblewrap" not in lines[0]
+        assert len(warned) == 1 and warned[0].startswith(
+            "warning: the code sandbox runs without bubblewrap (bwrap is not installed): no read-only filesystem, "
+            "no network isolation; install it as root: apt-get install bubblewrap"), warned
+    assert "code sandbox: " in (tmp_path / "a" / "sweep.log").read_text()  # the job's log has it too
+
+
+def test_code_outside_the_sandbox_is_named(monkeypatch, capsys):
+    """lm-eval's own code tasks run through its code_eval: a warning names them instead (once)."""
+    from obim.bench import evaluation
+
+    monkeypatch.setattr(evaluation, "_announced", set())
+    for _ in range(2):
+        evaluation.announce_code_execution(["humaneval", "toy_gsm8k"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: humaneval executes generated code through lm-eval's code_eval, outside obim's code sandbox"]

@@ -1,8 +1,8 @@
-"""What a sweep prints: a progress bar over its jobs, one line per finished job, and at the end the sweep's main
-table, the files written and where the W&B runs are. `SweepConsole` is the Hydra callback (conf/sweep.yaml) that
-does it; jobs report to it through event files (obim.bench.joblog), so it works whether Hydra runs them in this process
-(the basic launcher), in joblib workers or on Slurm nodes. The libraries' logs stay in each job's log file unless
-`verbose=true`."""
+"""What a sweep prints: a progress bar over its jobs, one line per finished job (before the first that executes
+generated code, once, the code sandbox's layers), and at the end the sweep's main table, the files written and where the
+W&B runs are. `SweepConsole` is the Hydra callback (conf/sweep.yaml) that does it; jobs report to it through event files
+(obim.bench.joblog), so it works whether Hydra runs them in this process (the basic launcher), in joblib workers or on
+Slurm nodes. The libraries' logs stay in each job's log file unless `verbose=true`."""
 
 from __future__ import annotations
 
@@ -136,6 +136,7 @@ class Live:
         self.done: list[dict] = []
         self.now: dict[str, str] = {}  # running job -> what it is doing
         self.warned: set[tuple[str, str]] = set()
+        self.noted: set[str] = set()
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -187,6 +188,10 @@ class Live:
             self.now[self.label(ev)] = ev.get("text", "starting")
             if ev.get("stage") == "zoo" and not self.tty:  # minutes without a job line: say why
                 self.print(f"{self.label(ev)}: {ev['text']}")
+        elif kind == "note":  # set-up every job reports (the code sandbox's layers): once per sweep
+            if ev.get("text") not in self.noted:
+                self.noted.add(ev.get("text"))
+                self.print(str(ev.get("text")))
         elif kind == "warning":
             key = (ev.get("level", ""), ev.get("text", ""))
             if key not in self.warned:

@@ -122,6 +122,54 @@ def check_code_opt_in(tasks: list[str], allow_code: bool = False) -> None:
                         "with eval.allow_code=true (or HF_ALLOW_CODE_EVAL=1 in the environment)")
 
 
+_announced: set[str] = set()  # what this process has said about code execution: "sandbox", and task names
+
+
+def announce_code_execution(tasks: list[str]) -> None:
+    """Before an evaluation that executes generated code, once per process: the layers of obim's code sandbox (obim's
+    code tasks run in it), a warning when bubblewrap is missing there, and one naming lm-eval's own code tasks,
+    which execute outside it (through lm-eval's code_eval)."""
+    from . import joblog, sandbox
+
+    index, ours = task_manager().task_index, os.path.realpath(tasks_dir()) + os.sep
+    sandboxed, outside = False, []
+    for t in code_tasks(tasks):
+        # per code-executing subtask: scored by one of obim's process_results (obim/bench/tasks/), in the sandbox
+        in_sandbox = [os.path.realpath(str(c.get("process_results", ""))).startswith(ours)
+                      for c in _leaves(index, t, set()) if c.get("unsafe_code")]
+        sandboxed |= any(in_sandbox)
+        if not in_sandbox or not all(in_sandbox):
+            outside.append(t)
+    if sandboxed and "sandbox" not in _announced:
+        _announced.add("sandbox")
+        joblog.note(sandbox.describe(), logger="obim.bench.sandbox")
+        if problem := sandbox.without_bwrap():
+            joblog.note(problem, warning=True, logger="obim.bench.sandbox")
+    if outside := [t for t in outside if t not in _announced]:
+        _announced.update(outside)
+        joblog.note(f"{', '.join(outside)} execute{'s' * (len(outside) == 1)} generated code through lm-eval's "
+                    "code_eval, outside obim's code sandbox", warning=True, logger="obim.bench.sandbox")
+
+
+def _leaves(index: dict, name: str, seen: set[str]):
+    """The configs of the tasks `name` (a task, group or tag) runs."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return
+    seen.add(name)
+    if entry.kind.name == "TAG":
+        for t in sorted(entry.tags):
+            yield from _leaves(index, t, seen)
+    elif entry.kind.name == "GROUP":
+        members = (entry.cfg or {}).get("task") or []
+        for item in members if isinstance(members, list) else [members]:
+            ref = item.get("group", item.get("task")) if isinstance(item, dict) else item
+            if isinstance(ref, str):
+                yield from _leaves(index, ref, seen)
+    else:
+        yield entry.cfg or {}
+
+
 def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", batch_size: int | str = 32,
                    limit: int | None = None, device: str = "cpu", model_args: dict[str, Any] | str | None = None,
                    num_fewshot: dict[str, int] | None = None, outputs_dir: str | Path | None = None,
@@ -135,6 +183,8 @@ def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "h
     if backend not in ("hf", "vllm"):
         raise ObimError(f"eval backend: expected hf or vllm, got {backend!r}")
     check_code_opt_in(tasks, allow_code)
+    if code_allowed(allow_code):
+        announce_code_execution(tasks)
     req = {"model_dir": str(model_dir), "tasks": list(tasks), "backend": backend, "batch_size": batch_size,
            "limit": limit, "device": device, "model_args": model_args, "num_fewshot": num_fewshot or {},
            "outputs_dir": str(outputs_dir) if outputs_dir else None, "allow_code": code_allowed(allow_code)}

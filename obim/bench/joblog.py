@@ -172,6 +172,14 @@ class JobSession:
             with os.fdopen(os.dup(self._console_fd), "w") as f:
                 f.write(f"{rec['level']}: {rec['text']} ({rec['logger']}; {rec['log']})\n")
 
+    def note(self, text: str, logger: str = "obim.bench.sweep") -> None:
+        logging.getLogger(logger).info(text)
+        if self.channel is not None:
+            emit(self.channel, "note", name=self.name, text=text)
+        elif self._console_fd != 2:  # a quiet run without a console process: fd 2 is the log file
+            with os.fdopen(os.dup(self._console_fd), "w") as f:
+                f.write(text + "\n")
+
     def outcome(self, status: str, **fields: Any) -> dict[str, Any]:
         self._close_stage()
         return {"status": status, "name": self.name, "overrides": self.overrides, "log": str(self.log),
@@ -233,6 +241,17 @@ def job_session(job_dir: str | Path, name: str, overrides: list[str], sweep_dir:
             os.close(console_fd)
     finally:
         _current = None
+
+
+def note(text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> None:
+    """A line about this process's set-up for the console (the sweep's console prints each text once), e.g. the code
+    sandbox's layers; a warning is logged as one (a quiet job relays it). Outside a sweep job: stderr."""
+    if _current is None:
+        print(f"warning: {text}" if warning else text, file=sys.stderr, flush=True)
+    elif warning:
+        logging.getLogger(logger).warning(text)
+    else:
+        _current.note(text, logger)
 
 
 def status(text: str, stage: str | None = None) -> None:

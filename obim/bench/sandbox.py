@@ -1,7 +1,8 @@
 """Run untrusted Python (a benchmark's model-generated code plus its unit tests) in a separate, confined process.
 
 `run(program, timeout)` passes when the program exits normally within the time limit. Layers, each used where
-this machine allows it (`isolation()` names the active ones):
+this machine allows it (`isolation()` names the active ones, `describe()` says them in words for the console, and
+`without_bwrap()` why bubblewrap is not among them):
 - `bwrap` (bubblewrap, when installed and working): read-only /, private /tmp, /dev and /proc, no network, own
   pid/ipc/uts namespaces; only the work dir is writable; dies with its parent;
 - `nobody`: when we run as root, the child drops to nobody (uid/gid 65534, no groups) before the program runs, so
@@ -35,6 +36,7 @@ from typing import NamedTuple
 MEMORY = 1 << 30  # RLIMIT_AS
 FILE_SIZE = 16 << 20  # RLIMIT_FSIZE
 NOBODY = 65534
+NOT_INSTALLED = "bwrap is not installed"
 
 # Runs in the child (any Python 3.8+, `-I -S -B`): drop root, limits, the audit hook, then the program. Everything
 # the hook uses is bound in closures up front: the program may rebind module attributes and builtins, which must
@@ -203,10 +205,19 @@ class _Setup(NamedTuple):
     uid: int | None  # the program runs as this uid/gid (root drops to nobody)
     gid: int | None
     bwrap: str | None
+    no_bwrap: str | None = None  # why bubblewrap is not used, when it was wanted
 
     def isolation(self) -> str:
         return "+".join(([] if self.bwrap is None else ["bwrap"]) + ([] if self.uid is None else ["nobody"])
                         + ["rlimits", "audit-hook", "pgroup"])
+
+    def describe(self) -> str:
+        layers = [] if self.bwrap is None else [
+            "bubblewrap (read-only filesystem, private /tmp, /dev and /proc, no network, own pid/ipc/uts namespaces)"]
+        layers += [] if self.uid is None else ["runs as nobody"]
+        layers += [f"rlimits (CPU time, {MEMORY >> 30} GiB memory, {FILE_SIZE >> 20} MiB files, no new processes)",
+                   "audit hook", "own process group, killed at the timeout"]
+        return "code sandbox: " + ", ".join(layers)
 
 
 def run(program: str, timeout: float = 3.0, *, bwrap: bool = True) -> Result:
@@ -218,6 +229,22 @@ def run(program: str, timeout: float = 3.0, *, bwrap: bool = True) -> Result:
 def isolation(bwrap: bool = True) -> str:
     """The layers `run` uses on this machine, e.g. 'bwrap+nobody+rlimits+audit-hook+pgroup'."""
     return _setup(bwrap).isolation()
+
+
+def describe() -> str:
+    """One line for the console: the layers `run` applies here, in words."""
+    return _setup(True).describe()
+
+
+def without_bwrap() -> str | None:
+    """None when `run` uses bubblewrap here; else one line: why not, and what that leaves out."""
+    why = _setup(True).no_bwrap
+    if why is None:
+        return None
+    fix = "install it as root: apt-get install bubblewrap, or make install-sandbox" if why == NOT_INSTALLED \
+        else "bwrap needs to create namespaces (a container may forbid it)" if os.geteuid() == 0 \
+        else "bwrap needs unprivileged user namespaces, or root"
+    return f"the code sandbox runs without bubblewrap ({why}): no read-only filesystem, no network isolation; {fix}"
 
 
 def _limits(timeout: float) -> str:
@@ -299,11 +326,15 @@ assert open("probe.txt").read() == "ok" and math.sqrt(4) == 2
 """
 
 
-def _works(s: _Setup) -> bool:
+def _try(s: _Setup) -> Result:
     try:
-        return _run(s, _PROBE + ("assert os.getuid() != 0\n" if s.uid is not None else ""), 10.0).passed
-    except OSError:
-        return False
+        return _run(s, _PROBE + ("assert os.getuid() != 0\n" if s.uid is not None else ""), 10.0)
+    except OSError as e:
+        return Result(False, f"{type(e).__name__}: {e}")
+
+
+def _works(s: _Setup) -> bool:
+    return _try(s).passed
 
 
 @functools.cache
@@ -321,6 +352,12 @@ def _setup(bwrap: bool) -> _Setup:
                     python, uid = p, NOBODY
                     break
     gid = None if uid is None else NOBODY
-    if bwrap and (exe := shutil.which("bwrap")) and _works(trial := _Setup(python, uid, gid, exe)):
+    if not bwrap:
+        return _Setup(python, uid, gid, None)
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return _Setup(python, uid, gid, None, NOT_INSTALLED)
+    tried = _try(trial := _Setup(python, uid, gid, exe))
+    if tried.passed:
         return trial
-    return _Setup(python, uid, gid, None)
+    return _Setup(python, uid, gid, None, f"bwrap fails here: {tried.reason}")

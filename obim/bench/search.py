@@ -302,7 +302,7 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
     check_options(opts)
     methods = [opts["methods"]] if isinstance(opts["methods"], str) else list(opts["methods"])
     dev = plan_dev(cfg)  # the objective's checks, before anything runs
-    from .evaluation import check_code_opt_in
+    from .evaluation import announce_code_execution, check_code_opt_in, code_allowed
 
     check_code_opt_in(dev["tasks"], bool(cfg.eval.get("allow_code")))
     spaces = {}
@@ -322,6 +322,8 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
                      eval_device=auto_device(str(cfg.eval.device)), progress=bool(cfg.progress))
     s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), ctx=ctx, say=say)
     plan = plan_job(compose([*overrides, f"method={methods[0]}"]))
+    if code_allowed(bool(cfg.eval.get("allow_code"))):  # now, on the console: the evaluations write to search.log
+        announce_code_execution([*dev["tasks"], *plan["tasks"]])
     with s.quiet() if plan.get("zoo") else nullcontext():
         ensure_zoo(plan, ctx.progress)
     say(f"search: {len(methods)} methods x {opts['trials']} trials on {', '.join(dev['tasks'])} "
