@@ -12,8 +12,9 @@ import hashlib
 import json
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,7 @@ from .staging import atomic_write_file
 from .checks import device_check, require
 from .context import TensorContext
 from .errors import ObimError
+from .safeio import check_regular
 
 Score = Callable[[torch.Tensor, int, TensorContext], torch.Tensor]
 
@@ -45,8 +47,7 @@ def saliency(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
 def load_hdiag(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(statistics, metadata) of an hdiag file, every vector checked 1-D, finite and non-negative."""
     path = Path(path)
-    if not path.is_file():
-        raise ObimError(f"{path}: hdiag file not found")
+    check_regular(path, "hdiag file")
     try:
         with safe_open(str(path), framework="pt") as f:
             out = {k: f.get_tensor(k) for k in f.keys()}
@@ -107,10 +108,48 @@ def check_hdiag(hdiag: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Chec
         if len(info.shape) != 2 or info.shape[1] != vec.numel():
             raise ObimError(f"{source}: hdiag tensor {name} has length {vec.numel()}, but the model's weight "
                             f"has shape {list(info.shape)} (expected length = its input dimension)")
-    missing = [n for n in expected_hdiag(ckpt) if n not in hdiag]
+    unrouted = set(unrouted_weights(meta, ckpt, source))
+    missing = [n for n in expected_hdiag(ckpt) if n not in hdiag and n not in unrouted]
     if missing:
         raise ObimError(f"{source}: hdiag covers {len(hdiag)} linear weights of model '{ckpt.spec}'; missing "
                         f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def unrouted_weights(meta: dict[str, str], ckpt: Checkpoint, source: str) -> list[str]:
+    """The linear weights the file records as reached by no validation token (MoE experts the router never chose):
+    absent from the file by design, scored at random by a merge. Each must be a 2-D tensor of the model."""
+    try:
+        names = json.loads(meta.get("unrouted", "[]"))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ObimError(f"{source}: hdiag metadata `unrouted` is not a JSON list of tensor names")
+    bad = [n for n in names if n not in ckpt.tensors or len(ckpt.tensors[n].shape) != 2]
+    if bad:
+        raise ObimError(f"{source}: hdiag metadata `unrouted` names {bad[0]}, not a linear weight of model "
+                        f"'{ckpt.spec}'")
+    return names
+
+
+def describe_unrouted(names: Sequence[str], first: int = 3) -> str:
+    """'N linear weights got no validation tokens (a, b, c and K more)': the console's one-line warning."""
+    shown = ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
+    return (f"{len(names)} linear weights got no validation tokens (never called, e.g. MoE experts the router never "
+            f"chose): {shown}; a merge scores them at random, as tensors without statistics")
+
+
+def is_hdiag_file(path: Path) -> bool:
+    """A regular safetensors file whose header says obim-saliency wrote it (a model fingerprint, 1-D tensors): the
+    only existing file obim-saliency replaces."""
+    from .checkpoint import read_safetensors_header
+
+    if not path.is_file():  # a FIFO or device would block or never end
+        return False
+    try:
+        meta, infos = read_safetensors_header(path)
+    except ObimError:
+        return False
+    return "model_fingerprint" in meta and all(len(t.shape) == 1 for t in infos.values())
 
 
 def save_hdiag(hdiag: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -121,13 +160,47 @@ def save_hdiag(hdiag: dict[str, torch.Tensor], path: str | Path, metadata: dict[
 # ------------------------------------------------------------------------------------------ computing it
 
 
+LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 def _dtype(name: str | None) -> torch.dtype | str:
     if name in (None, "auto"):
         return "auto"
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ObimError(f"dtype: unknown torch dtype '{name}'")
-    return dt
+    if name not in LOAD_DTYPES:  # an integer or float8 load runs the model on garbage, or not at all
+        raise ObimError(f"dtype: expected one of {', '.join(LOAD_DTYPES)} to load the model in, got {name!r}")
+    return getattr(torch, name)
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """With `enabled` False, transformers' and huggingface_hub's own bars ("Loading weights") are off for the block,
+    and as they were afterwards."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled(), are_progress_bars_disabled()
+    tlog.disable_progress_bar()  # the hub's too
+    try:
+        yield
+    finally:
+        (tlog.enable_progress_bar if was[0] else tlog.disable_progress_bar)()
+        (disable_progress_bars if was[1] else enable_progress_bars)()
+
+
+def _load(what: str, path: Path, load):
+    """transformers' loaders raise anything (ValueError, OSError, KeyError, TypeError...) on a corrupt model:
+    one line naming the directory instead."""
+    try:
+        return load()
+    except ObimError:
+        raise
+    except Exception as e:
+        why = " ".join(str(e).split())
+        why = why if len(why) <= 300 else why[:297] + "..."
+        raise ObimError(f"{path}: cannot load the {what} with transformers ({type(e).__name__}: {why})") from None
 
 
 def compute_hdiag(
@@ -144,10 +217,9 @@ def compute_hdiag(
     """Run `model` (a directory or hub id) forward over `texts` and return (hdiag, metadata).
 
     The model is loaded once, in `dtype` (None: its own), on `device`; statistics accumulate in float64.
+    Linear weights no token reached (MoE experts never routed) have no statistics and are listed in
+    metadata["unrouted"]. With `progress` False nothing is printed, transformers' own bars included.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .checkpoint import open_checkpoint, resolve_model_dir
 
     require("device", device, device_check)
@@ -155,34 +227,61 @@ def compute_hdiag(
         raise ObimError(f"validation set {source or '(texts)'} is empty: saliency needs at least one sample")
     if max_length < 1 or batch_size < 1:
         raise ObimError("max_length and batch_size must be positive")
+    load_dtype = _dtype(dtype)
     path = resolve_model_dir(model)
+    fingerprint = open_checkpoint(str(path)).fingerprint()  # config.json and every weight header checked first
+    with _progress_bars(progress):
+        return _compute(path, model, texts, fingerprint, max_length=max_length, batch_size=batch_size,
+                        device=device, load_dtype=load_dtype, progress=progress, source=source)
+
+
+def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, max_length: int, batch_size: int,
+             device: str, load_dtype: torch.dtype | str, progress: bool, source: str
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     dev = torch.device(device)
-    tok = AutoTokenizer.from_pretrained(path)
+    config = _load("model's config", path, lambda: AutoConfig.from_pretrained(path))
+    tok = _load("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
+
+    def load(**kw):
+        net, info = _load("model", path, lambda: AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=load_dtype, output_loading_info=True, **kw))
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers initializes them at random: statistics of a model that is not this one
+            raise ObimError(f"{path}: the checkpoint lacks {missing[0]}"
+                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                            + f" of its {type(net).__name__} architecture")
+        return net.eval()
+
     if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
         # a model larger than one GPU (the paper: 13B on 2 GPUs): layers spread over all of them (accelerate)
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), device_map="auto").eval()
+        net = load(device_map="auto")
         dev = net.get_input_embeddings().weight.device
     else:
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).to(dev).eval()
+        net = load().to(dev)
 
     sums: dict[str, torch.Tensor] = {}
-    state: dict = {"mask": None, "last": (None, None)}
+    state: dict = {"mask": None, "last": (None, None, 0)}
 
     def hook_for(wname: str):
         def hook(module, args):
             x = args[0]
-            last_x, acc = state["last"]
+            last_x, acc, n = state["last"]
             if x is not last_x:  # q/k/v (gate/up) run back to back on one input: square it once
                 sel = x[state["mask"].to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
-                acc = sel.double().square().sum(0)
-                state["last"] = (x, acc)  # holding x keeps the identity test sound
-            sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
+                acc, n = sel.double().square().sum(0), sel.shape[0]
+                state["last"] = (x, acc, n)  # holding x keeps the identity test sound
+            if n:  # an expert called with no tokens (some MoE code does) is as unreached as one never called
+                sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(wname)) for wname, mod in _linear_weights(net).items()]
+    linear = _linear_weights(net)
+    handles = [mod.register_forward_pre_hook(hook_for(wname)) for wname, mod in linear.items()]
 
     tokens = 0
     t0 = time.perf_counter()
@@ -194,11 +293,11 @@ def compute_hdiag(
                 enc = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
                           truncation=True, max_length=max_length).to(dev)
                 mask = enc["attention_mask"].bool()
-                state["mask"], state["last"] = mask, (None, None)
+                state["mask"], state["last"] = mask, (None, None, 0)
                 tokens += int(mask.sum())
                 net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
-        state["last"] = (None, None)
+        state["last"] = (None, None, 0)
         for h in handles:
             h.remove()
     elapsed = time.perf_counter() - t0
@@ -209,8 +308,10 @@ def compute_hdiag(
         "model": str(model), "data": str(source), "samples": str(len(texts)), "tokens": str(tokens),
         "max_length": str(max_length), "seconds": f"{elapsed:.3f}",
         "seconds_per_sample": f"{elapsed / len(texts):.5f}",
-        "model_fingerprint": open_checkpoint(str(path)).fingerprint(),
+        "model_fingerprint": fingerprint,
         "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+        # weights no token reached (MoE experts never routed): no statistics, and check_hdiag knows why
+        "unrouted": json.dumps(sorted(w for w in linear if w not in sums)),
     }
     del net
     return hdiag, meta

@@ -227,15 +227,41 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
         t1 = time.perf_counter()
         table += "\n" + _report(tmp, scores, progress, allow_code)
         timings["report"] = time.perf_counter() - t1
+    code = code_record(evaluate, allow_code)
+    if evaluate:
+        table += "\n" + code_note(code) + "\n"
         (tmp / "zoo.md").write_text(table)
     total = time.perf_counter() - t0
     stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
-                 "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
+                 "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
+                 "code": code}
     (tmp / "zoo.json").write_text(json.dumps(stamp_tmp, indent=2, sort_keys=True) + "\n")
     return total, train_s, timings, table
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
+
+
+def code_record(evaluated: bool, allow_code: bool) -> dict[str, Any]:
+    """zoo.json's `code`: whether the code benchmarks were executed and scored, and under which sandbox layers, so
+    that an empty code column reads as not run rather than as a zero."""
+    from ..evaluation import code_allowed
+
+    executed = bool(evaluated) and code_allowed(allow_code)
+    isolation = None
+    if executed:
+        from ..sandbox import isolation as layers
+
+        isolation = layers()  # as run_tests' sandbox.run sees this machine (bubblewrap or not)
+    return {"evaluated": bool(evaluated), "executed": executed, "isolation": isolation}
+
+
+def code_note(code: dict[str, Any]) -> str:
+    """The line of zoo.md saying the same."""
+    if code["executed"]:
+        return f"code benchmarks: generated code executed and scored in the sandbox ({code['isolation']})"
+    return ("code benchmarks: not executed, not scored (— above; opt in with HF_ALLOW_CODE_EVAL=1 or "
+            "eval.allow_code=true)")
 
 
 def _expert_benchmarks() -> dict[str, tuple[str, ...]]:
