@@ -50,6 +50,31 @@ def quick_zoo(tmp_path_factory) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def start_merge(c: dict, out: Path, tmp_path: Path, name: str = "c", pause: str = "0.5") -> subprocess.Popen:
+    """obim-merge in a subprocess, pausing `pause` seconds after each tensor: a merge to kill or race midway."""
+    import yaml
+
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
+    env = {**os.environ, "OBIM_TEST_PAUSE_PER_TENSOR": pause}
+    return subprocess.Popen([sys.executable, "-c", "import sys; from obim.merging.cli import merge_main; "
+                             "sys.exit(merge_main(sys.argv[1:]))", str(tmp_path / f"{name}.yaml"), str(out),
+                             "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_mid_merge(proc: subprocess.Popen, out: Path) -> Path:
+    """The staging dir once its first shard is being written (the merge paused after its first tensor)."""
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = [p for p in out.parent.glob(f".{out.name}.obim-tmp-*") if (p / "model.safetensors").exists()]
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError("the merge never reached its first tensor")
+
+
 def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,

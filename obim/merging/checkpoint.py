@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import ObimError
+from .safeio import check_regular, open_regular, parse_json, read_json_file
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -60,40 +61,68 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """Parse and validate a safetensors header against the file size (catches truncated files)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ObimError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > size - 8 or hlen > 100_000_000:
-                raise ObimError(f"{path}: corrupt or truncated safetensors file (header length {hlen}, file {size} bytes)")
-            header = json.loads(f.read(hlen))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ObimError(f"{path}: unreadable safetensors header ({e})") from None
+    """Parse and validate a safetensors header against the file before any tensor is read, as the safetensors
+    library does: a known dtype and non-negative shape per tensor, byte ranges that match the shapes and tile
+    the data section exactly (contiguous, non-overlapping, ending at the end of the file)."""
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise ObimError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > size - 8 or hlen > 100_000_000:
+            raise ObimError(f"{path}: corrupt or truncated safetensors file (header length {hlen}, file {size} bytes)")
+        header = parse_json(f.read(hlen), f"{path}: safetensors header")
     if not isinstance(header, dict):
-        raise ObimError(f"{path}: corrupt safetensors header")
+        raise ObimError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ObimError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     infos: dict[str, TensorInfo] = {}
     data_start = 8 + hlen
-    end_max = 0
+    spans = []
     for name, h in header.items():
         try:
             dtype = ST_DTYPES[h["dtype"]]
-            shape = tuple(int(s) for s in h["shape"])
-            begin, end = (int(o) for o in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = h["shape"], h["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
+                raise TypeError
+            if not all(type(x) is int for x in (*shape, *offsets)):
+                raise TypeError
+        except (KeyError, TypeError):
             raise ObimError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
-        info = TensorInfo(name, dtype, shape, path, data_start + begin)
-        if end - begin != info.nbytes or begin < 0:
-            raise ObimError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)} {h['dtype']}")
-        end_max = max(end_max, end)
+        if any(d < 0 for d in shape):
+            raise ObimError(f"{path}: tensor {name} has a negative dimension in its shape {shape}")
+        begin, end = offsets
+        info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin)
+        if begin < 0 or end - begin != info.nbytes:
+            raise ObimError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {h['dtype']}")
+        spans.append((begin, end, name))
         infos[name] = info
-    if data_start + end_max > size:
-        raise ObimError(f"{path}: truncated safetensors file ({size} bytes, its header needs {data_start + end_max})")
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise ObimError(f"{path}: tensor {name}'s data_offsets [{begin}, {end}] {what} (corrupt header)")
+        pos = end
+    if data_start + pos > size:
+        raise ObimError(f"{path}: truncated safetensors file ({size} bytes, its header needs {data_start + pos})")
+    if data_start + pos < size:
+        raise ObimError(f"{path}: {size - data_start - pos} bytes after the last tensor (corrupt or not a "
+                        "safetensors file)")
     return meta, infos
+
+
+def _bin_compressed(path: Path) -> bool:
+    """True for a zip-format torch checkpoint with compressed tensor storage: mmap would read the compressed
+    bytes as tensor data, so it must be read without mmap."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 class Checkpoint:
@@ -112,7 +141,7 @@ class Checkpoint:
             self.format = "safetensors"
             files = self._index_files("model.safetensors.index.json") or st_files
             for f in files:
-                if not f.exists():
+                if not os.path.lexists(f):
                     raise ObimError(f"{f}: shard named in model.safetensors.index.json is missing")
                 _, infos = read_safetensors_header(f)
                 self._add(infos.values())
@@ -134,14 +163,11 @@ class Checkpoint:
 
     def _read_json(self, name: str, required: bool = False) -> dict | None:
         p = self.dir / name
-        if not p.exists():
+        if not os.path.lexists(p):
             if required:
                 raise ObimError(f"{p}: missing (model '{self.spec}' is not a Hugging Face model directory)")
             return None
-        try:
-            out = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ObimError(f"{p}: invalid JSON ({e})") from None
+        out = read_json_file(p, name)
         if not isinstance(out, dict):
             raise ObimError(f"{p}: expected a JSON object, got a {type(out).__name__}")
         return out
@@ -161,8 +187,11 @@ class Checkpoint:
 
     @staticmethod
     def _load_bin(path: Path) -> dict:
+        check_regular(path, "PyTorch checkpoint")
         try:
             try:
+                if _bin_compressed(path):  # read whole: mmap would take compressed bytes for tensor data
+                    raise RuntimeError("mmap: compressed")
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
@@ -173,6 +202,14 @@ class Checkpoint:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ObimError(f"{path}: not a state dict of tensors")
         return state
+
+    def files(self) -> list[Path]:
+        """Every file of the directory a merge or saliency pass reads: weights, indexes, configs, tokenizer."""
+        names = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json", *TOKENIZER_FILES}
+        out = {t.file for t in self.tensors.values()}
+        out |= {self.dir / n for n in names if os.path.lexists(self.dir / n)}
+        return sorted(out)
 
     @property
     def architecture(self) -> tuple[str, tuple[str, ...]]:

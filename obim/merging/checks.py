@@ -19,7 +19,7 @@ def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"must be {'an integer' if integer else 'a number'}, got {v!r}"
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):  # an int is finite (isfinite overflows on huge ones)
             return f"must be a finite number, got {v}"
         if integer and v != int(v):
             return f"must be an integer, got {v}"

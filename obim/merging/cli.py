@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,10 @@ def run_cli(prog: str, fn) -> int:
             fn()
     except ObimError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # one the checks did not foresee: still one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (staging.Terminated): staged output is removed
         from .staging import Terminated
@@ -69,21 +74,48 @@ def saliency_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--text-field", default="text", help="JSONL field holding the text")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="load dtype: float32, bfloat16, float16 (default: the model's)")
+    ap.add_argument("--dtype", default=None, help="load dtype: float32, bfloat16, float16, auto (default: the model's)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     def go():
-        from .checks import device_check, require
-        from .saliency import compute_hdiag, save_hdiag
+        import os
+
+        from .checkpoint import open_checkpoint, resolve_model_dir
+        from .checks import device_check, one_of, require
+        from .saliency import (LOAD_DTYPES, check_hdiag, compute_hdiag, describe_unrouted, is_hdiag_file,
+                               save_hdiag)
+        from .staging import check_disjoint
         from .texts import read_texts
 
+        # every refusal before the model runs: a bad option or OUT costs nothing
+        if args.dtype is not None:
+            require("--dtype", args.dtype, one_of(*LOAD_DTYPES))
         require("--device", args.device, device_check)
+        out = Path(args.out)
+        model_dir = resolve_model_dir(args.model)
+        # OUT on the weights, inside the model directory (a new *.safetensors would join its weights) or on --data;
+        # each file read is named too, as a symlinked one (a hub snapshot's) lives elsewhere
+        files = {f"the model's {f.name}": f for f in sorted(model_dir.iterdir()) if f.is_file()}
+        check_disjoint(out, {"the model": model_dir, **files, "the validation data": Path(args.data)})
+        if out.is_dir():
+            raise ObimError(f"{out}: exists and is a directory; OUT is the hdiag .safetensors file to write")
+        if os.path.lexists(out) and not is_hdiag_file(out):  # replace only what obim-saliency wrote
+            raise ObimError(f"{out}: exists and is not an hdiag file obim-saliency wrote; remove it yourself or "
+                            "choose another output file")
         texts = read_texts(args.data, args.size, args.text_field)
         hdiag, meta = compute_hdiag(args.model, texts, max_length=args.max_length, batch_size=args.batch_size,
                                     device=args.device, dtype=args.dtype, progress=not args.quiet,
                                     source=args.data)
-        save_hdiag(hdiag, Path(args.out), meta)
+        # the check a merge runs on this file, now: a file the merge would refuse is not written
+        check_hdiag(hdiag, meta, open_checkpoint(str(model_dir)), f"{out} (not written)")
+        unrouted = json.loads(meta["unrouted"])
+        if unrouted:
+            print(f"obim-saliency: warning: {describe_unrouted(unrouted)}", file=sys.stderr)
+        try:
+            save_hdiag(hdiag, out, meta)
+        except OSError as e:
+            raise ObimError(f"{out}: cannot write the hdiag file ({e.strerror or e})") from None
         print(f"{len(hdiag)} linear layers, {meta['samples']} samples, {meta['tokens']} tokens, "
               f"{meta['seconds']} s -> {args.out}")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from .checks import mapping, number_in, require
 from .errors import ObimError
+from .safeio import read_yaml_text
 from .methods import Method, get_method
 from .texts import ValidationSpec
 
@@ -76,10 +77,9 @@ def _as_plain(src: Any) -> dict:
         from omegaconf import OmegaConf
 
         p = Path(src)
-        if not p.is_file():
-            raise ObimError(f"{p}: merge config not found")
+        text = read_yaml_text(p, "merge config")
         try:
-            src = OmegaConf.load(p)
+            src = OmegaConf.create(text)
         except Exception as e:
             raise ObimError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     try:
@@ -185,6 +185,8 @@ def load_config(src: Any) -> MergeConfig:
     if isinstance(order, str):
         if order != "rotation":
             raise ObimError(f"order: expected `rotation` or a list of model names ({', '.join(names)}), got {order!r}")
+    elif not isinstance(order, (list, tuple)):
+        raise ObimError(f"order: expected `rotation` or a list of model names ({', '.join(names)}), got {order!r}")
     else:
         order = [str(o) for o in order]
         unknown = [o for o in order if o not in names]

@@ -23,6 +23,7 @@ from .checks import device_check, require
 from .config import MergeConfig, load_config
 from .context import TensorContext
 from .errors import ObimError
+from .safeio import check_regular
 from .saliency import check_hdiag, compute_hdiag, load_hdiag
 from .staging import check_disjoint, check_output_dir, staged_output
 from .texts import read_texts
@@ -92,6 +93,11 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
     out_dtype_override = getattr(torch, cfg.dtype) if cfg.dtype else None
     plans = []
     for info in sorted(base.tensors.values(), key=lambda t: (str(t.file), t.offset)):
+        for m, ck in zip(cfg.models, models):
+            dt = ck.tensors[info.name].dtype
+            if dt.is_floating_point != info.dtype.is_floating_point or (not dt.is_floating_point and dt != info.dtype):
+                raise ObimError(f"tensor {info.name}: model '{m.name}' ({ck.dir}) stores it as {_dt(dt)}, the base "
+                                f"as {_dt(info.dtype)}: integer (quantized?) and float weights cannot be merged")
         shapes = [info.shape] + [ck.tensors[info.name].shape for ck in models]
         shared = None
         shape = info.shape
@@ -106,6 +112,10 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
         dtype = out_dtype_override if (floating and out_dtype_override) else info.dtype
         plans.append(TensorPlan(info.name, dtype, tuple(shape), shared))
     return plans
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def prepare_saliency(cfg: MergeConfig, models: list[Checkpoint], device: str, progress: bool
@@ -217,16 +227,36 @@ def _write_aux(tmp: Path, cfg: MergeConfig, base: Checkpoint, models: list[Check
             shutil.copyfile(tok_ck.dir / fname, tmp / fname)
     from obim import __version__
 
-    text = f"# written by obim {__version__}: the resolved merge config\n"
-    text += yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    text = f"# written by obim {__version__}: the resolved merge config (local paths made absolute)\n"
+    text += yaml.safe_dump(_absolute_paths(cfg.to_dict()), sort_keys=False, default_flow_style=False)
     (tmp / "obim_merge.yaml").write_text(text)
 
 
+def _local(p: str) -> str:
+    """A local path made absolute (the recorded config then reruns from any directory); a hub id as it is."""
+    q = Path(p).expanduser()
+    return str(q.absolute()) if os.path.lexists(q) else p
+
+
+def _absolute_paths(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d, base_model=_local(d["base_model"]), models=[dict(m) for m in d["models"]])
+    for m in d["models"]:
+        m["path"] = _local(m["path"])
+        if m.get("hdiag") is not None:
+            m["hdiag"] = _local(m["hdiag"])
+        if m.get("validation") is not None:
+            m["validation"] = dict(m["validation"], data=_local(m["validation"]["data"]))
+    return d
+
+
 def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkpoint]) -> dict[str, Path]:
-    """Every file or folder the merge reads: OUT may not be, hold or lie in any of them (check_disjoint)."""
-    out = {"the base model": base.dir}
+    """Every file or folder the merge reads: OUT may not be, hold or lie in any of them (check_disjoint). The
+    files are listed one by one: a shard may be a symlink to somewhere else."""
+    out: dict[str, Path] = {"the base model": base.dir}
+    out.update({f"file {f.name} of the base model": f for f in base.files()})
     for spec, ck in zip(cfg.models, models):
         out[f"model '{spec.name}'"] = ck.dir
+        out.update({f"file {f.name} of model '{spec.name}'": f for f in ck.files()})
         if spec.hdiag is not None:
             out[f"the hdiag file of '{spec.name}'"] = Path(spec.hdiag)
         if spec.validation is not None:
@@ -246,8 +276,12 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     dev = torch.device(require("--device", device, device_check))
     base = open_checkpoint(cfg.base_model)
     models = [open_checkpoint(m.path) for m in cfg.models]
-    check_disjoint(out, _inputs(cfg, config, base, models))
+    inputs = _inputs(cfg, config, base, models)
+    check_disjoint(out, inputs)
     check_output_dir(out, overwrite)
+    for what, f in inputs.items():
+        if what.startswith("file "):  # copied or read later: a FIFO among them would hang the merge
+            check_regular(f, what)
     plans = plan_merge(cfg, base, models)
     _keep_freed_memory()
 

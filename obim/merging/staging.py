@@ -4,12 +4,16 @@ Used by the merge driver and, torch-free, by the harness's caches and reports.""
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import glob
+import hashlib
+import logging
 import os
+import re
 import secrets
 import shutil
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,11 +46,32 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+# flock's errors on a filesystem mounted without locking (NFS with nolock, Lustre without -o flock)
+NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+_log = logging.getLogger("obim")
+
+
+def resolve_output(out: str | Path) -> Path:
+    """OUT as written to: absolute, and through a symlink to its target (the link stays, pointing at the new
+    output; staging beside the target keeps the final rename on one filesystem)."""
+    out = Path(out).absolute()
+    if len(out.name.encode()) > 255:
+        raise ObimError(f"{out}: file name longer than 255 bytes")
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
+    return out
+
+
 def check_output_dir(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> None:
     """OUT must be absent or empty; with `overwrite`, it may also be a directory obim wrote (it holds `marker`)."""
+    out = resolve_output(out)
     if out.exists() and not out.is_dir():
         raise ObimError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    try:
+        full = out.is_dir() and any(out.iterdir())
+    except OSError as e:
+        raise ObimError(f"{out}: cannot read the output directory ({e.strerror})") from None
+    if full:
         if not overwrite:
             raise ObimError(f"{out}: output directory is not empty (pass --overwrite to replace an output of obim)")
         if not (out / marker).is_file():
@@ -54,55 +79,138 @@ def check_output_dir(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) ->
                             "remove it yourself or choose another output directory")
 
 
+def _id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ids(path: Path) -> set[tuple[int, int]]:
+    """(device, inode) of a path and each of its existing ancestors: the same directory reached another way (a
+    bind mount, a second mount of one filesystem) has the same identity."""
+    return {i for i in map(_id, (path, *path.parents)) if i is not None}
+
+
 def check_disjoint(out: Path, inputs: dict[str, Path]) -> None:
-    """OUT may not be, hold, or lie inside any input: replacing it would destroy that input."""
+    """OUT may not be, hold, or lie inside any input (a file or a directory), by real path and by inode:
+    replacing OUT would destroy that input. Give every file actually read: a shard symlinked into OUT counts
+    where its bytes are."""
     o = Path(os.path.realpath(out))
+    o_id, o_above = _id(o), _ids(o.parent)
     for what, p in inputs.items():
         r = Path(os.path.realpath(p))
-        if o == r:
-            raise ObimError(f"{out}: the output directory is {what} ({p})")
-        if o in r.parents:
-            raise ObimError(f"{out}: the output directory contains {what} ({p})")
-        if r in o.parents:
-            raise ObimError(f"{out}: the output directory lies inside {what} ({p})")
+        r_id = _id(r)
+        shown = p if str(p) == str(r) else f"{p} -> {r}"
+        if o == r or (o_id is not None and o_id == r_id):
+            raise ObimError(f"{out}: the output is {what} ({shown})")
+        if o in r.parents or (o_id is not None and o_id in _ids(r)):
+            raise ObimError(f"{out}: the output directory contains {what} ({shown})")
+        if r in o.parents or (r_id is not None and r_id in o_above):
+            raise ObimError(f"{out}: the output lies inside {what} ({shown})")
 
 
-def _staging_names(out: Path, sid: str) -> tuple[Path, Path, Path]:
-    """(staging dir, trash dir for the replaced OUT, lock file) of one writer of OUT."""
-    return tuple(out.parent / f".{out.name}.obim-{kind}-{sid}" for kind in ("tmp", "old", "lock"))
+# -------------------------------------------------------------------------------- staging and its debris
+
+_STAGING_RE = re.compile(r"^\.(?P<prefix>.+)\.obim-(?P<kind>tmp|old|lock|newlock)-"
+                         r"(?P<sid>(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)-[0-9a-f]{8})$")
 
 
-def clean_stale_staging(out: Path) -> list[Path]:
-    """Remove what writers of OUT that died (kill -9, a node lost) left beside it. A live writer holds an flock
-    on its lock file, so a lock that can be taken marks a dead one; dirs without a lock file (the writer died
-    before making it) go when the pid in their name is not running here."""
+def host_tag() -> str:
+    """This host's name as it appears in staging names: a writer's staging is judged by (host, pid)."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "_"
+
+
+def _prefix(name: str) -> str:
+    """OUT's name as staging names carry it: long names are shortened with a hash, so that a staging name stays
+    under the 255-byte limit of a file name."""
+    if len(name.encode()) <= 100:
+        return name
+    short = name.encode()[:60].decode(errors="ignore")
+    return f"{short}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
+def _staging_names(out: Path, sid: str) -> tuple[Path, Path, Path, Path]:
+    """(staging dir, trash dir for the replaced OUT, lock file, lock file before it is held) of one writer."""
+    return tuple(out.parent / f".{_prefix(out.name)}.obim-{kind}-{sid}" for kind in ("tmp", "old", "lock", "newlock"))
+
+
+def _new_sid() -> str:
+    return f"{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def _probe_lock(lock: Path) -> Iterator[str]:
+    """The state of a writer's lock: 'held' (its writer runs), 'free' (it died; held by us for the block),
+    'absent', or 'unsupported' (no flock on this filesystem)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield "absent"
+        return
+    except OSError:
+        yield "held"  # unreadable: assume its writer lives
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield "held"
+            return
+        except OSError as e:
+            if e.errno in NO_FLOCK:
+                yield "unsupported"
+                return
+            yield "held"
+            return
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except OSError:
+            same = False
+        yield "free" if same else "absent"
+    finally:
+        os.close(fd)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def clean_stale_staging(folder: Path) -> list[Path]:
+    """Remove what dead writers left in `folder` (staging and trash directories, temporary files, locks), for any
+    output there, not only the one about to be written. A live writer holds an flock on its lock file (taken
+    before the lock is visible under its name), so a lock that can be taken marks a dead one; entries without a
+    lock go when they were made on this host by a pid that is no longer running. Entries of other hosts
+    without a lock are left alone: their writers' state cannot be known from here."""
+    folder = Path(folder)
+    groups: dict[tuple[str, str], list[tuple[str, Path, re.Match]]] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        m = _STAGING_RE.match(name)
+        if m:
+            groups.setdefault((m["prefix"], m["sid"]), []).append((m["kind"], folder / name, m))
     removed = []
-    for p in sorted(out.parent.glob(glob.escape(f".{out.name}.obim-") + "*-*")):
-        kind, _, sid = p.name[len(out.name) + 2:].partition("-")[2].partition("-")
-        if kind != "lock" and not (kind in ("tmp", "old") and p.is_dir()):
-            continue
-        tmp, old, lock = _staging_names(out, sid)
-        if kind == "lock":
-            try:
-                fd = os.open(lock, os.O_RDWR)
-            except OSError:
+    here = host_tag()
+    for (prefix, sid), items in sorted(groups.items()):
+        m = items[0][2]
+        lock = folder / f".{prefix}.obim-lock-{sid}"
+        with _probe_lock(lock) as state:
+            if state == "held":
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # held: its writer is alive
-            else:
-                for d in (tmp, old):
-                    if d.exists():
-                        shutil.rmtree(d, ignore_errors=True)
-                        removed.append(d)
-                lock.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
-        elif not lock.exists():
-            pid = sid.split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+            if state != "free" and ((m["host"] or here) != here or _pid_alive(int(m["pid"]))):
+                continue
+            for _, p, _ in sorted(items, key=lambda x: x[0] == "lock"):  # the lock last
+                _remove(p)
                 removed.append(p)
     return removed
 
@@ -112,65 +220,132 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
+
+
+def _take_lock(newlock: Path, lock: Path) -> int:
+    """Create this writer's lock already held: made under a temporary name, flocked, then renamed, so no other
+    writer ever sees it unheld (and takes it for a dead writer's). Without flock on this filesystem, the lock
+    only names the writer; its staging is then judged by host and pid alone (see clean_stale_staging)."""
+    fd = os.open(newlock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in NO_FLOCK:
+                raise
+            _warn_no_flock(newlock.parent, e)
+        os.rename(newlock, lock)
+    except BaseException:
+        os.close(fd)
+        newlock.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+_warned: set[str] = set()
+
+
+def _warn_no_flock(folder: Path, e: OSError) -> None:
+    if str(folder) not in _warned:
+        _warned.add(str(folder))
+        _log.warning("%s: the filesystem has no flock (%s); staging left by writers on other hosts cannot be "
+                     "told dead and is kept", folder, e.strerror)
 
 
 @contextmanager
 def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> Iterator[Path]:
     """Yield a temporary directory beside OUT; rename it to OUT only when the block completes. SIGTERM cleans up
-    as Ctrl-C does, and what killed writers left is removed first."""
-    out = Path(out).absolute()
+    as Ctrl-C does, and what dead writers left in OUT's folder is removed first. OUT is claimed at the rename:
+    if another writer completed OUT meanwhile, this output is discarded with an error (unless `overwrite`)."""
+    out = resolve_output(out)
     check_output_dir(out, overwrite, marker)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(out)
-    tmp, trash, lock = _staging_names(out, f"{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    tmp, trash, lock, newlock = _staging_names(out, _new_sid())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(out.parent)
+        fd = _take_lock(newlock, lock)
+    except OSError as e:
+        raise ObimError(f"{out}: cannot write beside the output ({e.strerror}: {e.filename or out.parent})") from None
+    try:
         with sigterm_as_interrupt():
-            tmp.mkdir()
             try:
+                tmp.mkdir()
                 yield tmp
+                _swap_in(tmp, out, trash, overwrite, marker)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ObimError(f"{out}: stopped by an I/O error ({e.strerror}: {e.filename or tmp}); "
+                                "nothing was written") from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _swap_in(tmp, out, trash)
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
 
 
-def _swap_in(tmp: Path, out: Path, trash: Path) -> None:
+def _swap_in(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) -> None:
     """Rename the finished output onto OUT with SIGINT/SIGTERM held off, so no signal lands between the two renames
-    (which would leave OUT missing); if the second rename fails, the previous OUT goes back."""
+    (which would leave OUT missing); if the second rename fails, the previous OUT goes back. A directory is
+    renamed onto an existing one only when that one is empty, so OUT filled by another writer since the start
+    makes the rename fail, and OUT is checked again: replaced only with `overwrite` and when obim wrote it."""
     mask = {signal.SIGINT, signal.SIGTERM}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
     try:
-        if out.exists():
-            os.replace(out, trash)
+        for _ in range(8):
             try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(trash, out)
-                raise
+                check_output_dir(out, overwrite, marker)
+            except ObimError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ObimError(f"{e} (another writer completed it while this one ran; this output was "
+                                "discarded)") from None
+            moved = False
+            if out.is_dir() and any(out.iterdir()):
+                try:
+                    os.rename(out, trash)
+                    moved = True
+                except FileNotFoundError:
+                    continue
+            try:
+                os.rename(tmp, out)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    if moved:
+                        os.rename(trash, out)
+                    raise
+                if moved:  # another overwriting writer got in between: its output is replaced too
+                    shutil.rmtree(trash, ignore_errors=True)
+                continue
+            break
         else:
-            os.replace(tmp, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ObimError(f"{out}: other writers kept replacing the output; this output was discarded")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def atomic_write_file(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result onto path."""
+    """Call write(tmp_path) and rename the result onto path (dead writers' temporary files in its folder go
+    first)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.obim-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ObimError(f"{path}: cannot create its folder ({e.strerror})") from None
+    clean_stale_staging(path.parent)
+    tmp = path.parent / f".{_prefix(path.name)}.obim-tmp-{_new_sid()}"
     try:
         with sigterm_as_interrupt():
-            write(tmp)
-            os.replace(tmp, path)
+            try:
+                write(tmp)
+                os.replace(tmp, path)
+            except OSError as e:
+                raise ObimError(f"{path}: writing failed ({e.strerror}: {e.filename or tmp}); nothing was "
+                                "written") from None
     finally:
         if tmp.exists():
             tmp.unlink()

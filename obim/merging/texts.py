@@ -3,6 +3,7 @@ obim-saliency). The sweep builds such sets from datasets in obim.bench.validatio
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Iterator
 
 from .checks import number_in, require
 from .errors import ObimError
+from .safeio import open_regular
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,16 @@ def read_jsonl(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[
     """(line number, record) of each non-blank line of a JSONL validation file; a bad line is a one-line error
     naming the file, the line and `what` it should be."""
     path = Path(path)
-    if not path.is_file():
-        raise ObimError(f"{path}: validation file not found")
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
+    with io.TextIOWrapper(open_regular(path, "validation file"), encoding="utf-8") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
                     yield lineno, json.loads(line)
-                except json.JSONDecodeError:
-                    raise ObimError(f"{path}:{lineno}: not {what}") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise ObimError(f"{path}:{lineno}: not {what}") from None
+        except UnicodeDecodeError:
+            raise ObimError(f"{path}: not UTF-8 text") from None
 
 
 def read_texts(path: str | Path, size: int | None = None, field: str = "text") -> list[str]:
