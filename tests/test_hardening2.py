@@ -196,7 +196,85 @@ def test_5_staging_names_carry_the_host_and_other_hosts_are_left_alone(tmp_path)
     other = tmp_path / f".x.obim-tmp-otherhost-{dead}-0123abcd"
     mine.mkdir()
     other.mkdir()
-    assert clean_stale_staging(tmp_path) == [mine] and other.is_dir()
+    assert clean_stale_staging(tmp_path) == [] and mine.is_dir()  # lockless and fresh: maybe another pid namespace
+    long_ago = time.time() - 3600
+    for p in (mine, other):
+        os.utime(p, (long_ago, long_ago))
+    assert clean_stale_staging(tmp_path) == [mine] and other.is_dir()  # another host's, without a lock: kept
+
+
+def test_5_another_hosts_free_lock_needs_a_stale_heartbeat(tmp_path):
+    """flock may be local to each host (NFS nolock, Lustre localflock): a lock free from here is not enough."""
+    sid = f"otherhost-{os.getpid()}-0123abcd"
+    tmp, lock = tmp_path / f".x.obim-tmp-{sid}", tmp_path / f".x.obim-lock-{sid}"
+    tmp.mkdir()
+    lock.write_text("x")
+    assert clean_stale_staging(tmp_path) == [] and tmp.is_dir()
+    long_ago = time.time() - staging.STALE_S - 60
+    os.utime(lock, (long_ago, long_ago))
+    assert sorted(clean_stale_staging(tmp_path)) == sorted([tmp, lock])
+
+
+def test_5_heartbeat_touches_the_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging, "HEARTBEAT_S", 0.05)
+    with staged_output(tmp_path / "out", overwrite=False) as tmp:
+        lock = _lock_of(tmp)
+        long_ago = time.time() - 3600
+        os.utime(lock, (long_ago, long_ago))
+        time.sleep(0.3)
+        assert time.time() - lock.stat().st_mtime < 5
+
+
+def test_5_signal_during_the_swap_is_deferred(tmp_path, monkeypatch):
+    """SIGTERM delivered to another thread (torch's workers exist by then) between the two renames of an overwrite
+    must not leave OUT missing: it is deferred until OUT is in place, and reported as such."""
+    import threading
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "obim_merge.yaml").write_text("old")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # a thread that does not block SIGTERM
+    other.start()
+    real = os.rename
+
+    def rename_then_signal(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".out.obim-old-"):  # between the two renames
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # let the handler run, as it would at any later bytecode
+
+    monkeypatch.setattr(staging.os, "rename", rename_then_signal)
+    try:
+        with pytest.raises(staging.Terminated) as e:
+            with staging.sigterm_as_interrupt():
+                with staged_output(out, overwrite=True) as tmp:
+                    (tmp / "obim_merge.yaml").write_text("new")
+    finally:
+        stop.set()
+        other.join()
+    assert getattr(e.value, "completed", None) == out
+    assert (out / "obim_merge.yaml").read_text() == "new" and debris(tmp_path) == []
+
+
+def test_5_killed_between_the_renames_previous_output_restored(tmp_path):
+    sid = f"{host_tag()}-{2**22 + 12345}-0123abcd"
+    old = tmp_path / f".out.obim-old-{sid}"
+    old.mkdir()
+    (old / "obim_merge.yaml").write_text("previous")
+    (tmp_path / f".out.obim-tmp-{sid}").mkdir()  # the new output, never renamed in
+    (tmp_path / f".out.obim-lock-{sid}").write_text("out")
+    clean_stale_staging(tmp_path)
+    assert (tmp_path / "out" / "obim_merge.yaml").read_text() == "previous" and debris(tmp_path) == []
+
+
+def test_5_inputs_among_debris_are_kept(tmp_path):
+    sid = f"{host_tag()}-{2**22 + 12345}-0123abcd"
+    old = tmp_path / f".m.obim-old-{sid}"
+    old.mkdir()
+    (tmp_path / f".m.obim-lock-{sid}").write_text("m")
+    (tmp_path / "m").mkdir()  # OUT present: the trash would simply go
+    assert clean_stale_staging(tmp_path, keep=(old / "config.json",)) == [] and old.is_dir()
 
 
 def test_5_no_flock_on_the_filesystem_falls_back(tmp_path, monkeypatch, caplog):

@@ -75,7 +75,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         header = parse_json(f.read(hlen), f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise ObimError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ObimError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     infos: dict[str, TensorInfo] = {}

@@ -27,7 +27,9 @@ def run_cli(prog: str, fn) -> int:
         from .staging import Terminated
 
         term = isinstance(e, Terminated)
-        print(f"{prog}: {'terminated' if term else 'interrupted'}; nothing was written", file=sys.stderr)
+        done = getattr(e, "completed", None)  # the signal came while the finished output was being renamed in
+        print(f"{prog}: {'terminated' if term else 'interrupted'}; "
+              + (f"after the output was complete ({done})" if done else "nothing was written"), file=sys.stderr)
         return 143 if term else 130
     return 0
 

@@ -249,14 +249,18 @@ def _absolute_paths(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _rel(f: Path, d: Path) -> str:
+    return str(f.relative_to(d)) if f.is_relative_to(d) else str(f)
+
+
 def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkpoint]) -> dict[str, Path]:
     """Every file or folder the merge reads: OUT may not be, hold or lie in any of them (check_disjoint). The
     files are listed one by one: a shard may be a symlink to somewhere else."""
     out: dict[str, Path] = {"the base model": base.dir}
-    out.update({f"file {f.name} of the base model": f for f in base.files()})
+    out.update({f"file {_rel(f, base.dir)} of the base model": f for f in base.files()})
     for spec, ck in zip(cfg.models, models):
         out[f"model '{spec.name}'"] = ck.dir
-        out.update({f"file {f.name} of model '{spec.name}'": f for f in ck.files()})
+        out.update({f"file {_rel(f, ck.dir)} of model '{spec.name}'": f for f in ck.files()})
         if spec.hdiag is not None:
             out[f"the hdiag file of '{spec.name}'"] = Path(spec.hdiag)
         if spec.validation is not None:
@@ -305,7 +309,7 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
             4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest)
 
     pause = float(os.environ.get("OBIM_TEST_PAUSE_PER_TENSOR") or 0)  # tests: a merge to kill midway
-    with staged_output(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
+    with staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
         writer = ShardedWriter(tmp, shards)
         pending = None
         try:

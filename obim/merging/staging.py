@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -183,36 +184,86 @@ def _remove(p: Path) -> None:
             pass
 
 
-def clean_stale_staging(folder: Path) -> list[Path]:
+HEARTBEAT_S = 60  # a writer touches its lock this often
+STALE_S = 600  # another host's lock untouched this long: its writer is gone, whatever flock says
+LOCKLESS_GRACE_S = 60  # a lockless temporary file younger than this may be a live writer's in another pid namespace
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - os.lstat(p).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _dead(state: str, lock: Path, m: re.Match, items: list, here: str) -> bool:
+    """Whether the writer of one staging group is gone. flock is trusted on this host; across hosts it may be
+    local-only (NFS nolock or local_lock, Lustre localflock), so another host's writer must also have stopped its
+    heartbeat. Without a lock (or without flock), this host's dead pid decides, once its files have stopped changing."""
+    mine = (m["host"] or here) == here
+    if state == "held":
+        return False
+    if state == "free":
+        return mine or _age(lock) > STALE_S
+    if state == "unsupported" and _age(lock) > STALE_S:
+        return True
+    if not mine or _pid_alive(int(m["pid"])):
+        return False
+    return state == "unsupported" or all(_age(p) > LOCKLESS_GRACE_S for _, p, _ in items)
+
+
+def clean_stale_staging(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Remove what dead writers left in `folder` (staging and trash directories, temporary files, locks), for any
-    output there, not only the one about to be written. A live writer holds an flock on its lock file (taken
-    before the lock is visible under its name), so a lock that can be taken marks a dead one; entries without a
-    lock go when they were made on this host by a pid that is no longer running. Entries of other hosts
-    without a lock are left alone: their writers' state cannot be known from here."""
+    output there, not only the one about to be written (see _dead for who counts as dead). A writer killed between
+    its two final renames left OUT missing and the previous output in its trash: that goes back to OUT. Entries
+    that are or hold a path in `keep` (this command's inputs) are left alone."""
     folder = Path(folder)
     groups: dict[tuple[str, str], list[tuple[str, Path, re.Match]]] = {}
     try:
         names = os.listdir(folder)
     except OSError:
         return []
+    kept = [Path(os.path.realpath(k)) for k in keep]
     for name in names:
         m = _STAGING_RE.match(name)
+        p = folder / name
         if m:
-            groups.setdefault((m["prefix"], m["sid"]), []).append((m["kind"], folder / name, m))
+            groups.setdefault((m["prefix"], m["sid"]), []).append((m["kind"], p, m))
     removed = []
     here = host_tag()
     for (prefix, sid), items in sorted(groups.items()):
-        m = items[0][2]
+        if any(k == p or p in k.parents for _, p, _ in items for k in kept):
+            continue
         lock = folder / f".{prefix}.obim-lock-{sid}"
         with _probe_lock(lock) as state:
-            if state == "held":
+            if not _dead(state, lock, items[0][2], items, here):
                 continue
-            if state != "free" and ((m["host"] or here) != here or _pid_alive(int(m["pid"]))):
-                continue
+            _restore_trash(folder, prefix, lock, items)
             for _, p, _ in sorted(items, key=lambda x: x[0] == "lock"):  # the lock last
-                _remove(p)
-                removed.append(p)
+                if os.path.lexists(p):
+                    _remove(p)
+                    removed.append(p)
     return removed
+
+
+def _restore_trash(folder: Path, prefix: str, lock: Path, items: list) -> None:
+    """A dead writer's trash is the previous OUT when OUT is missing (killed between the two renames): put it back.
+    The lock file holds OUT's name (the prefix may be shortened)."""
+    old = [p for kind, p, _ in items if kind == "old"]
+    if not old:
+        return
+    try:
+        name = lock.read_text().strip() or prefix
+    except OSError:
+        name = prefix
+    out = folder / name
+    if "/" not in name and not os.path.lexists(out):
+        try:
+            os.rename(old[0], out)
+            _log.warning("%s: restored the previous output from %s (its writer died while swapping it)", out,
+                         old[0].name)
+        except OSError:
+            pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -225,12 +276,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(newlock: Path, lock: Path) -> int:
+def _take_lock(newlock: Path, lock: Path, out_name: str) -> int:
     """Create this writer's lock already held: made under a temporary name, flocked, then renamed, so no other
     writer ever sees it unheld (and takes it for a dead writer's). Without flock on this filesystem, the lock
     only names the writer; its staging is then judged by host and pid alone (see clean_stale_staging)."""
     fd = os.open(newlock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        os.write(fd, out_name.encode())  # for a cleaner that must put a dead writer's trash back
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -256,21 +308,44 @@ def _warn_no_flock(folder: Path, e: OSError) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> Iterator[Path]:
+def _heartbeat(lock: Path) -> Iterator[None]:
+    """Touch the lock every HEARTBEAT_S while the block runs: how writers on other hosts tell a live one."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(lock)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=beat, name="obim-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER, keep: tuple[Path, ...] = ()
+                  ) -> Iterator[Path]:
     """Yield a temporary directory beside OUT; rename it to OUT only when the block completes. SIGTERM cleans up
-    as Ctrl-C does, and what dead writers left in OUT's folder is removed first. OUT is claimed at the rename:
-    if another writer completed OUT meanwhile, this output is discarded with an error (unless `overwrite`)."""
+    as Ctrl-C does, and what dead writers left in OUT's folder is removed first (never a path in `keep`, the
+    inputs). OUT is claimed at the rename: if another writer completed OUT meanwhile, this output is discarded
+    with an error (unless `overwrite`)."""
     out = resolve_output(out)
     check_output_dir(out, overwrite, marker)
     tmp, trash, lock, newlock = _staging_names(out, _new_sid())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_staging(out.parent)
-        fd = _take_lock(newlock, lock)
+        clean_stale_staging(out.parent, keep)
+        fd = _take_lock(newlock, lock, out.name)
     except OSError as e:
         raise ObimError(f"{out}: cannot write beside the output ({e.strerror}: {e.filename or out.parent})") from None
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), _heartbeat(lock):
             try:
                 tmp.mkdir()
                 yield tmp
@@ -287,14 +362,43 @@ def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) -> It
         os.close(fd)
 
 
+class _Deferred:
+    """SIGINT/SIGTERM held while the block runs and delivered after it. Python runs signal handlers in the main
+    thread whichever thread the kernel picked (torch's workers included), so swapping the handlers there covers
+    every thread, which pthread_sigmask alone does not. Off the main thread no handler can interrupt us."""
+
+    def __enter__(self):
+        self.got: list[int] = []
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, lambda signum, frame: self.got.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        if self.got and exc[0] is None:
+            signal.raise_signal(self.got[0])  # now, through the handler that was in place
+        return False
+
+
 def _swap_in(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) -> None:
-    """Rename the finished output onto OUT with SIGINT/SIGTERM held off, so no signal lands between the two renames
+    """Rename the finished output onto OUT with SIGINT/SIGTERM deferred, so no signal lands between the two renames
     (which would leave OUT missing); if the second rename fails, the previous OUT goes back. A directory is
     renamed onto an existing one only when that one is empty, so OUT filled by another writer since the start
     makes the rename fail, and OUT is checked again: replaced only with `overwrite` and when obim wrote it."""
-    mask = {signal.SIGINT, signal.SIGTERM}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
     try:
+        _swap_loop(tmp, out, trash, overwrite, marker)
+    except KeyboardInterrupt as e:  # only a deferred signal, delivered once OUT was in place
+        e.completed = out
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _swap_loop(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) -> None:
+    with _Deferred():
         for _ in range(8):
             try:
                 check_output_dir(out, overwrite, marker)
@@ -323,9 +427,8 @@ def _swap_in(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) ->
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ObimError(f"{out}: other writers kept replacing the output; this output was discarded")
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    shutil.rmtree(trash, ignore_errors=True)
+
+
 
 
 def atomic_write_file(path: Path, write) -> None:
