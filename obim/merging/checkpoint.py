@@ -38,6 +38,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
 )
+# Files besides the weights and their index/config that a merge copies into its output.
+AUX_FILES = ("generation_config.json", *TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,9 @@ class Checkpoint:
                 del state
         else:
             raise ObimError(f"{directory}: no *.safetensors or pytorch_model*.bin weights (model '{spec}')")
+        for n in AUX_FILES:  # copied into a merge's output later: a FIFO or device would hang it there
+            if os.path.lexists(directory / n):
+                check_regular(directory / n, n)
 
     def _add(self, infos) -> None:
         for info in infos:
@@ -206,8 +211,7 @@ class Checkpoint:
 
     def files(self) -> list[Path]:
         """Every file of the directory a merge or saliency pass reads: weights, indexes, configs, tokenizer."""
-        names = {"config.json", "generation_config.json", "model.safetensors.index.json",
-                 "pytorch_model.bin.index.json", *TOKENIZER_FILES}
+        names = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", *AUX_FILES}
         out = {t.file for t in self.tensors.values()}
         out |= {self.dir / n for n in names if os.path.lexists(self.dir / n)}
         return sorted(out)

@@ -114,10 +114,7 @@ def saliency_main(argv: list[str] | None = None) -> int:
         unrouted = json.loads(meta["unrouted"])
         if unrouted:
             print(f"obim-saliency: warning: {describe_unrouted(unrouted)}", file=sys.stderr)
-        try:
-            save_hdiag(hdiag, out, meta)
-        except OSError as e:
-            raise ObimError(f"{out}: cannot write the hdiag file ({e.strerror or e})") from None
+        save_hdiag(hdiag, out, meta)  # atomic_write_file: an OSError there is already one line
         print(f"{len(hdiag)} linear layers, {meta['samples']} samples, {meta['tokens']} tokens, "
               f"{meta['seconds']} s -> {args.out}")
 

@@ -23,7 +23,6 @@ from .checks import device_check, require
 from .config import MergeConfig, load_config
 from .context import TensorContext
 from .errors import ObimError
-from .safeio import check_regular
 from .saliency import check_hdiag, compute_hdiag, load_hdiag
 from .staging import check_disjoint, check_output_dir, staged_output
 from .texts import read_texts
@@ -283,9 +282,6 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
     inputs = _inputs(cfg, config, base, models)
     check_disjoint(out, inputs)
     check_output_dir(out, overwrite)
-    for what, f in inputs.items():
-        if what.startswith("file "):  # copied or read later: a FIFO among them would hang the merge
-            check_regular(f, what)
     plans = plan_merge(cfg, base, models)
     _keep_freed_memory()
 

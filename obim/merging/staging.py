@@ -47,7 +47,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-# flock's errors on a filesystem mounted without locking (NFS with nolock, Lustre without -o flock)
+# flock's errors on a filesystem mounted without it (Lustre without flock or localflock, some FUSE mounts)
 NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 _log = logging.getLogger("obim")
 
@@ -279,7 +279,7 @@ def _pid_alive(pid: int) -> bool:
 def _take_lock(newlock: Path, lock: Path, out_name: str) -> int:
     """Create this writer's lock already held: made under a temporary name, flocked, then renamed, so no other
     writer ever sees it unheld (and takes it for a dead writer's). Without flock on this filesystem, the lock
-    only names the writer; its staging is then judged by host and pid alone (see clean_stale_staging)."""
+    only names the writer and carries its heartbeat (see _dead)."""
     fd = os.open(newlock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, out_name.encode())  # for a cleaner that must put a dead writer's trash back
@@ -303,8 +303,8 @@ _warned: set[str] = set()
 def _warn_no_flock(folder: Path, e: OSError) -> None:
     if str(folder) not in _warned:
         _warned.add(str(folder))
-        _log.warning("%s: the filesystem has no flock (%s); staging left by writers on other hosts cannot be "
-                     "told dead and is kept", folder, e.strerror)
+        _log.warning("%s: the filesystem has no flock (%s); a dead writer's staging is known only by its stopped "
+                     "heartbeat (10 min), or on this host by its pid", folder, e.strerror)
 
 
 @contextmanager
@@ -427,8 +427,6 @@ def _swap_loop(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) 
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ObimError(f"{out}: other writers kept replacing the output; this output was discarded")
-
-
 
 
 def atomic_write_file(path: Path, write) -> None:
