@@ -152,6 +152,26 @@ def test_4_out_filled_meanwhile_is_not_replaced(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine"] and debris(tmp_path) == []
 
 
+def test_4_out_filled_between_the_check_and_the_rename(tmp_path, monkeypatch):
+    """The narrowest race: OUT passes the swap's check, then another writer fills it before the rename."""
+    out = tmp_path / "out"
+    real = staging.check_output_dir
+    calls = []
+
+    def check_then_race(o, overwrite, marker=staging.OUTPUT_MARKER):
+        real(o, overwrite, marker)
+        calls.append(o)
+        if len(calls) == 2:  # the swap's first check (the first is staged_output's at the start)
+            out.mkdir()
+            (out / "theirs").write_text("y")
+
+    monkeypatch.setattr(staging, "check_output_dir", check_then_race)
+    with pytest.raises(ObimError, match="another writer completed it"):
+        with staged_output(out, overwrite=False) as tmp:
+            (tmp / "mine").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["theirs"] and debris(tmp_path) == []
+
+
 def _lock_of(tmp: Path) -> Path:
     return tmp.parent / tmp.name.replace(".obim-tmp-", ".obim-lock-")
 

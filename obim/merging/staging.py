@@ -407,7 +407,8 @@ def _swap_loop(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) 
                 raise ObimError(f"{e} (another writer completed it while this one ran; this output was "
                                 "discarded)") from None
             moved = False
-            if out.is_dir() and any(out.iterdir()):
+            # without overwrite OUT is never moved aside: filled since the check, it makes the rename below fail
+            if overwrite and out.is_dir() and any(out.iterdir()):
                 try:
                     os.rename(out, trash)
                     moved = True
