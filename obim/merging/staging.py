@@ -184,8 +184,7 @@ def _remove(p: Path) -> None:
             pass
 
 
-HEARTBEAT_S = 60  # a writer touches its lock this often
-STALE_S = 600  # another host's lock untouched this long: its writer is gone, whatever flock says
+STALE_S = 600  # another host's staging unchanged this long (lock and files): its writer is gone, whatever flock says
 LOCKLESS_GRACE_S = 60  # a lockless temporary file younger than this may be a live writer's in another pid namespace
 
 
@@ -196,16 +195,29 @@ def _age(p: Path) -> float:
         return 0.0
 
 
+def _idle(lock: Path, items: list) -> float:
+    """Seconds since a writer last changed its lock or anything in its staging (a merge writes its shards
+    continuously). Read from the files rather than kept fresh by a heartbeat: a heartbeat thread or process
+    beside a training run in the block changed the bytes the run produced (the toy zoo's, measured)."""
+    newest = _age(lock)
+    for _, p, _ in items:
+        newest = min(newest, _age(p))
+        if p.is_dir() and not p.is_symlink():
+            for root, dirs, files in os.walk(p):
+                newest = min([newest, *(_age(Path(root) / f) for f in (*dirs, *files))])
+    return newest
+
+
 def _dead(state: str, lock: Path, m: re.Match, items: list, here: str) -> bool:
     """Whether the writer of one staging group is gone. flock is trusted on this host; across hosts it may be
-    local-only (NFS nolock or local_lock, Lustre localflock), so another host's writer must also have stopped its
-    heartbeat. Without a lock (or without flock), this host's dead pid decides, once its files have stopped changing."""
+    local-only (NFS nolock or local_lock, Lustre localflock), so another host's staging must also have stopped
+    changing. Without a lock (or without flock), this host's dead pid decides, once its files have stopped changing."""
     mine = (m["host"] or here) == here
     if state == "held":
         return False
     if state == "free":
-        return mine or _age(lock) > STALE_S
-    if state == "unsupported" and _age(lock) > STALE_S:
+        return mine or _idle(lock, items) > STALE_S
+    if state == "unsupported" and _idle(lock, items) > STALE_S:
         return True
     if not mine or _pid_alive(int(m["pid"])):
         return False
@@ -279,7 +291,7 @@ def _pid_alive(pid: int) -> bool:
 def _take_lock(newlock: Path, lock: Path, out_name: str) -> int:
     """Create this writer's lock already held: made under a temporary name, flocked, then renamed, so no other
     writer ever sees it unheld (and takes it for a dead writer's). Without flock on this filesystem, the lock
-    only names the writer and carries its heartbeat (see _dead)."""
+    only names the writer (see _dead)."""
     fd = os.open(newlock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, out_name.encode())  # for a cleaner that must put a dead writer's trash back
@@ -303,29 +315,8 @@ _warned: set[str] = set()
 def _warn_no_flock(folder: Path, e: OSError) -> None:
     if str(folder) not in _warned:
         _warned.add(str(folder))
-        _log.warning("%s: the filesystem has no flock (%s); a dead writer's staging is known only by its stopped "
-                     "heartbeat (10 min), or on this host by its pid", folder, e.strerror)
-
-
-@contextmanager
-def _heartbeat(lock: Path) -> Iterator[None]:
-    """Touch the lock every HEARTBEAT_S while the block runs: how writers on other hosts tell a live one."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(lock)
-            except OSError:
-                pass
-
-    t = threading.Thread(target=beat, name="obim-heartbeat", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join()
+        _log.warning("%s: the filesystem has no flock (%s); a dead writer's staging is known only by 10 minutes "
+                     "without change, or on this host by its pid", folder, e.strerror)
 
 
 @contextmanager
@@ -345,7 +336,7 @@ def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER, keep:
     except OSError as e:
         raise ObimError(f"{out}: cannot write beside the output ({e.strerror}: {e.filename or out.parent})") from None
     try:
-        with sigterm_as_interrupt(), _heartbeat(lock):
+        with sigterm_as_interrupt():
             try:
                 tmp.mkdir()
                 yield tmp
