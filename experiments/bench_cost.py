@@ -44,12 +44,12 @@ def texts(n: int, length: int, seed: int = 0) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-
     from bench_merge import make_models
+
+    from obim.bench.costs import cost_table
     from obim.merging.checkpoint import open_checkpoint
     from obim.merging.merge import merge
     from obim.merging.saliency import compute_hdiag, save_hdiag
-    from obim.bench.costs import cost_table
     from obim.tiny import make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,28 +81,50 @@ def main(argv: list[str] | None = None) -> int:
     hd, sal_s = [], 0.0
     for d in dirs[1:]:
         t = time.perf_counter()
-        h, meta = compute_hdiag(str(d), val, max_length=args.length + 1, batch_size=args.batch_size,
-                                device=args.device, progress=False,
-                                dtype="bfloat16" if args.device.startswith("cuda") else "float32")  # CPU bf16 is slow
+        h, meta = compute_hdiag(
+            str(d),
+            val,
+            max_length=args.length + 1,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=False,
+            dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        )  # CPU bf16 is slow
         load_s = time.perf_counter() - t - float(meta["seconds"])
         p = root / f"hdiag-{d.name}.safetensors"
         save_hdiag(h, p, meta)
         hd.append(p)
         sal_s += float(meta["seconds"])
-        print(f"saliency {d.name}: {meta['seconds']} s forward ({meta['seconds_per_sample']} s/sample, "
-              f"{meta['tokens']} tokens), {load_s:.1f} s loading")
-    cfg = {"method": "obim", "base_model": str(dirs[0]), "order": "rotation", "seed": 0,
-           "models": [{"name": d.name, "path": str(d), "retention": round(0.9 / args.models, 6), "hdiag": str(p)}
-                      for d, p in zip(dirs[1:], hd)]}
+        print(
+            f"saliency {d.name}: {meta['seconds']} s forward ({meta['seconds_per_sample']} s/sample, "
+            f"{meta['tokens']} tokens), {load_s:.1f} s loading"
+        )
+    cfg = {
+        "method": "obim",
+        "base_model": str(dirs[0]),
+        "order": "rotation",
+        "seed": 0,
+        "models": [
+            {"name": d.name, "path": str(d), "retention": round(0.9 / args.models, 6), "hdiag": str(p)}
+            for d, p in zip(dirs[1:], hd, strict=True)
+        ],
+    }
     out = root / "merged"
     shutil.rmtree(out, ignore_errors=True)
     res = merge(cfg, out, device=args.device, progress=False)
     shutil.rmtree(out, ignore_errors=True)
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    cost = {"models": args.models, "params_b": round(params / 1e9, 3), "gpus": gpus,
-            "gpu_name": torch.cuda.get_device_name(0) if gpus else None,
-            "hessian_s_per_sample": round(sal_s / (args.samples * args.models), 5), "saliency_s": round(sal_s, 3),
-            "merge_s": round(res.merge_s, 3), "samples": args.samples, "length": args.length}
+    cost = {
+        "models": args.models,
+        "params_b": round(params / 1e9, 3),
+        "gpus": gpus,
+        "gpu_name": torch.cuda.get_device_name(0) if gpus else None,
+        "hessian_s_per_sample": round(sal_s / (args.samples * args.models), 5),
+        "saliency_s": round(sal_s, 3),
+        "merge_s": round(res.merge_s, 3),
+        "samples": args.samples,
+        "length": args.length,
+    }
     print("\n" + cost_table([("ours", cost)]))
     print(f"(samples of {args.length} tokens; the paper does not state its samples' length)")
     if args.json:

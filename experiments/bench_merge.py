@@ -23,9 +23,9 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from pathlib import Path
 
@@ -45,13 +45,17 @@ def llama_tensors(hidden: int, layers: int, vocab: int, inter: int) -> list[tupl
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
         out += [(p + f"self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        out += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, inter))]
-    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+        out += [
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
+    return [*out, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int, inter: int,
-                device: str = "cpu") -> list[Path]:
+def make_models(
+    root: Path, n_models: int, hidden: int, layers: int, vocab: int, inter: int, device: str = "cpu"
+) -> list[Path]:
     """Base + fine-tunes (base + N(0, 0.002) noise, rounded to bf16), safetensors shards of 2 GB; cached. The
     noise is drawn on `device` (a GPU draws a 7B model's in seconds; the bytes differ from the CPU's)."""
     names = ["base"] + [f"ft{i}" for i in range(1, n_models + 1)]
@@ -65,11 +69,22 @@ def make_models(root: Path, n_models: int, hidden: int, layers: int, vocab: int,
     shutil.rmtree(root, ignore_errors=True)
     tensors = llama_tensors(hidden, layers, vocab, inter)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64, "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "head_dim": 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     entries = [(n, torch.bfloat16, s) for n, s in tensors]
     writers = []
@@ -99,8 +114,11 @@ def make_hdiags(root: Path, dirs: list[Path]) -> list[Path]:
         fingerprint = open_checkpoint(str(d)).fingerprint()
         if not p.exists() or load_hdiag(p)[1].get("model_fingerprint") != fingerprint:
             g = torch.Generator().manual_seed(100 + i)
-            h = {n: torch.rand(info.shape[1], generator=g) + 0.01 for n, info in ck.tensors.items()
-                 if n.endswith(tuple(f"{x}.weight" for x in LINEAR)) or n == "lm_head.weight"}
+            h = {
+                n: torch.rand(info.shape[1], generator=g) + 0.01
+                for n, info in ck.tensors.items()
+                if n.endswith(tuple(f"{x}.weight" for x in LINEAR)) or n == "lm_head.weight"
+            }
             save_hdiag(h, p, {"model": str(d), "data": "synthetic", "model_fingerprint": fingerprint})
         out.append(p)
     return out
@@ -174,8 +192,7 @@ def with_env(changes: dict[str, str | None]) -> dict[str, str]:
     return env
 
 
-def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[str], reps: int, device: str
-               ) -> str:
+def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[str], reps: int, device: str) -> str:
     """Each method idle and beside a busy neighbour, in each thread setting; every idle run is followed by its busy
     twin, and settings alternate within each repetition (the machine's other load drifts)."""
     out = root / "out"
@@ -206,32 +223,47 @@ def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[s
         cfgs[method].write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
     for rep in range(reps):
         print(f"repetition {rep + 1} of {reps} (neighbour: {n_busy} spinning processes)", flush=True)
-        measure(floor_key, [sys.executable, __file__, "--_floor", *map(str, dirs), str(out)],
-                with_env({"OBIM_NUM_THREADS": "1"}))
+        measure(
+            floor_key,
+            [sys.executable, __file__, "--_floor", *map(str, dirs), str(out)],
+            with_env({"OBIM_NUM_THREADS": "1"}),
+        )
         for method in methods:
             names = list(THREAD_SETTINGS)
-            for setting in names[rep % len(names):] + names[: rep % len(names)]:
-                cmd = [sys.executable, "-m", "obim.merging.cli", str(cfgs[method]), str(out), "--quiet",
-                       "--device", device]
+            for setting in names[rep % len(names) :] + names[: rep % len(names)]:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "obim.merging.cli",
+                    str(cfgs[method]),
+                    str(out),
+                    "--quiet",
+                    "--device",
+                    device,
+                ]
                 measure(f"obim {method}, {setting}", cmd, with_env(THREAD_SETTINGS[setting]))
     shutil.rmtree(out, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in walls.items()}
     mcpu = {k: statistics.median(v) for k, v in cpus.items()}
-    lines = ["| what | idle (s) | idle x floor | busy (s) | busy x floor | busy/idle of x floor | CPU s idle / busy |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| what | idle (s) | idle x floor | busy (s) | busy x floor | busy/idle of x floor | CPU s idle / busy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     keys = [floor_key] + [f"obim {m}, {s}" for m in methods for s in THREAD_SETTINGS]
     for k in keys:
         ri, rb = med[k, "idle"] / med[floor_key, "idle"], med[k, "busy"] / med[floor_key, "busy"]
-        lines.append(f"| {k} | {med[k, 'idle']:.1f} | {ri:.2f} | {med[k, 'busy']:.1f} | {rb:.2f} | {rb / ri:.2f} "
-                     f"| {mcpu[k, 'idle']:.1f} / {mcpu[k, 'busy']:.1f} |")
+        lines.append(
+            f"| {k} | {med[k, 'idle']:.1f} | {ri:.2f} | {med[k, 'busy']:.1f} | {rb:.2f} | {rb / ri:.2f} "
+            f"| {mcpu[k, 'idle']:.1f} / {mcpu[k, 'busy']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def obim_config(method: str, dirs: list[Path], hdiags: list[Path]) -> dict:
     n = len(dirs) - 1
     models = []
-    for i, (d, h) in enumerate(zip(dirs[1:], hdiags)):
+    for d, h in zip(dirs[1:], hdiags, strict=True):
         m = {"name": d.name, "path": str(d)}
         if method in ("obim", "ties_im", "ties_obm"):
             m["retention"] = round(0.9 / n, 6) if method != "ties_obm" else 0.2
@@ -243,9 +275,13 @@ def obim_config(method: str, dirs: list[Path], hdiags: list[Path]) -> dict:
 
 def mergekit_config(method: str, dirs: list[Path]) -> dict:
     params = {"weight": 1.0, **({"density": 0.2} if method == "ties" else {})}
-    return {"merge_method": method, "base_model": str(dirs[0]), "dtype": "bfloat16",
-            "models": [{"model": str(d), "parameters": params} for d in dirs[1:]],
-            **({"parameters": {"normalize": False}} if method == "ties" else {})}
+    return {
+        "merge_method": method,
+        "base_model": str(dirs[0]),
+        "dtype": "bfloat16",
+        "models": [{"model": str(d), "parameters": params} for d in dirs[1:]],
+        **({"parameters": {"normalize": False}} if method == "ties" else {}),
+    }
 
 
 def main() -> None:
@@ -258,12 +294,18 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=3, help="number of fine-tunes")
     ap.add_argument("--methods", nargs="*", help="default: all; with --busy, ties and obim")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
-                    help="mergekit-yaml executable (skipped when absent)")
+    ap.add_argument(
+        "--mergekit",
+        default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
+        help="mergekit-yaml executable (skipped when absent)",
+    )
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--markdown", help="also write the table to this file")
-    ap.add_argument("--busy", action="store_true",
-                    help="the thread budget: each method idle and beside a busy neighbour, old and new settings")
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="the thread budget: each method idle and beside a busy neighbour, old and new settings",
+    )
     ap.add_argument("--reps", type=int, default=3, help="--busy: repetitions (medians are reported)")
     ap.add_argument("--_floor", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -275,13 +317,14 @@ def main() -> None:
     dirs = make_models(root / "models", args.models, args.hidden, args.layers, args.vocab, args.intermediate)
     hdiags = make_hdiags(root, dirs)
     n_params = sum(math.prod(t.shape) for t in open_checkpoint(str(dirs[0])).tensors.values())
-    print(f"inputs: base + {args.models} fine-tunes, {n_params / 1e6:.0f}M parameters each, bf16 "
-          f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); ready in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"inputs: base + {args.models} fine-tunes, {n_params / 1e6:.0f}M parameters each, bf16 "
+        f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); ready in {time.perf_counter() - t0:.0f} s"
+    )
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
     out = root / "out"
     if args.busy:
-        table = busy_table(root, dirs, hdiags, args.methods or ["ties", "obim"],
-                           args.reps, args.device)
+        table = busy_table(root, dirs, hdiags, args.methods or ["ties", "obim"], args.reps, args.device)
         print(table)
         if args.markdown:
             Path(args.markdown).write_text(table + "\n")

@@ -36,8 +36,11 @@ def main(argv: list[str]) -> int:
         print(f"search: error: {e}", file=sys.stderr)
         return 2
     except Exception:
-        print("search: stopped by the error below; run the same command again to resume (finished trials are "
-              "kept in the study file)", file=sys.stderr)
+        print(
+            "search: stopped by the error below; run the same command again to resume (finished trials are "
+            "kept in the study file)",
+            file=sys.stderr,
+        )
         raise
     return 0
 

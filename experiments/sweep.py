@@ -63,8 +63,9 @@ def main() -> None:
                 outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name))
             except Exception as e:  # this job's one-line error on the console (obim.bench.console); the sweep goes on
                 outcome = s.failed(e)
-        if outcome["status"] == "failed" and not any("SweepConsole" in str(c.get("_target_", ""))
-                                                    for c in (hc.callbacks or {}).values()):
+        if outcome["status"] == "failed" and not any(
+            "SweepConsole" in str(c.get("_target_", "")) for c in (hc.callbacks or {}).values()
+        ):
             print(f"sweep: error: {outcome['error']} (log: {outcome['log']})", file=sys.stderr)
             raise SystemExit(1)  # no console callback to report it and fail the sweep
         return outcome

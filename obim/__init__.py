@@ -7,15 +7,27 @@ toy zoo). The library imports nothing from the harness. This package re-exports 
 __version__ = "0.1.0"
 
 # first: OpenMP reads OMP_WAIT_POLICY once, when torch loads
-from .merging import threads as _threads  # noqa: E402,F401
-from .merging.config import MergeConfig, load_config  # noqa: E402
-from .merging.errors import ObimError  # noqa: E402
-from .merging.merge import MergeResult, merge  # noqa: E402
-from .merging.methods import METHODS, Method, get_method, register  # noqa: E402
-from .merging.saliency import compute_hdiag, load_hdiag, save_hdiag  # noqa: E402
+from .merging import threads as _threads  # noqa: F401  (for its side effect, before torch loads)
+from .merging.config import MergeConfig, load_config
+from .merging.errors import ObimError
+from .merging.merge import MergeResult, merge
+from .merging.methods import METHODS, Method, get_method, register
+from .merging.saliency import compute_hdiag, load_hdiag, save_hdiag
 
-__all__ = ["MergeConfig", "MergeResult", "METHODS", "Method", "ObimError", "compute_hdiag", "get_method",
-           "load_config", "load_hdiag", "merge", "register", "save_hdiag"]
+__all__ = [
+    "METHODS",
+    "MergeConfig",
+    "MergeResult",
+    "Method",
+    "ObimError",
+    "compute_hdiag",
+    "get_method",
+    "load_config",
+    "load_hdiag",
+    "merge",
+    "register",
+    "save_hdiag",
+]
 
 
 def __getattr__(name: str):

@@ -27,21 +27,43 @@ def make_tokenizer(extra_tokens: int = 0, chars: str | list[str] = CHARS):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
-def make_llama(path: Path, seed: int, *, vocab: int = 64, layers: int = 2, hidden: int = 64, head_dim: int = 32,
-               base: Path | None = None, scale: float = 0.02, extra_tokens: int = 0, tie: bool = False,
-               safe: bool = True) -> Path:
+def make_llama(
+    path: Path,
+    seed: int,
+    *,
+    vocab: int = 64,
+    layers: int = 2,
+    hidden: int = 64,
+    head_dim: int = 32,
+    base: Path | None = None,
+    scale: float = 0.02,
+    extra_tokens: int = 0,
+    tie: bool = False,
+    safe: bool = True,
+) -> Path:
     """A tiny LlamaForCausalLM; with `base`, its weights are the base's plus seeded N(0, scale²) noise (a
     'fine-tune'; rows the base lacks, e.g. an added token, are noise only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // head_dim, num_key_value_heads=hidden // head_dim, head_dim=head_dim,
-                      max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // head_dim,
+        num_key_value_heads=hidden // head_dim,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     if base is not None:

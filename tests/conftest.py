@@ -32,8 +32,14 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def val_jsonl(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("val") / "val.jsonl"
-    lines = ["what is 2+3? 5", "the cat sat on the mat.", "a", "def f(x): return x*2", "12*3=36 #### 36",
-             "hello world, this is a longer sample to check padding"]
+    lines = [
+        "what is 2+3? 5",
+        "the cat sat on the mat.",
+        "a",
+        "def f(x): return x*2",
+        "12*3=36 #### 36",
+        "hello world, this is a longer sample to check padding",
+    ]
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     return p
 
@@ -43,8 +49,13 @@ def quick_zoo(tmp_path_factory) -> Path:
     """The toy zoo with a handful of training steps (layout and every code path; not its quality)."""
     from obim.bench.zoo import build, quick_recipe
 
-    return build(tmp_path_factory.mktemp("toyzoo") / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
-                 log=lambda s: None)
+    return build(
+        tmp_path_factory.mktemp("toyzoo") / "zoo",
+        recipe=quick_recipe(),
+        evaluate=False,
+        progress=False,
+        log=lambda s: None,
+    )
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +67,19 @@ def start_merge(c: dict, out: Path, tmp_path: Path, name: str = "c", pause: str 
 
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
     env = {**os.environ, "OBIM_TEST_PAUSE_PER_TENSOR": pause}
-    return subprocess.Popen([sys.executable, "-c", "import sys; from obim.merging.cli import merge_main; "
-                             "sys.exit(merge_main(sys.argv[1:]))", str(tmp_path / f"{name}.yaml"), str(out),
-                             "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from obim.merging.cli import merge_main; sys.exit(merge_main(sys.argv[1:]))",
+            str(tmp_path / f"{name}.yaml"),
+            str(out),
+            "--quiet",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_mid_merge(proc: subprocess.Popen, out: Path) -> Path:
@@ -77,8 +98,14 @@ def wait_mid_merge(proc: subprocess.Popen, out: Path) -> Path:
 
 def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def compose(*overrides: str, allow_code: bool = True):

@@ -61,8 +61,10 @@ def test_tasks_fingerprint_follows_the_folders_that_define_the_tasks(tmp_path, m
 def test_a_result_waits_for_a_judge_only_when_one_is_configured(monkeypatch):
     from obim.bench import judge
 
-    scored = {"scores": {"obim_alpaca_eval": 80.0, "toy_mmlu": 50.0},
-              "individual": {"base": {"scores": {"obim_alpaca_eval": 10.0}}}}
+    scored = {
+        "scores": {"obim_alpaca_eval": 80.0, "toy_mmlu": 50.0},
+        "individual": {"base": {"scores": {"obim_alpaca_eval": 10.0}}},
+    }
     unjudged = {**scored, "scores": {"obim_alpaca_eval": None, "toy_mmlu": 50.0}}
     base_unjudged = {**scored, "individual": {"base": {"scores": {"obim_alpaca_eval": None}}}}
     missing_other = {**scored, "scores": {"obim_alpaca_eval": 80.0, "toy_mmlu": None}}  # not a judged task

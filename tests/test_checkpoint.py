@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from obim.merging.checkpoint import Checkpoint, ShardedWriter, plan_shards, read_safetensors_header
-from obim.merging.staging import staged_output
 from obim.merging.errors import ObimError
+from obim.merging.staging import staged_output
 
 
 def _tensors():
@@ -66,7 +66,7 @@ def test_reader_matches_safetensors_and_detects_truncation(tmp_path):
     with pytest.raises(ObimError, match="truncated"):
         read_safetensors_header(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 20)
-    with pytest.raises(ObimError, match="model.safetensors"):
+    with pytest.raises(ObimError, match=r"model.safetensors"):
         read_safetensors_header(tmp_path / "model.safetensors")
 
 
@@ -84,20 +84,20 @@ def test_reader_bin_shards(tmp_path):
 
 def test_staged_output_renames_only_on_success(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValueError):
-        with staged_output(out, overwrite=False) as tmp:
-            (tmp / "partial").write_text("x")
-            raise ValueError("boom")
+    with (  # noqa: PT012  (the error must rise inside the staged block)
+        pytest.raises(ValueError, match="boom"),
+        staged_output(out, overwrite=False) as tmp,
+    ):
+        (tmp / "partial").write_text("x")
+        raise ValueError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with staged_output(out, overwrite=False) as tmp:
         (tmp / "done").write_text("x")
     assert (out / "done").exists()
-    with pytest.raises(ObimError, match="not empty"):
-        with staged_output(out, overwrite=False):
-            pass
-    with pytest.raises(ObimError, match="replaces only a directory obim wrote"):
-        with staged_output(out, overwrite=True):
-            pass
+    with pytest.raises(ObimError, match="not empty"), staged_output(out, overwrite=False):
+        pass
+    with pytest.raises(ObimError, match="replaces only a directory obim wrote"), staged_output(out, overwrite=True):
+        pass
     (out / "obim_merge.yaml").write_text("")
     with staged_output(out, overwrite=True) as tmp:
         (tmp / "new").write_text("y")

@@ -18,13 +18,22 @@ from pathlib import Path
 from conftest import REPO, run_sweep
 
 QUICK = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
-JOB_LINE = re.compile(r"^\[(\d+)/(\d+)\] method=(\w+): avg (\S+) \| alpaca_eval=\S+ mmlu=\S+ gsm8k=\S+ math=\S+ "
-                      r"humaneval=\S+ mbpp=\S+ \| merge \d+\.\d s.*, eval \d+\.\d s")
+JOB_LINE = re.compile(
+    r"^\[(\d+)/(\d+)\] method=(\w+): avg (\S+) \| alpaca_eval=\S+ mmlu=\S+ gsm8k=\S+ math=\S+ "
+    r"humaneval=\S+ mbpp=\S+ \| merge \d+\.\d s.*, eval \d+\.\d s"
+)
 
 
 def _env(quick_zoo: Path, cache: Path) -> dict:
-    return {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(cache), "WANDB_MODE": "offline",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "OBIM_ZOO": str(quick_zoo),
+        "OBIM_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job_dirs(quick_zoo, tmp_path):
@@ -69,8 +78,12 @@ def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job
     q = run_sweep(args2, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
     assert q.returncode == 1
     assert re.search(r"^\[1/2\] method=ta: avg .*; cached result", q.stdout, re.M)
-    err = re.search(r"^\[2/2\] method=ties: sweep: error: RuntimeError: OBIM_FAIL_AFTER=merge: simulated failure "
-                    r"after merge \(log: (.+?)\)", q.stderr, re.M)
+    err = re.search(
+        r"^\[2/2\] method=ties: sweep: error: RuntimeError: OBIM_FAIL_AFTER=merge: simulated failure "
+        r"after merge \(log: (.+?)\)",
+        q.stderr,
+        re.M,
+    )
     assert err, q.stderr
     log = tmp_path / err.group(1)
     assert log.is_file() and "Traceback" in log.read_text()
@@ -79,8 +92,19 @@ def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job
 
 def test_verbose_brings_the_library_logs_back(quick_zoo, tmp_path):
     env = _env(quick_zoo, tmp_path / "cache")
-    p = run_sweep(["method=ta", *QUICK, "eval.individual=false", "tracking=none", "verbose=true",
-                   f"hydra.sweep.dir={tmp_path / 'runs'}", "results_dir=results"], env, tmp_path)
+    p = run_sweep(
+        [
+            "method=ta",
+            *QUICK,
+            "eval.individual=false",
+            "tracking=none",
+            "verbose=true",
+            f"hydra.sweep.dir={tmp_path / 'runs'}",
+            "results_dir=results",
+        ],
+        env,
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     console = p.stdout + p.stderr
     assert "[lm_eval.evaluator][INFO]" in console and "Running generate_until requests" in console
@@ -109,20 +133,31 @@ def test_capture_sends_everything_to_the_log_and_real_warnings_to_the_console_on
             logging.getLogger("lm_eval.evaluator").info("Building contexts for toy_x")
             for task in ("toy_a", "toy_b"):
                 logging.getLogger("lm_eval.api.task").warning(
-                    f"{task}: Custom kwargs can be passed to `--metadata` in console")
+                    f"{task}: Custom kwargs can be passed to `--metadata` in console"
+                )
             for _ in range(2):
                 tlog.get_logger("transformers.modeling_utils").warning("Some weights of the model were not used")
-            warnings.warn("an odd value", UserWarning)
-            warnings.warn("an old API", DeprecationWarning)
+            warnings.warn("an odd value", UserWarning, stacklevel=1)
+            warnings.warn("an old API", DeprecationWarning, stacklevel=1)
     os.write(1, b"after the job\n")
     out, err = capfd.readouterr()
     assert out == "after the job\n" and err == ""  # the terminal got nothing while the job ran
     text = log.read_text()
-    for s in ("raw fd 1", "raw fd 2", "printed", "from a child process", "Building contexts for toy_x",
-              "toy_b: Custom kwargs", "Some weights of the model were not used", "an old API"):
+    for s in (
+        "raw fd 1",
+        "raw fd 2",
+        "printed",
+        "from a child process",
+        "Building contexts for toy_x",
+        "toy_b: Custom kwargs",
+        "Some weights of the model were not used",
+        "an old API",
+    ):
         assert s in text, s
-    assert [(r["level"], r["logger"]) for r in relayed] == [("warning", "transformers.modeling_utils"),
-                                                            ("warning", "py.warnings")]
+    assert [(r["level"], r["logger"]) for r in relayed] == [
+        ("warning", "transformers.modeling_utils"),
+        ("warning", "py.warnings"),
+    ]
     assert "an odd value" in relayed[1]["text"]
     assert logging.getLogger().handlers == root_before
     assert logging.getLogger("transformers").propagate is propagate_before  # put back
@@ -138,15 +173,36 @@ def test_live_console_counts_cached_jobs_at_once_and_estimates_the_rest(tmp_path
     out, err = io.StringIO(), io.StringIO()
     live = Live(tmp_path, jobs, verbose=False, out=out, err=err)
     live.t0 = time.monotonic() - 100
-    base = {"overrides": [], "log": "runs/x/sweep.log", "stages": {}, "scores": {"mmlu": 50.0}, "avg": 50.0,
-            "merge_s": 0.1, "eval_s": 2.0, "cached": {"merge": False, "eval": False}}
+    base = {
+        "overrides": [],
+        "log": "runs/x/sweep.log",
+        "stages": {},
+        "scores": {"mmlu": 50.0},
+        "avg": 50.0,
+        "merge_s": 0.1,
+        "eval_s": 2.0,
+        "cached": {"merge": False, "eval": False},
+    }
     emit(inbox, "end", outcome={**base, "status": "skipped", "name": "a", "overrides": jobs[0], "seconds": 1.0})
     emit(inbox, "warning", level="warning", logger="x", text="weights not used", log="runs/b/sweep.log")
     emit(inbox, "warning", level="warning", logger="x", text="weights not used", log="runs/c/sweep.log")
-    emit(inbox, "end", outcome={**base, "status": "done", "name": "b", "overrides": jobs[1], "seconds": 70.0,
-                                "stages": {"zoo": 60.0}})
-    emit(inbox, "end", outcome={**base, "status": "failed", "name": "c", "overrides": jobs[2], "seconds": 1.0,
-                                "error": "RuntimeError: boom"})
+    emit(
+        inbox,
+        "end",
+        outcome={**base, "status": "done", "name": "b", "overrides": jobs[1], "seconds": 70.0, "stages": {"zoo": 60.0}},
+    )
+    emit(
+        inbox,
+        "end",
+        outcome={
+            **base,
+            "status": "failed",
+            "name": "c",
+            "overrides": jobs[2],
+            "seconds": 1.0,
+            "error": "RuntimeError: boom",
+        },
+    )
     live.poll()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[1/4] method=ta: avg 50.0 | mmlu=50.0 | merge 0.1 s, eval 2.0 s; cached result")
@@ -164,13 +220,20 @@ def test_planned_jobs_and_the_main_table():
     from obim.bench.console import main_table, planned_jobs, varying_keys
     from obim.bench.tables import Table
 
-    cfg = OmegaConf.create({"hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-                    "params": {"method": "ta,obim"}},
-        "overrides": {"task": ["retention=0.2,0.3", "eval.limit=2"]}}})
+    cfg = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {
+                    "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"method": "ta,obim"},
+                },
+                "overrides": {"task": ["retention=0.2,0.3", "eval.limit=2"]},
+            }
+        }
+    )
     jobs = planned_jobs(cfg)
     assert len(jobs) == 4 and sorted(varying_keys(jobs)) == ["method", "retention"]
     tables = [Table(n, n, ["avg"]) for n in ("table1", "table3", "table5", "grid")]
-    pick = lambda *o: main_table(tables, [{"overrides": list(o)}]).name  # noqa: E731
+    pick = lambda *o: main_table(tables, [{"overrides": list(o)}]).name  # noqa: E731  (a one-line local helper)
     assert pick("method=ta") == "table1" and pick("method=obim", "validation.size=10") == "table5"
     assert pick("retention=0.2") == "grid" and pick("method.parameters.density=0.3") == "grid"

@@ -38,8 +38,9 @@ def test_cuda_matches_cpu(tmp_path):
 
     base = make_llama(tmp_path / "base", 0, layers=2, hidden=128, head_dim=64)
     names = ["lm", "math", "code"]
-    experts = {n: make_llama(tmp_path / n, i + 1, layers=2, hidden=128, head_dim=64, base=base)
-               for i, n in enumerate(names)}
+    experts = {
+        n: make_llama(tmp_path / n, i + 1, layers=2, hidden=128, head_dim=64, base=base) for i, n in enumerate(names)
+    }
     hd = {}
     for n, d in experts.items():
         cpu, _ = compute_hdiag(str(d), TEXTS, max_length=64, batch_size=5, device="cpu", progress=False)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import compose, start_merge, wait_mid_merge
 from safetensors.torch import load_file, save_file
 
-from conftest import compose, make_llama, start_merge, wait_mid_merge
 from obim import METHODS, load_config, merge
 from obim.merging.checkpoint import Checkpoint, open_checkpoint
 from obim.merging.cli import merge_main, saliency_main
@@ -26,8 +26,10 @@ RET = {"lm": 0.4, "math": 0.45, "code": 0.1}
 
 
 def cfg(zoo, method="ta", **kw):
-    models = [{"name": n, "path": str(zoo[n]), **({"retention": r} if METHODS[method].retention_param == "retention"
-                                                   else {})} for n, r in RET.items()]
+    models = [
+        {"name": n, "path": str(zoo[n]), **({"retention": r} if METHODS[method].retention_param == "retention" else {})}
+        for n, r in RET.items()
+    ]
     return {"method": method, "base_model": str(zoo["base"]), "models": models, "seed": 0, **kw}
 
 
@@ -41,8 +43,12 @@ def one_line_refusal(fn, match: str) -> str:
 
 # ---------------------------------------------------------------------------------------- non-finite numbers
 
-NUMERIC = sorted((m.name, p.name) for m in METHODS.values() for p in m.params
-                 if p.default is None or (isinstance(p.default, (int, float)) and not isinstance(p.default, bool)))
+NUMERIC = sorted(
+    (m.name, p.name)
+    for m in METHODS.values()
+    for p in m.params
+    if p.default is None or (isinstance(p.default, (int, float)) and not isinstance(p.default, bool))
+)
 
 
 def test_every_numeric_parameter_is_listed():
@@ -51,15 +57,18 @@ def test_every_numeric_parameter_is_listed():
     assert ("tall_mask", "k") in NUMERIC and ("della", "epsilon") in NUMERIC and len(NUMERIC) >= 22
 
 
-@pytest.mark.parametrize("method, param", NUMERIC)
+@pytest.mark.parametrize(("method", "param"), NUMERIC)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_parameters_refused(zoo, method, param, bad):
     c = cfg(zoo, method, parameters={param: bad})
     if METHODS[method].uses_saliency:
         for m in c["models"]:
             m["hdiag"] = "unused.safetensors"
-    one_line_refusal(lambda: load_config(c), rf"parameters: parameter `{param}` of method {method} must be a "
-                                             rf"finite number, got -?(nan|inf)")
+    one_line_refusal(
+        lambda: load_config(c),
+        rf"parameters: parameter `{param}` of method {method} must be a "
+        rf"finite number, got -?(nan|inf)",
+    )
     p = {q.name: q for q in METHODS[method].params}[param]
     if p.per_model:  # one model's own value, and its `retention` key
         c = cfg(zoo, method, parameters={})
@@ -80,11 +89,14 @@ def test_cli_refuses_non_finite_before_writing(zoo, tmp_path, capsys, yaml_value
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.parameters.lambda=nan", r"`lambda` of method ta must be a finite number"),
-    ("method.parameters.lambda=inf", r"`lambda` of method ta must be a finite number"),
-    ("retention=nan", r"retention: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.parameters.lambda=nan", r"`lambda` of method ta must be a finite number"),
+        ("method.parameters.lambda=inf", r"`lambda` of method ta must be a finite number"),
+        ("retention=nan", r"retention: must be a finite number"),
+    ],
+)
 def test_sweep_plan_refuses_non_finite(tmp_path, override, message):
     from obim.bench.plan import plan_job
 
@@ -125,15 +137,17 @@ def test_out_may_not_hold_the_config_or_hdiag_file(zoo, tmp_path, val_jsonl):
     c = cfg(zoo, "ta")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
     (tmp_path / "obim_merge.yaml").write_text("")  # even a folder obim seems to have written
-    one_line_refusal(lambda: merge(str(tmp_path / "c.yaml"), tmp_path, overwrite=True, progress=False),
-                     "contains the merge config")
+    one_line_refusal(
+        lambda: merge(str(tmp_path / "c.yaml"), tmp_path, overwrite=True, progress=False), "contains the merge config"
+    )
     h = tmp_path / "h" / "lm.safetensors"
     h.parent.mkdir()
     assert saliency_main([str(zoo["lm"]), str(h), "--data", str(val_jsonl), "--size", "2", "--quiet"]) == 0
     c = cfg(zoo, "obim")
     c["models"] = [{**c["models"][0], "hdiag": str(h), "retention": 0.5}]
-    one_line_refusal(lambda: merge(c, tmp_path / "h", overwrite=True, progress=False),
-                     "contains the hdiag file of 'lm'")
+    one_line_refusal(
+        lambda: merge(c, tmp_path / "h", overwrite=True, progress=False), "contains the hdiag file of 'lm'"
+    )
     assert h.is_file()
 
 
@@ -148,8 +162,12 @@ def hdiag_lm(zoo, val_jsonl, tmp_path_factory) -> Path:
 
 
 def _obim_lm(zoo, hdiag: Path) -> dict:
-    return {"method": "obim", "base_model": str(zoo["base"]), "seed": 0,
-            "models": [{"name": "lm", "path": str(zoo["lm"]), "retention": 0.5, "hdiag": str(hdiag)}]}
+    return {
+        "method": "obim",
+        "base_model": str(zoo["base"]),
+        "seed": 0,
+        "models": [{"name": "lm", "path": str(zoo["lm"]), "retention": 0.5, "hdiag": str(hdiag)}],
+    }
 
 
 def test_hdiag_records_model_and_texts(zoo, hdiag_lm, val_jsonl):
@@ -199,7 +217,9 @@ def test_incomplete_or_foreign_hdiag_refused(zoo, hdiag_lm, tmp_path, case):
         save_file({one: stats[one]}, str(bad), metadata=meta)
         match = r"hdiag covers 1 linear weights"
     elif case == "other_model":
-        save_file(stats, str(bad), metadata={**meta, "model_fingerprint": open_checkpoint(str(zoo["math"])).fingerprint()})
+        save_file(
+            stats, str(bad), metadata={**meta, "model_fingerprint": open_checkpoint(str(zoo["math"])).fingerprint()}
+        )
         match = r"computed for another model"
     else:
         save_file(stats, str(bad), metadata={k: v for k, v in meta.items() if k != "model_fingerprint"})
@@ -260,8 +280,11 @@ def test_index_without_weight_map(zoo, tmp_path):
 
     shutil.copytree(zoo["lm"], tmp_path / "m")
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    one_line_refusal(lambda: open_checkpoint(str(tmp_path / "m")), r"model.safetensors.index.json: expected a "
-                                                                  r"non-empty `weight_map`")
+    one_line_refusal(
+        lambda: open_checkpoint(str(tmp_path / "m")),
+        r"model.safetensors.index.json: expected a "
+        r"non-empty `weight_map`",
+    )
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"x": "../../etc/passwd"}}')
     one_line_refusal(lambda: open_checkpoint(str(tmp_path / "m")), r"is not a file name in")
 
@@ -285,34 +308,43 @@ def test_bad_device(zoo, tmp_path, val_jsonl, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg(zoo, "ta")))
     assert merge_main([str(tmp_path / "c.yaml"), str(tmp_path / "out"), "--device", "tpu", "--quiet"]) == 1
     assert "--device: expected cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
-    assert saliency_main([str(zoo["lm"]), str(tmp_path / "h.safetensors"), "--data", str(val_jsonl),
-                          "--device", "tpu", "--quiet"]) == 1
+    assert (
+        saliency_main(
+            [str(zoo["lm"]), str(tmp_path / "h.safetensors"), "--data", str(val_jsonl), "--device", "tpu", "--quiet"]
+        )
+        == 1
+    )
     assert "--device: expected" in capsys.readouterr().err and not (tmp_path / "out").exists()
     if not torch.cuda.is_available():
         assert merge_main([str(tmp_path / "c.yaml"), str(tmp_path / "out"), "--device", "cuda", "--quiet"]) == 1
         assert "CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method=ta", "seed=abc"], r"^seed: must be an integer, got 'abc'"),
-    (["method=ta", "seed=-1"], r"^seed: must be in"),
-    (["method=ta", "device=tpu"], r"^device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
-    (["method=ta", "eval.device=tpu"], r"^eval.device: expected"),
-    (["method=ta", "eval.limit=-1"], r"^eval.limit: expected null, a positive integer or a fraction"),
-    (["method=ta", "eval.limit=abc"], r"^eval.limit: expected null"),
-    (["method=ta", "eval.limit=1.5"], r"^eval.limit: expected null"),
-    (["method=ta", "eval.batch_size=0"], r"^eval.batch_size: expected a positive integer, auto or auto:N"),
-    (["method=obim", "validation.source=nosuch", "validation.size=10"],
-     r"^validation.source: 'nosuch' \(model 'lm'\) is not a toy zoo source; one of .*gsm8k"),
-    (["method=obim", "validation.max_length=0"], r"^validation.max_length: must be in"),
-    (["method=obim", "validation.size=true"], r"^validation.size: must be an integer"),
-    (["method=tall_mask", "method.parameters.k=4"], r"`k` of tall_mask is 4, more than the 3 models"),
-    # experiments are checked as schemas: a key no code reads is an error, not silently ignored
-    (["method=ta", "+experiment.tables=[table1]"], r"^experiment toy_sft: unknown key\(s\) tables; valid: name, "),
-    (["method=ta", "experiment.setting=rlhf"], r"^experiment.setting: expected one of sft, pt, got 'rlhf'"),
-    (["method=ta", "experiment.zoo_recipe=tiny"], r"^experiment.zoo_recipe: expected full or quick, got 'tiny'"),
-    (["method=ta", "experiment.base=null"], r"^experiment toy_sft: `base` is required"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=ta", "seed=abc"], r"^seed: must be an integer, got 'abc'"),
+        (["method=ta", "seed=-1"], r"^seed: must be in"),
+        (["method=ta", "device=tpu"], r"^device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["method=ta", "eval.device=tpu"], r"^eval.device: expected"),
+        (["method=ta", "eval.limit=-1"], r"^eval.limit: expected null, a positive integer or a fraction"),
+        (["method=ta", "eval.limit=abc"], r"^eval.limit: expected null"),
+        (["method=ta", "eval.limit=1.5"], r"^eval.limit: expected null"),
+        (["method=ta", "eval.batch_size=0"], r"^eval.batch_size: expected a positive integer, auto or auto:N"),
+        (
+            ["method=obim", "validation.source=nosuch", "validation.size=10"],
+            r"^validation.source: 'nosuch' \(model 'lm'\) is not a toy zoo source; one of .*gsm8k",
+        ),
+        (["method=obim", "validation.max_length=0"], r"^validation.max_length: must be in"),
+        (["method=obim", "validation.size=true"], r"^validation.size: must be an integer"),
+        (["method=tall_mask", "method.parameters.k=4"], r"`k` of tall_mask is 4, more than the 3 models"),
+        # experiments are checked as schemas: a key no code reads is an error, not silently ignored
+        (["method=ta", "+experiment.tables=[table1]"], r"^experiment toy_sft: unknown key\(s\) tables; valid: name, "),
+        (["method=ta", "experiment.setting=rlhf"], r"^experiment.setting: expected one of sft, pt, got 'rlhf'"),
+        (["method=ta", "experiment.zoo_recipe=tiny"], r"^experiment.zoo_recipe: expected full or quick, got 'tiny'"),
+        (["method=ta", "experiment.base=null"], r"^experiment toy_sft: `base` is required"),
+    ],
+)
 def test_sweep_plan_one_line_errors(tmp_path, overrides, message):
     from obim.bench.plan import plan_job
 
@@ -329,35 +361,52 @@ def test_sweep_plan_accepts_good_limits_and_sources(tmp_path):
     assert p["validation"]["lm"]["sources"] == {"gsm8k": 10}
     # once the zoo is built, a source must be a file it holds
     (tmp_path / "zoo.json").write_text("{}")
-    one_line_refusal(lambda: plan_job(compose("method=obim", zoo, "validation.source=gsm8k", "validation.size=10")),
-                     r"validation.source: 'gsm8k' \(model 'lm'\): no file .*gsm8k/train.jsonl")
+    one_line_refusal(
+        lambda: plan_job(compose("method=obim", zoo, "validation.source=gsm8k", "validation.size=10")),
+        r"validation.source: 'gsm8k' \(model 'lm'\): no file .*gsm8k/train.jsonl",
+    )
 
 
 def test_dry_run_refuses_unknown_source(tmp_path):
     from conftest import REPO, run_sweep
 
     env = {**os.environ, "OBIM_ZOO": str(tmp_path / "zoo"), "OBIM_CACHE": str(tmp_path / "cache")}
-    proc = run_sweep(["method=obim", "validation.source=nosuch", "validation.size=10", "dry_run=true",
-                      "eval.allow_code=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, REPO)
+    proc = run_sweep(
+        [
+            "method=obim",
+            "validation.source=nosuch",
+            "validation.size=10",
+            "dry_run=true",
+            "eval.allow_code=true",
+            f"hydra.sweep.dir={tmp_path / 'runs'}",
+        ],
+        env,
+        REPO,
+    )
     assert proc.returncode != 0 and "validation.source: 'nosuch'" in proc.stderr
     assert not list((tmp_path / "runs").rglob("plan.json"))
     env.pop("HF_ALLOW_CODE_EVAL", None)
     proc = run_sweep(["method=ta", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, REPO)
-    assert proc.returncode != 0 and "sweep: error: toy_humaneval, toy_mbpp execute model-generated code" in \
-        proc.stderr
+    assert proc.returncode != 0 and "sweep: error: toy_humaneval, toy_mbpp execute model-generated code" in proc.stderr
     assert not list((tmp_path / "runs").rglob("plan.json"))
 
 
-@pytest.mark.parametrize("experiment, tasks", [("toy_sft", "toy_humaneval, toy_mbpp"),
-                                               ("llama2_13b_sft", "humaneval, mbpp")])
+@pytest.mark.parametrize(
+    ("experiment", "tasks"), [("toy_sft", "toy_humaneval, toy_mbpp"), ("llama2_13b_sft", "humaneval, mbpp")]
+)
 def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, experiment, tasks):
     from obim.bench.plan import plan_job
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    over = ["method=ta", f"experiment={experiment}", f"experiment.zoo={tmp_path}" if experiment == "toy_sft" else
-            "seed=0"]
-    one_line_refusal(lambda: plan_job(compose(*over, allow_code=False)),
-                     rf"^{tasks} execute model-generated code: opt in with eval.allow_code=true")
+    over = [
+        "method=ta",
+        f"experiment={experiment}",
+        f"experiment.zoo={tmp_path}" if experiment == "toy_sft" else "seed=0",
+    ]
+    one_line_refusal(
+        lambda: plan_job(compose(*over, allow_code=False)),
+        rf"^{tasks} execute model-generated code: opt in with eval.allow_code=true",
+    )
     assert plan_job(compose(*over))["allow_code"] is True
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     assert plan_job(compose(*over, allow_code=False))["allow_code"] is False  # the environment's opt-in
@@ -382,8 +431,9 @@ def test_nan_in_the_base_blamed_on_the_base(zoo, tmp_path):
     state[name][0, 0] = float("nan")
     save_file(state, str(tmp_path / "base" / "model.safetensors"))
     c = cfg({**zoo, "base": tmp_path / "base"}, "ta")
-    one_line_refusal(lambda: merge(c, tmp_path / "out", progress=False),
-                     rf"tensor {name}: the base model has NaN or Inf entries")
+    one_line_refusal(
+        lambda: merge(c, tmp_path / "out", progress=False), rf"tensor {name}: the base model has NaN or Inf entries"
+    )
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path / "out") == []
 
 
@@ -392,6 +442,8 @@ def test_zoo_build_never_replaces_a_foreign_folder(tmp_path):
 
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "thesis.tex").write_text("years of work")
-    one_line_refusal(lambda: build(tmp_path / "zoo", recipe=quick_recipe(), evaluate=False, progress=False,
-                                   log=lambda s: None), r"replaces only a directory obim wrote \(it has no zoo.json\)")
+    one_line_refusal(
+        lambda: build(tmp_path / "zoo", recipe=quick_recipe(), evaluate=False, progress=False, log=lambda s: None),
+        r"replaces only a directory obim wrote \(it has no zoo.json\)",
+    )
     assert (tmp_path / "zoo" / "thesis.tex").read_text() == "years of work"

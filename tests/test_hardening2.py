@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import start_merge, wait_mid_merge
 from safetensors.torch import load_file, save_file
 
-from conftest import start_merge, wait_mid_merge
 from obim import load_config, merge
 from obim.merging import staging
 from obim.merging.checkpoint import Checkpoint, open_checkpoint, read_safetensors_header
@@ -56,6 +56,7 @@ def debris(folder: Path) -> list[str]:
 @contextmanager
 def deadline(seconds: int):
     """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+
     def fire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -85,8 +86,10 @@ def test_2_input_shard_symlinked_into_out_is_refused(zoo, tmp_path):
     (lm / "model.safetensors").symlink_to(out / "model.safetensors")  # a model made from the last merge
     c = cfg(zoo)
     c["models"][0]["path"] = str(lm)
-    refused(lambda: merge(c, out, overwrite=True, progress=False),
-            r"out: the output directory contains file model\.safetensors of model 'lm' \(.*-> .*out/model")
+    refused(
+        lambda: merge(c, out, overwrite=True, progress=False),
+        r"out: the output directory contains file model\.safetensors of model 'lm' \(.*-> .*out/model",
+    )
     assert (out / "model.safetensors").read_bytes() == before and debris(tmp_path) == []
 
 
@@ -140,11 +143,13 @@ def test_4_two_merges_to_one_new_out_exactly_one_wins(zoo, tmp_path):
 
 def test_4_out_filled_meanwhile_is_not_replaced(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ObimError, match="another writer completed it"):
-        with staged_output(out, overwrite=False) as tmp:
-            (tmp / "mine").write_text("x")
-            out.mkdir()
-            (out / "theirs").write_text("y")
+    with (  # noqa: PT012  (the error must rise where the staged block ends, after OUT was filled in it)
+        pytest.raises(ObimError, match="another writer completed it"),
+        staged_output(out, overwrite=False) as tmp,
+    ):
+        (tmp / "mine").write_text("x")
+        out.mkdir()
+        (out / "theirs").write_text("y")
     assert [p.name for p in out.iterdir()] == ["theirs"] and debris(tmp_path) == []
     (out / "obim_merge.yaml").write_text("")  # an obim output: --overwrite may replace it, even if it came late
     with staged_output(out, overwrite=True) as tmp:
@@ -166,9 +171,8 @@ def test_4_out_filled_between_the_check_and_the_rename(tmp_path, monkeypatch):
             (out / "theirs").write_text("y")
 
     monkeypatch.setattr(staging, "check_output_dir", check_then_race)
-    with pytest.raises(ObimError, match="another writer completed it"):
-        with staged_output(out, overwrite=False) as tmp:
-            (tmp / "mine").write_text("x")
+    with pytest.raises(ObimError, match="another writer completed it"), staged_output(out, overwrite=False) as tmp:
+        (tmp / "mine").write_text("x")
     assert [p.name for p in out.iterdir()] == ["theirs"] and debris(tmp_path) == []
 
 
@@ -271,10 +275,12 @@ def test_5_signal_during_the_swap_is_deferred(tmp_path, monkeypatch):
 
     monkeypatch.setattr(staging.os, "rename", rename_then_signal)
     try:
-        with pytest.raises(staging.Terminated) as e:
-            with staging.sigterm_as_interrupt():
-                with staged_output(out, overwrite=True) as tmp:
-                    (tmp / "obim_merge.yaml").write_text("new")
+        with (
+            pytest.raises(staging.Terminated) as e,
+            staging.sigterm_as_interrupt(),
+            staged_output(out, overwrite=True) as tmp,
+        ):
+            (tmp / "obim_merge.yaml").write_text("new")
     finally:
         stop.set()
         other.join()
@@ -308,11 +314,10 @@ def test_5_no_flock_on_the_filesystem_falls_back(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(staging.fcntl, "flock", no_flock)
     staging._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="obim"):
-        with staged_output(tmp_path / "out", overwrite=False) as tmp:
-            (tmp / "f").write_text("x")
-            # a live writer without flock is judged by host and pid: kept
-            assert clean_stale_staging(tmp_path) == [] and tmp.is_dir()
+    with caplog.at_level(logging.WARNING, logger="obim"), staged_output(tmp_path / "out", overwrite=False) as tmp:
+        (tmp / "f").write_text("x")
+        # a live writer without flock is judged by host and pid: kept
+        assert clean_stale_staging(tmp_path) == [] and tmp.is_dir()
     assert (tmp_path / "out" / "f").is_file() and debris(tmp_path) == []
     assert any("has no flock" in r.getMessage() for r in caplog.records)
 
@@ -326,15 +331,18 @@ def _st(path: Path, header: dict, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, match", [
-    ("overlap", r"tensor b's data_offsets \[8, 24\] overlaps the tensor before it"),
-    ("gap", r"tensor b's data_offsets \[24, 40\] leaves a gap of 8 bytes"),
-    ("trailing", r"8 bytes after the last tensor"),
-    ("negative", r"tensor a has a negative dimension in its shape \[-4, -1\]"),
-    ("dtype", r"corrupt safetensors header entry for tensor a"),
-    ("float_offset", r"corrupt safetensors header entry for tensor a"),
-    ("metadata", r"__metadata__ must map strings to strings"),
-])
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("overlap", r"tensor b's data_offsets \[8, 24\] overlaps the tensor before it"),
+        ("gap", r"tensor b's data_offsets \[24, 40\] leaves a gap of 8 bytes"),
+        ("trailing", r"8 bytes after the last tensor"),
+        ("negative", r"tensor a has a negative dimension in its shape \[-4, -1\]"),
+        ("dtype", r"corrupt safetensors header entry for tensor a"),
+        ("float_offset", r"corrupt safetensors header entry for tensor a"),
+        ("metadata", r"__metadata__ must map strings to strings"),
+    ],
+)
 def test_6_safetensors_header_validated(tmp_path, case, match):
     a = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
     b = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
@@ -387,8 +395,10 @@ def test_7_integer_weight_in_a_fine_tune_is_refused(zoo, tmp_path):
     save_file(ts, str(lm / "model.safetensors"))
     c = cfg(zoo)
     c["models"][0]["path"] = str(lm)
-    refused(lambda: merge(c, tmp_path / "out", progress=False),
-            rf"tensor {re.escape(name)}: model 'lm' \(.*\) stores it as int8, the base as float32")
+    refused(
+        lambda: merge(c, tmp_path / "out", progress=False),
+        rf"tensor {re.escape(name)}: model 'lm' \(.*\) stores it as int8, the base as float32",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -461,8 +471,10 @@ def test_10_compressed_bin_read_correctly(zoo, tmp_path):
     d.mkdir()
     shutil.copy(zoo["lm"] / "config.json", d / "config.json")
     torch.save(want, d / "stored.bin")
-    with zipfile.ZipFile(d / "stored.bin") as zi, \
-            zipfile.ZipFile(d / "pytorch_model.bin", "w", compression=zipfile.ZIP_DEFLATED) as zo:
+    with (
+        zipfile.ZipFile(d / "stored.bin") as zi,
+        zipfile.ZipFile(d / "pytorch_model.bin", "w", compression=zipfile.ZIP_DEFLATED) as zo,
+    ):
         for info in zi.infolist():
             zo.writestr(info.filename, zi.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
     (d / "stored.bin").unlink()
@@ -489,8 +501,9 @@ def test_11_read_only_parent_is_one_line(zoo, tmp_path, monkeypatch, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg(zoo)))
     assert merge_main([str(tmp_path / "c.yaml"), str(ro / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
-    assert re.fullmatch(r"obim-merge: error: .*ro/out: cannot write beside the output \(Permission denied: .*\)",
-                        err), err
+    assert re.fullmatch(
+        r"obim-merge: error: .*ro/out: cannot write beside the output \(Permission denied: .*\)", err
+    ), err
     assert os.listdir(ro) == []
 
 
@@ -502,12 +515,26 @@ def test_11_file_size_limit_mid_write_is_one_line(zoo, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    p = subprocess.run([sys.executable, "-c", "import sys; from obim.merging.cli import merge_main; "
-                        "sys.exit(merge_main(sys.argv[1:]))", str(tmp_path / "c.yaml"), str(tmp_path / "out"),
-                        "--quiet"], preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from obim.merging.cli import merge_main; sys.exit(merge_main(sys.argv[1:]))",
+            str(tmp_path / "c.yaml"),
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = p.stderr.strip()
-    assert p.returncode == 1 and re.fullmatch(r"obim-merge: error: .*out: stopped by an I/O error \(File too "
-                                              r"large: .*\); nothing was written", err), err
+    assert p.returncode == 1 and re.fullmatch(
+        r"obim-merge: error: .*out: stopped by an I/O error \(File too "
+        r"large: .*\); nothing was written",
+        err,
+    ), err
     assert debris(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
@@ -518,8 +545,10 @@ def test_11_disk_full_while_staging_is_one_line(zoo, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "model.safetensors"))
 
     monkeypatch.setattr(checkpoint.ShardedWriter, "write", full)
-    refused(lambda: merge(cfg(zoo), tmp_path / "out", progress=False),
-            r"out: stopped by an I/O error \(No space left on device: .*model\.safetensors\); nothing was written")
+    refused(
+        lambda: merge(cfg(zoo), tmp_path / "out", progress=False),
+        r"out: stopped by an I/O error \(No space left on device: .*model\.safetensors\); nothing was written",
+    )
     assert debris(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
@@ -532,13 +561,13 @@ def test_11_long_out_name_works(zoo, tmp_path):
 
 def test_11_huge_seed_and_scalar_order_are_one_line(zoo):
     huge = 10**400  # past float's range: math.isfinite(huge) raised OverflowError
-    refused(lambda: load_config(cfg(zoo, seed=huge)), r"^seed: must be in \[0, 9223372036854775807\], got "
-                                                      + str(huge))
+    refused(lambda: load_config(cfg(zoo, seed=huge)), r"^seed: must be in \[0, 9223372036854775807\], got " + str(huge))
     refused(lambda: load_config(cfg(zoo, order=5)), r"^order: expected `rotation` or a list of model names .*got 5")
 
 
 def test_11_huge_seed_in_the_sweep_is_one_line(tmp_path):
     from conftest import compose
+
     from obim.bench.plan import plan_job
 
     refused(lambda: plan_job(compose("method=ta", f"seed={10**400}")), r"^seed: must be in")
@@ -552,8 +581,12 @@ def test_12_recorded_config_has_absolute_paths_and_reruns_elsewhere(zoo, tmp_pat
     copy_model(zoo["base"], work / "models" / "base")
     for n in RET:
         copy_model(zoo[n], work / "models" / n)
-    c = {"method": "ties", "base_model": "models/base", "seed": 0,
-         "models": [{"name": n, "path": f"models/{n}"} for n in RET]}
+    c = {
+        "method": "ties",
+        "base_model": "models/base",
+        "seed": 0,
+        "models": [{"name": n, "path": f"models/{n}"} for n in RET],
+    }
     monkeypatch.chdir(work)
     merge(c, "out1", progress=False)
     rec = yaml.safe_load((work / "out1" / "obim_merge.yaml").read_text())
@@ -599,7 +632,7 @@ def test_8_fifo_validation_data_and_hdiag_refused(zoo, tmp_path):
         refused(lambda: read_texts(tmp_path / "val.jsonl"), r"val\.jsonl: validation file is a FIFO")
         refused(lambda: load_hdiag(tmp_path / "h.safetensors"), r"h\.safetensors: hdiag file is a FIFO")
         c = cfg(zoo, "obim")
-        for m, r in zip(c["models"], RET.values()):
+        for m, r in zip(c["models"], RET.values(), strict=True):
             m["validation"] = {"data": str(tmp_path / "val.jsonl")}
             m["retention"] = r
         refused(lambda: merge(c, tmp_path / "out", progress=False), r"val\.jsonl: validation file is a FIFO")

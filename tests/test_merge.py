@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -20,8 +21,6 @@ from obim import METHODS, merge
 from obim.merging.checkpoint import open_checkpoint
 from obim.merging.cli import merge_main
 from obim.merging.errors import ObimError
-
-from conftest import make_llama
 
 
 def cfg(zoo, method="obim", **kw):
@@ -128,8 +127,9 @@ def test_sharded_safetensors_input_is_read_through_its_index(zoo, tmp_path):
     assert all(torch.equal(ck.get(k), v) for k, v in load_state(zoo["math"]).items())
     merge(cfg(zoo, "ties"), tmp_path / "single", progress=False)
     merge(cfg({**zoo, "math": sharded}, "ties"), tmp_path / "from-shards", progress=False)
-    assert (tmp_path / "single" / "model.safetensors").read_bytes() == \
-        (tmp_path / "from-shards" / "model.safetensors").read_bytes()
+    assert (tmp_path / "single" / "model.safetensors").read_bytes() == (
+        tmp_path / "from-shards" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_bin_checkpoints_merge_like_safetensors(zoo, tmp_path):

@@ -14,8 +14,19 @@ from obim.merging.merge import TensorPlan, merge_tensor
 LINEAR = "model.layers.0.mlp.up_proj.weight"
 
 
-def run(method, deltas: dict[str, torch.Tensor], *, base=None, params=None, per_model=None, retention=None,
-        order="rotation", hdiag=None, name=LINEAR, seed=0):
+def run(
+    method,
+    deltas: dict[str, torch.Tensor],
+    *,
+    base=None,
+    params=None,
+    per_model=None,
+    retention=None,
+    order="rotation",
+    hdiag=None,
+    name=LINEAR,
+    seed=0,
+):
     """Merge `deltas` (model name -> task vector) onto `base` with one method, through the driver's per-tensor path."""
     names = list(deltas)
     shape = next(iter(deltas.values())).shape
@@ -28,8 +39,16 @@ def run(method, deltas: dict[str, torch.Tensor], *, base=None, params=None, per_
         if method in ("obim", "ties_obm"):
             m["hdiag"] = "unused.safetensors"
         models.append(m)
-    cfg = load_config({"method": method, "base_model": "base", "models": models, "parameters": params or {},
-                       "order": order, "seed": seed})
+    cfg = load_config(
+        {
+            "method": method,
+            "base_model": "base",
+            "models": models,
+            "parameters": params or {},
+            "order": order,
+            "seed": seed,
+        }
+    )
     hd = [{name: hdiag[n]} if hdiag and n in hdiag else {} for n in names]
     plan = TensorPlan(name, torch.float32, tuple(shape))
     return merge_tensor(cfg, plan, [base] + [base + deltas[n] for n in names], hd, torch.device("cpu"))
@@ -41,8 +60,12 @@ def u(name, model, shape, seed=0):
 
 def test_ta_sum_and_lambda():
     base = torch.ones(4)
-    out = run("ta", {"a": torch.tensor([1.0, 2, 0, -1]), "b": torch.tensor([3.0, -1, 0, 1])}, base=base,
-              params={"lambda": 0.5})
+    out = run(
+        "ta",
+        {"a": torch.tensor([1.0, 2, 0, -1]), "b": torch.tensor([3.0, -1, 0, 1])},
+        base=base,
+        params={"lambda": 0.5},
+    )
     assert out.tolist() == [3.0, 1.5, 1.0, 1.0]
 
 
@@ -116,8 +139,12 @@ def test_tall_mask_consensus():
     assert run("tall_mask", {"a": a, "b": b}).tolist() == [2.0, 0.0, 0.0]
     out = run("tall_mask", {"a": a, "b": b}, params={"k": 1, "lambda": 0.5})
     assert out.tolist() == pytest.approx([1.0, 1.05, 0.0])
-    out = run("tall_mask", {"a": a, "b": b}, per_model={"a": {"tall_lambda": 100.0}, "b": {"tall_lambda": 100.0}},
-              params={"k": 1})
+    out = run(
+        "tall_mask",
+        {"a": a, "b": b},
+        per_model={"a": {"tall_lambda": 100.0}, "b": {"tall_lambda": 100.0}},
+        params={"k": 1},
+    )
     assert out.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -192,12 +219,14 @@ def test_obim_rotation_by_block():
     ret = {"lm": 0.5, "math": 0.5}
     first_lm = [[1.0, 1.0, 1.0], [2.0, 1.0, -1.0]]
     first_math = [[-1.0, 3.0, 1.0], [2.0, 1.0, 2.0]]
-    for name, want in [("model.layers.0.self_attn.q_proj.weight", first_lm),
-                       ("model.layers.1.self_attn.q_proj.weight", first_math),
-                       ("model.layers.2.self_attn.q_proj.weight", first_lm),
-                       ("model.layers.11.mlp.down_proj.weight", first_math),
-                       ("lm_head.weight", first_lm)]:
-        out = run("obim", {"lm": LM, "math": MATH}, retention=ret, hdiag={"lm": H, "math": H}, name=name)
+    for name, want in [
+        ("model.layers.0.self_attn.q_proj.weight", first_lm),
+        ("model.layers.1.self_attn.q_proj.weight", first_math),
+        ("model.layers.2.self_attn.q_proj.weight", first_lm),
+        ("model.layers.11.mlp.down_proj.weight", first_math),
+        ("lm_head.weight", first_lm),
+    ]:
+        out = run("obim", {"lm": LM, "math": MATH}, retention=ret, hdiag=hd, name=name)
         assert out.tolist() == want, name
 
 
@@ -236,8 +265,9 @@ def test_ties_obm_and_ties_im():
 
 def test_retention_zero_keeps_base():
     base = torch.arange(6.0).view(2, 3)
-    out = run("obim", {"lm": LM, "math": MATH}, base=base, retention={"lm": 0.0, "math": 0.0},
-              hdiag={"lm": H, "math": H})
+    out = run(
+        "obim", {"lm": LM, "math": MATH}, base=base, retention={"lm": 0.0, "math": 0.0}, hdiag={"lm": H, "math": H}
+    )
     assert torch.equal(out, base)
 
 
@@ -274,5 +304,5 @@ def test_ties_obm_many_zero_deltas_large_tensors():
     assert int((out != 0).sum()) == 18_000
     kept = (ds["a"].square() * h)[out != 0]
     assert kept.min() >= (ds["a"].square() * h)[out == 0].max()
-    out3 = run("ties_obm", ds, params={"density": 0.2}, hdiag={n: h for n in ds})
+    out3 = run("ties_obm", ds, params={"density": 0.2}, hdiag=dict.fromkeys(ds, h))
     assert out3.shape == (300, 300) and int((out3 != 0).sum()) > 18_000

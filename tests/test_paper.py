@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_sweep
+
 from obim.merging.errors import ObimError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def dry_run(tmp_path: Path, *overrides: str) -> dict[str, dict]:
     """Run the sweep with dry_run=true as a user would; {job dir name: plan.json}."""
     out = tmp_path / "runs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OBIM_ZOO": str(tmp_path / "zoo"), "OBIM_CACHE": str(tmp_path / "cache")}
-    proc = run_sweep([*overrides, "dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OBIM_ZOO": str(tmp_path / "zoo"),
+        "OBIM_CACHE": str(tmp_path / "cache"),
+    }
+    proc = run_sweep(
+        [*overrides, "dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/plan.json")}
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "cache").exists()  # nothing built or loaded
@@ -45,8 +53,10 @@ def test_preset_table1_and_3_real(tmp_path):
     assert p["experiment"] == "llama2_13b_sft" and p["main"]
     assert p["merge"]["base_model"] == "meta-llama/Llama-2-13b-hf"
     assert [(m["name"], m["path"], m["retention"]) for m in p["merge"]["models"]] == [
-        ("lm", "WizardLMTeam/WizardLM-13B-V1.2", 0.4), ("math", "WizardLMTeam/WizardMath-13B-V1.0", 0.45),
-        ("code", "layoric/llama-2-13b-code-alpaca", 0.1)]
+        ("lm", "WizardLMTeam/WizardLM-13B-V1.2", 0.4),
+        ("math", "WizardLMTeam/WizardMath-13B-V1.0", 0.45),
+        ("code", "layoric/llama-2-13b-code-alpaca", 0.1),
+    ]
     assert p["merge"]["order"] == ["lm", "math", "code"]
     assert p["tasks"] == SFT_TASKS and p["eval"]["num_fewshot"] == {"mmlu": 5}
     assert p["benchmarks"]["obim_alpaca_eval"] == "alpaca_eval"
@@ -66,22 +76,29 @@ def test_preset_table1_and_3_real(tmp_path):
 def test_preset_table4_5_6_real(tmp_path):
     plans = dry_run(tmp_path, "+paper=table4")
     math = {k: p["validation"]["math"]["sources"] for k, p in plans.items()}
-    assert math == {"method=obim,validation=math": {"gsm8k": 50, "math": 50},
-                    "method=obim,validation=code": {"mbpp": 100},
-                    "method=obim,validation=math_code": {"gsm8k": 34, "math": 33, "mbpp": 33}}
+    assert math == {
+        "method=obim,validation=math": {"gsm8k": 50, "math": 50},
+        "method=obim,validation=code": {"mbpp": 100},
+        "method=obim,validation=math_code": {"gsm8k": 34, "math": 33, "mbpp": 33},
+    }
     for p in plans.values():  # only the math model's set changes
         assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 285} and not p["main"]
         assert p["validation"]["math"]["format"] == "alpaca_cot"
     plans = dry_run(tmp_path / "t5", "+paper=table5")
     sizes = sorted(sum(p["validation"]["math"]["sources"].values()) for p in plans.values())
     assert sizes == [10, 50, 100, 200]
-    assert plans["method=obim,validation.size=10,validation=math"]["validation"]["math"]["sources"] == \
-        {"gsm8k": 5, "math": 5}
+    assert plans["method=obim,validation.size=10,validation=math"]["validation"]["math"]["sources"] == {
+        "gsm8k": 5,
+        "math": 5,
+    }
     plans = dry_run(tmp_path / "t6", "+paper=table6")
     orders = {k: p["merge"]["order"] for k, p in plans.items()}
-    assert orders == {"method=obim,order=rotation": "rotation", "method=obim,order=math_first": ["math", "lm", "code"],
-                      "method=obim,order=math_last": ["lm", "code", "math"],
-                      "method=obim,order=lm_first": ["lm", "math", "code"]}
+    assert orders == {
+        "method=obim,order=rotation": "rotation",
+        "method=obim,order=math_first": ["math", "lm", "code"],
+        "method=obim,order=math_last": ["lm", "code", "math"],
+        "method=obim,order=lm_first": ["lm", "math", "code"],
+    }
 
 
 def test_preset_table2_and_11_real(tmp_path):
@@ -113,8 +130,9 @@ def test_presets_toy(tmp_path):
     assert p["validation"]["math"]["data"]["gsm8k"]["path"] == str(tmp_path / "zoo/data/gsm8k/train.jsonl")
     assert p["tasks"][0] == "toy_alpaca" and "num_fewshot" not in p["eval"]
     plans = dry_run(tmp_path / "t11", "+paper=table11", "experiment=toy_pt")
-    assert len(plans) == 10 and plans["method=obim,n_models=5"]["merge"]["models"][4]["path"] == \
-        str(tmp_path / "t11/zoo/pt/ckpt-5")
+    assert len(plans) == 10 and plans["method=obim,n_models=5"]["merge"]["models"][4]["path"] == str(
+        tmp_path / "t11/zoo/pt/ckpt-5"
+    )
 
 
 def test_plan_rejects_bad_sources_and_tasks(tmp_path):
@@ -125,8 +143,9 @@ def test_plan_rejects_bad_sources_and_tasks(tmp_path):
 
     def plan(*o):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            return plan_job(compose("sweep", overrides=["experiment=llama2_13b_sft", "method=obim",
-                                                        "eval.allow_code=true", *o]))
+            return plan_job(
+                compose("sweep", overrides=["experiment=llama2_13b_sft", "method=obim", "eval.allow_code=true", *o])
+            )
 
     cases = [
         (["experiment.validation_sources.gsm8k.split=test"], "validation_sources.gsm8k.split: 'test'"),
@@ -158,7 +177,7 @@ def hub_dataset(root: Path, configs: dict[str, dict[str, list[dict]]]) -> str:
             (root / name).mkdir(parents=True, exist_ok=True)
             datasets.Dataset.from_list(records).to_parquet(str(root / name / f"{split}-00000-of-00001.parquet"))
             lines += [f"  - split: {split}", f"    path: {name}/{split}-*"]
-    (root / "README.md").write_text("\n".join(lines + ["---", ""]))
+    (root / "README.md").write_text("\n".join([*lines, "---", ""]))
     return str(root)
 
 
@@ -171,62 +190,130 @@ def samples(source, spec, n, seed=0, split="train"):
 def test_builders_on_hub_shaped_fixtures(tmp_path):
     from obim.bench.validation import build_texts, render, resolve_source
 
-    gsm = hub_dataset(tmp_path / "gsm8k", {"main": {
-        "train": [{"question": f"Q{i}?", "answer": f"Half is 4/2=<<4/2=2>>2.\n#### {i},000"} for i in range(8)],
-        "test": [{"question": "T?", "answer": "#### 1"}]}})
+    gsm = hub_dataset(
+        tmp_path / "gsm8k",
+        {
+            "main": {
+                "train": [{"question": f"Q{i}?", "answer": f"Half is 4/2=<<4/2=2>>2.\n#### {i},000"} for i in range(8)],
+                "test": [{"question": "T?", "answer": "#### 1"}],
+            }
+        },
+    )
     got = samples("gsm8k", {"path": gsm}, 8)
     assert sorted(got) == sorted((f"Q{i}?", f"Half is 4/2=2.\nThe answer is: {i},000") for i in range(8))
     # a fixed permutation: smaller sets are prefixes of larger ones (Table 5), another seed another order
     assert samples("gsm8k", {"path": gsm}, 3) == got[:3]
-    assert samples("gsm8k", {"path": gsm}, 8, seed=1) != got and sorted(samples("gsm8k", {"path": gsm}, 8, 1)) == \
-        sorted(got)
+    assert samples("gsm8k", {"path": gsm}, 8, seed=1) != got and sorted(
+        samples("gsm8k", {"path": gsm}, 8, 1)
+    ) == sorted(got)
     with pytest.raises(ObimError, match="has 8 samples in split 'train', 9 requested"):
         samples("gsm8k", {"path": gsm}, 9)
     with pytest.raises(ObimError, match=r"split 'test' is a split the benchmarks evaluate|'test' is a split"):
         samples("gsm8k", {"path": gsm, "split": "test"}, 1)
 
     sol = "We get $x=\\frac{1}{2}$, so the answer is $\\boxed{\\frac{1}{2}}$."
-    math = hub_dataset(tmp_path / "math", {
-        s: {"train": [{"problem": f"{s} problem", "level": "Level 1", "type": s, "solution": sol}],
-            "test": [{"problem": "t", "level": "Level 1", "type": s, "solution": "\\boxed{1}"}]}
-        for s in ("algebra", "geometry")})
+    math = hub_dataset(
+        tmp_path / "math",
+        {
+            s: {
+                "train": [{"problem": f"{s} problem", "level": "Level 1", "type": s, "solution": sol}],
+                "test": [{"problem": "t", "level": "Level 1", "type": s, "solution": "\\boxed{1}"}],
+            }
+            for s in ("algebra", "geometry")
+        },
+    )
     got = samples("math", {"path": math, "name": ["algebra", "geometry"]}, 2)
     assert sorted(got) == [(f"{s} problem", sol + "\nThe answer is: \\frac{1}{2}") for s in ("algebra", "geometry")]
 
-    mbpp = hub_dataset(tmp_path / "mbpp", {"full": {s: [{"task_id": 1, "text": "Write add.", "code": "def add(a,b):"
-                                                          "\n    return a+b", "test_list": ["assert add(1,2)==3",
-                                                                                         "assert add(0,0)==0"],
-                                                          "test_setup_code": "", "challenge_test_list": []}]
-                                                    for s in ("train", "test", "validation", "prompt")}})
+    mbpp = hub_dataset(
+        tmp_path / "mbpp",
+        {
+            "full": {
+                s: [
+                    {
+                        "task_id": 1,
+                        "text": "Write add.",
+                        "code": "def add(a,b):\n    return a+b",
+                        "test_list": ["assert add(1,2)==3", "assert add(0,0)==0"],
+                        "test_setup_code": "",
+                        "challenge_test_list": [],
+                    }
+                ]
+                for s in ("train", "test", "validation", "prompt")
+            }
+        },
+    )
     assert samples("mbpp", {"path": mbpp}, 1) == [
-        ("Write add. Your code should pass these tests:\n\nassert add(1,2)==3\nassert add(0,0)==0",
-         "def add(a,b):\n    return a+b")]
+        (
+            "Write add. Your code should pass these tests:\n\nassert add(1,2)==3\nassert add(0,0)==0",
+            "def add(a,b):\n    return a+b",
+        )
+    ]
     assert samples("mbpp", {"path": mbpp, "split": "validation"}, 1)  # dev split: allowed
 
-    mmlu = hub_dataset(tmp_path / "mmlu", {"all": {s: [{"question": "2+2?", "subject": "math",
-                                                         "choices": ["3", "4", "5", "6"], "answer": 1}]
-                                                    for s in ("dev", "validation", "test")}})
+    mmlu = hub_dataset(
+        tmp_path / "mmlu",
+        {
+            "all": {
+                s: [{"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}]
+                for s in ("dev", "validation", "test")
+            }
+        },
+    )
     assert samples("mmlu", {"path": mmlu}, 1) == [("2+2?\nA. 3\nB. 4\nC. 5\nD. 6", "Answer: B")]
-    with pytest.raises(ObimError, match="mmlu.split: 'validation'"):
+    with pytest.raises(ObimError, match=r"mmlu.split: 'validation'"):
         samples("mmlu", {"path": mmlu, "split": "validation"}, 1)
 
-    ceval = hub_dataset(tmp_path / "ceval", {s: {sp: [{"id": 0, "question": f"{s}题", "A": "甲", "B": "乙", "C": "丙",
-                                                       "D": "丁", "answer": "C", "explanation": ""}]
-                                                  for sp in ("dev", "val", "test")} for s in ("law", "logic")})
+    ceval = hub_dataset(
+        tmp_path / "ceval",
+        {
+            s: {
+                sp: [
+                    {
+                        "id": 0,
+                        "question": f"{s}题",
+                        "A": "甲",
+                        "B": "乙",
+                        "C": "丙",
+                        "D": "丁",
+                        "answer": "C",
+                        "explanation": "",
+                    }
+                ]
+                for sp in ("dev", "val", "test")
+            }
+            for s in ("law", "logic")
+        },
+    )
     got = samples("ceval", {"path": ceval, "name": ["law", "logic"]}, 2)
     assert sorted(got) == [(f"{s}题\nA. 甲\nB. 乙\nC. 丙\nD. 丁", "答案：C") for s in ("law", "logic")]
     with pytest.raises(ObimError, match="'val' is a split the benchmarks evaluate"):
         samples("ceval", {"path": ceval, "name": ["law"], "split": "val"}, 1)
 
-    alpaca = hub_dataset(tmp_path / "alpaca", {"default": {"train": [
-        {"instruction": "Say hi.", "input": "", "output": "Hi!", "text": "..."},
-        {"instruction": "Translate.", "input": "chat", "output": "cat", "text": "..."}]}})
+    alpaca = hub_dataset(
+        tmp_path / "alpaca",
+        {
+            "default": {
+                "train": [
+                    {"instruction": "Say hi.", "input": "", "output": "Hi!", "text": "..."},
+                    {"instruction": "Translate.", "input": "chat", "output": "cat", "text": "..."},
+                ]
+            }
+        },
+    )
     assert sorted(samples("alpaca", {"path": alpaca}, 2)) == [("Say hi.", "Hi!"), ("Translate.\n\nchat", "cat")]
 
-    jp = hub_dataset(tmp_path / "jglue", {"JCommonsenseQA": {"train": [
-        {"q_id": 0, "question": "色は?", **{f"choice{i}": f"c{i}" for i in range(5)}, "label": 3}]}})
+    jp = hub_dataset(
+        tmp_path / "jglue",
+        {
+            "JCommonsenseQA": {
+                "train": [{"q_id": 0, "question": "色は?", **{f"choice{i}": f"c{i}" for i in range(5)}, "label": 3}]
+            }
+        },
+    )
     assert samples("jcommonsenseqa", {"path": jp, "name": "JCommonsenseQA"}, 1) == [
-        ("色は?\n- c0\n- c1\n- c2\n- c3\n- c4", "c3")]
+        ("色は?\n- c0\n- c1\n- c2\n- c3\n- c4", "c3")
+    ]
 
     # a record without the fields its builder reads: one line naming file, split and fields
     bad = hub_dataset(tmp_path / "bad", {"main": {"train": [{"q": "x", "a": "y"}]}})
@@ -239,9 +326,12 @@ def test_builders_on_hub_shaped_fixtures(tmp_path):
     # local JSONL (offline users): rendered text as it is, or pairs in the model's format
     f = tmp_path / "mine.jsonl"
     f.write_text('{"instruction": "Add 1 and 2.", "response": "3"}\n{"text": "plain text"}\n')
-    v = {"sources": {"mine": 2}, "data": {"mine": resolve_source("mine", {"builder": "jsonl", "path": str(f)},
-                                                                  "train", "src")},
-         "format": "alpaca_cot", "seed": 0}
+    v = {
+        "sources": {"mine": 2},
+        "data": {"mine": resolve_source("mine", {"builder": "jsonl", "path": str(f)}, "train", "src")},
+        "format": "alpaca_cot",
+        "seed": 0,
+    }
     assert build_texts(v) == [render("alpaca_cot", ("Add 1 and 2.", "3")), "plain text"]
     assert build_texts(v)[0].endswith("### Instruction:\nAdd 1 and 2.\n\n### Response: Let's think step by step. 3")
     assert render("vicuna", ("Hi", "Hello")).endswith("USER: Hi ASSISTANT: Hello")
@@ -275,9 +365,15 @@ def test_gsm8k_cot_extraction():
 def test_math_cot_extraction():
     u = paper_utils()
     doc = {"solution": "So $\\frac{a}{b} = \\boxed{\\dfrac{3}{4}}$."}
-    for out, ok in [("... The answer is: \\frac{3}{4}", 1), ("The answer is: $\\dfrac34$.", 1),
-                    ("The answer is: 3/4", 1), ("The answer is: \\boxed{\\frac{3}{4}}", 1),
-                    ("The answer is: 0.75", 0), ("The answer is: \\frac{4}{3}", 0), ("\\boxed{\\frac34}", 0)]:
+    for out, ok in [
+        ("... The answer is: \\frac{3}{4}", 1),
+        ("The answer is: $\\dfrac34$.", 1),
+        ("The answer is: 3/4", 1),
+        ("The answer is: \\boxed{\\frac{3}{4}}", 1),
+        ("The answer is: 0.75", 0),
+        ("The answer is: \\frac{4}{3}", 0),
+        ("\\boxed{\\frac34}", 0),
+    ]:
         assert u.process_math_cot(doc, [out])["exact_match"] == ok, out
     assert u.normalize_math("x = 5") == "5"
     assert u.normalize_math("10\\%") == "10"
@@ -300,13 +396,20 @@ def test_group_score_without_aggregate():
     """japanese_leaderboard reports no metric of its own: its score is the mean of its subtasks'."""
     from obim.bench.evaluation import task_score
 
-    out = {"results": {"jp": {"alias": "jp"}, "jp_a": {"acc,none": 0.5, "acc_stderr,none": 0.1},
-                       "jp_b": {"exact_match,remove_whitespace": 0.25}, "mmlu": {"acc,none": 0.6}},
-           "group_subtasks": {"jp": ["jp_a", "jp_b"], "jp_a": [], "jp_b": []}}
+    out = {
+        "results": {
+            "jp": {"alias": "jp"},
+            "jp_a": {"acc,none": 0.5, "acc_stderr,none": 0.1},
+            "jp_b": {"exact_match,remove_whitespace": 0.25},
+            "mmlu": {"acc,none": 0.6},
+        },
+        "group_subtasks": {"jp": ["jp_a", "jp_b"], "jp_a": [], "jp_b": []},
+    }
     assert task_score(out, "jp") == pytest.approx(37.5)
     # japanese_leaderboard's summarisation task reports ROUGE-2 (0-1) under its filter's name
-    assert task_score({"results": {"ja_xlsum": {"alias": "x", "rouge2,whitespaces": 0.2}}}, "ja_xlsum") == \
-        pytest.approx(20.0)
+    assert task_score(
+        {"results": {"ja_xlsum": {"alias": "x", "rouge2,whitespaces": 0.2}}}, "ja_xlsum"
+    ) == pytest.approx(20.0)
     assert task_score(out, "mmlu") == pytest.approx(60.0)
     with pytest.raises(ObimError, match="lm-eval task jp_c: no score"):
         task_score({"results": {"jp_c": {"bleu,none": 1.0}}, "group_subtasks": {}}, "jp_c")
@@ -315,10 +418,20 @@ def test_group_score_without_aggregate():
 # ------------------------------------------------------------------------------------------------ AlpacaEval
 
 
-SAMPLES = [{"doc_id": 1, "doc": {"instruction": "Name a fruit.", "dataset": "koala", "output": "ref"},
-            "resps": [["  Apple. "]], "filtered_resps": [" Apple. "]},
-           {"doc_id": 0, "doc": {"instruction": "Say hi.", "dataset": "helpful_base", "output": "ref"},
-            "resps": [["Hi"]], "filtered_resps": ["Hi"]}]
+SAMPLES = [
+    {
+        "doc_id": 1,
+        "doc": {"instruction": "Name a fruit.", "dataset": "koala", "output": "ref"},
+        "resps": [["  Apple. "]],
+        "filtered_resps": [" Apple. "],
+    },
+    {
+        "doc_id": 0,
+        "doc": {"instruction": "Say hi.", "dataset": "helpful_base", "output": "ref"},
+        "resps": [["Hi"]],
+        "filtered_resps": ["Hi"],
+    },
+]
 
 
 def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
@@ -329,9 +442,10 @@ def test_alpaca_eval_without_judge_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("OBIM_ALPACA_EVAL_ANNOTATORS", raising=False)
     assert judge("obim_alpaca_eval", SAMPLES, "/m/merged-obim", str(tmp_path)) is None
     out = json.loads((tmp_path / "alpaca_eval_outputs.json").read_text())
-    assert out == [{"instruction": "Say hi.", "output": "Hi", "generator": "obim-merged-obim", "dataset": "helpful_base"},
-                   {"instruction": "Name a fruit.", "output": "Apple.", "generator": "obim-merged-obim",
-                    "dataset": "koala"}]
+    assert out == [
+        {"instruction": "Say hi.", "output": "Hi", "generator": "obim-merged-obim", "dataset": "helpful_base"},
+        {"instruction": "Name a fruit.", "output": "Apple.", "generator": "obim-merged-obim", "dataset": "koala"},
+    ]
     assert score_avg({"a": None, "b": 50.0}) is None and score_avg({"a": 40.0, "b": 50.0}) == 45.0
 
 
@@ -383,9 +497,17 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
     from obim.bench.plan import plan_job
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        p = plan_job(compose("sweep", overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev",
-                                           "eval.allow_code=true"]))
-        q = plan_job(compose("sweep", overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev",
-                                           "eval.allow_code=true"]))
+        p = plan_job(
+            compose(
+                "sweep",
+                overrides=["method=obim", f"experiment.zoo={tmp_path}", "validation.split=dev", "eval.allow_code=true"],
+            )
+        )
+        q = plan_job(
+            compose(
+                "sweep",
+                overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev", "eval.allow_code=true"],
+            )
+        )
     assert p["validation"]["math"]["data"]["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
     assert q["validation"]["lm"]["data"]["alpaca"]["split"] == "train"  # named in the experiment

@@ -11,8 +11,8 @@ import types
 from pathlib import Path
 
 import pytest
-
 from test_tables import result
+
 from obim.bench.plots import axis_figure, replot
 from obim.bench.tables import build_tables, load_results, write_tables
 
@@ -22,7 +22,7 @@ AXIS_TABLES = {"table4", "table5", "table6", "grid"}
 def sweep_results(runs: Path) -> None:
     """Tables 4, 5, 6 and 11 and a retention/density grid, every score distinct."""
     s = iter(range(1, 1000))
-    sc = lambda: [float(next(s)) for _ in range(6)]  # noqa: E731
+    sc = lambda: [float(next(s)) for _ in range(6)]  # noqa: E731  (a one-line local helper)
     for src in ("math", "code", "math_code"):
         result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"])
     for size in (10, 50, 200):
@@ -44,14 +44,20 @@ def plotted(fig) -> list[dict]:
         series = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
         series.update({c.get_label(): [p.get_height() for p in c] for c in ax.containers})
         xs = [list(line.get_xdata()) for line in ax.get_lines()]
-        out.append({"title": ax.get_title(), "series": series, "x": xs[0] if xs else
-                    [t.get_text() for t in ax.get_xticklabels()]})
+        out.append(
+            {
+                "title": ax.get_title(),
+                "series": series,
+                "x": xs[0] if xs else [t.get_text() for t in ax.get_xticklabels()],
+            }
+        )
     return out
 
 
 def same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all((x is None and math.isnan(y)) or (x is not None and y == pytest.approx(x))
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        (x is None and math.isnan(y)) or (x is not None and y == pytest.approx(x)) for x, y in zip(a, b, strict=True)
+    )
 
 
 def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
@@ -87,8 +93,9 @@ def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
         if name == "table5":
             assert ours["x"] == [float(v) for v in labels]
         else:  # the row labels, on two lines and without the list's brackets and quotes
-            assert [x.replace("\n(", " (") for x in ours["x"]] == [v.translate(str.maketrans("", "", "[]'"))
-                                                                    for v in labels]
+            assert [x.replace("\n(", " (") for x in ours["x"]] == [
+                v.translate(str.maketrans("", "", "[]'")) for v in labels
+            ]
         for c in t.columns:  # the CSV's numbers, ours and the paper's, are the plotted ones
             assert same([float(r[c]) for r in rows], ours["series"][c]), (name, c)
             assert same([float(r[f"paper_{c}"]) if r[f"paper_{c}"] else None for r in rows], paper["series"][c])
@@ -107,8 +114,9 @@ def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
 def test_tables_and_plots_go_to_the_active_wandb_run(tmp_path, monkeypatch):
     logged = []
     run = types.SimpleNamespace(log=logged.append)
-    stub = types.SimpleNamespace(run=run, Table=lambda columns, data: ("table", columns, data),
-                                 Image=lambda path: ("image", path))
+    stub = types.SimpleNamespace(
+        run=run, Table=lambda columns, data: ("table", columns, data), Image=lambda path: ("image", path)
+    )
     runs = tmp_path / "runs"
     sweep_results(runs)
     monkeypatch.setitem(sys.modules, "wandb", stub)

@@ -17,7 +17,7 @@ def independent_stats(model_dir, texts):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    sums = {k: 0 for k in ["q", "down", "head"]}
+    sums = dict.fromkeys(["q", "down", "head"], 0)
     n = 0
     for t in texts:
         ids = tok(t, return_tensors="pt").input_ids
@@ -27,8 +27,14 @@ def independent_stats(model_dir, texts):
             x_q = layer0.input_layernorm(hs[0])
             layer1 = model.model.layers[1]
             h = hs[1]
-            attn_out = h + layer1.self_attn(layer1.input_layernorm(h), position_embeddings=model.model.rotary_emb(
-                h, torch.arange(h.shape[1])[None]), attention_mask=None)[0]
+            attn_out = (
+                h
+                + layer1.self_attn(
+                    layer1.input_layernorm(h),
+                    position_embeddings=model.model.rotary_emb(h, torch.arange(h.shape[1])[None]),
+                    attention_mask=None,
+                )[0]
+            )
             mlp_in = layer1.post_attention_layernorm(attn_out)
             x_down = layer1.mlp.act_fn(layer1.mlp.gate_proj(mlp_in)) * layer1.mlp.up_proj(mlp_in)
         sums["q"] = sums["q"] + x_q[0].double().square().sum(0)
@@ -48,7 +54,7 @@ def test_hdiag_matches_independent_computation(zoo, val_jsonl):
     torch.testing.assert_close(hd["lm_head.weight"], want["head"], rtol=1e-4, atol=1e-7)
     # q, k and v share their input
     assert torch.equal(hd["model.layers.0.self_attn.q_proj.weight"], hd["model.layers.0.self_attn.v_proj.weight"])
-    linear = {n for n in hd}
+    linear = set(hd)
     assert len(linear) == 2 * 7 + 1 and all(v.dtype == torch.float32 and (v >= 0).all() for v in hd.values())
 
 
@@ -71,8 +77,22 @@ def test_cli_writes_hdiag_used_by_merge(zoo, val_jsonl, tmp_path):
     paths = {}
     for name in ["lm", "math", "code"]:
         paths[name] = tmp_path / f"{name}.safetensors"
-        assert saliency_main([str(zoo[name]), str(paths[name]), "--data", str(val_jsonl), "--size", "4",
-                              "--batch-size", "2", "--quiet"]) == 0
+        assert (
+            saliency_main(
+                [
+                    str(zoo[name]),
+                    str(paths[name]),
+                    "--data",
+                    str(val_jsonl),
+                    "--size",
+                    "4",
+                    "--batch-size",
+                    "2",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     with safe_open(str(paths["lm"]), "pt") as f:
         meta = f.metadata()
     assert meta["samples"] == "4" and meta["data"] == str(val_jsonl) and meta["model"] == str(zoo["lm"])
@@ -80,11 +100,22 @@ def test_cli_writes_hdiag_used_by_merge(zoo, val_jsonl, tmp_path):
 
     base = {"method": "obim", "base_model": str(zoo["base"]), "order": "rotation"}
     rets = {"lm": 0.4, "math": 0.45, "code": 0.1}
-    with_files = {**base, "models": [{"name": n, "path": str(zoo[n]), "retention": r, "hdiag": str(paths[n])}
-                                     for n, r in rets.items()]}
-    with_val = {**base, "models": [{"name": n, "path": str(zoo[n]), "retention": r,
-                                    "validation": {"data": str(val_jsonl), "size": 4, "batch_size": 2}}
-                                   for n, r in rets.items()]}
+    with_files = {
+        **base,
+        "models": [{"name": n, "path": str(zoo[n]), "retention": r, "hdiag": str(paths[n])} for n, r in rets.items()],
+    }
+    with_val = {
+        **base,
+        "models": [
+            {
+                "name": n,
+                "path": str(zoo[n]),
+                "retention": r,
+                "validation": {"data": str(val_jsonl), "size": 4, "batch_size": 2},
+            }
+            for n, r in rets.items()
+        ],
+    }
     merge(with_files, tmp_path / "a", progress=False)
     res = merge(with_val, tmp_path / "b", progress=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

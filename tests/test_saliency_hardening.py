@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_llama, make_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_llama, make_tokenizer
 from obim import merge
 from obim.merging.checkpoint import open_checkpoint
 from obim.merging.cli import saliency_main
@@ -45,6 +45,7 @@ def _refused(argv: list[str], capsys, *words: str) -> str:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Refusals come before the model runs."""
+
     def fail(*a, **k):
         raise AssertionError("compute_hdiag called")
 
@@ -75,8 +76,9 @@ def test_out_onto_a_symlinked_weight_file_refused(model, data, tmp_path, capsys,
         (snap / f.name).symlink_to(tmp_path / "blobs" / f.name)
     blob = tmp_path / "blobs" / "model.safetensors"
     before = blob.read_bytes()
-    _refused([str(snap), str(blob), "--data", str(data), "--quiet"], capsys, str(blob),
-             "is the model's model.safetensors")
+    _refused(
+        [str(snap), str(blob), "--data", str(data), "--quiet"], capsys, str(blob), "is the model's model.safetensors"
+    )
     assert blob.read_bytes() == before and (snap / "model.safetensors").resolve() == blob
 
 
@@ -109,17 +111,19 @@ def test_an_existing_hdiag_file_is_replaced(model, data, tmp_path):
 
 
 def test_bad_dtype_refused_before_loading(model, data, tmp_path, capsys, no_compute):
-    _refused([str(model), str(tmp_path / "o.safetensors"), "--data", str(data), "--dtype", "int8"], capsys,
-             "--dtype", "int8")
+    _refused(
+        [str(model), str(tmp_path / "o.safetensors"), "--data", str(data), "--dtype", "int8"], capsys, "--dtype", "int8"
+    )
 
 
 def test_bad_dtype_refused_by_compute_hdiag(model):
-    with pytest.raises(ObimError, match="dtype.*int8"):
+    with pytest.raises(ObimError, match=r"dtype.*int8"):
         compute_hdiag(str(model), ["a"], dtype="int8", progress=False)
 
 
-@pytest.mark.parametrize("case", ["config_garbage", "config_nonsense", "weights_truncated", "weight_missing",
-                                  "no_tokenizer"])
+@pytest.mark.parametrize(
+    "case", ["config_garbage", "config_nonsense", "weights_truncated", "weight_missing", "no_tokenizer"]
+)
 def test_corrupt_model_one_line(model, data, tmp_path, capsys, case):
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
@@ -167,8 +171,9 @@ def test_quiet_prints_nothing_on_stderr(model, data, tmp_path, capfd):
 # transformers 4's Mixtral, Qwen2-MoE and OLMoE did. A tiny architecture of that kind, registered with the Auto
 # classes, drives the same path: an expert no token chose is never called, so its hook never fires.
 
+# this section's imports stay with it
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutput  # noqa: E402  (as above)
 
 
 class TinyMoeConfig(PretrainedConfig):
@@ -248,13 +253,21 @@ def test_unrouted_experts_recorded_warned_and_merged(moe, data, tmp_path, capsys
     assert json.loads(meta["unrouted"]) == NEVER and not set(NEVER) & set(stats)
     assert set(stats) | set(NEVER) == set(expected_hdiag(ck))
     check_hdiag(stats, meta, ck, "a")  # accepted: the gaps are recorded
-    cfg = {"method": "obim", "base_model": str(moe["base"]), "seed": 0,
-           "models": [{"name": n, "path": str(moe[n]), "retention": 0.5, "hdiag": str(files[n])} for n in files]}
+    cfg = {
+        "method": "obim",
+        "base_model": str(moe["base"]),
+        "seed": 0,
+        "models": [{"name": n, "path": str(moe[n]), "retention": 0.5, "hdiag": str(files[n])} for n in files],
+    }
     merge(cfg, tmp_path / "merged", progress=False)
     assert open_checkpoint(str(tmp_path / "merged")).tensors.keys() == ck.tensors.keys()
     # the same through the merge's own `validation:` path
-    val = {**cfg, "models": [{"name": n, "path": str(moe[n]), "retention": 0.5, "validation": {"data": str(data)}}
-                             for n in files]}
+    val = {
+        **cfg,
+        "models": [
+            {"name": n, "path": str(moe[n]), "retention": 0.5, "validation": {"data": str(data)}} for n in files
+        ],
+    }
     merge(val, tmp_path / "merged2", progress=False)
 
 
@@ -264,12 +277,12 @@ def test_missing_weights_not_recorded_unrouted_still_refused(moe, data, tmp_path
     routed = sorted(stats)[0]
     with pytest.raises(ObimError, match=f"missing {routed}"):
         check_hdiag({k: v for k, v in stats.items() if k != routed}, meta, ck, "x")
-    with pytest.raises(ObimError, match="missing experts.2.weight and 1 more"):
+    with pytest.raises(ObimError, match=r"missing experts.2.weight and 1 more"):
         check_hdiag(stats, {**meta, "unrouted": "[]"}, ck, "x")
     with pytest.raises(ObimError, match="unrouted"):
         check_hdiag(stats, {**meta, "unrouted": "experts.2.weight"}, ck, "x")
-    with pytest.raises(ObimError, match="unrouted.*nope"):
-        check_hdiag(stats, {**meta, "unrouted": json.dumps(NEVER + ["nope"])}, ck, "x")
+    with pytest.raises(ObimError, match=r"unrouted.*nope"):
+        check_hdiag(stats, {**meta, "unrouted": json.dumps([*NEVER, "nope"])}, ck, "x")
 
 
 def test_dense_model_records_nothing_unrouted(model):
@@ -284,8 +297,11 @@ def test_zoo_records_whether_code_was_scored(quick_zoo, monkeypatch):
     from obim.bench import sandbox
     from obim.bench.zoo import code_note, code_record
 
-    assert json.loads((quick_zoo / "zoo.json").read_text())["code"] == {"evaluated": False, "executed": False,
-                                                                         "isolation": None}
+    assert json.loads((quick_zoo / "zoo.json").read_text())["code"] == {
+        "evaluated": False,
+        "executed": False,
+        "isolation": None,
+    }
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     assert code_record(True, False) == {"evaluated": True, "executed": False, "isolation": None}
     ran = code_record(True, True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from obim.bench import sandbox
-from obim.merging.errors import ObimError
 from obim.bench.tasks import utils as task_utils
+from obim.merging.errors import ObimError
 
 MODES = ["bwrap", "plain"]
 # an MBPP-style item: the completion is the whole function, its test wants f() == 1
@@ -57,13 +57,21 @@ def alive(marker: str) -> list[int]:
 
 def test_correct_program_passes(mode):
     assert score("pass") == 1.0
-    doc = {"prompt": 'def g(x):\n    """return x plus 4."""\n', "entry_point": "g",
-           "test": "def check(candidate):\n    assert candidate(1) == 5\n    assert candidate(3) == 7\n"}
+    doc = {
+        "prompt": 'def g(x):\n    """return x plus 4."""\n',
+        "entry_point": "g",
+        "test": "def check(candidate):\n    assert candidate(1) == 5\n    assert candidate(3) == 7\n",
+    }
     assert task_utils.process_humaneval(doc, ["    return x+4\n"]) == {"pass@1": 1.0}
     assert task_utils.process_humaneval(doc, ["    return x+3\n"]) == {"pass@1": 0.0}
     # what benchmark code may do: the standard library, files in its own work dir, tempfile
-    assert score("import collections, math, re, tempfile\nwith open('x.txt', 'w') as fh:\n    fh.write('ok')\n"
-                 "assert open('x.txt').read() == 'ok'\ntempfile.mkstemp()") == 1.0
+    assert (
+        score(
+            "import collections, math, re, tempfile\nwith open('x.txt', 'w') as fh:\n    fh.write('ok')\n"
+            "assert open('x.txt').read() == 'ok'\ntempfile.mkstemp()"
+        )
+        == 1.0
+    )
 
 
 @pytest.fixture
@@ -94,10 +102,14 @@ def test_write_outside_work_dir(mode, tmp_path, shared):
 def test_no_process_survives(mode, how):
     marker = f"obim-survivor-{uuid.uuid4().hex}"
     cmd = ["/bin/sh", "-c", "sleep 30; true", marker]  # sh keeps the marker ($0) in its command line
-    body = {"posix_spawn": f"import os\nos.posix_spawn('/bin/sh', {cmd!r}, {{}}, setsid=True)",
-            "popen": f"import subprocess\nsubprocess.Popen({cmd!r}, start_new_session=True)",
-            "double_fork": (f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-                            f"        os.execv('/bin/sh', {cmd!r})\n    os.abort()")}[how]
+    body = {
+        "posix_spawn": f"import os\nos.posix_spawn('/bin/sh', {cmd!r}, {{}}, setsid=True)",
+        "popen": f"import subprocess\nsubprocess.Popen({cmd!r}, start_new_session=True)",
+        "double_fork": (
+            f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execv('/bin/sh', {cmd!r})\n    os.abort()"
+        ),
+    }[how]
     assert score(body) == 0.0
     assert alive(marker) == []
 
@@ -108,8 +120,10 @@ def test_memory_limit(mode):
 
 def test_fork_bomb(mode):
     # bounded (64 children that idle and exit), so that a broken sandbox cannot take the machine down
-    assert score("import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(2)\n"
-                 "        os.abort()") == 0.0
+    assert (
+        score("import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(2)\n        os.abort()")
+        == 0.0
+    )
 
 
 def test_secrets_not_visible(mode, monkeypatch):
@@ -212,9 +226,10 @@ def test_sweep_console_names_the_sandbox_layers_once(installed, tmp_path, monkey
         for job in ("a", "b"):  # two quiet jobs of one sweep in this process: each evaluates code twice
             with job_session(tmp_path / job, job, [], tmp_path, verbose=False):
                 for _ in range(2):  # said before the model loads: a missing one is enough here
-                    with pytest.raises(OSError):
-                        evaluation.evaluate_model(tmp_path / "no-model", ["toy_gsm8k", "toy_humaneval", "toy_mbpp"],
-                                                  allow_code=True)
+                    with pytest.raises(OSError, match="no-model"):
+                        evaluation.evaluate_model(
+                            tmp_path / "no-model", ["toy_gsm8k", "toy_humaneval", "toy_mbpp"], allow_code=True
+                        )
         live.poll()
         expected = sandbox.describe()
     finally:
@@ -229,7 +244,8 @@ def test_sweep_console_names_the_sandbox_layers_once(installed, tmp_path, monkey
         assert "bubblewrap" not in lines[0]
         assert len(warned) == 1 and warned[0].startswith(
             "warning: the code sandbox runs without bubblewrap (bwrap is not installed): no read-only filesystem, "
-            "no network isolation; install it as root: apt-get install bubblewrap"), warned
+            "no network isolation; install it as root: apt-get install bubblewrap"
+        ), warned
     assert "code sandbox: " in (tmp_path / "a" / "sweep.log").read_text()  # the job's log has it too
 
 
@@ -241,4 +257,5 @@ def test_code_outside_the_sandbox_is_named(monkeypatch, capsys):
     for _ in range(2):
         evaluation.announce_code_execution(["humaneval", "toy_gsm8k"])
     assert capsys.readouterr().err.splitlines() == [
-        "warning: humaneval executes generated code through lm-eval's code_eval, outside obim's code sandbox"]
+        "warning: humaneval executes generated code through lm-eval's code_eval, outside obim's code sandbox"
+    ]

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from obim.merging.selection import (kth_largest, kth_largest_many, row_band_mask, row_ranks, row_topk_mask, sorted_at,
-                            topk_mask)
+from obim.merging.selection import (
+    kth_largest,
+    kth_largest_many,
+    row_band_mask,
+    row_ranks,
+    row_topk_mask,
+    sorted_at,
+    topk_mask,
+)
 
 
 def reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,17 +8,38 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, run_sweep
+
 from obim.merging.errors import ObimError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
 # result.json's keys (README "Sweep results")
-RESULT_KEYS = {"schema", "config_hash", "job", "obim_version", "config", "plan", "inputs", "scores", "avg", "outputs",
-               "individual", "saliency_s", "merge_s", "eval_s", "saliency", "cost", "peak_rss_mb", "peak_gpu_mb",
-               "device", "cached", "merged_dir", "wandb_dir"}
+RESULT_KEYS = {
+    "schema",
+    "config_hash",
+    "job",
+    "obim_version",
+    "config",
+    "plan",
+    "inputs",
+    "scores",
+    "avg",
+    "outputs",
+    "individual",
+    "saliency_s",
+    "merge_s",
+    "eval_s",
+    "saliency",
+    "cost",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "device",
+    "cached",
+    "merged_dir",
+    "wandb_dir",
+}
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -27,8 +48,8 @@ RESULT_KEYS = {"schema", "config_hash", "job", "obim_version", "config", "plan",
 def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
     import yaml
 
-    from obim.merging.methods import METHODS
     from obim.bench.plan import plan_job
+    from obim.merging.methods import METHODS
 
     assert {p.stem for p in (CONF / "method").glob("*.yaml")} == set(METHODS)
     for name, method in METHODS.items():
@@ -51,13 +72,22 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     assert p["merge"]["order"] == ["lm", "math", "code"]  # the experiment's: code last
     assert [m["retention"] for m in p["merge"]["models"]] == [0.4, 0.45, 0.1]
     assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
-    assert p["validation"]["math"]["data"]["gsm8k"] == {"builder": "jsonl", "path": f"{tmp_path}/data/gsm8k/train.jsonl",
-                                                        "split": "train"}
+    assert p["validation"]["math"]["data"]["gsm8k"] == {
+        "builder": "jsonl",
+        "path": f"{tmp_path}/data/gsm8k/train.jsonl",
+        "split": "train",
+    }
 
-    assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math"))["merge"]["order"] == \
-        ["math", "lm", "code"]
-    assert plan_job(compose("method=obim", zoo, "order=last", "order.model=math"))["merge"]["order"] == \
-        ["lm", "code", "math"]
+    assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math"))["merge"]["order"] == [
+        "math",
+        "lm",
+        "code",
+    ]
+    assert plan_job(compose("method=obim", zoo, "order=last", "order.model=math"))["merge"]["order"] == [
+        "lm",
+        "code",
+        "math",
+    ]
     assert plan_job(compose("method=obim", zoo, "order=rotation"))["merge"]["order"] == "rotation"
 
     # Table 4/5: the math model's source and size change, split evenly; the others keep their own
@@ -75,14 +105,17 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     assert pt["models"] == ["ckpt-1", "ckpt-2", "ckpt-3"] and pt["merge"]["order"] == "rotation"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method=obim", "retention=0.5"], "sum"),
-    (["method=obim", "order=last", "order.model=vision"], "order.model"),
-    (["method=obim", "n_models=7"], "n_models"),
-    (["method=obim", "validation.split=test"], "validation.split"),
-    (["method=ties", "+method.parameters.densty=0.3"], "densty"),
-    (["method=ties", "+method.per_model.vision.density=0.1"], "method.per_model"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=obim", "retention=0.5"], "sum"),
+        (["method=obim", "order=last", "order.model=vision"], "order.model"),
+        (["method=obim", "n_models=7"], "n_models"),
+        (["method=obim", "validation.split=test"], "validation.split"),
+        (["method=ties", "+method.parameters.densty=0.3"], "densty"),
+        (["method=ties", "+method.per_model.vision.density=0.1"], "method.per_model"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
     from obim.bench.plan import plan_job
 
@@ -95,10 +128,24 @@ def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
 
 
 def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_path):
-    env = {**os.environ, "OBIM_ZOO": str(quick_zoo), "OBIM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    args = ["method=ta,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "progress=false", "eval.allow_code=true",
-            f"hydra.sweep.dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"]
+    env = {
+        **os.environ,
+        "OBIM_ZOO": str(quick_zoo),
+        "OBIM_CACHE": str(tmp_path / "cache"),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    args = [
+        "method=ta,obim",
+        "experiment.zoo_recipe=quick",
+        "eval.limit=2",
+        "progress=false",
+        "eval.allow_code=true",
+        f"hydra.sweep.dir={tmp_path / 'runs'}",
+        f"results_dir={tmp_path / 'results'}",
+    ]
     first = run_sweep(args, env, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     results = {}
@@ -163,8 +210,12 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
 
 
 def test_dry_run_plans_without_loading(tmp_path):
-    env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OBIM_ZOO": str(tmp_path / "no-zoo"),
+        "OBIM_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
     out = run_sweep(["dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     plans = sorted((tmp_path / "runs").glob("*/plan.json"))
@@ -177,11 +228,25 @@ def test_dry_run_plans_without_loading(tmp_path):
 def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
     """The cluster path (hydra/launcher=slurm uses the same submitit plugin, tried with submitit_local) and the
     parallel local one (joblib)."""
-    env = {**os.environ, "OBIM_ZOO": str(tmp_path / "no-zoo"), "OBIM_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OBIM_ZOO": str(tmp_path / "no-zoo"),
+        "OBIM_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
     extra = ["hydra.launcher.timeout_min=5"] if launcher == "submitit_local" else []
-    out = run_sweep(["dry_run=true", "eval.allow_code=true", "method=ta,obim", f"hydra/launcher={launcher}", *extra,
-                  f"hydra.sweep.dir={tmp_path / 'runs'}"], env, tmp_path)
+    out = run_sweep(
+        [
+            "dry_run=true",
+            "eval.allow_code=true",
+            "method=ta,obim",
+            f"hydra/launcher={launcher}",
+            *extra,
+            f"hydra.sweep.dir={tmp_path / 'runs'}",
+        ],
+        env,
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/plan.json")}
     assert set(plans) == {"method=ta", "method=obim"}

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import compose
+
 from obim.bench.tables import load_results, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = "/nonexistent/toy-zoo"  # plans only: no zoo file is read
 
 
-def result(root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=(), individual=None,
-           mtime=None) -> dict:
+def result(
+    root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=(), individual=None, mtime=None
+) -> dict:
     """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
     composed config), made-up scores in the plan's task order; individual: {model: scores}."""
     from obim.bench.plan import plain, plan_hash, plan_job
@@ -34,16 +35,31 @@ def result(root: Path, job: str, method: str, scores: list[float], *, setting="s
     plan = plan_job(cfg, ov)
 
     def ev(s: list[float]) -> Evaluated:
-        named = dict(zip(plan["tasks"], s))
+        named = dict(zip(plan["tasks"], s, strict=True))
         return Evaluated(scores=named, avg=score_avg(named), eval_s=3.0, cached=False)
 
-    sal = {n: Saliency(hdiag=f"{n}.safetensors", cached=False, seconds=0.5, samples=100, tokens=1000,
-                       seconds_per_sample=0.005) for n in plan["validation"]}
-    r = JobResult(config_hash=plan_hash(plan), config=plain(cfg), plan=plan, inputs={}, saliency=sal,
-                  merged=Merged(dir="merged", cached=False, merge_s=2.0, tensors=10, bytes=1000), evaluated=ev(scores),
-                  individual={n: ev(s) for n, s in (individual or {}).items()},
-                  cost={"params_b": 0.001, "gpus": 0, "gpu_name": None, "hessian_s_per_sample": 0.005},
-                  peak_rss_mb=100.0, peak_gpu_mb=None, device="cpu", merged_kept=False, job=job).to_json()
+    sal = {
+        n: Saliency(
+            hdiag=f"{n}.safetensors", cached=False, seconds=0.5, samples=100, tokens=1000, seconds_per_sample=0.005
+        )
+        for n in plan["validation"]
+    }
+    r = JobResult(
+        config_hash=plan_hash(plan),
+        config=plain(cfg),
+        plan=plan,
+        inputs={},
+        saliency=sal,
+        merged=Merged(dir="merged", cached=False, merge_s=2.0, tensors=10, bytes=1000),
+        evaluated=ev(scores),
+        individual={n: ev(s) for n, s in (individual or {}).items()},
+        cost={"params_b": 0.001, "gpus": 0, "gpu_name": None, "hessian_s_per_sample": 0.005},
+        peak_rss_mb=100.0,
+        peak_gpu_mb=None,
+        device="cpu",
+        merged_kept=False,
+        job=job,
+    ).to_json()
     p = root / job / "result.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(r))
@@ -64,8 +80,12 @@ def rows(md: str) -> dict[str, list[str]]:
 
 def test_sft_tables(tmp_path):
     runs = tmp_path / "runs"
-    ind = {"base": [0] * 6, "code": [0, 10, 0, 0, 100, 90], "lm": [60, 90, 0, 0, 0, 0],  # sorted, as in the file
-           "math": [0, 20, 80, 70, 0, 0]}
+    ind = {
+        "base": [0] * 6,
+        "code": [0, 10, 0, 0, 100, 90],
+        "lm": [60, 90, 0, 0, 0, 0],  # sorted, as in the file
+        "math": [0, 20, 80, 70, 0, 0],
+    }
     result(runs, "method=ta", "ta", [10, 20, 30, 40, 50, 60], mtime=1_000)
     result(runs, "old-obim", "obim", [0, 0, 0, 0, 0, 0], mtime=2_000)
     result(runs, "method=obim", "obim", [12, 24, 36, 48, 60, 72], individual=ind, mtime=3_000)
@@ -82,8 +102,15 @@ def test_sft_tables(tmp_path):
 
     t1 = rows((out / "table1.md").read_text())
     assert list(t1) == ["LM", "Math", "Code", "TA", "TIES", "OBIM"]  # the paper's order; one-axis jobs left out
-    assert t1["TA"] == ["10.00 (78.93)", "20.00 (51.04)", "30.00 (58.45)", "40.00 (9.88)", "50.00 (18.29)",
-                        "60.00 (29.80)", "35.00 (41.07)"]
+    assert t1["TA"] == [
+        "10.00 (78.93)",
+        "20.00 (51.04)",
+        "30.00 (58.45)",
+        "40.00 (9.88)",
+        "50.00 (18.29)",
+        "60.00 (29.80)",
+        "35.00 (41.07)",
+    ]
     assert t1["OBIM"][-1] == "42.00 (45.23)"  # the latest main OBIM result, not the older one
     assert t1["Math"] == ["0.00", "20.00", "80.00 (63.08)", "70.00 (11.60)", "0.00", "0.00", "28.33"]
     t3 = rows((out / "table3.md").read_text())
@@ -108,11 +135,28 @@ def test_pt_table11_and_figure3_via_cli(tmp_path):
     ind = {"base": [90, 90, 30], "ckpt-1": [70, 60, 95], "ckpt-2": [80, 70, 96]}
     for n in (1, 2):
         for m, s in (("obim", [80, 80, 90]), ("dare", [70, 70, 80])):
-            result(runs, f"{m}-{n}", m, [v + n for v in s], setting="pt", overrides=[f"n_models={n}"],
-                   individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n})
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "tables.py"), "--runs",
-                           str(tmp_path / "multirun"), "--out", str(tmp_path / "results")],
-                          capture_output=True, text=True, cwd=tmp_path)
+            result(
+                runs,
+                f"{m}-{n}",
+                m,
+                [v + n for v in s],
+                setting="pt",
+                overrides=[f"n_models={n}"],
+                individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n},
+            )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "tables.py"),
+            "--runs",
+            str(tmp_path / "multirun"),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "results" / "toy_pt"
     t11 = rows((out / "table11.md").read_text())
@@ -125,8 +169,19 @@ def test_pt_table11_and_figure3_via_cli(tmp_path):
     png = (out / "figure3.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # same results, same bytes
-    subprocess.run([sys.executable, str(REPO / "experiments" / "tables.py"), "--runs", str(tmp_path / "multirun"),
-                    "--out", str(tmp_path / "again")], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "tables.py"),
+            "--runs",
+            str(tmp_path / "multirun"),
+            "--out",
+            str(tmp_path / "again"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     assert (tmp_path / "again" / "toy_pt" / "figure3.png").read_bytes() == png
     assert (tmp_path / "again" / "toy_pt" / "table11.md").read_text() == (out / "table11.md").read_text()
 
@@ -138,7 +193,9 @@ def test_axis_of_overrides():
     assert axis_of("experiment.zoo_recipe=quick") is None and axis_of("hydra/launcher=slurm") is None
     assert axis_of("order.model=math") == "order" and axis_of("validation=math") == "validation"
     assert axis_of("experiment.models.math.retention=0.3") == "retention" and axis_of("retention=0.3") == "retention"
-    assert axis_of("method.parameters.density=0.3") == "method" and axis_of("+method.per_model.code.density=1") == "method"
+    assert (
+        axis_of("method.parameters.density=0.3") == "method" and axis_of("+method.per_model.code.density=1") == "method"
+    )
     assert axis_of("n_models=2") == "n_models" and axis_of("experiment.order=[a,b]") == "experiment.order"
     # which models and where the data lives are not axes: a job on your own checkpoints is still Table 2's
     assert axis_of("experiment.checkpoints=[/c/1,/c/2]") is None and axis_of("experiment.base=/m/base") is None
@@ -191,8 +248,15 @@ def test_table2_base_row_table5_rows_and_figure3_series(tmp_path):
     ind = {"base": [90, 90, 30], "ckpt-1": [70, 60, 95], "ckpt-2": [80, 70, 96]}
     result(runs, "pt-main", "obim", [80, 70, 90], setting="pt", individual=ind)
     for n in (1, 2):
-        result(runs, f"obim-{n}", "obim", [81, 71, 90 + n], setting="pt", overrides=[f"n_models={n}"],
-               individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n})
+        result(
+            runs,
+            f"obim-{n}",
+            "obim",
+            [81, 71, 90 + n],
+            setting="pt",
+            overrides=[f"n_models={n}"],
+            individual={k: v for k, v in ind.items() if k == "base" or int(k[-1]) <= n},
+        )
         result(runs, f"dare-{n}", "dare", [60, 50, 40 + n], setting="pt", overrides=[f"n_models={n}"])
     for size, s in ((10, [30, 10]), (100, [40, 20])):
         result(runs, f"size-{size}", "obim", [0, 0, *s, 0, 0], overrides=["validation=math", f"validation.size={size}"])

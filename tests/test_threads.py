@@ -17,8 +17,14 @@ from omegaconf import OmegaConf
 from obim.merging import threads
 
 REPO = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OMP_NUM_THREADS", "OBIM_NUM_THREADS", "OBIM_THREAD_BUDGET", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-               "KMP_BLOCKTIME")
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OBIM_NUM_THREADS",
+    "OBIM_THREAD_BUDGET",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+)
 
 
 def load_script(name: str):
@@ -192,8 +198,10 @@ def test_sweep_jobs_come_from_the_joblib_launcher(monkeypatch):
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert sweep.parallel_jobs(OmegaConf.create({"_target_": joblib, "n_jobs": 2})) == 2
     assert sweep.parallel_jobs(OmegaConf.create({"_target_": joblib, "n_jobs": -1})) == threads.cores_available()
-    assert sweep.parallel_jobs(OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher."
-                                                              "BasicLauncher"})) == 1
+    assert (
+        sweep.parallel_jobs(OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}))
+        == 1
+    )
     assert sweep.parallel_jobs(None) == 1
 
 
@@ -221,8 +229,12 @@ def digest(d: Path) -> str:
 
 def test_same_bytes_with_budget_1_and_2(mid_models, tmp_path):
     for n in ("1", "2"):
-        res = run_child(MERGE_ALL, child_env(OBIM_NUM_THREADS=n, OMP_WAIT_POLICY="PASSIVE"), json.dumps(mid_models),
-                        str(tmp_path / n))
+        res = run_child(
+            MERGE_ALL,
+            child_env(OBIM_NUM_THREADS=n, OMP_WAIT_POLICY="PASSIVE"),
+            json.dumps(mid_models),
+            str(tmp_path / n),
+        )
         assert res == {"budget": int(n), "pool": 0 if n == "1" else 2}
     for m in mid_models:
         assert digest(tmp_path / "1" / m) == digest(tmp_path / "2" / m), m

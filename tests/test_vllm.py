@@ -9,7 +9,6 @@ import os
 import psutil
 import pytest
 import yaml
-
 from test_sweep import CONF
 
 pytestmark = pytest.mark.skipif(os.environ.get("OBIM_SKIP_VLLM") == "1", reason="OBIM_SKIP_VLLM=1")
@@ -23,8 +22,11 @@ def test_vllm_cpu_backend_matches_hf(quick_zoo):
     model, tasks = quick_zoo / "pt" / "ckpt-2", ["toy_jp", "toy_ceval"]
     v = evaluate_model(model, tasks, backend="vllm", batch_size="auto", limit=20, model_args=conf["model_args"])
     # vLLM's engine and workers ended with the evaluation (they outlived it once, holding ~1.6 GB each time)
-    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if any("VLLM::" in c for c in
-                                                                               p.info["cmdline"] or [])]
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any("VLLM::" in c for c in p.info["cmdline"] or [])
+    ]
     assert left == []
     h = evaluate_model(model, tasks, backend="hf", limit=20)
     assert set(v) == set(tasks)

@@ -43,8 +43,9 @@ def test_cached_by_recipe_and_deterministic(quick_zoo, tmp_path):
     other["sft"]["lm"]["steps"] += 1  # a new recipe rebuilds
     rebuilt = build(again, recipe=other, evaluate=False, progress=False, log=lambda s: None)
     assert json.loads((rebuilt / "zoo.json").read_text())["recipe_hash"] == recipe_hash(other)
-    assert (rebuilt / "sft" / "lm" / "model.safetensors").read_bytes() != \
-        (quick_zoo / "sft" / "lm" / "model.safetensors").read_bytes()
+    assert (rebuilt / "sft" / "lm" / "model.safetensors").read_bytes() != (
+        quick_zoo / "sft" / "lm" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_every_toy_task_runs_through_lm_eval(quick_zoo):
@@ -78,8 +79,11 @@ def test_raw_scorers_on_reference_answers():
     import random
 
     rng = random.Random(5)
-    for task, proc in (("gsm8k", task_utils.process_last_number), ("math", task_utils.process_last_number),
-                       ("alpaca", task_utils.process_raw_exact)):
+    for task, proc in (
+        ("gsm8k", task_utils.process_last_number),
+        ("math", task_utils.process_last_number),
+        ("alpaca", task_utils.process_raw_exact),
+    ):
         a, b = D.SFT_TASKS[task](rng), D.SFT_TASKS[task](rng)
         while a.raw_answer == b.raw_answer:
             b = D.SFT_TASKS[task](rng)
@@ -87,9 +91,11 @@ def test_raw_scorers_on_reference_answers():
         assert rec["prompt"] == a.raw_prompt and rec["text"] == a.raw
         assert proc(rec, [a.raw_answer.rstrip("\n")]) == {"exact_match": 1.0}
         if task != "alpaca" or b.raw_answer.strip(". \n") != a.raw_answer.strip(". \n"):
-            assert proc(rec, [b.raw_answer]) == {"exact_match": float(task_utils.last_number(b.raw_answer)
-                                                                     == task_utils.last_number(a.raw_answer))
-                                                  if task != "alpaca" else 0.0}
+            assert proc(rec, [b.raw_answer]) == {
+                "exact_match": float(task_utils.last_number(b.raw_answer) == task_utils.last_number(a.raw_answer))
+                if task != "alpaca"
+                else 0.0
+            }
     assert task_utils.last_number("9+8=17. 17-2=15. now ivy has 15 cups.") == "15"
     assert task_utils.last_number("no number") is None
 
@@ -122,9 +128,12 @@ def test_zoo_table_leaves_unmeasured_code_scores_empty(quick_zoo, monkeypatch):
 
 def test_code_scorer_executes_tests(monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
-    ex = D.Example('def f(x):\n    """return x plus 3."""\n', "    return x+3\n",
-                   test="def check(candidate):\n    assert candidate(2) == 5\n    assert candidate(0) == 3\n",
-                   entry_point="f")
+    ex = D.Example(
+        'def f(x):\n    """return x plus 3."""\n',
+        "    return x+3\n",
+        test="def check(candidate):\n    assert candidate(2) == 5\n    assert candidate(0) == 3\n",
+        entry_point="f",
+    )
     doc = ex.record()
     assert task_utils.process_humaneval(doc, ["    return x+3\n"]) == {"pass@1": 1.0}
     assert task_utils.process_humaneval(doc, ["    return x+4\n"]) == {"pass@1": 0.0}

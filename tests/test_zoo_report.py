@@ -11,10 +11,18 @@ import pytest
 import torch
 import yaml
 
-from obim.tiny import make_llama
 from obim.bench.zoo import data as D
-from obim.bench.zoo.report import (MERGES, OBIM_RETENTION, OBIM_VALIDATION, ORDER, gain_kept, merge_configs,
-                             report_tables, task_vector_stats)
+from obim.bench.zoo.report import (
+    MERGES,
+    OBIM_RETENTION,
+    OBIM_VALIDATION,
+    ORDER,
+    gain_kept,
+    merge_configs,
+    report_tables,
+    task_vector_stats,
+)
+from obim.tiny import make_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +58,18 @@ def test_gain_kept_by_hand():
 
 def test_report_tables_show_the_numbers():
     experts = {"lm": ("toy_alpaca", "toy_mmlu"), "math": ("toy_gsm8k", "toy_math")}
-    scores = {"sft/base": {"toy_alpaca": 0.0, "toy_mmlu": 25.0, "toy_gsm8k": 0.0, "toy_math": 10.0},
-              "sft/lm": {"toy_alpaca": 40.0, "toy_mmlu": 75.0}, "sft/math": {"toy_gsm8k": 50.0, "toy_math": 60.0}}
+    scores = {
+        "sft/base": {"toy_alpaca": 0.0, "toy_mmlu": 25.0, "toy_gsm8k": 0.0, "toy_math": 10.0},
+        "sft/lm": {"toy_alpaca": 40.0, "toy_mmlu": 75.0},
+        "sft/math": {"toy_gsm8k": 50.0, "toy_math": 60.0},
+    }
     stats = {"rel_norm": {"lm": 0.0312, "math": 0.0456}, "cosine": {"lm/math": 0.021}}
-    merges = {"TA lambda 0.5": {"scores": {"toy_alpaca": 20.0, "toy_mmlu": 50.0, "toy_gsm8k": 25.0, "toy_math": 35.0},
-                                "kept": {"lm": 0.5, "math": None}}}
+    merges = {
+        "TA lambda 0.5": {
+            "scores": {"toy_alpaca": 20.0, "toy_mmlu": 50.0, "toy_gsm8k": 25.0, "toy_math": 35.0},
+            "kept": {"lm": 0.5, "math": None},
+        }
+    }
     text = report_tables(scores, stats, merges, experts)
     assert "| lm | toy_alpaca +40.0, toy_mmlu +50.0 | 0.0312 |" in text
     assert "| math | toy_gsm8k +50.0, toy_math +50.0 | 0.0456 |" in text
@@ -69,7 +84,9 @@ def test_listed_merges_and_obim_settings_follow_the_experiment(tmp_path):
     assert exp["order"] == ORDER
     cfgs = dict(merge_configs(tmp_path, tmp_path / "val"))
     assert [lab for lab, _, _ in MERGES] == list(cfgs)
-    assert [cfgs[f"TA lambda {x}"]["parameters"] for x in ("0.3", "0.5", "1.0")] == [{"lambda": x} for x in (0.3, 0.5, 1.0)]
+    assert [cfgs[f"TA lambda {x}"]["parameters"] for x in ("0.3", "0.5", "1.0")] == [
+        {"lambda": x} for x in (0.3, 0.5, 1.0)
+    ]
     assert cfgs["TIES density 0.2"]["method"] == "ties" and cfgs["TIES density 0.2"]["parameters"] == {"density": 0.2}
     obim = cfgs["OBIM"]
     assert [m["retention"] for m in obim["models"]] == [0.4, 0.45, 0.1]
@@ -86,9 +103,13 @@ def test_packed_batches_concatenate_documents_into_full_rows():
     tok = tokenizer()
     docs = iter(["ab\n", "c\n", "defg\n"] * 10)
     batch = next(packed_batches(docs, rows=2, length=5))
-    ids = [tok.convert_tokens_to_ids(c) for c in "ab\n"] + [tok.eos_token_id] + \
-        [tok.convert_tokens_to_ids(c) for c in "c\n"] + [tok.eos_token_id] + \
-        [tok.convert_tokens_to_ids(c) for c in "def"]
+    ids = (
+        [tok.convert_tokens_to_ids(c) for c in "ab\n"]
+        + [tok.eos_token_id]
+        + [tok.convert_tokens_to_ids(c) for c in "c\n"]
+        + [tok.eos_token_id]
+        + [tok.convert_tokens_to_ids(c) for c in "def"]
+    )
     assert batch["input_ids"].tolist() == [ids[:5], ids[5:10]]
     assert batch["labels"].tolist() == batch["input_ids"].tolist() and bool(batch["attention_mask"].all())
     second = next(packed_batches(iter(["ab\n"] * 10), rows=1, length=3))

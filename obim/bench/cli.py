@@ -14,23 +14,32 @@ def zoo_main(argv: list[str] | None = None) -> int:
     configure()
     ap = argparse.ArgumentParser(prog="obim-zoo", description="The toy zoo: tiny models trained here, offline.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the zoo (or reuse it when built by the same recipe); prints its "
-                                     "directory on the last line")
+    b = sub.add_parser(
+        "build", help="build the zoo (or reuse it when built by the same recipe); prints its directory on the last line"
+    )
     b.add_argument("--out", default=None, help="zoo directory (default: $OBIM_ZOO, else ~/.cache/obim/zoo)")
     b.add_argument("--quick", action="store_true", help="a few training steps only: the layout in seconds")
     b.add_argument("--no-eval", action="store_true", help="skip the lm-eval table")
     b.add_argument("--table", default=None, help="also write the evaluation table (markdown) to this file")
-    b.add_argument("--allow-code", action="store_true", help="score the code benchmarks, which execute "
-                   "model-generated code in obim's sandbox (as HF_ALLOW_CODE_EVAL=1)")
+    b.add_argument(
+        "--allow-code",
+        action="store_true",
+        help="score the code benchmarks, which execute "
+        "model-generated code in obim's sandbox (as HF_ALLOW_CODE_EVAL=1)",
+    )
     b.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     def go():
         from .zoo import RECIPE, build, quick_recipe
 
-        root = build(args.out, recipe=quick_recipe() if args.quick else RECIPE, evaluate=not args.no_eval,
-                     allow_code=args.allow_code,
-                     progress=not args.quiet)
+        root = build(
+            args.out,
+            recipe=quick_recipe() if args.quick else RECIPE,
+            evaluate=not args.no_eval,
+            allow_code=args.allow_code,
+            progress=not args.quiet,
+        )
         if args.table and (root / "zoo.md").exists():
             Path(args.table).parent.mkdir(parents=True, exist_ok=True)
             Path(args.table).write_text((root / "zoo.md").read_text())

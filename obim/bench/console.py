@@ -51,12 +51,13 @@ def varying_keys(jobs: list[list[str]]) -> list[str]:
         for o in job:
             k, _, v = o.partition("=")
             values.setdefault(k, set()).add(v)
-    return [k for k, vs in values.items() if len(vs) > 1 or any(k not in {o.partition("=")[0] for o in j}
-                                                                 for j in jobs)]
+    return [
+        k for k, vs in values.items() if len(vs) > 1 or any(k not in {o.partition("=")[0] for o in j} for j in jobs)
+    ]
 
 
 def clock(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
@@ -85,8 +86,10 @@ def job_line(o: dict, label: str) -> str:
     if o["status"] == "skipped":
         timing = f"merge {_num(o.get('merge_s'))} s, eval {_num(o.get('eval_s'))} s; cached result"
     else:
-        timing = (f"merge {_num(o.get('merge_s'))} s{' (cached)' if c.get('merge') else ''}, "
-                  f"eval {_num(o.get('eval_s'))} s{' (cached)' if c.get('eval') else ''}")
+        timing = (
+            f"merge {_num(o.get('merge_s'))} s{' (cached)' if c.get('merge') else ''}, "
+            f"eval {_num(o.get('eval_s'))} s{' (cached)' if c.get('eval') else ''}"
+        )
     return f"{label}: avg {_num(o.get('avg'))} | {scores} | {timing}"
 
 
@@ -101,7 +104,10 @@ def text_table(t: Any) -> str:
             cells.append(_num(ours.get(c)) + (f" ({p:.1f})" if p is not None else ""))
         body.append(cells)
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
     paper = any(p is not None for _, _, p in t.rows)
     return "\n".join([f"{t.title}: ours{' (paper)' if paper else ''}", fmt(head), *map(fmt, body)])
 
@@ -113,17 +119,31 @@ def main_table(tables: list, jobs: list[dict]) -> Any | None:
     by_name = {t.name: t for t in tables}
     keys = {o.partition("=")[0].lstrip("+~") for j in jobs for o in j.get("overrides", [])}
     axes = {axis_of(o) for j in jobs for o in j.get("overrides", [])} - {None}
-    want = ["table11"] if "n_models" in axes else ["table6"] if "order" in axes else \
-        (["table5"] if "validation.size" in keys else ["table4"]) if "validation" in axes else \
-        ["grid"] if axes & {"retention", "method"} else ["table1", "table2", "table3"]
+    want = (
+        ["table11"]
+        if "n_models" in axes
+        else ["table6"]
+        if "order" in axes
+        else (["table5"] if "validation.size" in keys else ["table4"])
+        if "validation" in axes
+        else ["grid"]
+        if axes & {"retention", "method"}
+        else ["table1", "table2", "table3"]
+    )
     return next((by_name[n] for n in want if n in by_name), tables[0] if tables else None)
 
 
 class Live:
     """The console in the sweep's main process: reads the jobs' events, keeps the bar, prints the job lines."""
 
-    def __init__(self, sweep_dir: Path, jobs: list[list[str]] | None, verbose: bool,
-                 out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        sweep_dir: Path,
+        jobs: list[list[str]] | None,
+        verbose: bool,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
         # duplicates of the terminal's descriptors: jobs in this process point 1 and 2 at their log files
         self._own_out, self._own_err = out is None, err is None
         self.out = out or os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
@@ -196,8 +216,11 @@ class Live:
             key = (ev.get("level", ""), ev.get("text", ""))
             if key not in self.warned:
                 self.warned.add(key)
-                self.print(f"{ev.get('level', 'warning')}: {ev.get('text')} ({ev.get('logger')}; more in "
-                           f"{rel(ev.get('log', ''))})", err=True)
+                self.print(
+                    f"{ev.get('level', 'warning')}: {ev.get('text')} ({ev.get('logger')}; more in "
+                    f"{rel(ev.get('log', ''))})",
+                    err=True,
+                )
         elif kind == "end":
             o = ev["outcome"]
             self.now.pop(self.label(o), None)
@@ -212,15 +235,22 @@ class Live:
         ran = [o for o in self.done if o["status"] in ("done", "failed")]
         if not self.total or not ran:
             return None
-        spent = time.monotonic() - self.t0 - sum(o["seconds"] for o in self.done if o["status"] == "skipped") \
+        spent = (
+            time.monotonic()
+            - self.t0
+            - sum(o["seconds"] for o in self.done if o["status"] == "skipped")
             - sum((o.get("stages") or {}).get("zoo", 0) for o in self.done)
+        )
         return max(0.0, spent / len(ran) * (self.total - len(self.done)))
 
     def _progress(self, short: bool = False) -> str:
         eta = self.eta()
         left = "" if eta is None or len(self.done) == self.total else f", ~{clock(eta)} left"
-        return f"  ({clock(time.monotonic() - self.t0)}{left})" if short else \
-            f"{clock(time.monotonic() - self.t0)} elapsed{left}"
+        return (
+            f"  ({clock(time.monotonic() - self.t0)}{left})"
+            if short
+            else f"{clock(time.monotonic() - self.t0)} elapsed{left}"
+        )
 
     def _draw(self) -> None:
         n, total = len(self.done), self.total
@@ -259,8 +289,14 @@ def _outcome(job_return: Any) -> dict:
     if job_return.status == JobStatus.COMPLETED and isinstance(job_return._return_value, dict):
         return job_return._return_value
     exc = job_return._return_value
-    return {"status": "failed", "name": str(job_return.task_name or ""), "overrides": list(job_return.overrides or []),
-            "log": "", "seconds": 0, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return {
+        "status": "failed",
+        "name": str(job_return.task_name or ""),
+        "overrides": list(job_return.overrides or []),
+        "log": "",
+        "seconds": 0,
+        "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+    }
 
 
 class SweepConsole(Callback):
@@ -296,8 +332,12 @@ class SweepConsole(Callback):
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             inbox = events_dir(str(config.hydra.sweep.dir))
-            emit(inbox if inbox.is_dir() else None, "start", name=config.hydra.job.override_dirname or
-                 config.hydra.job.name, overrides=list(config.hydra.overrides.task))
+            emit(
+                inbox if inbox.is_dir() else None,
+                "start",
+                name=config.hydra.job.override_dirname or config.hydra.job.name,
+                overrides=list(config.hydra.overrides.task),
+            )
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -350,8 +390,10 @@ class SweepConsole(Callback):
                 with captured(summary / "summary.log", None), tables_run(tracking, summary, "tables"):
                     written = write_tables(sweep_dir, out)  # logs them to the run
             except Exception as e:
-                live.print(f"warning: the tables' W&B run failed ({type(e).__name__}: {e}; "
-                           f"{rel(summary / 'summary.log')})", err=True)
+                live.print(
+                    f"warning: the tables' W&B run failed ({type(e).__name__}: {e}; {rel(summary / 'summary.log')})",
+                    err=True,
+                )
         if written is None:
             written = write_tables(sweep_dir, out)
         if not written:
@@ -371,17 +413,21 @@ class SweepConsole(Callback):
             offline = [r for r in runs if Path(r).name.startswith("offline-")]
             project = (config.get("tracking") or {}).get("project") or "obim"
             if offline:
-                live.print(f"W&B: {len(offline)} offline run{'s' * (len(offline) != 1)} of this sweep under "
-                           f"{sweep_dir}/<job>/wandb/; upload them (and the tables run) with:\n  "
-                           f"{_wandb_cli()} sync {sweep_dir}/*/wandb/offline-run-*")
+                live.print(
+                    f"W&B: {len(offline)} offline run{'s' * (len(offline) != 1)} of this sweep under "
+                    f"{sweep_dir}/<job>/wandb/; upload them (and the tables run) with:\n  "
+                    f"{_wandb_cli()} sync {sweep_dir}/*/wandb/offline-run-*"
+                )
             if len(offline) < len(runs):
                 live.print(f"W&B: {len(runs) - len(offline)} runs synced online to project {project}")
         count = {s: sum(o["status"] == s for o in done) for s in ("done", "skipped", "planned", "failed")}
         words = {"done": "run", "skipped": "cached", "planned": "planned", "failed": "failed"}
         parts = [f"{n} {words[s]}" for s, n in count.items() if n] or ["none finished"]
         log = next((Path(o["log"]).name for o in done if o.get("log")), "sweep.log")
-        line = f"sweep: {len(done)} job{'s' * (len(done) != 1)} in {clock(time.monotonic() - live.t0)} " \
-               f"({', '.join(parts)}); job logs: {sweep_dir}/<job>/{log}"
+        line = (
+            f"sweep: {len(done)} job{'s' * (len(done) != 1)} in {clock(time.monotonic() - live.t0)} "
+            f"({', '.join(parts)}); job logs: {sweep_dir}/<job>/{log}"
+        )
         live.print(line, err=bool(count["failed"]))
 
 
@@ -395,5 +441,4 @@ def _wandb_cli() -> str:
     """`wandb` when the one on PATH is this environment's, else this environment's own."""
     mine = Path(sys.executable).parent / "wandb"
     found = shutil.which("wandb")
-    return "wandb" if found and Path(found).resolve() == mine.resolve() or not mine.exists() else rel(mine)
-
+    return "wandb" if (found and Path(found).resolve() == mine.resolve()) or not mine.exists() else rel(mine)

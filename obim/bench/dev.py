@@ -20,8 +20,10 @@ def _dev_data(exp: dict, source: str, split: str) -> tuple[str, str, Any]:
     spec = (exp.get("validation_sources") or {}).get(source)
     if spec is None:
         if not exp.get("validation_data"):
-            raise ObimError(f"experiment.dev_benchmarks: source '{source}' is not one of "
-                            f"experiment.validation_sources ({', '.join(exp.get('validation_sources') or {})})")
+            raise ObimError(
+                f"experiment.dev_benchmarks: source '{source}' is not one of "
+                f"experiment.validation_sources ({', '.join(exp.get('validation_sources') or {})})"
+            )
         return "jsonl", exp["validation_data"].replace("{source}", source), None
     kind = spec.get("builder", source)
     if kind not in BUILDERS:
@@ -48,19 +50,27 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
     dev: dict[str, dict] = {}
     for task, spec in decl.items():
         where = f"experiment.dev_benchmarks.{task}"
-        if not isinstance(spec, dict) or set(spec) - set(DEV_KEYS) or not all(spec.get(k) for k in
-                                                                              ("column", "source", "split")):
-            raise ObimError(f"{where}: expected {{column, source, split[, test_split, skip, seed, num_fewshot]}}, "
-                            f"got {spec!r}")
+        if (
+            not isinstance(spec, dict)
+            or set(spec) - set(DEV_KEYS)
+            or not all(spec.get(k) for k in ("column", "source", "split"))
+        ):
+            raise ObimError(
+                f"{where}: expected {{column, source, split[, test_split, skip, seed, num_fewshot]}}, got {spec!r}"
+            )
         if task in columns:
             raise ObimError(f"{where}: '{task}' is a test benchmark of the experiment; dev tasks read dev data")
         if spec["column"] not in test_columns:
-            raise ObimError(f"{where}.column: '{spec['column']}' is not a column of the experiment's benchmarks "
-                            f"({', '.join(sorted(test_columns))})")
+            raise ObimError(
+                f"{where}.column: '{spec['column']}' is not a column of the experiment's benchmarks "
+                f"({', '.join(sorted(test_columns))})"
+            )
         test_split = spec.get("test_split") or "test"
         if spec["split"] == test_split:
-            raise ObimError(f"{where}: reads split '{spec['split']}' of '{spec['source']}', the split its test "
-                            f"benchmark ({spec['column']}) evaluates: dev and test data must be disjoint")
+            raise ObimError(
+                f"{where}: reads split '{spec['split']}' of '{spec['source']}', the split its test "
+                f"benchmark ({spec['column']}) evaluates: dev and test data must be disjoint"
+            )
         dev[task] = {**spec, "data": _dev_data(exp, str(spec["source"]), str(spec["split"]))}
 
     # dev vs the saliency validation samples of every model (whichever method: a search covers them all)
@@ -69,8 +79,11 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
         v = _validation_set(c, {**exp, "models": exp_models}, name, m)
         for s, n in v["sources"].items():
             vd = v["data"][s]
-            vkey = (vd["builder"], vd["path"].replace(f"/{vd['split']}.", "/{split}.") if vd["builder"] == "jsonl"
-                    else vd["path"], vd.get("name"))
+            vkey = (
+                vd["builder"],
+                vd["path"].replace(f"/{vd['split']}.", "/{split}.") if vd["builder"] == "jsonl" else vd["path"],
+                vd.get("name"),
+            )
             for task, spec in dev.items():
                 b, path, dname = spec["data"]
                 same = s == spec["source"] or (b != "jsonl" and (b, path, dname) == vkey)
@@ -79,19 +92,30 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
                 skip, seed = spec.get("skip"), spec.get("seed", 0)
                 # the dev task starts past every record the validation draw can take: the same permutation (it is
                 # keyed by the source's name and the seed), and skip >= the samples drawn
-                if (vd["builder"] != "jsonl" and skip is not None and s == spec["source"] and int(skip) >= n
-                        and int(seed) == v["seed"]):
+                if (
+                    vd["builder"] != "jsonl"
+                    and skip is not None
+                    and s == spec["source"]
+                    and int(skip) >= n
+                    and int(seed) == v["seed"]
+                ):
                     continue
-                raise ObimError(f"experiment.dev_benchmarks.{task}: reads split '{spec['split']}' of "
-                                f"'{spec['source']}', which model '{name}' draws its saliency validation samples "
-                                f"from ({n} samples{', seed ' + str(v['seed']) if vd['builder'] != 'jsonl' else ''}"
-                                f"{', dev skip ' + str(skip) if skip is not None else ''}): dev and validation "
-                                "samples must be disjoint")
+                raise ObimError(
+                    f"experiment.dev_benchmarks.{task}: reads split '{spec['split']}' of "
+                    f"'{spec['source']}', which model '{name}' draws its saliency validation samples "
+                    f"from ({n} samples{', seed ' + str(v['seed']) if vd['builder'] != 'jsonl' else ''}"
+                    f"{', dev skip ' + str(skip) if skip is not None else ''}): dev and validation "
+                    "samples must be disjoint"
+                )
     ev = c["eval"]
     evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
     shots = {t: int(s["num_fewshot"]) for t, s in dev.items() if s.get("num_fewshot") is not None}
     if shots:
         evp["num_fewshot"] = shots
     dev_columns = {s["column"] for s in dev.values()}
-    return {"tasks": list(dev), "benchmarks": {t: str(s["column"]) for t, s in dev.items()}, "eval": evp,
-            "left_out": [col for col in columns.values() if col not in dev_columns]}
+    return {
+        "tasks": list(dev),
+        "benchmarks": {t: str(s["column"]) for t, s in dev.items()},
+        "eval": evp,
+        "left_out": [col for col in columns.values() if col not in dev_columns],
+    }

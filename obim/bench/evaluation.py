@@ -49,8 +49,9 @@ def task_score(out: dict, task: str) -> float:
     except KeyError:
         subtasks = (out.get("group_subtasks") or {}).get(task)
         if not subtasks:
-            raise ObimError(f"lm-eval task {task}: no score among its metrics "
-                            f"{sorted((out['results'].get(task) or {}))}") from None
+            raise ObimError(
+                f"lm-eval task {task}: no score among its metrics {sorted(out['results'].get(task) or {})}"
+            ) from None
         return sum(task_score(out, t) for t in subtasks) / len(subtasks)
 
 
@@ -118,8 +119,10 @@ def check_code_opt_in(tasks: list[str], allow_code: bool = False) -> None:
         return
     code = code_tasks(tasks)
     if code:
-        raise ObimError(f"{', '.join(code)} execute{'s' if len(code) == 1 else ''} model-generated code: opt in "
-                        "with eval.allow_code=true (or HF_ALLOW_CODE_EVAL=1 in the environment)")
+        raise ObimError(
+            f"{', '.join(code)} execute{'s' if len(code) == 1 else ''} model-generated code: opt in "
+            "with eval.allow_code=true (or HF_ALLOW_CODE_EVAL=1 in the environment)"
+        )
 
 
 _announced: set[str] = set()  # what this process has said about code execution: "sandbox", and task names
@@ -135,8 +138,11 @@ def announce_code_execution(tasks: list[str]) -> None:
     sandboxed, outside = False, []
     for t in code_tasks(tasks):
         # per code-executing subtask: scored by one of obim's process_results (obim/bench/tasks/), in the sandbox
-        in_sandbox = [os.path.realpath(str(c.get("process_results", ""))).startswith(ours)
-                      for c in _leaves(index, t, set()) if c.get("unsafe_code")]
+        in_sandbox = [
+            os.path.realpath(str(c.get("process_results", ""))).startswith(ours)
+            for c in _leaves(index, t, set())
+            if c.get("unsafe_code")
+        ]
         sandboxed |= any(in_sandbox)
         if not in_sandbox or not all(in_sandbox):
             outside.append(t)
@@ -147,8 +153,12 @@ def announce_code_execution(tasks: list[str]) -> None:
             joblog.note(problem, warning=True, logger="obim.bench.sandbox")
     if outside := [t for t in outside if t not in _announced]:
         _announced.update(outside)
-        joblog.note(f"{', '.join(outside)} execute{'s' * (len(outside) == 1)} generated code through lm-eval's "
-                    "code_eval, outside obim's code sandbox", warning=True, logger="obim.bench.sandbox")
+        joblog.note(
+            f"{', '.join(outside)} execute{'s' * (len(outside) == 1)} generated code through lm-eval's "
+            "code_eval, outside obim's code sandbox",
+            warning=True,
+            logger="obim.bench.sandbox",
+        )
 
 
 def _leaves(index: dict, name: str, seen: set[str]):
@@ -170,10 +180,19 @@ def _leaves(index: dict, name: str, seen: set[str]):
         yield entry.cfg or {}
 
 
-def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", batch_size: int | str = 32,
-                   limit: int | None = None, device: str = "cpu", model_args: dict[str, Any] | str | None = None,
-                   num_fewshot: dict[str, int] | None = None, outputs_dir: str | Path | None = None,
-                   allow_code: bool = False) -> dict[str, float | None]:
+def evaluate_model(
+    model_dir: str | Path,
+    tasks: list[str],
+    *,
+    backend: str = "hf",
+    batch_size: int | str = 32,
+    limit: int | None = None,
+    device: str = "cpu",
+    model_args: dict[str, Any] | str | None = None,
+    num_fewshot: dict[str, int] | None = None,
+    outputs_dir: str | Path | None = None,
+    allow_code: bool = False,
+) -> dict[str, float | None]:
     """{task: score in percent} of one model directory, through lm-eval's own model classes (loaded once).
 
     `num_fewshot` sets a task's shots (others keep their YAML's). Judged tasks (AlpacaEval) score None unless a
@@ -185,9 +204,18 @@ def evaluate_model(model_dir: str | Path, tasks: list[str], *, backend: str = "h
     check_code_opt_in(tasks, allow_code)
     if code_allowed(allow_code):
         announce_code_execution(tasks)
-    req = {"model_dir": str(model_dir), "tasks": list(tasks), "backend": backend, "batch_size": batch_size,
-           "limit": limit, "device": device, "model_args": model_args, "num_fewshot": num_fewshot or {},
-           "outputs_dir": str(outputs_dir) if outputs_dir else None, "allow_code": code_allowed(allow_code)}
+    req = {
+        "model_dir": str(model_dir),
+        "tasks": list(tasks),
+        "backend": backend,
+        "batch_size": batch_size,
+        "limit": limit,
+        "device": device,
+        "model_args": model_args,
+        "num_fewshot": num_fewshot or {},
+        "outputs_dir": str(outputs_dir) if outputs_dir else None,
+        "allow_code": code_allowed(allow_code),
+    }
     if backend == "vllm":
         return _evaluate_in_child(req)
     if model_args is None:
@@ -216,8 +244,13 @@ def _run(r: dict) -> dict[str, float | None]:
     try:
         for shots, group in groups.items():
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=group, num_fewshot=shots, batch_size=r["batch_size"], limit=r["limit"],
-                task_manager=task_manager(), confirm_run_unsafe_code=allow,
+                model=lm,
+                tasks=group,
+                num_fewshot=shots,
+                batch_size=r["batch_size"],
+                limit=r["limit"],
+                task_manager=task_manager(),
+                confirm_run_unsafe_code=allow,
                 log_samples=any(t in JUDGED for t in group),
             )
             for t in group:
@@ -241,8 +274,9 @@ def _evaluate_in_child(req: dict) -> dict[str, float | None]:
         env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
         # its own process group: vLLM's engine and workers are its children, and the child leaves by os._exit
         # (below), so they would outlive it holding their memory; the group is ended when the child is done
-        proc = subprocess.Popen([sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env, start_new_session=True
+        )
         try:
             rc = proc.wait()
         finally:

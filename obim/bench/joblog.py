@@ -14,22 +14,25 @@ import re
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 EVENTS = ".obim-console"  # under hydra.sweep.dir: the console's inbox for this sweep
 # Warnings that say nothing about this sweep's results: lm-eval's hint repeated for every task of every model, and
 # libraries' notices of their own API changes.
-NOISE = (re.compile(r"Custom kwargs can be passed to `--metadata`"),
-         re.compile(r"\b(Deprecation|PendingDeprecation|Future)Warning\b"))
+NOISE = (
+    re.compile(r"Custom kwargs can be passed to `--metadata`"),
+    re.compile(r"\b(Deprecation|PendingDeprecation|Future)Warning\b"),
+)
 # Libraries that print through handlers of their own (transformers does not propagate to the root logger): their
 # records are routed through the root logger during a quiet job, to the log file and the relay. (W&B logs to its
 # own debug.log in the run directory.)
 LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub")
 
 _seq = itertools.count()
-_current: "JobSession | None" = None
+_current: JobSession | None = None
 
 
 def events_dir(sweep_dir: str | Path) -> Path:
@@ -77,7 +80,11 @@ class Relay(logging.Handler):
 
 def _is_console(h: logging.Handler) -> bool:
     return type(h) is logging.StreamHandler and getattr(h, "stream", None) in (
-        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        sys.stdout,
+        sys.stderr,
+        sys.__stdout__,
+        sys.__stderr__,
+    )
 
 
 @contextmanager
@@ -87,8 +94,11 @@ def captured(log_path: Path, relay: logging.Handler | None) -> Iterator[None]:
     are logged. Everything is put back afterwards, whatever happens."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
-    libs = {n: (lg.handlers[:], lg.propagate) for n in LIBRARY_LOGGERS
-            if isinstance(lg := logging.root.manager.loggerDict.get(n), logging.Logger)}
+    libs = {
+        n: (lg.handlers[:], lg.propagate)
+        for n in LIBRARY_LOGGERS
+        if isinstance(lg := logging.root.manager.loggerDict.get(n), logging.Logger)
+    }
     for s in (sys.stdout, sys.stderr):
         s.flush()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +107,9 @@ def captured(log_path: Path, relay: logging.Handler | None) -> Iterator[None]:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path.resolve()
-               for h in saved_handlers):
+    if not any(
+        isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path.resolve() for h in saved_handlers
+    ):
         own = logging.FileHandler(log_path)  # job logging that writes no file there: the log still gets the records
         own.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(own)
@@ -114,10 +125,8 @@ def captured(log_path: Path, relay: logging.Handler | None) -> Iterator[None]:
     finally:
         logging.captureWarnings(False)
         for s in (sys.stdout, sys.stderr):
-            try:
+            with suppress(OSError, ValueError):
                 s.flush()
-            except (OSError, ValueError):
-                pass
         for h in root.handlers[:]:
             if h not in saved_handlers:
                 root.removeHandler(h)
@@ -182,9 +191,16 @@ class JobSession:
 
     def outcome(self, status: str, **fields: Any) -> dict[str, Any]:
         self._close_stage()
-        return {"status": status, "name": self.name, "overrides": self.overrides, "log": str(self.log),
-                "job_dir": str(self.job_dir), "seconds": round(time.monotonic() - self.t0, 3),
-                "stages": self.stages, **fields}
+        return {
+            "status": status,
+            "name": self.name,
+            "overrides": self.overrides,
+            "log": str(self.log),
+            "job_dir": str(self.job_dir),
+            "seconds": round(time.monotonic() - self.t0, 3),
+            "stages": self.stages,
+            **fields,
+        }
 
     def finished(self, result: dict | None) -> dict[str, Any]:
         """The outcome of run_job's return value: a plan (dry run), a skipped job's stored result, or a new one."""
@@ -193,10 +209,15 @@ class JobSession:
             return self.outcome("planned", summary=r.get("summary", ""))
         names = result["plan"]["benchmarks"]
         return self.outcome(
-            "skipped" if result.get("skipped") else "done", experiment=result["plan"]["experiment"],
-            avg=result.get("avg"), scores={names.get(t, t): result["scores"][t] for t in result["plan"]["tasks"]},
-            merge_s=result.get("merge_s"), eval_s=result.get("eval_s"), cached=result.get("cached") or {},
-            wandb_dir=result.get("wandb_dir"))
+            "skipped" if result.get("skipped") else "done",
+            experiment=result["plan"]["experiment"],
+            avg=result.get("avg"),
+            scores={names.get(t, t): result["scores"][t] for t in result["plan"]["tasks"]},
+            merge_s=result.get("merge_s"),
+            eval_s=result.get("eval_s"),
+            cached=result.get("cached") or {},
+            wandb_dir=result.get("wandb_dir"),
+        )
 
     def failed(self, exc: BaseException) -> dict[str, Any]:
         """The job's one-line error for the console; the traceback (unless it is one of obim's own one-line errors)
@@ -214,8 +235,9 @@ class JobSession:
 
 
 @contextmanager
-def job_session(job_dir: str | Path, name: str, overrides: list[str], sweep_dir: str | Path | None,
-                verbose: bool) -> Iterator[JobSession]:
+def job_session(
+    job_dir: str | Path, name: str, overrides: list[str], sweep_dir: str | Path | None, verbose: bool
+) -> Iterator[JobSession]:
     """Run a job's body inside this: quiet unless `verbose`; `sweep_dir` (a multirun) links it to the console."""
     global _current
     channel = events_dir(sweep_dir) if sweep_dir is not None else None
@@ -228,10 +250,8 @@ def job_session(job_dir: str | Path, name: str, overrides: list[str], sweep_dir:
             yield s
             return
         if "transformers" not in sys.modules:  # its logger, set up on import, must exist to be rerouted
-            try:
-                import transformers.utils.logging  # noqa: F401
-            except ImportError:
-                pass
+            with suppress(ImportError):
+                import transformers.utils.logging  # noqa: F401  (imported for its side effect: the logger exists)
         console_fd = os.dup(2)
         s._console_fd = console_fd
         try:

@@ -28,14 +28,21 @@ def alpaca_eval_outputs(samples: list[dict], generator: str) -> list[dict]:
         while isinstance(resp, list):  # lm-eval nests responses per request (and per filter)
             resp = resp[0] if resp else ""
         doc = s["doc"]
-        out.append({"instruction": doc["instruction"], "output": str(resp).strip(), "generator": generator,
-                    "dataset": doc.get("dataset", "")})
+        out.append(
+            {
+                "instruction": doc["instruction"],
+                "output": str(resp).strip(),
+                "generator": generator,
+                "dataset": doc.get("dataset", ""),
+            }
+        )
     return out
 
 
 def judge_configured() -> bool:
     return shutil.which("alpaca_eval") is not None and bool(
-        os.environ.get("OBIM_ALPACA_EVAL_ANNOTATORS") or os.environ.get("OPENAI_API_KEY"))
+        os.environ.get("OBIM_ALPACA_EVAL_ANNOTATORS") or os.environ.get("OPENAI_API_KEY")
+    )
 
 
 def run_judge(outputs: Path) -> float:

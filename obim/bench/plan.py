@@ -57,8 +57,20 @@ def auto_device(device: str) -> str:
 
 # Overrides that leave what a job computes as the experiment defines it (only which method, how it is evaluated
 # or logged): a job with only these is the experiment's main setting, the one Tables 1-3 report.
-NEUTRAL = {"method", "experiment", "experiment.zoo", "experiment.zoo_recipe", "progress", "verbose", "keep_merged",
-           "cache_dir", "results_dir", "device", "dry_run", "paper"}
+NEUTRAL = {
+    "method",
+    "experiment",
+    "experiment.zoo",
+    "experiment.zoo_recipe",
+    "progress",
+    "verbose",
+    "keep_merged",
+    "cache_dir",
+    "results_dir",
+    "device",
+    "dry_run",
+    "paper",
+}
 NEUTRAL_GROUPS = {"eval", "tracking", "hydra"}
 
 
@@ -71,8 +83,11 @@ def axis_of(override: str) -> str | None:
     if key.startswith("experiment.models.") and key.endswith(".retention"):
         return "retention"
     # which models and where the data lives (a local copy of a hub model, your checkpoints) is not an axis
-    if key in ("experiment.base", "experiment.checkpoints") or key.startswith("experiment.validation_sources.") or (
-            key.startswith("experiment.models.") and key.endswith(".path")):
+    if (
+        key in ("experiment.base", "experiment.checkpoints")
+        or key.startswith("experiment.validation_sources.")
+        or (key.startswith("experiment.models.") and key.endswith(".path"))
+    ):
         return None
     return key if key.startswith("experiment.") else key.split(".")[0]
 
@@ -115,7 +130,7 @@ def _validation(cfg: dict, exp: dict, name: str) -> dict[str, int]:
     own = dict(exp["models"][name].get("validation") or {})  # exp["models"]: after _models()
     applies = v.get("models") is None or name in v["models"]
     src = v.get("source", "own")
-    sources = own if (src == "own" or not applies) else {s: 0 for s in ([src] if isinstance(src, str) else src)}
+    sources = own if (src == "own" or not applies) else dict.fromkeys([src] if isinstance(src, str) else src, 0)
     if not sources:
         raise ObimError(f"experiment.models.{name}.validation: no validation sources for model '{name}'")
     size = v.get("size")
@@ -146,8 +161,22 @@ def _models(exp: dict) -> dict[str, dict]:
 
 MODEL_KEYS = ("path", "retention", "validation", "prompt_format")
 # an experiment (conf/experiment/*.yaml): what plan_job reads; any other key is an error, not silently ignored
-EXPERIMENT_KEYS = ("name", "setting", "base", "models", "checkpoints", "checkpoint", "n_models", "order",
-                   "validation_sources", "validation_data", "benchmarks", "dev_benchmarks", "zoo", "zoo_recipe")
+EXPERIMENT_KEYS = (
+    "name",
+    "setting",
+    "base",
+    "models",
+    "checkpoints",
+    "checkpoint",
+    "n_models",
+    "order",
+    "validation_sources",
+    "validation_data",
+    "benchmarks",
+    "dev_benchmarks",
+    "zoo",
+    "zoo_recipe",
+)
 SETTINGS = ("sft", "pt")  # which of the paper's tables the experiment's main jobs fill: 1 and 3-6, or 2 and 11
 
 
@@ -156,8 +185,9 @@ def _check_experiment(exp: Any) -> None:
         raise ObimError(f"experiment: expected a mapping with a `name`, got {exp!r}")
     unknown = sorted(set(exp) - set(EXPERIMENT_KEYS))
     if unknown:
-        raise ObimError(f"experiment {exp['name']}: unknown key(s) {', '.join(unknown)}; valid: "
-                        f"{', '.join(EXPERIMENT_KEYS)}")
+        raise ObimError(
+            f"experiment {exp['name']}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(EXPERIMENT_KEYS)}"
+        )
     for key in ("base", "benchmarks"):
         if exp.get(key) is None:
             raise ObimError(f"experiment {exp['name']}: `{key}` is required")
@@ -174,8 +204,9 @@ def _benchmarks(exp: dict) -> tuple[dict[str, str], dict[str, int]]:
         if isinstance(spec, dict):
             unknown = set(spec) - {"column", "num_fewshot"}
             if unknown or "column" not in spec:
-                raise ObimError(f"experiment.benchmarks.{task}: expected a column name or "
-                                f"{{column, num_fewshot}}, got {spec!r}")
+                raise ObimError(
+                    f"experiment.benchmarks.{task}: expected a column name or {{column, num_fewshot}}, got {spec!r}"
+                )
             if spec.get("num_fewshot") is not None:
                 shots[task] = int(spec["num_fewshot"])
             spec = spec["column"]
@@ -204,9 +235,14 @@ def _validation_set(c: dict, exp: dict, name: str, model: dict) -> dict[str, Any
             _check_jsonl_source(s, data[s]["path"], exp, name)
     fmt = str(model.get("prompt_format") or "plain")
     check_format(fmt, f"experiment.models.{name}.prompt_format")
-    return {"sources": counts, "data": data, "format": fmt, "seed": int(c["seed"]),
-            "max_length": require("validation.max_length", c["validation"]["max_length"], POSITIVE),
-            "batch_size": require("validation.batch_size", c["validation"]["batch_size"], POSITIVE)}
+    return {
+        "sources": counts,
+        "data": data,
+        "format": fmt,
+        "seed": int(c["seed"]),
+        "max_length": require("validation.max_length", c["validation"]["max_length"], POSITIVE),
+        "batch_size": require("validation.batch_size", c["validation"]["batch_size"], POSITIVE),
+    }
 
 
 def _check_jsonl_source(source: str, path: str, exp: dict, model: str) -> None:
@@ -219,10 +255,11 @@ def _check_jsonl_source(source: str, path: str, exp: dict, model: str) -> None:
 
         if source in validation_sources():
             return
-        raise ObimError(f"validation.source: '{source}' (model '{model}') is not a toy zoo source; one of "
-                        f"{', '.join(validation_sources())}")
+        raise ObimError(
+            f"validation.source: '{source}' (model '{model}') is not a toy zoo source; one of "
+            f"{', '.join(validation_sources())}"
+        )
     raise ObimError(f"validation.source: '{source}' (model '{model}'): no file {path}")
-
 
 
 def _check_options(c: dict) -> None:
@@ -237,8 +274,9 @@ def _check_options(c: dict) -> None:
     require("eval.limit", ev.get("limit"), optional(_limit))
     bs = ev.get("batch_size")
     if not (isinstance(bs, str) and re.fullmatch(r"auto(:\d+)?", bs)):
-        require("eval.batch_size", bs, lambda v: POSITIVE(v) and f"expected a positive integer, auto or auto:N, "
-                f"got {v!r}")
+        require(
+            "eval.batch_size", bs, lambda v: POSITIVE(v) and f"expected a positive integer, auto or auto:N, got {v!r}"
+        )
 
 
 def _limit(v: Any) -> str | None:
@@ -264,8 +302,9 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     if n is None:
         n = exp.get("n_models") or len(all_names)
     if not isinstance(n, int) or not 1 <= n <= len(all_names):
-        raise ObimError(f"n_models: expected 1..{len(all_names)} (experiment {exp['name']} has "
-                        f"{len(all_names)} models), got {n!r}")
+        raise ObimError(
+            f"n_models: expected 1..{len(all_names)} (experiment {exp['name']} has {len(all_names)} models), got {n!r}"
+        )
     names = all_names[:n]
     per_model = c["method"].get("per_model") or {}
     bad = [k for k in per_model if k not in names]
@@ -277,8 +316,9 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
         m = exp_models[name]
         unknown = set(m) - set(MODEL_KEYS)
         if unknown:
-            raise ObimError(f"experiment.models.{name}: unknown key(s) {', '.join(sorted(unknown))}; "
-                            f"valid: {', '.join(MODEL_KEYS)}")
+            raise ObimError(
+                f"experiment.models.{name}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(MODEL_KEYS)}"
+            )
         entry: dict[str, Any] = {"name": name, "path": str(m["path"])}
         retention = c.get("retention") if c.get("retention") is not None else m.get("retention")
         if method.retention_param == "retention":
@@ -288,9 +328,15 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
         models.append(entry)
         if method.uses_saliency:
             validation[name] = _validation_set(c, {**exp, "models": exp_models}, name, m)
-    merge_cfg = {"method": method.name, "base_model": str(exp["base"]), "models": models,
-                 "parameters": dict(c["method"].get("parameters") or {}), "order": _order(c, exp, names),
-                 "seed": int(c["seed"]), "dtype": None}
+    merge_cfg = {
+        "method": method.name,
+        "base_model": str(exp["base"]),
+        "models": models,
+        "parameters": dict(c["method"].get("parameters") or {}),
+        "order": _order(c, exp, names),
+        "seed": int(c["seed"]),
+        "dtype": None,
+    }
     # Validate now (unknown parameters, retention sums, orders): saliency methods get placeholder statistics.
     probe = {**merge_cfg, "models": [{**m, "hdiag": "(computed)"} if method.uses_saliency else m for m in models]}
     load_config(probe)
@@ -306,11 +352,22 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
     check_code_opt_in(list(benchmarks), allow_code)
     main = all(axis_of(o) is None for o in (overrides or []))
     return {
-        "experiment": exp["name"], "setting": exp.get("setting"), "method": method.name, "models": names,
-        "n_models": n, "merge": merge_cfg, "validation": validation, "tasks": list(benchmarks),
-        "benchmarks": benchmarks, "eval": evp,
-        "individual": bool(ev.get("individual", True)), "main": main, "overrides": sorted(overrides or []),
-        "zoo": exp.get("zoo"), "zoo_recipe": exp.get("zoo_recipe", "full"), "seed": int(c["seed"]),
+        "experiment": exp["name"],
+        "setting": exp.get("setting"),
+        "method": method.name,
+        "models": names,
+        "n_models": n,
+        "merge": merge_cfg,
+        "validation": validation,
+        "tasks": list(benchmarks),
+        "benchmarks": benchmarks,
+        "eval": evp,
+        "individual": bool(ev.get("individual", True)),
+        "main": main,
+        "overrides": sorted(overrides or []),
+        "zoo": exp.get("zoo"),
+        "zoo_recipe": exp.get("zoo_recipe", "full"),
+        "seed": int(c["seed"]),
         "allow_code": allow_code,
     }
 

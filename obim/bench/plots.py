@@ -13,8 +13,12 @@ from typing import Any
 from .tables import Table, best_single, by_count, method_label, paper_tables
 
 # table -> the x axis of its plot (Table 11's is Figure 3)
-AXES = {"table4": "validation source of the math model (samples)", "table5": "validation samples of the math model",
-        "table6": "iteration order", "grid": None}
+AXES = {
+    "table4": "validation source of the math model (samples)",
+    "table5": "validation samples of the math model",
+    "table6": "iteration order",
+    "grid": None,
+}
 DPI = 110
 
 
@@ -38,8 +42,14 @@ def plot_data(t: Table) -> dict[str, Any]:
         keys = {s.partition("=")[0] for rows in groups.values() for s, _ in rows}
         values = [_number(s.partition("=")[2]) for rows in groups.values() for s, _ in rows]
         numeric = len(keys) == 1 and all(v is not None for v in values)
-        panels = [{"title": method, "x": [_number(s.partition("=")[2]) if numeric else s for s, _ in rows],
-                   "series": {c: [o.get(c) for _, o in rows] for c in t.columns}} for method, rows in groups.items()]
+        panels = [
+            {
+                "title": method,
+                "x": [_number(s.partition("=")[2]) if numeric else s for s, _ in rows],
+                "series": {c: [o.get(c) for _, o in rows] for c in t.columns},
+            }
+            for method, rows in groups.items()
+        ]
         return {"xlabel": next(iter(keys)) if numeric else "setting", "numeric": numeric, "panels": panels}
     xs = [_number(label) for label, _, _ in t.rows]
     numeric = all(x is not None for x in xs)
@@ -61,7 +71,7 @@ def axis_figure(t: Table):
     d = plot_data(t)
     n = len(d["panels"])
     fig, axes = plt.subplots(1, n, figsize=((4.5 if d["numeric"] else 5.5) * n, 3.8), squeeze=False)
-    for ax, p in zip(axes[0], d["panels"]):
+    for ax, p in zip(axes[0], d["panels"], strict=True):
         ys = {c: [math.nan if v is None else v for v in vs] for c, vs in p["series"].items()}
         if d["numeric"]:
             for c, y in ys.items():  # avg solid and black, the benchmarks dashed
@@ -114,8 +124,12 @@ def figure3_data(results: list[dict]) -> dict[str, Any] | None:
     ours["best single model"] = [[n for n in counts if best[n]], [best[n][1] for n in counts if best[n]]]
     paper = paper_tables()["table11"]["rows"]
     pc = sorted(int(k) for k in paper)
-    return {"counts": counts, "experiment": next(iter(seen.values()))["plan"]["experiment"], "ours": ours,
-            "paper": {m: [pc, [paper[str(n)][m][-1] for n in pc]] for m in ("OBIM", "DARE")}}
+    return {
+        "counts": counts,
+        "experiment": next(iter(seen.values()))["plan"]["experiment"],
+        "ours": ours,
+        "paper": {m: [pc, [paper[str(n)][m][-1] for n in pc]] for m in ("OBIM", "DARE")},
+    }
 
 
 def figure3(results: list[dict], out: Path) -> Path | None:
@@ -130,16 +144,21 @@ def figure3(results: list[dict], out: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     ax = axes[0]
-    for (label, (xs, ys)), style in zip(data["ours"].items(), ("o-", "s-", "k--")):
+    for (label, (xs, ys)), style in zip(data["ours"].items(), ("o-", "s-", "k--"), strict=True):
         ax.plot(xs, ys, style, label=label)
-    ax.set(title=f"ours ({data['experiment']})", xlabel="models merged (base included)", ylabel="average score",
-           xticks=data["counts"])
+    ax.set(
+        title=f"ours ({data['experiment']})",
+        xlabel="models merged (base included)",
+        ylabel="average score",
+        xticks=data["counts"],
+    )
     ax.legend()
     ax = axes[1]
-    for (label, (xs, ys)), style in zip(data["paper"].items(), ("o-", "s-")):
+    for (label, (xs, ys)), style in zip(data["paper"].items(), ("o-", "s-"), strict=True):
         ax.plot(xs, ys, style, label=label)
-    ax.set(title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)",
-           xticks=data["paper"]["OBIM"][0])
+    ax.set(
+        title="paper (Qwen2-7B checkpoints)", xlabel="models merged (base included)", xticks=data["paper"]["OBIM"][0]
+    )
     ax.legend()
     fig.tight_layout()
     return save(fig, out / "figure3.png")
@@ -168,7 +187,7 @@ def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Tabl
     cols = [c for c in head[1:] if not c.startswith("paper_")]
     t = Table(name or Path(path).stem, title or Path(path).stem, cols, lead=head[0])
     for r in rows[1:]:
-        cell = dict(zip(head, r))
+        cell = dict(zip(head, r, strict=True))
         paper = [_number(cell.get(f"paper_{c}", "")) for c in cols]
         t.rows.append((r[0], {c: _number(cell[c]) for c in cols}, paper if any(v is not None for v in paper) else None))
     return t

@@ -22,6 +22,7 @@ without running its tests by abusing interpreter internals): scores are only as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -41,7 +42,7 @@ NOT_INSTALLED = "bwrap is not installed"
 # Runs in the child (any Python 3.8+, `-I -S -B`): drop root, limits, the audit hook, then the program. Everything
 # the hook uses is bound in closures up front: the program may rebind module attributes and builtins, which must
 # not change the hook's decisions, and the hook never calls an object the program made (exact str/bytes/int only).
-_BOOT = r'''
+_BOOT = r"""
 import sys
 
 def _boot(argv, BaseException=BaseException, SystemExit=SystemExit, RuntimeError=RuntimeError, exec=exec):
@@ -192,7 +193,7 @@ def _hook(work, posix, stat):
 
 
 _boot(sys.argv)
-'''
+"""
 
 
 class Result(NamedTuple):
@@ -208,15 +209,27 @@ class _Setup(NamedTuple):
     no_bwrap: str | None = None  # why bubblewrap is not used, when it was wanted
 
     def isolation(self) -> str:
-        return "+".join(([] if self.bwrap is None else ["bwrap"]) + ([] if self.uid is None else ["nobody"])
-                        + ["rlimits", "audit-hook", "pgroup"])
+        return "+".join(
+            ([] if self.bwrap is None else ["bwrap"])
+            + ([] if self.uid is None else ["nobody"])
+            + ["rlimits", "audit-hook", "pgroup"]
+        )
 
     def describe(self) -> str:
-        layers = [] if self.bwrap is None else [
-            "bubblewrap (read-only filesystem, private /tmp, /dev and /proc, no network, own pid/ipc/uts namespaces)"]
+        layers = (
+            []
+            if self.bwrap is None
+            else [
+                "bubblewrap (read-only filesystem, private /tmp, /dev and /proc, no network, "
+                "own pid/ipc/uts namespaces)"
+            ]
+        )
         layers += [] if self.uid is None else ["runs as nobody"]
-        layers += [f"rlimits (CPU time, {MEMORY >> 30} GiB memory, {FILE_SIZE >> 20} MiB files, no new processes)",
-                   "audit hook", "own process group, killed at the timeout"]
+        layers += [
+            f"rlimits (CPU time, {MEMORY >> 30} GiB memory, {FILE_SIZE >> 20} MiB files, no new processes)",
+            "audit hook",
+            "own process group, killed at the timeout",
+        ]
         return "code sandbox: " + ", ".join(layers)
 
 
@@ -241,16 +254,19 @@ def without_bwrap() -> str | None:
     why = _setup(True).no_bwrap
     if why is None:
         return None
-    fix = "install it as root: apt-get install bubblewrap, or make install-sandbox" if why == NOT_INSTALLED \
-        else "bwrap needs to create namespaces (a container may forbid it)" if os.geteuid() == 0 \
+    fix = (
+        "install it as root: apt-get install bubblewrap, or make install-sandbox"
+        if why == NOT_INSTALLED
+        else "bwrap needs to create namespaces (a container may forbid it)"
+        if os.geteuid() == 0
         else "bwrap needs unprivileged user namespaces, or root"
+    )
     return f"the code sandbox runs without bubblewrap ({why}): no read-only filesystem, no network isolation; {fix}"
 
 
 def _limits(timeout: float) -> str:
     cpu = math.ceil(timeout) + 1  # the wall clock decides; this only stops a spinning orphan
-    return (f"RLIMIT_CPU={cpu},RLIMIT_AS={MEMORY},RLIMIT_FSIZE={FILE_SIZE},RLIMIT_NPROC=1,RLIMIT_CORE=0,"
-            "RLIMIT_NOFILE=64")
+    return f"RLIMIT_CPU={cpu},RLIMIT_AS={MEMORY},RLIMIT_FSIZE={FILE_SIZE},RLIMIT_NPROC=1,RLIMIT_CORE=0,RLIMIT_NOFILE=64"
 
 
 def _argv(s: _Setup, work: str, timeout: float) -> list[str]:
@@ -260,15 +276,46 @@ def _argv(s: _Setup, work: str, timeout: float) -> list[str]:
     if s.uid is None:  # unprivileged bwrap needs a user namespace
         unshare = ["--unshare-all"]
     else:  # root: no user namespace (its root would still own root's files); the boot code drops to nobody
-        unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-                   "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    return [s.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--bind", work, work, "--chdir", work, *unshare, "--die-with-parent", "--new-session", "--", *cmd]
+        unshare = [
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
+        ]
+    return [
+        s.bwrap,
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        work,
+        work,
+        "--chdir",
+        work,
+        *unshare,
+        "--die-with-parent",
+        "--new-session",
+        "--",
+        *cmd,
+    ]
 
 
 def _run(s: _Setup, program: str, timeout: float) -> Result:
-    with tempfile.TemporaryDirectory(prefix="obim-sandbox-", ignore_cleanup_errors=True) as tmp, \
-            tempfile.TemporaryFile() as err:
+    with (
+        tempfile.TemporaryDirectory(prefix="obim-sandbox-", ignore_cleanup_errors=True) as tmp,
+        tempfile.TemporaryFile() as err,
+    ):
         work = os.path.realpath(tmp)
         with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
@@ -276,15 +323,20 @@ def _run(s: _Setup, program: str, timeout: float) -> Result:
             os.chown(work, s.uid, s.gid)
         # minimal environment: nothing of ours (tokens, keys) reaches the program
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
-        proc = subprocess.Popen(_argv(s, work, timeout), cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            _argv(s, work, timeout),
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
         try:
             timed_out = not _exited(proc, timeout)
         finally:
-            try:  # whatever it left in its process group goes too
+            with contextlib.suppress(ProcessLookupError):  # whatever it left in its process group goes too
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
         err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
         lines = [x.strip() for x in err.read().decode("utf-8", "replace").splitlines() if x.strip()]
@@ -292,7 +344,7 @@ def _run(s: _Setup, program: str, timeout: float) -> Result:
         return Result(True, "passed")
     refused = [x for x in lines if x.startswith("sandbox: refused ")]
     if refused:
-        return Result(False, refused[-1][len("sandbox: "):][:200])
+        return Result(False, refused[-1][len("sandbox: ") :][:200])
     if timed_out:
         return Result(False, f"timed out after {timeout:g} s")
     if lines:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from obim.merging.errors import ObimError
 from obim.merging.staging import atomic_write_file
@@ -49,8 +50,10 @@ def check_space(method_name: str, space: Any) -> dict[str, dict]:
     method = get_method(method_name)
     params = {p.name: p for p in method.params}
     if not space:
-        raise ObimError(f"method.search: method '{method_name}' declares no search space (`search:` in "
-                        f"conf/method/{method_name}.yaml)")
+        raise ObimError(
+            f"method.search: method '{method_name}' declares no search space (`search:` in "
+            f"conf/method/{method_name}.yaml)"
+        )
     out = {}
     for name, spec in dict(space).items():
         where = f"method.search.{name} ({method_name})"
@@ -59,8 +62,10 @@ def check_space(method_name: str, space: Any) -> dict[str, dict]:
         if not isinstance(spec, dict) or set(spec) - set(SPACE_KEYS) or not {"low", "high"} <= set(spec):
             raise ObimError(f"{where}: expected {{low, high[, log, per_model]}}, got {spec!r}")
         low, high = spec["low"], spec["high"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
-                or not low < high:
+        if (
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+            or not low < high
+        ):
             raise ObimError(f"{where}: expected finite numbers low < high, got {low!r}, {high!r}")
         for v in (low, high):
             err = params[name].check(v)
@@ -71,8 +76,12 @@ def check_space(method_name: str, space: Any) -> dict[str, dict]:
         per_model = bool(spec.get("per_model", False))
         if per_model and not params[name].per_model:
             raise ObimError(f"{where}: '{name}' is not a per-model parameter of '{method_name}'")
-        out[name] = {"low": float(low), "high": float(high), "log": bool(spec.get("log", False)),
-                     "per_model": per_model}
+        out[name] = {
+            "low": float(low),
+            "high": float(high),
+            "log": bool(spec.get("log", False)),
+            "per_model": per_model,
+        }
     return out
 
 
@@ -82,7 +91,7 @@ def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> 
     down to sum 1 (the trial records both, its params as drawn and `params_used` as merged)."""
     used: dict[str, float] = {}
     for name, s in space.items():
-        for m in (models if s["per_model"] else [None]):
+        for m in models if s["per_model"] else [None]:
             key = f"{name}.{m}" if m else name
             used[key] = trial.suggest_float(key, s["low"], s["high"], log=s["log"])
     drawn = dict(used)
@@ -120,9 +129,9 @@ def compose(overrides: list[str]) -> Any:
 
 @dataclass
 class Search:
-    overrides: list[str]             # the user's overrides (experiment, eval, tracking...), every trial's base
-    cfg: Any                         # composed with them
-    out: Path                        # the search directory: study.log, search.log, <method>/
+    overrides: list[str]  # the user's overrides (experiment, eval, tracking...), every trial's base
+    cfg: Any  # composed with them
+    out: Path  # the search directory: study.log, search.log, <method>/
     ctx: JobContext
     say: Callable[[str], None] = print
 
@@ -173,12 +182,15 @@ def check_options(opts: dict) -> None:
 def _trial_line(method: str, n: int, total: int, value: float, used: dict, info: dict) -> str:
     params = " ".join(f"{k}={v:g}" for k, v in used.items())
     cached = " (cached)" if info["cached"] else ""
-    return (f"[{method} {n}/{total}] dev avg {value:.1f} | {params} | merge {info['merge_s']:.1f} s, "
-            f"eval {info['eval_s']:.1f} s{cached}")
+    return (
+        f"[{method} {n}/{total}] dev avg {value:.1f} | {params} | merge {info['merge_s']:.1f} s, "
+        f"eval {info['eval_s']:.1f} s{cached}"
+    )
 
 
-def merge_and_evaluate(s: Search, method: str, overrides: list[str], evaluate: dict[str, Any]
-                       ) -> tuple[Any, dict, Any, Any]:
+def merge_and_evaluate(
+    s: Search, method: str, overrides: list[str], evaluate: dict[str, Any]
+) -> tuple[Any, dict, Any, Any]:
     """The sweep's stages for `method` with these overrides on the search's: saliency -> merge -> evaluate (the
     plan's tasks, or what `evaluate` puts in their place), the merged model alone; (config, plan, merged, scores)."""
     ov = [*s.overrides, f"method={method}", *overrides]
@@ -191,8 +203,9 @@ def merge_and_evaluate(s: Search, method: str, overrides: list[str], evaluate: d
     return cfg, plan, merged, ev
 
 
-def run_trial(s: Search, method: str, trial: Any, space: dict, models: list[str], im: bool, dev: dict
-              ) -> tuple[float, dict]:
+def run_trial(
+    s: Search, method: str, trial: Any, space: dict, models: list[str], im: bool, dev: dict
+) -> tuple[float, dict]:
     overrides, used = suggest(trial, space, models, im)
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("params_used", used)
@@ -204,18 +217,37 @@ def run_trial(s: Search, method: str, trial: Any, space: dict, models: list[str]
     if ev.avg is None:
         raise ObimError(f"search: a dev score of {method} is missing ({ev.scores}); dev tasks must score")
     scores = {dev["benchmarks"][t]: v for t, v in ev.scores.items()}
-    info = {"dev_scores": scores, "merge_s": merged.merge_s, "eval_s": ev.eval_s, "cached": merged.cached and ev.cached,
-            "wall_s": round(time.perf_counter() - t0, 2)}
+    info = {
+        "dev_scores": scores,
+        "merge_s": merged.merge_s,
+        "eval_s": ev.eval_s,
+        "cached": merged.cached and ev.cached,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
     for k, v in info.items():
         trial.set_user_attr(k, v)
     from .tracking import log_trial
 
     with s.quiet():
-        log_trial(plain(s.cfg.tracking), s.out / method / f"trial-{trial.number}", f"{method}-trial-{trial.number}",
-                  study_name(s.experiment, method), {"method": method, "trial": trial.number, "params": used,
-                                                    "overrides": overrides, "experiment": s.experiment},
-                  {"dev_avg": ev.avg, **{f"dev/{k}": v for k, v in scores.items()}, "merge_s": merged.merge_s,
-                   "eval_s": ev.eval_s})
+        log_trial(
+            plain(s.cfg.tracking),
+            s.out / method / f"trial-{trial.number}",
+            f"{method}-trial-{trial.number}",
+            study_name(s.experiment, method),
+            {
+                "method": method,
+                "trial": trial.number,
+                "params": used,
+                "overrides": overrides,
+                "experiment": s.experiment,
+            },
+            {
+                "dev_avg": ev.avg,
+                **{f"dev/{k}": v for k, v in scores.items()},
+                "merge_s": merged.merge_s,
+                "eval_s": ev.eval_s,
+            },
+        )
     return ev.avg, {"used": used, **info}
 
 
@@ -246,9 +278,13 @@ def run_study(s: Search, method: str) -> Any:
     # The sampler's seed: search.seed for a study's first run; a resumed study's sampler would replay that random
     # stream from its start (drawing again what the first run drew), so it is seeded by (seed, trials finished).
     seed = int(opts["seed"]) if not finished else int(opts["seed"]) * 1_000_003 + finished
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed,
-                                                                   n_startup_trials=int(opts["startup_trials"])))
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(opts["startup_trials"])),
+    )
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     budget = int(opts["trials"])
@@ -275,13 +311,21 @@ def test_best(s: Search, method: str, study: Any) -> dict:
         shutil.rmtree(merged.dir, ignore_errors=True)
     from optuna.trial import TrialState
 
-    rec = {"method": method, "study": study.study_name, "experiment": s.experiment,
-           "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-           "best_trial": best.number, "params": best.user_attrs["params_used"],
-           "overrides": best.user_attrs["overrides"],
-           "dev_scores": best.user_attrs["dev_scores"], "dev_avg": best.value,
-           "test_scores": {plan["benchmarks"][t]: v for t, v in ev.scores.items()}, "test_avg": ev.avg,
-           "sampler_seed": int(s.opts["seed"]), "budget": int(s.opts["trials"])}
+    rec = {
+        "method": method,
+        "study": study.study_name,
+        "experiment": s.experiment,
+        "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+        "best_trial": best.number,
+        "params": best.user_attrs["params_used"],
+        "overrides": best.user_attrs["overrides"],
+        "dev_scores": best.user_attrs["dev_scores"],
+        "dev_avg": best.value,
+        "test_scores": {plan["benchmarks"][t]: v for t, v in ev.scores.items()},
+        "test_avg": ev.avg,
+        "sampler_seed": int(s.opts["seed"]),
+        "budget": int(s.opts["trials"]),
+    }
     write_json(s.out / method / "best.json", rec)
     return rec
 
@@ -311,23 +355,36 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
         spaces[m] = check_space(m, plain(cm.method).get("search"))
         plan_job(cm, [f"method={m}"])
     if cfg.dry_run:  # the checks only: what the search would tune on what, nothing loaded
-        say(f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
+        say(
+            f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
             f"{', '.join(f'{t} ({c})' for t, c in dev['benchmarks'].items())}; left out (no dev data): "
-            f"{', '.join(dev['left_out']) or 'none'}")
+            f"{', '.join(dev['left_out']) or 'none'}"
+        )
         for m, sp in spaces.items():
-            say(f"  {m}: " + ", ".join(f"{k} in [{v['low']:g}, {v['high']:g}]{' per model' if v['per_model'] else ''}"
-                                       for k, v in sp.items()))
+            say(
+                f"  {m}: "
+                + ", ".join(
+                    f"{k} in [{v['low']:g}, {v['high']:g}]{' per model' if v['per_model'] else ''}"
+                    for k, v in sp.items()
+                )
+            )
         return {"dry_run": True, "dev": dev, "spaces": spaces}
-    ctx = JobContext(cache=Path(str(cfg.cache_dir)), device=auto_device(str(cfg.device)),
-                     eval_device=auto_device(str(cfg.eval.device)), progress=bool(cfg.progress))
+    ctx = JobContext(
+        cache=Path(str(cfg.cache_dir)),
+        device=auto_device(str(cfg.device)),
+        eval_device=auto_device(str(cfg.eval.device)),
+        progress=bool(cfg.progress),
+    )
     s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), ctx=ctx, say=say)
     plan = plan_job(compose([*overrides, f"method={methods[0]}"]))
     if code_allowed(bool(cfg.eval.get("allow_code"))):  # now, on the console: the evaluations write to search.log
         announce_code_execution([*dev["tasks"], *plan["tasks"]])
     with s.quiet() if plan.get("zoo") else nullcontext():
         ensure_zoo(plan, ctx.progress)
-    say(f"search: {len(methods)} methods x {opts['trials']} trials on {', '.join(dev['tasks'])} "
-        f"(study file {s.out / 'study.log'})")
+    say(
+        f"search: {len(methods)} methods x {opts['trials']} trials on {', '.join(dev['tasks'])} "
+        f"(study file {s.out / 'study.log'})"
+    )
     t0 = time.perf_counter()
     records, files = [], []
     results = Path(str(cfg.results_dir)) / s.experiment
@@ -335,9 +392,11 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
         study = run_study(s, m)
         rec = test_best(s, m, study)
         records.append(rec)
-        say(f"[{m}] best trial {rec['best_trial']}: dev avg {rec['dev_avg']:.1f}, test avg "
+        say(
+            f"[{m}] best trial {rec['best_trial']}: dev avg {rec['dev_avg']:.1f}, test avg "
             f"{'—' if rec['test_avg'] is None else format(rec['test_avg'], '.1f')} | "
-            + " ".join(f"{k}={v:g}" for k, v in rec["params"].items()))
+            + " ".join(f"{k}={v:g}" for k, v in rec["params"].items())
+        )
         files += save_plots(study, results / "search", m)
     columns = list(dict.fromkeys(plan["benchmarks"].values()))
     md, csv_text = tuned_table(records, results, columns, dev["left_out"], opts)
@@ -345,8 +404,10 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
         atomic_write_file(results / name, lambda tmp, text=text: tmp.write_text(text))
     files = [results / "table1_tuned.md", results / "table1_tuned.csv", *files]
     wall = time.perf_counter() - t0
-    write_json(s.out / "search.json", {"records": records, "wall_s": round(wall, 1), "overrides": list(overrides),
-                                       "files": [str(f) for f in files]})
+    write_json(
+        s.out / "search.json",
+        {"records": records, "wall_s": round(wall, 1), "overrides": list(overrides), "files": [str(f) for f in files]},
+    )
     say(md)
     say("written:\n" + "\n".join(f"  {f}" for f in files))
     say(f"search: {len(methods)} studies in {int(wall // 60)}:{int(wall % 60):02d}")

@@ -60,8 +60,9 @@ def _untuned(results: Path) -> dict[str, float]:
     return out
 
 
-def tuned_table(records: list[dict], results: Path, columns: list[str], left_out: list[str], opts: dict
-                ) -> tuple[str, str]:
+def tuned_table(
+    records: list[dict], results: Path, columns: list[str], left_out: list[str], opts: dict
+) -> tuple[str, str]:
     """'Table 1, every method tuned' as markdown and CSV: each method's best parameters, its dev avg, its test
     scores and avg, and its avg in the untuned Table 1 beside."""
     from .tables import method_label
@@ -72,23 +73,45 @@ def tuned_table(records: list[dict], results: Path, columns: list[str], left_out
     for r in records:
         label = method_label(r["method"])
         params = " ".join(f"{k}={v:g}" for k, v in r["params"].items())
-        rows.append([label, params, r["dev_avg"], *[r["test_scores"].get(c) for c in columns], r["test_avg"],
-                     untuned.get(label), r["trials"]])
+        rows.append(
+            [
+                label,
+                params,
+                r["dev_avg"],
+                *[r["test_scores"].get(c) for c in columns],
+                r["test_avg"],
+                untuned.get(label),
+                r["trials"],
+            ]
+        )
 
     def cell(v: Any) -> str:
         return "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
-    md = [f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})", "",
-          f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
-          f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
-          "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
-          "default parameters (table1.md / table3.md).", "",
-          "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    md = [
+        f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})",
+        "",
+        f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
+        f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
+        "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
+        "default parameters (table1.md / table3.md).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * (len(head) - 2),
+    ]
     md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    notes = [f"Left out of the objective (no dev data, as in the real setting): {', '.join(left_out)}; their test "
-             "columns are reported, never tuned on."] if left_out else []
-    notes.append("IM retentions (obim, ties_im) drawn summing over 1 are scaled down to sum 1: the parameters shown "
-                 "are those merged.")
+    notes = (
+        [
+            f"Left out of the objective (no dev data, as in the real setting): {', '.join(left_out)}; their test "
+            "columns are reported, never tuned on."
+        ]
+        if left_out
+        else []
+    )
+    notes.append(
+        "IM retentions (obim, ties_im) drawn summing over 1 are scaled down to sum 1: the parameters shown "
+        "are those merged."
+    )
     md += [""] + [f"- {n}" for n in notes] + [""]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -7,6 +7,7 @@ plan: the merge config with each model's statistics is a new dict.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -27,16 +28,16 @@ RESULT_SCHEMA = 2  # result.json's layout (README "Sweep results"); older files 
 @dataclass(frozen=True)
 class JobContext:
     cache: Path
-    device: str       # saliency and merge
+    device: str  # saliency and merge
     eval_device: str
     progress: bool
 
 
 @dataclass(frozen=True)
 class Saliency:
-    hdiag: str                 # the statistics file
+    hdiag: str  # the statistics file
     cached: bool
-    seconds: float             # as measured when it was computed
+    seconds: float  # as measured when it was computed
     samples: int
     tokens: int
     seconds_per_sample: float
@@ -63,27 +64,40 @@ class Evaluated:
 def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
     """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
     from obim.merging.saliency import compute_hdiag, save_hdiag
+
     from .validation import build_texts
 
     texts = build_texts(v)
     # hdiag-v2: files record the model's fingerprint (older cached files lack it and would be refused)
-    key = digest([model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__,
-                  "hdiag-v2"])
+    key = digest(
+        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__, "hdiag-v2"]
+    )
     out = cache / "saliency" / f"{name}-{key}.safetensors"
     with locked(out):
         hit = out.is_file()
         if not hit:
-            hdiag, meta = compute_hdiag(path, texts, max_length=v["max_length"], batch_size=v["batch_size"],
-                                        device=device, progress=progress,
-                                        source="+".join(f"{s}:{n}" for s, n in v["sources"].items()))
+            hdiag, meta = compute_hdiag(
+                path,
+                texts,
+                max_length=v["max_length"],
+                batch_size=v["batch_size"],
+                device=device,
+                progress=progress,
+                source="+".join(f"{s}:{n}" for s, n in v["sources"].items()),
+            )
             save_hdiag(hdiag, out, meta)
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata() or {}
-    return {"hdiag": str(out), "cached": hit, "seconds": float(meta.get("seconds", 0)),
-            "samples": int(meta.get("samples", len(texts))), "tokens": int(meta.get("tokens", 0)),
-            "seconds_per_sample": float(meta.get("seconds_per_sample", 0))}
+    return {
+        "hdiag": str(out),
+        "cached": hit,
+        "seconds": float(meta.get("seconds", 0)),
+        "samples": int(meta.get("samples", len(texts))),
+        "tokens": int(meta.get("tokens", 0)),
+        "seconds_per_sample": float(meta.get("seconds_per_sample", 0)),
+    }
 
 
 def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> dict[str, Any]:
@@ -122,8 +136,14 @@ def _tasks_fingerprint(tasks: list[str]) -> str:
         for line in head.splitlines():
             if line.startswith(("task:", "group:")) and line.split(":", 1)[1].strip() in tasks:
                 folders.add(y.parent)
-    return digest([[str(p.relative_to(root)), p.read_text()] for f in sorted(folders)
-                   for p in sorted(f.iterdir()) if p.is_file() and p.suffix != ".pyc"])
+    return digest(
+        [
+            [str(p.relative_to(root)), p.read_text()]
+            for f in sorted(folders)
+            for p in sorted(f.iterdir())
+            if p.is_file() and p.suffix != ".pyc"
+        ]
+    )
 
 
 def score_avg(scores: dict[str, float | None]) -> float | None:
@@ -133,8 +153,9 @@ def score_avg(scores: dict[str, float | None]) -> float | None:
     return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
 
-def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str, allow_code: bool = False
-                ) -> dict[str, Any]:
+def cached_eval(
+    cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str, allow_code: bool = False
+) -> dict[str, Any]:
     """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
     score left empty is filled from the saved outputs once a judge is configured."""
     import lm_eval
@@ -142,8 +163,17 @@ def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device:
     from .evaluation import evaluate_model
     from .judge import JUDGED, judge_configured, run_judge
 
-    key = digest([model_fingerprint(model_dir), tasks, ev, device, _tasks_fingerprint(tasks), lm_eval.__version__
-                  if hasattr(lm_eval, "__version__") else "", __version__])
+    key = digest(
+        [
+            model_fingerprint(model_dir),
+            tasks,
+            ev,
+            device,
+            _tasks_fingerprint(tasks),
+            lm_eval.__version__ if hasattr(lm_eval, "__version__") else "",
+            __version__,
+        ]
+    )
     out = cache / "evals" / f"{key}.json"
     with locked(out):
         hit = read_json(out)
@@ -157,11 +187,24 @@ def cached_eval(cache: Path, model_dir: str, tasks: list[str], ev: dict, device:
             return {**hit, "cached": True}
         t0 = time.perf_counter()
         outputs = cache / "evals" / key
-        scores = evaluate_model(model_dir, tasks, backend=ev["backend"], batch_size=ev["batch_size"],
-                                limit=ev["limit"], device=device, model_args=ev["model_args"],
-                                num_fewshot=ev.get("num_fewshot"), outputs_dir=outputs, allow_code=allow_code)
-        rec = {"model": model_dir, "scores": scores, "avg": score_avg(scores),
-               "eval_s": round(time.perf_counter() - t0, 3)}
+        scores = evaluate_model(
+            model_dir,
+            tasks,
+            backend=ev["backend"],
+            batch_size=ev["batch_size"],
+            limit=ev["limit"],
+            device=device,
+            model_args=ev["model_args"],
+            num_fewshot=ev.get("num_fewshot"),
+            outputs_dir=outputs,
+            allow_code=allow_code,
+        )
+        rec = {
+            "model": model_dir,
+            "scores": scores,
+            "avg": score_avg(scores),
+            "eval_s": round(time.perf_counter() - t0, 3),
+        }
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
         if judged:
             rec["outputs"] = judged
@@ -183,17 +226,15 @@ class PeakMemory:
         p = psutil.Process()
         total = p.memory_info().rss
         for ch in p.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += ch.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self._rss())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak = self._rss()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -218,8 +259,13 @@ def ensure_zoo(plan: dict, progress: bool) -> None:
 
     recipe = quick_recipe() if plan["zoo_recipe"] == "quick" else RECIPE
     with locked(Path(plan["zoo"]).parent / f".{Path(plan['zoo']).name}"):
-        build(plan["zoo"], recipe=recipe, evaluate=plan["zoo_recipe"] != "quick", progress=progress,
-              allow_code=plan["allow_code"])
+        build(
+            plan["zoo"],
+            recipe=recipe,
+            evaluate=plan["zoo_recipe"] != "quick",
+            progress=progress,
+            allow_code=plan["allow_code"],
+        )
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -229,8 +275,10 @@ def check_tasks(tasks: list[str]) -> None:
     known = set(task_manager().all_tasks)
     for t in tasks:
         if t not in known:
-            raise ObimError(f"experiment.benchmarks: '{t}' is not an lm-eval task or group (lm-eval "
-                            f"{_lm_eval_version()}, obim tasks in {Path(__file__).parent / 'tasks'})")
+            raise ObimError(
+                f"experiment.benchmarks: '{t}' is not an lm-eval task or group (lm-eval "
+                f"{_lm_eval_version()}, obim tasks in {Path(__file__).parent / 'tasks'})"
+            )
 
 
 def _lm_eval_version() -> str:
@@ -260,11 +308,13 @@ def cost_report(plan: dict, saliency: dict[str, Saliency], device: str) -> dict[
     ck.release()
     samples = sum(s.samples for s in saliency.values())
     seconds = sum(s.seconds for s in saliency.values())
-    return {"params_b": round(params / 1e9, 3),
-            "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
-            "gpu_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-            # 4 significant digits: 5 decimals left a few ms per sample (the toy's) only ~3 digits
-            "hessian_s_per_sample": float(f"{seconds / samples:.4g}") if samples else None}
+    return {
+        "params_b": round(params / 1e9, 3),
+        "gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
+        "gpu_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        # 4 significant digits: 5 decimals left a few ms per sample (the toy's) only ~3 digits
+        "hessian_s_per_sample": float(f"{seconds / samples:.4g}") if samples else None,
+    }
 
 
 def judge_pending(result: dict) -> bool:
@@ -297,35 +347,44 @@ def saliency_stage(plan: dict, ctx: JobContext) -> dict[str, Saliency]:
     for spec in plan["merge"]["models"]:
         if spec["name"] in plan["validation"]:
             status(f"saliency of {spec['name']}", "saliency")
-            out[spec["name"]] = Saliency(**cached_saliency(ctx.cache, spec["name"], spec["path"],
-                                                           plan["validation"][spec["name"]], ctx.device,
-                                                           ctx.progress))
+            out[spec["name"]] = Saliency(
+                **cached_saliency(
+                    ctx.cache, spec["name"], spec["path"], plan["validation"][spec["name"]], ctx.device, ctx.progress
+                )
+            )
     return out
 
 
 def merge_stage(plan: dict, saliency: dict[str, Saliency], ctx: JobContext) -> Merged:
     status("merge", "merge")
-    cfg = {**plan["merge"], "models": [{**m, "hdiag": saliency[m["name"]].hdiag} if m["name"] in saliency else m
-                                       for m in plan["merge"]["models"]]}
+    cfg = {
+        **plan["merge"],
+        "models": [
+            {**m, "hdiag": saliency[m["name"]].hdiag} if m["name"] in saliency else m for m in plan["merge"]["models"]
+        ],
+    }
     return Merged(**cached_merge(ctx.cache, cfg, ctx.device, ctx.progress))
 
 
 def _evaluated(rec: dict) -> Evaluated:
-    return Evaluated(scores=rec["scores"], avg=rec["avg"], eval_s=rec["eval_s"], cached=rec["cached"],
-                     outputs=rec.get("outputs"))
+    return Evaluated(
+        scores=rec["scores"], avg=rec["avg"], eval_s=rec["eval_s"], cached=rec["cached"], outputs=rec.get("outputs")
+    )
 
 
 def evaluate_stage(plan: dict, merged: Merged, ctx: JobContext) -> tuple[Evaluated, dict[str, Evaluated]]:
     """The merged model's scores, and (plan `individual`) the base's and each expert's."""
     status("eval of the merged model", "eval")
-    ev = _evaluated(cached_eval(ctx.cache, merged.dir, plan["tasks"], plan["eval"], ctx.eval_device,
-                                plan["allow_code"]))
+    ev = _evaluated(
+        cached_eval(ctx.cache, merged.dir, plan["tasks"], plan["eval"], ctx.eval_device, plan["allow_code"])
+    )
     individual = {}
     if plan["individual"]:
         for name, path in input_paths(plan).items():
             status(f"eval of {name}", "eval")
-            individual[name] = _evaluated(cached_eval(ctx.cache, path, plan["tasks"], plan["eval"],
-                                                      ctx.eval_device, plan["allow_code"]))
+            individual[name] = _evaluated(
+                cached_eval(ctx.cache, path, plan["tasks"], plan["eval"], ctx.eval_device, plan["allow_code"])
+            )
     return ev, individual
 
 
@@ -351,16 +410,31 @@ class JobResult:
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluated
         return {
-            "schema": RESULT_SCHEMA, "config_hash": self.config_hash, "job": self.job, "obim_version": __version__,
-            "config": self.config, "plan": self.plan, "inputs": self.inputs,
-            "scores": {t: ev.scores[t] for t in self.plan["tasks"]}, "avg": ev.avg, "outputs": ev.outputs,
-            "individual": {n: {"scores": e.scores, "avg": e.avg, "eval_s": e.eval_s}
-                           for n, e in self.individual.items()},
+            "schema": RESULT_SCHEMA,
+            "config_hash": self.config_hash,
+            "job": self.job,
+            "obim_version": __version__,
+            "config": self.config,
+            "plan": self.plan,
+            "inputs": self.inputs,
+            "scores": {t: ev.scores[t] for t in self.plan["tasks"]},
+            "avg": ev.avg,
+            "outputs": ev.outputs,
+            "individual": {
+                n: {"scores": e.scores, "avg": e.avg, "eval_s": e.eval_s} for n, e in self.individual.items()
+            },
             "saliency_s": round(sum(s.seconds for s in self.saliency.values()), 3),
-            "merge_s": self.merged.merge_s, "eval_s": ev.eval_s,
-            "saliency": {n: asdict(s) for n, s in self.saliency.items()}, "cost": self.cost,
-            "peak_rss_mb": self.peak_rss_mb, "peak_gpu_mb": self.peak_gpu_mb, "device": self.device,
-            "cached": {"saliency": all(s.cached for s in self.saliency.values()) if self.saliency else None,
-                       "merge": self.merged.cached, "eval": ev.cached},
+            "merge_s": self.merged.merge_s,
+            "eval_s": ev.eval_s,
+            "saliency": {n: asdict(s) for n, s in self.saliency.items()},
+            "cost": self.cost,
+            "peak_rss_mb": self.peak_rss_mb,
+            "peak_gpu_mb": self.peak_gpu_mb,
+            "device": self.device,
+            "cached": {
+                "saliency": all(s.cached for s in self.saliency.values()) if self.saliency else None,
+                "merge": self.merged.cached,
+                "eval": ev.cached,
+            },
             "merged_dir": self.merged.dir if self.merged_kept else None,
         }

@@ -13,9 +13,23 @@ from typing import Any
 from .cache import read_json, write_json
 from .joblog import status
 from .plan import auto_device, plain, plan_hash, plan_job
-from .stages import (RESULT_SCHEMA, JobContext, JobResult, PeakMemory, check_tasks, cost_report, ensure_zoo,
-                     evaluate_stage, fault, input_fingerprints, input_paths, judge_pending, merge_stage,
-                     saliency_stage, where_is)
+from .stages import (
+    RESULT_SCHEMA,
+    JobContext,
+    JobResult,
+    PeakMemory,
+    check_tasks,
+    cost_report,
+    ensure_zoo,
+    evaluate_stage,
+    fault,
+    input_fingerprints,
+    input_paths,
+    judge_pending,
+    merge_stage,
+    saliency_stage,
+    where_is,
+)
 
 
 def dry_run(plan: dict, h: str, job_dir: Path) -> dict:
@@ -49,8 +63,12 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     h = plan_hash(plan)
     if cfg.dry_run:
         return dry_run(plan, h, job_dir)
-    ctx = JobContext(cache=Path(str(cfg.cache_dir)), device=auto_device(str(cfg.device)),
-                     eval_device=auto_device(str(cfg.eval.device)), progress=bool(cfg.progress))
+    ctx = JobContext(
+        cache=Path(str(cfg.cache_dir)),
+        device=auto_device(str(cfg.device)),
+        eval_device=auto_device(str(cfg.eval.device)),
+        progress=bool(cfg.progress),
+    )
     if plan.get("zoo") and not (Path(plan["zoo"]) / "zoo.json").is_file():
         status("building the toy zoo (first use)", "zoo")
     ensure_zoo(plan, ctx.progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
@@ -74,11 +92,22 @@ def run_job(cfg: Any, job_dir: str | Path, overrides: list[str] | None = None, j
     if not cfg.keep_merged:
         shutil.rmtree(merged.dir, ignore_errors=True)
 
-    result = JobResult(config_hash=h, config=plain(cfg), plan=plan, inputs=inputs, saliency=saliency,
-                       merged=merged, evaluated=evaluated, individual=individual,
-                       cost=cost_report(plan, saliency, ctx.device), peak_rss_mb=round(mem.peak / 2**20, 1),
-                       peak_gpu_mb=peak_gpu, device=ctx.device, merged_kept=bool(cfg.keep_merged),
-                       job=job_name).to_json()
+    result = JobResult(
+        config_hash=h,
+        config=plain(cfg),
+        plan=plan,
+        inputs=inputs,
+        saliency=saliency,
+        merged=merged,
+        evaluated=evaluated,
+        individual=individual,
+        cost=cost_report(plan, saliency, ctx.device),
+        peak_rss_mb=round(mem.peak / 2**20, 1),
+        peak_gpu_mb=peak_gpu,
+        device=ctx.device,
+        merged_kept=bool(cfg.keep_merged),
+        job=job_name,
+    ).to_json()
     # log before result.json exists: a job whose logging failed is redone (from the caches) by a rerun
     from .tracking import log_job
 

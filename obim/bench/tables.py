@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -44,14 +45,20 @@ def paper_tables() -> dict[str, Any]:
 class Table:
     name: str
     title: str
-    columns: list[str]                      # the paper's column names, `avg` last
+    columns: list[str]  # the paper's column names, `avg` last
     rows: list[tuple[str, dict[str, float | None], list | None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    lead: str = "model"                     # the first column's header
+    lead: str = "model"  # the first column's header
 
     def markdown(self) -> str:
-        out = [f"# {self.title}", "", "Each cell: ours (the paper's, where it reports one).", "",
-               f"| {self.lead} | " + " | ".join(self.columns) + " |", "|---|" + "---:|" * len(self.columns)]
+        out = [
+            f"# {self.title}",
+            "",
+            "Each cell: ours (the paper's, where it reports one).",
+            "",
+            f"| {self.lead} | " + " | ".join(self.columns) + " |",
+            "|---|" + "---:|" * len(self.columns),
+        ]
         for label, ours, paper in self.rows:
             cells = []
             for i, c in enumerate(self.columns):
@@ -69,8 +76,13 @@ class Table:
         w.writerow([self.lead, *self.columns, *(f"paper_{c}" for c in self.columns)])
         for label, ours, paper in self.rows:
             paper = list(paper or [])
-            w.writerow([label, *("" if ours.get(c) is None else f"{ours[c]:.4f}" for c in self.columns),
-                        *("" if i >= len(paper) or paper[i] is None else paper[i] for i in range(len(self.columns)))])
+            w.writerow(
+                [
+                    label,
+                    *("" if ours.get(c) is None else f"{ours[c]:.4f}" for c in self.columns),
+                    *("" if i >= len(paper) or paper[i] is None else paper[i] for i in range(len(self.columns))),
+                ]
+            )
         return buf.getvalue()
 
 
@@ -87,8 +99,10 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, OSError):
             continue
         if r.get("schema") != RESULT_SCHEMA:
-            raise ObimError(f"{p}: result.json of layout {r.get('schema', 1)}, this obim reads {RESULT_SCHEMA}; "
-                            f"rerun its sweep (jobs are redone from the caches) or move it out of {root}")
+            raise ObimError(
+                f"{p}: result.json of layout {r.get('schema', 1)}, this obim reads {RESULT_SCHEMA}; "
+                f"rerun its sweep (jobs are redone from the caches) or move it out of {root}"
+            )
         r["_path"], r["_mtime"] = str(p), p.stat().st_mtime_ns
         found.append(r)
     return sorted(found, key=lambda r: (r["_mtime"], r["_path"]))
@@ -128,8 +142,9 @@ def _paper_row(paper: dict, table: str, label: str) -> list | None:
 # ------------------------------------------------------------------------------------------------- tables
 
 
-def _main_table(name: str, title: str, results: list[dict], setting: str, methods: list[str], paper: dict,
-                individuals: bool) -> Table | None:
+def _main_table(
+    name: str, title: str, results: list[dict], setting: str, methods: list[str], paper: dict, individuals: bool
+) -> Table | None:
     cols = paper[name]["columns"]
     main = [r for r in results if _plan(r, "setting") == setting and _plan(r, "main")]
     if not main:
@@ -152,16 +167,19 @@ def _main_table(name: str, title: str, results: list[dict], setting: str, method
     if not any(_plan(r, "method") in methods for r in main):
         return None
     ex = main[-1]
-    t.notes.append(f"experiment {_plan(ex, 'experiment')}; models {', '.join(_plan(ex, 'models'))}; "
-                   f"order {ex['plan']['merge']['order']}")
+    t.notes.append(
+        f"experiment {_plan(ex, 'experiment')}; models {', '.join(_plan(ex, 'models'))}; "
+        f"order {ex['plan']['merge']['order']}"
+    )
     return t
 
 
 Row = tuple[Any, str, "list | None"]  # (sort key, label, the paper's row)
 
 
-def _axis_table(name: str, title: str, lead: str, results: list[dict], paper: dict,
-                describe: Callable[[dict], Row | None]) -> Table:
+def _axis_table(
+    name: str, title: str, lead: str, results: list[dict], paper: dict, describe: Callable[[dict], Row | None]
+) -> Table:
     """A table over one sweep axis: a row per setting (`describe`'s sort key), the latest result of each."""
     seen: dict[Any, tuple[Row, dict]] = {}
     for r in results:
@@ -195,8 +213,9 @@ def table4(results: list[dict], paper: dict) -> Table | None:
         label = SOURCE_LABELS.get(sources, "+".join(sources))
         return (size, sources), f"{label} ({size})", _paper_row(paper, "table4", label) if size == 100 else None
 
-    t = _axis_table("table4", "Table 4: validation-set source for the math model's saliency", "source", results,
-                    paper, describe)
+    t = _axis_table(
+        "table4", "Table 4: validation-set source for the math model's saliency", "source", results, paper, describe
+    )
     return t if len(t.rows) > 1 else None
 
 
@@ -207,8 +226,9 @@ def table5(results: list[dict], paper: dict) -> Table | None:
             return None
         return ms[1], str(ms[1]), _paper_row(paper, "table5", str(ms[1]))
 
-    t = _axis_table("table5", "Table 5: validation-set size (math model, source Math)", "samples", results, paper,
-                    describe)
+    t = _axis_table(
+        "table5", "Table 5: validation-set size (math model, source Math)", "samples", results, paper, describe
+    )
     return t if len(t.rows) > 1 else None
 
 
@@ -231,8 +251,11 @@ def table6(results: list[dict], paper: dict) -> Table | None:
         if not _obim_sft(r, "order"):
             return None
         label, order = _order_label(r), str(r["plan"]["merge"]["order"])
-        return (label, order), label if order == "rotation" else f"{label} ({order})", _paper_row(paper, "table6",
-                                                                                                   label)
+        return (
+            (label, order),
+            label if order == "rotation" else f"{label} ({order})",
+            _paper_row(paper, "table6", label),
+        )
 
     t = _axis_table("table6", "Table 6: iteration order", "order", results, paper, describe)
     return t if len(t.rows) > 1 else None
@@ -270,8 +293,9 @@ def table11(results: list[dict], paper: dict) -> Table | None:
         label = method_label(key[1])
         return key, f"{key[0]}, {label}", (prow.get(str(key[0])) or {}).get(label)
 
-    t = _axis_table("table11", "Table 11: number of merged models (the base included)", "models, method", results,
-                    paper, describe)
+    t = _axis_table(
+        "table11", "Table 11: number of merged models (the base included)", "models, method", results, paper, describe
+    )
     for n in sorted({n for n, _ in seen}):
         best = best_single(seen.get((n, "obim")) or seen.get((n, "dare")))
         if best:
@@ -289,7 +313,7 @@ def grid_table(results: list[dict]) -> Table | None:
     for r in results:
         grid = [o.lstrip("+~") for o in _plan(r, "overrides") or [] if axis_of(o) in ("retention", "method")]
         if grid and _varies_only(r, {"retention", "method"}):
-            setting = " ".join(sorted(next((o[len(p):] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
+            setting = " ".join(sorted(next((o[len(p) :] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
             seen[(_plan(r, "method"), setting)] = r
     if not seen:
         return None
@@ -314,12 +338,17 @@ def build_tables(results: list[dict]) -> list[Table]:
     paper = paper_tables()
     found = [
         _main_table("table1", "Table 1: merging the SFT experts", results, "sft", TABLE1_METHODS, paper, True),
-        _main_table("table3", "Table 3: ablation (intra-model x inter-model)", results, "sft", TABLE3_METHODS,
-                    paper, False),
-        table4(results, paper), table5(results, paper), table6(results, paper),
-        _main_table("table2", "Table 2: merging post-pretrained checkpoints", results, "pt", TABLE1_METHODS,
-                    paper, True),
-        table11(results, paper), grid_table(results),
+        _main_table(
+            "table3", "Table 3: ablation (intra-model x inter-model)", results, "sft", TABLE3_METHODS, paper, False
+        ),
+        table4(results, paper),
+        table5(results, paper),
+        table6(results, paper),
+        _main_table(
+            "table2", "Table 2: merging post-pretrained checkpoints", results, "pt", TABLE1_METHODS, paper, True
+        ),
+        table11(results, paper),
+        grid_table(results),
     ]
     return [t for t in found if t is not None]
 

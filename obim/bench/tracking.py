@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -39,16 +40,31 @@ def _wandb_on(tracking: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def _wandb_run(tracking: dict[str, Any], run_dir: Path, *, name: str, job_type: str, group: str | None,
-               config: dict[str, Any] | None = None, reinit: str | None = "create_new") -> Iterator[Any]:
+def _wandb_run(
+    tracking: dict[str, Any],
+    run_dir: Path,
+    *,
+    name: str,
+    job_type: str,
+    group: str | None,
+    config: dict[str, Any] | None = None,
+    reinit: str | None = "create_new",
+) -> Iterator[Any]:
     """A W&B run under run_dir, in tracking's project, quiet, in the mode wandb_mode picks; finished on exit."""
     import wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
-        project=tracking.get("project") or "obim", entity=tracking.get("entity"), group=group, name=name,
-        job_type=job_type, tags=list(tracking.get("tags") or []), config=config, dir=str(run_dir),
-        mode=wandb_mode(tracking.get("mode")), reinit=reinit,
+        project=tracking.get("project") or "obim",
+        entity=tracking.get("entity"),
+        group=group,
+        name=name,
+        job_type=job_type,
+        tags=list(tracking.get("tags") or []),
+        config=config,
+        dir=str(run_dir),
+        mode=wandb_mode(tracking.get("mode")),
+        reinit=reinit,
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
     try:
@@ -65,14 +81,26 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
 
     plan = result["plan"]
     names = plan["benchmarks"]
-    with _wandb_run(tracking, job_dir, name=name or plan["method"], job_type=plan["method"],
-                    group=tracking.get("group"), config=result["config"]) as run:
+    with _wandb_run(
+        tracking,
+        job_dir,
+        name=name or plan["method"],
+        job_type=plan["method"],
+        group=tracking.get("group"),
+        config=result["config"],
+    ) as run:
         # a missing score (an unjudged AlpacaEval) is left out of the metrics, never logged as a number
         metrics = {f"score/{names.get(t, t)}": v for t, v in result["scores"].items() if v is not None}
         if result["avg"] is not None:
             metrics["avg"] = result["avg"]
-        metrics.update({"saliency_s": result["saliency_s"], "merge_s": result["merge_s"],
-                        "eval_s": result["eval_s"], "peak_rss_mb": result["peak_rss_mb"]})
+        metrics.update(
+            {
+                "saliency_s": result["saliency_s"],
+                "merge_s": result["merge_s"],
+                "eval_s": result["eval_s"],
+                "peak_rss_mb": result["peak_rss_mb"],
+            }
+        )
         if result.get("peak_gpu_mb") is not None:
             metrics["peak_gpu_mb"] = result["peak_gpu_mb"]
         cols = ["model", *[names.get(t, t) for t in result["scores"]], "avg"]
@@ -85,8 +113,9 @@ def log_job(tracking: dict[str, Any], job_dir: Path, name: str, result: dict[str
         return str(Path(run.dir).parent)
 
 
-def log_trial(tracking: dict[str, Any], run_dir: Path, name: str, group: str, config: dict[str, Any],
-              metrics: dict[str, Any]) -> str | None:
+def log_trial(
+    tracking: dict[str, Any], run_dir: Path, name: str, group: str, config: dict[str, Any], metrics: dict[str, Any]
+) -> str | None:
     """One search trial (obim.bench.search) as a W&B run in its study's group: its parameters as config, its dev
     scores and timings as metrics; returns the run directory (None when tracking is off)."""
     if not _wandb_on(tracking):

@@ -7,9 +7,10 @@ import json
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from obim.merging.errors import ObimError
 from obim.merging.texts import read_jsonl
@@ -21,16 +22,20 @@ from obim.merging.texts import read_jsonl
 # dataset folder shaped like the hub's, or a JSONL file) and the split to draw from. The text a model runs forward
 # on is each pair rendered in that model's own prompt format.
 
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.\n\n")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
 PROMPT_FORMATS = {
     "plain": "{instruction}\n{response}",
     "alpaca": ALPACA_HEADER + "### Instruction:\n{instruction}\n\n### Response:\n{response}",
     # WizardMath's chain-of-thought prompt (also the custom GSM8K/MATH benchmarks' prompt)
-    "alpaca_cot": ALPACA_HEADER + "### Instruction:\n{instruction}\n\n### Response: Let's think step by step. {response}",
+    "alpaca_cot": ALPACA_HEADER
+    + "### Instruction:\n{instruction}\n\n### Response: Let's think step by step. {response}",
     # WizardLM-13B-V1.2 (Vicuna's format)
-    "vicuna": ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-               "detailed, and polite answers to the user's questions. USER: {instruction} ASSISTANT: {response}"),
+    "vicuna": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: {instruction} ASSISTANT: {response}"
+    ),
 }
 
 
@@ -45,8 +50,10 @@ def render(fmt: str, sample: str | tuple[str, str]) -> str:
 
 def check_format(fmt: str, where: str) -> None:
     if fmt not in PROMPT_FORMATS and not ("{instruction}" in fmt and "{response}" in fmt):
-        raise ObimError(f"{where}: unknown prompt format {fmt!r}: one of {', '.join(PROMPT_FORMATS)}, or a template "
-                        "with {instruction} and {response}")
+        raise ObimError(
+            f"{where}: unknown prompt format {fmt!r}: one of {', '.join(PROMPT_FORMATS)}, or a template "
+            "with {instruction} and {response}"
+        )
 
 
 def _mmlu(r: dict) -> tuple[str, str]:
@@ -72,7 +79,7 @@ def last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     rest = text[start:].split("\\", 1)[1]
-    rest = rest[len("boxed"):] if rest.startswith("boxed") else rest[len("fbox"):]
+    rest = rest[len("boxed") :] if rest.startswith("boxed") else rest[len("fbox") :]
     if rest.startswith(" "):
         return rest[1:].split("$")[0].strip() or None
     if not rest.startswith("{"):
@@ -110,8 +117,9 @@ def _record(r: dict, field: str = "text") -> str | tuple[str, str]:
     if field in r:
         return r[field]
     if "instruction" in r and ("response" in r or "output" in r):
-        return _alpaca({"instruction": r["instruction"], "input": r.get("input"),
-                        "output": r.get("response", r.get("output"))})
+        return _alpaca(
+            {"instruction": r["instruction"], "input": r.get("input"), "output": r.get("response", r.get("output"))}
+        )
     raise KeyError(field)
 
 
@@ -126,39 +134,108 @@ class Builder:
     fields: tuple[str, ...] = ()
 
 
-MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus"]
+MATH_SUBJECTS = [
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+]
 CEVAL_SUBJECTS = [  # the 52 configs of ceval/ceval-exam (its dev split: 5 questions each)
-    "accountant", "advanced_mathematics", "art_studies", "basic_medicine", "business_administration",
-    "chinese_language_and_literature", "civil_servant", "clinical_medicine", "college_chemistry",
-    "college_economics", "college_physics", "college_programming", "computer_architecture", "computer_network",
-    "discrete_mathematics", "education_science", "electrical_engineer", "environmental_impact_assessment_engineer",
-    "fire_engineer", "high_school_biology", "high_school_chemistry", "high_school_chinese", "high_school_geography",
-    "high_school_history", "high_school_mathematics", "high_school_physics", "high_school_politics",
-    "ideological_and_moral_cultivation", "law", "legal_professional", "logic", "mao_zedong_thought", "marxism",
-    "metrology_engineer", "middle_school_biology", "middle_school_chemistry", "middle_school_geography",
-    "middle_school_history", "middle_school_mathematics", "middle_school_physics", "middle_school_politics",
-    "modern_chinese_history", "operating_system", "physician", "plant_protection", "probability_and_statistics",
-    "professional_tour_guide", "sports_science", "tax_accountant", "teacher_qualification",
-    "urban_and_rural_planner", "veterinary_medicine",
+    "accountant",
+    "advanced_mathematics",
+    "art_studies",
+    "basic_medicine",
+    "business_administration",
+    "chinese_language_and_literature",
+    "civil_servant",
+    "clinical_medicine",
+    "college_chemistry",
+    "college_economics",
+    "college_physics",
+    "college_programming",
+    "computer_architecture",
+    "computer_network",
+    "discrete_mathematics",
+    "education_science",
+    "electrical_engineer",
+    "environmental_impact_assessment_engineer",
+    "fire_engineer",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_chinese",
+    "high_school_geography",
+    "high_school_history",
+    "high_school_mathematics",
+    "high_school_physics",
+    "high_school_politics",
+    "ideological_and_moral_cultivation",
+    "law",
+    "legal_professional",
+    "logic",
+    "mao_zedong_thought",
+    "marxism",
+    "metrology_engineer",
+    "middle_school_biology",
+    "middle_school_chemistry",
+    "middle_school_geography",
+    "middle_school_history",
+    "middle_school_mathematics",
+    "middle_school_physics",
+    "middle_school_politics",
+    "modern_chinese_history",
+    "operating_system",
+    "physician",
+    "plant_protection",
+    "probability_and_statistics",
+    "professional_tour_guide",
+    "sports_science",
+    "tax_accountant",
+    "teacher_qualification",
+    "urban_and_rural_planner",
+    "veterinary_medicine",
 ]
 BUILDERS: dict[str, Builder] = {
-    "alpaca": Builder(_alpaca, {"path": "tatsu-lab/alpaca", "split": "train"}, ("test", "eval"),
-                      ("instruction", "input", "output")),
-    "mmlu": Builder(_mmlu, {"path": "cais/mmlu", "name": "all", "split": "dev"}, ("test", "validation"),
-                    ("question", "choices", "answer")),
-    "ceval": Builder(_ceval, {"path": "ceval/ceval-exam", "name": CEVAL_SUBJECTS, "split": "dev"}, ("test", "val"),
-                     ("question", "A", "B", "C", "D", "answer")),
-    "gsm8k": Builder(_gsm8k, {"path": "openai/gsm8k", "name": "main", "split": "train"}, ("test",),
-                     ("question", "answer")),
-    "math": Builder(_math, {"path": "EleutherAI/hendrycks_math", "name": MATH_SUBJECTS, "split": "train"},
-                    ("test",), ("problem", "solution")),
-    "mbpp": Builder(_mbpp, {"path": "google-research-datasets/mbpp", "name": "full", "split": "train"},
-                    ("test",), ("text", "code", "test_list")),
-    "jcommonsenseqa": Builder(_jcommonsenseqa, {"path": "Rakuten/JGLUE", "name": "JCommonsenseQA", "split": "train"},
-                              ("test", "validation"), ("question", "choice0", "label")),
+    "alpaca": Builder(
+        _alpaca, {"path": "tatsu-lab/alpaca", "split": "train"}, ("test", "eval"), ("instruction", "input", "output")
+    ),
+    "mmlu": Builder(
+        _mmlu,
+        {"path": "cais/mmlu", "name": "all", "split": "dev"},
+        ("test", "validation"),
+        ("question", "choices", "answer"),
+    ),
+    "ceval": Builder(
+        _ceval,
+        {"path": "ceval/ceval-exam", "name": CEVAL_SUBJECTS, "split": "dev"},
+        ("test", "val"),
+        ("question", "A", "B", "C", "D", "answer"),
+    ),
+    "gsm8k": Builder(
+        _gsm8k, {"path": "openai/gsm8k", "name": "main", "split": "train"}, ("test",), ("question", "answer")
+    ),
+    "math": Builder(
+        _math,
+        {"path": "EleutherAI/hendrycks_math", "name": MATH_SUBJECTS, "split": "train"},
+        ("test",),
+        ("problem", "solution"),
+    ),
+    "mbpp": Builder(
+        _mbpp,
+        {"path": "google-research-datasets/mbpp", "name": "full", "split": "train"},
+        ("test",),
+        ("text", "code", "test_list"),
+    ),
+    "jcommonsenseqa": Builder(
+        _jcommonsenseqa,
+        {"path": "Rakuten/JGLUE", "name": "JCommonsenseQA", "split": "train"},
+        ("test", "validation"),
+        ("question", "choice0", "label"),
+    ),
     # no split of their own: validation.split (train by default) unless the source names one
-    "text": Builder(_record, {}),   # any dataset with a `text` field (pretraining corpora)
+    "text": Builder(_record, {}),  # any dataset with a `text` field (pretraining corpora)
     "jsonl": Builder(_record, {}),  # a local JSONL file (`{split}` in its path is replaced)
 }
 SOURCE_KEYS = ("builder", "path", "name", "split", "field")
@@ -181,8 +258,10 @@ def resolve_source(source: str, spec: dict | None, split: str, where: str) -> di
     if kind == "jsonl":
         out["path"] = str(out["path"]).replace("{split}", str(out["split"]))
     if out["split"] in b.eval_splits:
-        raise ObimError(f"{where}.split: '{out['split']}' is a split the benchmarks evaluate "
-                        f"({', '.join(b.eval_splits)}); validation data comes from train/dev splits only")
+        raise ObimError(
+            f"{where}.split: '{out['split']}' is a split the benchmarks evaluate "
+            f"({', '.join(b.eval_splits)}); validation data comes from train/dev splits only"
+        )
     return out
 
 
@@ -198,14 +277,16 @@ def _load_records(spec: dict) -> list[dict]:
         try:
             if local:  # datasets caches a local folder by its name and config alone: a stale copy must not win
                 with tempfile.TemporaryDirectory(prefix="obim-ds-") as tmp:
-                    ds = datasets.load_dataset(spec["path"], name, split=spec["split"], cache_dir=tmp,
-                                               keep_in_memory=True)
+                    ds = datasets.load_dataset(
+                        spec["path"], name, split=spec["split"], cache_dir=tmp, keep_in_memory=True
+                    )
             else:
                 ds = datasets.load_dataset(spec["path"], name, split=spec["split"])
         except Exception as e:  # offline, unknown dataset or split: one line naming the source
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ObimError(f"validation source {spec['path']}" + (f" ({name})" if name else "")
-                            + f" split {spec['split']}: {msg}") from None
+            raise ObimError(
+                f"validation source {spec['path']}" + (f" ({name})" if name else "") + f" split {spec['split']}: {msg}"
+            ) from None
         recs += list(ds)
     return recs
 
@@ -215,8 +296,10 @@ def load_samples(source: str, spec: dict, n: int, seed: int) -> list[str | tuple
     gives the first n of a permutation fixed by the seed, so smaller sets are subsets of larger ones (Table 5)."""
     recs = _load_records(spec)
     if len(recs) < n:
-        raise ObimError(f"{spec['path']}: validation source '{source}' has {len(recs)} samples in split "
-                        f"'{spec['split']}', {n} requested")
+        raise ObimError(
+            f"{spec['path']}: validation source '{source}' has {len(recs)} samples in split "
+            f"'{spec['split']}', {n} requested"
+        )
     if spec["builder"] != "jsonl":
         order = list(range(len(recs)))
         random.Random(f"{seed}-{source}").shuffle(order)
@@ -227,8 +310,10 @@ def load_samples(source: str, spec: dict, n: int, seed: int) -> list[str | tuple
         try:
             out.append(b.to_sample(r, spec["field"]) if "field" in spec else b.to_sample(r))
         except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ObimError(f"{spec['path']}: record {i} of split '{spec['split']}' lacks what builder "
-                            f"'{spec['builder']}' reads ({', '.join(b.fields) or 'text'}): {e}") from None
+            raise ObimError(
+                f"{spec['path']}: record {i} of split '{spec['split']}' lacks what builder "
+                f"'{spec['builder']}' reads ({', '.join(b.fields) or 'text'}): {e}"
+            ) from None
     return out
 
 

@@ -10,16 +10,41 @@ import re
 _DECODER = ("model.embed_tokens.weight", "lm_head.weight")  # Llama and the architectures that copied its names
 
 VOCAB_TENSORS: dict[str, tuple[str, ...]] = {
-    **{t: _DECODER for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                             "gemma2", "phi", "phi3", "olmo", "olmo2", "starcoder2", "cohere", "granite",
-                             "deepseek_v2", "deepseek_v3", "stablelm")},
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "phi",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "starcoder2",
+            "cohere",
+            "granite",
+            "deepseek_v2",
+            "deepseek_v3",
+            "stablelm",
+        ),
+        _DECODER,
+    ),
     "internlm2": ("model.tok_embeddings.weight", "output.weight"),
     "gpt2": ("transformer.wte.weight", "lm_head.weight"),
     "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight"),
     "falcon": ("transformer.word_embeddings.weight", "lm_head.weight"),
     "opt": ("model.decoder.embed_tokens.weight", "lm_head.weight"),
-    "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias",
-             "cls.predictions.decoder.bias"),
+    "bert": (
+        "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.bias",
+        "cls.predictions.decoder.bias",
+    ),
     "t5": ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"),
 }
 # undeclared architectures: names that usually hold vocabulary rows

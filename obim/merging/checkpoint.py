@@ -27,16 +27,33 @@ from .safeio import check_regular, open_regular, parse_json, read_json_file
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 
 # Files of a model directory that describe its tokenizer (copied from `tokenizer_source`).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
 )
 # Files besides the weights and their index/config that a merge copies into its output.
 AUX_FILES = ("generation_config.json", *TOKENIZER_FILES)
@@ -111,8 +128,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     if data_start + pos > size:
         raise ObimError(f"{path}: truncated safetensors file ({size} bytes, its header needs {data_start + pos})")
     if data_start + pos < size:
-        raise ObimError(f"{path}: {size - data_start - pos} bytes after the last tensor (corrupt or not a "
-                        "safetensors file)")
+        raise ObimError(
+            f"{path}: {size - data_start - pos} bytes after the last tensor (corrupt or not a safetensors file)"
+        )
     return meta, infos
 
 
@@ -204,7 +222,9 @@ class Checkpoint:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
         except Exception as e:  # torch raises many types for corrupt pickles/zips
-            raise ObimError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+            raise ObimError(
+                f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})".splitlines()[0]
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ObimError(f"{path}: not a state dict of tensors")
         return state
@@ -258,7 +278,7 @@ class Checkpoint:
                 if self._bin_file != info.file:
                     self._bin_state, self._bin_file = self._load_bin(info.file), info.file
                 raw = self._bin_state[info.name].contiguous().view(-1).view(torch.uint8) if n else torch.empty(0)
-                samples[info.name] = b"".join(raw[st:st + c].numpy().tobytes() for st in starts)
+                samples[info.name] = b"".join(raw[st : st + c].numpy().tobytes() for st in starts)
         self.release()
         h = hashlib.sha256()
         for name in sorted(samples):
@@ -300,15 +320,18 @@ def resolve_model_dir(spec: str) -> Path:
     try:
         d = Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=_offline()))
         if not any(d.glob("*.safetensors")):
-            d = Path(snapshot_download(spec, allow_patterns=patterns + ["pytorch_model*.bin"],
-                                       local_files_only=_offline()))
+            d = Path(
+                snapshot_download(spec, allow_patterns=[*patterns, "pytorch_model*.bin"], local_files_only=_offline())
+            )
         return d
     except Exception as e:
         if _offline():
-            raise ObimError(f"model '{spec}': not a local directory, and the hub is offline (HF_HUB_OFFLINE=1) "
-                            "with no cached copy") from None
-        raise ObimError(f"model '{spec}': not a local directory and not downloadable from the hub "
-                        f"({type(e).__name__})") from None
+            raise ObimError(
+                f"model '{spec}': not a local directory, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy"
+            ) from None
+        raise ObimError(
+            f"model '{spec}': not a local directory and not downloadable from the hub ({type(e).__name__})"
+        ) from None
 
 
 def open_checkpoint(spec: str) -> Checkpoint:
@@ -363,14 +386,17 @@ class ShardedWriter:
             off += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
-        self._file = open(self.dir / self.shards[si].file, "wb")
+        # open across write() calls, one shard at a time; closed when the shard is full or by close()
+        self._file = open(self.dir / self.shards[si].file, "wb")  # noqa: SIM115  (see above)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._shard = si
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         si, want, dtype, shape = self._queue[self._pos]
         if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"writer expected {want} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+            raise RuntimeError(
+                f"writer expected {want} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         if si != self._shard:
             self._open(si)
         t = tensor.detach().to("cpu").contiguous()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ObimError
 
@@ -65,4 +66,6 @@ def device_check(v: Any, present: bool = True) -> str | None:
 
 
 def mapping(v: Any) -> str | None:
-    return None if v is None or isinstance(v, dict) else f"expected a mapping (key: value), got {type(v).__name__} {v!r}"
+    return (
+        None if v is None or isinstance(v, dict) else f"expected a mapping (key: value), got {type(v).__name__} {v!r}"
+    )

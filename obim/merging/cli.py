@@ -28,8 +28,11 @@ def run_cli(prog: str, fn) -> int:
 
         term = isinstance(e, Terminated)
         done = getattr(e, "completed", None)  # the signal came while the finished output was being renamed in
-        print(f"{prog}: {'terminated' if term else 'interrupted'}; "
-              + (f"after the output was complete ({done})" if done else "nothing was written"), file=sys.stderr)
+        print(
+            f"{prog}: {'terminated' if term else 'interrupted'}; "
+            + (f"after the output was complete ({done})" if done else "nothing was written"),
+            file=sys.stderr,
+        )
         return 143 if term else 130
     return 0
 
@@ -41,8 +44,10 @@ def merge_main(argv: list[str] | None = None) -> int:
     from .methods import METHODS
 
     ap = argparse.ArgumentParser(
-        prog="obim-merge", description="Merge fine-tuned models into their base with a registered method.",
-        epilog="methods: " + ", ".join(sorted(METHODS)))
+        prog="obim-merge",
+        description="Merge fine-tuned models into their base with a registered method.",
+        epilog="methods: " + ", ".join(sorted(METHODS)),
+    )
     ap.add_argument("config", help="merge config YAML (see README)")
     ap.add_argument("out_dir", help="output model directory (written to a temporary directory, then renamed)")
     ap.add_argument("--device", default="cpu", help="where the per-tensor arithmetic runs: cpu or cuda[:N]")
@@ -53,10 +58,11 @@ def merge_main(argv: list[str] | None = None) -> int:
     def go():
         from .merge import merge
 
-        res = merge(args.config, args.out_dir, device=args.device, overwrite=args.overwrite,
-                    progress=not args.quiet)
-        print(f"merged {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in {res.merge_s:.1f} s "
-              f"(saliency {res.saliency_s:.1f} s) -> {res.out_dir}")
+        res = merge(args.config, args.out_dir, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+        print(
+            f"merged {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in {res.merge_s:.1f} s "
+            f"(saliency {res.saliency_s:.1f} s) -> {res.out_dir}"
+        )
 
     return run_cli("obim-merge", go)
 
@@ -67,7 +73,8 @@ def saliency_main(argv: list[str] | None = None) -> int:
     configure()
     ap = argparse.ArgumentParser(
         prog="obim-saliency",
-        description="Compute OBM saliency statistics (the hdiag file: mean x² per input feature of every nn.Linear).")
+        description="Compute OBM saliency statistics (the hdiag file: mean x² per input feature of every nn.Linear).",
+    )
     ap.add_argument("model", help="model directory or hub id")
     ap.add_argument("out", help="output .safetensors file")
     ap.add_argument("--data", required=True, help="JSONL validation file (one sample per line)")
@@ -85,8 +92,7 @@ def saliency_main(argv: list[str] | None = None) -> int:
 
         from .checkpoint import open_checkpoint, resolve_model_dir
         from .checks import device_check, one_of, require
-        from .saliency import (LOAD_DTYPES, check_hdiag, compute_hdiag, describe_unrouted, is_hdiag_file,
-                               save_hdiag)
+        from .saliency import LOAD_DTYPES, check_hdiag, compute_hdiag, describe_unrouted, is_hdiag_file, save_hdiag
         from .staging import check_disjoint
         from .texts import read_texts
 
@@ -103,20 +109,31 @@ def saliency_main(argv: list[str] | None = None) -> int:
         if out.is_dir():
             raise ObimError(f"{out}: exists and is a directory; OUT is the hdiag .safetensors file to write")
         if os.path.lexists(out) and not is_hdiag_file(out):  # replace only what obim-saliency wrote
-            raise ObimError(f"{out}: exists and is not an hdiag file obim-saliency wrote; remove it yourself or "
-                            "choose another output file")
+            raise ObimError(
+                f"{out}: exists and is not an hdiag file obim-saliency wrote; remove it yourself or "
+                "choose another output file"
+            )
         texts = read_texts(args.data, args.size, args.text_field)
-        hdiag, meta = compute_hdiag(args.model, texts, max_length=args.max_length, batch_size=args.batch_size,
-                                    device=args.device, dtype=args.dtype, progress=not args.quiet,
-                                    source=args.data)
+        hdiag, meta = compute_hdiag(
+            args.model,
+            texts,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.quiet,
+            source=args.data,
+        )
         # the check a merge runs on this file, now: a file the merge would refuse is not written
         check_hdiag(hdiag, meta, open_checkpoint(str(model_dir)), f"{out} (not written)")
         unrouted = json.loads(meta["unrouted"])
         if unrouted:
             print(f"obim-saliency: warning: {describe_unrouted(unrouted)}", file=sys.stderr)
         save_hdiag(hdiag, out, meta)  # atomic_write_file: an OSError there is already one line
-        print(f"{len(hdiag)} linear layers, {meta['samples']} samples, {meta['tokens']} tokens, "
-              f"{meta['seconds']} s -> {args.out}")
+        print(
+            f"{len(hdiag)} linear layers, {meta['samples']} samples, {meta['tokens']} tokens, "
+            f"{meta['seconds']} s -> {args.out}"
+        )
 
     return run_cli("obim-saliency", go)
 

@@ -69,13 +69,14 @@ class IterativeMerging(Combiner):
     params = (Param("retention", None, number_in(0.0, 1.0), per_model=True, doc="keep ratio of each model"),)
 
     def validate(self, params, models):
-        missing = [m for p, m in zip(params, models) if p["retention"] is None]
+        missing = [m for p, m in zip(params, models, strict=True) if p["retention"] is None]
         if missing:
             return f"models {', '.join(missing)}: `retention` is required (per model, or in `parameters`)"
         total = sum(p["retention"] for p in params)
         if total > 1 + 1e-9:
             return f"retention ratios must sum to at most 1 for iterative merging, got {total:g} " + str(
-                {m: p["retention"] for p, m in zip(params, models)})
+                {m: p["retention"] for p, m in zip(params, models, strict=True)}
+            )
         return None
 
     def __call__(self, sparse, ctx):

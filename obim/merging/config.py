@@ -9,12 +9,11 @@ from typing import Any
 
 from .checks import mapping, number_in, require
 from .errors import ObimError
-from .safeio import read_yaml_text
 from .methods import Method, get_method
+from .safeio import read_yaml_text
 from .texts import ValidationSpec
 
-TOP_KEYS = ("method", "base_model", "models", "parameters", "order", "seed", "dtype", "tokenizer_source",
-            "shard_size")
+TOP_KEYS = ("method", "base_model", "models", "parameters", "order", "seed", "dtype", "tokenizer_source", "shard_size")
 MODEL_KEYS = ("name", "path", "retention", "hdiag", "validation", "parameters")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -65,9 +64,14 @@ class MergeConfig:
             d["parameters"] = {k: v for k, v in m.params.items() if self.parameters.get(k) != v}
             models.append(d)
         return {
-            "method": self.method.name, "base_model": self.base_model, "models": models,
-            "parameters": dict(self.parameters), "order": self.order if isinstance(self.order, str) else list(self.order),
-            "seed": self.seed, "dtype": self.dtype, "tokenizer_source": self.tokenizer_source,
+            "method": self.method.name,
+            "base_model": self.base_model,
+            "models": models,
+            "parameters": dict(self.parameters),
+            "order": self.order if isinstance(self.order, str) else list(self.order),
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "tokenizer_source": self.tokenizer_source,
             "shard_size": self.shard_size,
         }
 
@@ -123,8 +127,9 @@ def load_config(src: Any) -> MergeConfig:
     raw = _as_plain(src)
     unknown = set(raw) - set(TOP_KEYS)
     if unknown:
-        raise ObimError(f"merge config: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                        f"valid: {', '.join(TOP_KEYS)}")
+        raise ObimError(
+            f"merge config: unknown key(s) {', '.join(sorted(map(str, unknown)))}; valid: {', '.join(TOP_KEYS)}"
+        )
     for key in ("method", "base_model", "models"):
         if raw.get(key) in (None, "", []):
             raise ObimError(f"merge config: `{key}` is required")
@@ -134,8 +139,10 @@ def load_config(src: Any) -> MergeConfig:
     wide = dict(require("parameters", raw.get("parameters"), mapping) or {})
     bad = set(wide) - set(by_name)
     if bad:
-        raise ObimError(f"parameters: unknown parameter(s) {', '.join(sorted(bad))} for method {method.name}; "
-                        f"valid: {', '.join(by_name)}")
+        raise ObimError(
+            f"parameters: unknown parameter(s) {', '.join(sorted(bad))} for method {method.name}; "
+            f"valid: {', '.join(by_name)}"
+        )
     resolved_wide = {k: wide.get(k, p.default) for k, p in by_name.items()}
     for k, v in resolved_wide.items():
         _check_param(method, k, v, "parameters")
@@ -157,13 +164,17 @@ def load_config(src: Any) -> MergeConfig:
         own = dict(require(f"{where}.parameters", m.get("parameters"), mapping) or {})
         bad = set(own) - set(by_name)
         if bad:
-            raise ObimError(f"{where}.parameters: unknown parameter(s) {', '.join(sorted(bad))} for method "
-                            f"{method.name}; valid: {', '.join(by_name)}")
+            raise ObimError(
+                f"{where}.parameters: unknown parameter(s) {', '.join(sorted(bad))} for method "
+                f"{method.name}; valid: {', '.join(by_name)}"
+            )
         fixed = [k for k in own if not by_name[k].per_model]
         if fixed:
             per = [p.name for p in method.params if p.per_model]
-            raise ObimError(f"{where}.parameters: `{fixed[0]}` is method-wide for {method.name} and cannot be set "
-                            f"per model; per-model parameters: {', '.join(per) or 'none'}")
+            raise ObimError(
+                f"{where}.parameters: `{fixed[0]}` is method-wide for {method.name} and cannot be set "
+                f"per model; per-model parameters: {', '.join(per) or 'none'}"
+            )
         params = dict(resolved_wide)
         retention = m.get("retention")
         if retention is not None and method.retention_param:
@@ -197,8 +208,9 @@ def load_config(src: Any) -> MergeConfig:
             raise ObimError(f"order: model '{dup[0]}' listed twice")
         missing = [n for n in names if n not in order]
         if missing:
-            raise ObimError(f"order: model '{missing[0]}' is missing; the order must list every model: "
-                            f"{', '.join(names)}")
+            raise ObimError(
+                f"order: model '{missing[0]}' is missing; the order must list every model: {', '.join(names)}"
+            )
 
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -210,7 +222,18 @@ def load_config(src: Any) -> MergeConfig:
     if method.uses_saliency:
         for i, m in enumerate(models):
             if m.hdiag is None and m.validation is None:
-                raise ObimError(f"models[{i}] ({m.name}): method {method.name} needs saliency statistics: give "
-                                "`hdiag: FILE.safetensors` (see obim-saliency) or `validation: {data: FILE.jsonl}`")
-    return MergeConfig(method, str(raw["base_model"]), models, order, seed, dtype, tok,
-                       parse_size(raw.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size"), resolved_wide)
+                raise ObimError(
+                    f"models[{i}] ({m.name}): method {method.name} needs saliency statistics: give "
+                    "`hdiag: FILE.safetensors` (see obim-saliency) or `validation: {data: FILE.jsonl}`"
+                )
+    return MergeConfig(
+        method,
+        str(raw["base_model"]),
+        models,
+        order,
+        seed,
+        dtype,
+        tok,
+        parse_size(raw.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size"),
+        resolved_wide,
+    )

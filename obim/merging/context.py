@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class TensorContext:
     seed: int
     order: list[int]  # IM order for this tensor (indices into models)
     hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable: one shared default is safe)
     _draws: dict[int, int] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:

@@ -62,7 +62,7 @@ def _vocab_size(ckpt: Checkpoint) -> int | None:
 def _only_vocab_rows_differ(name: str, shapes: list[tuple[int, ...]], ckpts: list[Checkpoint]) -> bool:
     """True for an embedding / lm_head whose shapes differ only in rows, each model's rows being its vocab size."""
     same_cols = all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes)
-    rows_are_vocab = all(_vocab_size(ck) in (None, s[0]) for ck, s in zip(ckpts, shapes))
+    rows_are_vocab = all(_vocab_size(ck) in (None, s[0]) for ck, s in zip(ckpts, shapes, strict=True))
     return same_cols and rows_are_vocab and is_vocab_tensor(name, ckpts[0].architecture[0])
 
 
@@ -77,14 +77,18 @@ class TensorPlan:
 def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> list[TensorPlan]:
     """Check that the models can be merged and list the output tensors, in the base's storage order."""
     names = cfg.names
-    for m, ck in zip(cfg.models, models):
+    for m, ck in zip(cfg.models, models, strict=True):
         if ck.architecture != base.architecture:
-            raise ObimError(f"model '{m.name}' ({ck.dir}) is {ck.architecture[1] or ck.architecture[0]}, the base "
-                            f"({base.dir}) is {base.architecture[1] or base.architecture[0]}: architectures differ")
+            raise ObimError(
+                f"model '{m.name}' ({ck.dir}) is {ck.architecture[1] or ck.architecture[0]}, the base "
+                f"({base.dir}) is {base.architecture[1] or base.architecture[0]}: architectures differ"
+            )
         missing = [n for n in base.tensors if n not in ck.tensors]
         if missing:
-            raise ObimError(f"tensor {missing[0]} is missing in model '{m.name}' ({ck.dir})"
-                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            raise ObimError(
+                f"tensor {missing[0]} is missing in model '{m.name}' ({ck.dir})"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
         extra = [n for n in ck.tensors if n not in base.tensors]
         if extra:
             raise ObimError(f"tensor {extra[0]} of model '{m.name}' ({ck.dir}) is not in the base ({base.dir})")
@@ -92,19 +96,23 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
     out_dtype_override = getattr(torch, cfg.dtype) if cfg.dtype else None
     plans = []
     for info in sorted(base.tensors.values(), key=lambda t: (str(t.file), t.offset)):
-        for m, ck in zip(cfg.models, models):
+        for m, ck in zip(cfg.models, models, strict=True):
             dt = ck.tensors[info.name].dtype
             if dt.is_floating_point != info.dtype.is_floating_point or (not dt.is_floating_point and dt != info.dtype):
-                raise ObimError(f"tensor {info.name}: model '{m.name}' ({ck.dir}) stores it as {_dt(dt)}, the base "
-                                f"as {_dt(info.dtype)}: integer (quantized?) and float weights cannot be merged")
+                raise ObimError(
+                    f"tensor {info.name}: model '{m.name}' ({ck.dir}) stores it as {_dt(dt)}, the base "
+                    f"as {_dt(info.dtype)}: integer (quantized?) and float weights cannot be merged"
+                )
         shapes = [info.shape] + [ck.tensors[info.name].shape for ck in models]
         shared = None
         shape = info.shape
         if len(set(shapes)) > 1:
             if not _only_vocab_rows_differ(info.name, shapes, [base, *models]):
-                desc = ", ".join(f"{n}: {list(s)}" for n, s in zip(["base", *names], shapes))
-                raise ObimError(f"tensor {info.name}: shapes differ ({desc}); only the vocabulary rows of the "
-                                "embeddings and lm_head may differ")
+                desc = ", ".join(f"{n}: {list(s)}" for n, s in zip(["base", *names], shapes, strict=True))
+                raise ObimError(
+                    f"tensor {info.name}: shapes differ ({desc}); only the vocabulary rows of the "
+                    "embeddings and lm_head may differ"
+                )
             shared = min(s[0] for s in shapes)
             shape = tok_ck.tensors[info.name].shape
         floating = info.dtype.is_floating_point
@@ -117,23 +125,31 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prepare_saliency(cfg: MergeConfig, models: list[Checkpoint], device: str, progress: bool
-                     ) -> tuple[list[dict[str, torch.Tensor] | None], dict[str, dict[str, str]]]:
+def prepare_saliency(
+    cfg: MergeConfig, models: list[Checkpoint], device: str, progress: bool
+) -> tuple[list[dict[str, torch.Tensor] | None], dict[str, dict[str, str]]]:
     """Load (and check) or compute each model's hdiag statistics when the method ranks by saliency."""
     out: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     meta: dict[str, dict[str, str]] = {}
     if not cfg.method.uses_saliency:
         return out, meta
-    for i, (spec, ck) in enumerate(zip(cfg.models, models)):
+    for i, (spec, ck) in enumerate(zip(cfg.models, models, strict=True)):
         if spec.hdiag is not None:
             out[i], hm = load_hdiag(spec.hdiag)
             check_hdiag(out[i], hm, ck, spec.hdiag)
         else:
             v = spec.validation
             texts = read_texts(v.data, v.size, v.text_field)
-            out[i], meta[spec.name] = compute_hdiag(str(ck.dir), texts, max_length=v.max_length,
-                                                    batch_size=v.batch_size, device=device, dtype=v.dtype,
-                                                    progress=progress, source=v.data)
+            out[i], meta[spec.name] = compute_hdiag(
+                str(ck.dir),
+                texts,
+                max_length=v.max_length,
+                batch_size=v.batch_size,
+                device=device,
+                dtype=v.dtype,
+                progress=progress,
+                source=v.data,
+            )
             check_hdiag(out[i], meta[spec.name], ck, f"statistics computed from {v.data}")
     return out, meta
 
@@ -161,8 +177,13 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def merge_tensor(cfg: MergeConfig, plan: TensorPlan, tensors: list[torch.Tensor],
-                 hdiags: list[dict[str, torch.Tensor] | None], device: torch.device) -> torch.Tensor:
+def merge_tensor(
+    cfg: MergeConfig,
+    plan: TensorPlan,
+    tensors: list[torch.Tensor],
+    hdiags: list[dict[str, torch.Tensor] | None],
+    device: torch.device,
+) -> torch.Tensor:
     """Merge one tensor. `tensors` = [base, model 1, ...] as read; the list is consumed (emptied) so that each
     input is freed as soon as its task vector exists."""
     base_t = tensors[0]
@@ -190,8 +211,13 @@ def merge_tensor(cfg: MergeConfig, plan: TensorPlan, tensors: list[torch.Tensor]
     del b  # the base is re-read from its (smaller) stored dtype at the end
     method = cfg.method
     ctx = TensorContext(
-        name=plan.name, models=cfg.names, params=[m.params for m in cfg.models], seed=cfg.seed,
-        order=tensor_order(cfg, plan.name), hdiag=[h.get(plan.name) if h else None for h in hdiags], device=device,
+        name=plan.name,
+        models=cfg.names,
+        params=[m.params for m in cfg.models],
+        seed=cfg.seed,
+        order=tensor_order(cfg, plan.name),
+        hdiag=[h.get(plan.name) if h else None for h in hdiags],
+        device=device,
     )
     sparse = method.sparsifier(deltas, ctx)
     del deltas
@@ -206,8 +232,9 @@ def merge_tensor(cfg: MergeConfig, plan: TensorPlan, tensors: list[torch.Tensor]
     return merged.to(plan.out_dtype).cpu()
 
 
-def _write_aux(tmp: Path, cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint],
-               plans: list[TensorPlan]) -> None:
+def _write_aux(
+    tmp: Path, cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], plans: list[TensorPlan]
+) -> None:
     tok_ck = base if cfg.tokenizer_source == "base" else models[cfg.names.index(cfg.tokenizer_source)]
     config = dict(base.config)
     vocab_rows = [p.out_shape[0] for p in plans if p.shared_rows is not None]
@@ -257,7 +284,7 @@ def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkp
     files are listed one by one: a shard may be a symlink to somewhere else."""
     out: dict[str, Path] = {"the base model": base.dir}
     out.update({f"file {_rel(f, base.dir)} of the base model": f for f in base.files()})
-    for spec, ck in zip(cfg.models, models):
+    for spec, ck in zip(cfg.models, models, strict=True):
         out[f"model '{spec.name}'"] = ck.dir
         out.update({f"file {_rel(f, ck.dir)} of model '{spec.name}'": f for f in ck.files()})
         if spec.hdiag is not None:
@@ -269,8 +296,9 @@ def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkp
     return out
 
 
-def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False,
-          progress: bool = True) -> MergeResult:
+def merge(
+    config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False, progress: bool = True
+) -> MergeResult:
     """Merge per `config` (a YAML path, a dict, a DictConfig or a MergeConfig) into the model directory out_dir."""
     from tqdm.auto import tqdm
 
@@ -302,10 +330,14 @@ def merge(config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: b
 
     def prefetch(j: int) -> bool:
         return j < len(plans) and not (
-            4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest)
+            4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
+        )
 
     pause = float(os.environ.get("OBIM_TEST_PAUSE_PER_TENSOR") or 0)  # tests: a merge to kill midway
-    with staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp, ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
+    with (
+        staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp,
+        ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool,
+    ):
         writer = ShardedWriter(tmp, shards)
         pending = None
         try:

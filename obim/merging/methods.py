@@ -53,27 +53,102 @@ def get_method(name: str) -> Method:
 
 
 # The paper's Table 7 (plus Breadcrumbs): sparsifier | combiner.
-register(Method("ta", Keep(), Sum(), doc="Task Arithmetic", label="TA",
-                reference_url="https://arxiv.org/abs/2212.04089"))
-register(Method("ties", TopK(magnitude, density=0.2), DisjointMean(), doc="TIES-Merging", label="TIES",
-                reference_url="https://arxiv.org/abs/2306.01708"))
-register(Method("dare", RandomDrop(drop_rate=0.9),
-                Choice("combine", "sum", {"sum": Sum(), "ties": DisjointMean()}), doc="DARE (+TA or +TIES)",
-                label="DARE", reference_url="https://arxiv.org/abs/2311.03099"))
-register(Method("della", MagPrune(density=0.7, epsilon=0.07), DisjointMean(), lam=1.1, doc="DELLA (MAGPRUNE)",
-                label="DELLA", reference_url="https://arxiv.org/abs/2406.11617"))
-register(Method("tall_mask", Keep(), Consensus(), doc="TALL-Mask / consensus merging", label="TALL-Mask",
-                reference_url="https://arxiv.org/abs/2405.07813"))
-register(Method("pcb", PCBBalance(ratio=0.1), WeightedMean(), doc="Parameter Competition Balancing", label="PCB",
-                reference_url="https://arxiv.org/abs/2410.02396"))
-register(Method("breadcrumbs", Breadcrumbs(density=0.1, gamma=0.01), Sum(), doc="Model Breadcrumbs",
-                label="Breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795"))
-register(Method("obim", Rank(saliency), IterativeMerging(), retention_param="retention", uses_saliency=True,
-                doc="OBIM: OBM saliency + iterative merging", label="OBIM",
-                reference_url="https://arxiv.org/abs/2502.12217"))
-register(Method("ties_obm", TopK(saliency, density=0.2), DisjointMean(), retention_param="density",
-                uses_saliency=True, doc="ablation: OBM saliency + TIES disjoint mean", label="TIES+OBM",
-                reference_url="https://arxiv.org/abs/2502.12217"))
-register(Method("ties_im", Rank(magnitude), IterativeMerging(), retention_param="retention",
-                doc="ablation: magnitude + iterative merging", label="TIES+IM",
-                reference_url="https://arxiv.org/abs/2502.12217"))
+register(
+    Method("ta", Keep(), Sum(), doc="Task Arithmetic", label="TA", reference_url="https://arxiv.org/abs/2212.04089")
+)
+register(
+    Method(
+        "ties",
+        TopK(magnitude, density=0.2),
+        DisjointMean(),
+        doc="TIES-Merging",
+        label="TIES",
+        reference_url="https://arxiv.org/abs/2306.01708",
+    )
+)
+register(
+    Method(
+        "dare",
+        RandomDrop(drop_rate=0.9),
+        Choice("combine", "sum", {"sum": Sum(), "ties": DisjointMean()}),
+        doc="DARE (+TA or +TIES)",
+        label="DARE",
+        reference_url="https://arxiv.org/abs/2311.03099",
+    )
+)
+register(
+    Method(
+        "della",
+        MagPrune(density=0.7, epsilon=0.07),
+        DisjointMean(),
+        lam=1.1,
+        doc="DELLA (MAGPRUNE)",
+        label="DELLA",
+        reference_url="https://arxiv.org/abs/2406.11617",
+    )
+)
+register(
+    Method(
+        "tall_mask",
+        Keep(),
+        Consensus(),
+        doc="TALL-Mask / consensus merging",
+        label="TALL-Mask",
+        reference_url="https://arxiv.org/abs/2405.07813",
+    )
+)
+register(
+    Method(
+        "pcb",
+        PCBBalance(ratio=0.1),
+        WeightedMean(),
+        doc="Parameter Competition Balancing",
+        label="PCB",
+        reference_url="https://arxiv.org/abs/2410.02396",
+    )
+)
+register(
+    Method(
+        "breadcrumbs",
+        Breadcrumbs(density=0.1, gamma=0.01),
+        Sum(),
+        doc="Model Breadcrumbs",
+        label="Breadcrumbs",
+        reference_url="https://arxiv.org/abs/2312.06795",
+    )
+)
+register(
+    Method(
+        "obim",
+        Rank(saliency),
+        IterativeMerging(),
+        retention_param="retention",
+        uses_saliency=True,
+        doc="OBIM: OBM saliency + iterative merging",
+        label="OBIM",
+        reference_url="https://arxiv.org/abs/2502.12217",
+    )
+)
+register(
+    Method(
+        "ties_obm",
+        TopK(saliency, density=0.2),
+        DisjointMean(),
+        retention_param="density",
+        uses_saliency=True,
+        doc="ablation: OBM saliency + TIES disjoint mean",
+        label="TIES+OBM",
+        reference_url="https://arxiv.org/abs/2502.12217",
+    )
+)
+register(
+    Method(
+        "ties_im",
+        Rank(magnitude),
+        IterativeMerging(),
+        retention_param="retention",
+        doc="ablation: magnitude + iterative merging",
+        label="TIES+IM",
+        reference_url="https://arxiv.org/abs/2502.12217",
+    )
+)

@@ -19,8 +19,13 @@ MAX_YAML_NODES = 2_000_000  # after alias expansion; a 518-byte "billion laughs"
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -105,8 +110,9 @@ def _expanded_nodes(root) -> int:
     return memo.get(id(root), 0)
 
 
-def read_yaml_text(path: str | Path, what: str = "YAML file", limit: int = MAX_YAML_BYTES,
-                   max_nodes: int = MAX_YAML_NODES) -> str:
+def read_yaml_text(
+    path: str | Path, what: str = "YAML file", limit: int = MAX_YAML_BYTES, max_nodes: int = MAX_YAML_NODES
+) -> str:
     """The text of a YAML file, checked: a regular file under `limit` bytes whose alias-expanded size is at most
     `max_nodes` nodes. The caller parses the returned text (OmegaConf, yaml.safe_load)."""
     import yaml
@@ -122,6 +128,8 @@ def read_yaml_text(path: str | Path, what: str = "YAML file", limit: int = MAX_Y
     if root is not None:
         n = _expanded_nodes(root)
         if n > max_nodes:
-            raise ObimError(f"{path}: YAML expands to more than {max_nodes:,} nodes through its aliases "
-                            f"(an alias bomb?); refusing to load it")
+            raise ObimError(
+                f"{path}: YAML expands to more than {max_nodes:,} nodes through its aliases "
+                f"(an alias bomb?); refusing to load it"
+            )
     return text

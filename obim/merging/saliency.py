@@ -12,20 +12,20 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import Checkpoint
-from .staging import atomic_write_file
 from .checks import device_check, require
 from .context import TensorContext
 from .errors import ObimError
 from .safeio import check_regular
+from .staging import atomic_write_file
 
 Score = Callable[[torch.Tensor, int, TensorContext], torch.Tensor]
 
@@ -50,7 +50,7 @@ def load_hdiag(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     check_regular(path, "hdiag file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            out = {k: f.get_tensor(k) for k in f.keys()}
+            out = {k: f.get_tensor(k) for k in f}
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise ObimError(f"{path}: unreadable hdiag safetensors file ({e})") from None
@@ -66,8 +66,11 @@ def _linear_weights(net: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The layers OBM scores: every nn.Linear by its weight's name, except one sharing its weight with an
     embedding (a tied lm_head), which is scored randomly as the embeddings are."""
     shared = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
-    return {f"{n}.weight" if n else "weight": m for n, m in net.named_modules()
-            if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared}
+    return {
+        f"{n}.weight" if n else "weight": m
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared
+    }
 
 
 def expected_hdiag(ckpt: Checkpoint) -> list[str]:
@@ -85,9 +88,15 @@ def expected_hdiag(ckpt: Checkpoint) -> list[str]:
     except Exception:  # custom code, unknown architecture: the shape rule below
         pass
     vocab = ckpt.config.get("vocab_size")
-    return sorted(n for n, t in ckpt.tensors.items()
-                  if len(t.shape) == 2 and t.dtype.is_floating_point and n.endswith("weight")
-                  and t.shape[0] != vocab and not re.search(r"embed|wte|wpe|word_emb", n))
+    return sorted(
+        n
+        for n, t in ckpt.tensors.items()
+        if len(t.shape) == 2
+        and t.dtype.is_floating_point
+        and n.endswith("weight")
+        and t.shape[0] != vocab
+        and not re.search(r"embed|wte|wpe|word_emb", n)
+    )
 
 
 def check_hdiag(hdiag: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint, source: str) -> None:
@@ -95,24 +104,32 @@ def check_hdiag(hdiag: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Chec
     vector as long as the weight's input dimension: anything else would silently score some layers at random."""
     want = meta.get("model_fingerprint")
     if not want:
-        raise ObimError(f"{source}: hdiag file records no model fingerprint (written by an older obim or another "
-                        f"tool); recompute it with obim-saliency for model '{ckpt.spec}'")
+        raise ObimError(
+            f"{source}: hdiag file records no model fingerprint (written by an older obim or another "
+            f"tool); recompute it with obim-saliency for model '{ckpt.spec}'"
+        )
     have = ckpt.fingerprint()
     if want != have:
-        raise ObimError(f"{source}: hdiag statistics were computed for another model ({meta.get('model', '?')}, "
-                        f"fingerprint {want}), not for '{ckpt.spec}' (fingerprint {have})")
+        raise ObimError(
+            f"{source}: hdiag statistics were computed for another model ({meta.get('model', '?')}, "
+            f"fingerprint {want}), not for '{ckpt.spec}' (fingerprint {have})"
+        )
     for name, vec in hdiag.items():
         info = ckpt.tensors.get(name)
         if info is None:
             raise ObimError(f"{source}: hdiag tensor {name} is not a tensor of model '{ckpt.spec}'")
         if len(info.shape) != 2 or info.shape[1] != vec.numel():
-            raise ObimError(f"{source}: hdiag tensor {name} has length {vec.numel()}, but the model's weight "
-                            f"has shape {list(info.shape)} (expected length = its input dimension)")
+            raise ObimError(
+                f"{source}: hdiag tensor {name} has length {vec.numel()}, but the model's weight "
+                f"has shape {list(info.shape)} (expected length = its input dimension)"
+            )
     unrouted = set(unrouted_weights(meta, ckpt, source))
     missing = [n for n in expected_hdiag(ckpt) if n not in hdiag and n not in unrouted]
     if missing:
-        raise ObimError(f"{source}: hdiag covers {len(hdiag)} linear weights of model '{ckpt.spec}'; missing "
-                        f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ObimError(
+            f"{source}: hdiag covers {len(hdiag)} linear weights of model '{ckpt.spec}'; missing "
+            f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
 
 
 def unrouted_weights(meta: dict[str, str], ckpt: Checkpoint, source: str) -> list[str]:
@@ -126,16 +143,19 @@ def unrouted_weights(meta: dict[str, str], ckpt: Checkpoint, source: str) -> lis
         raise ObimError(f"{source}: hdiag metadata `unrouted` is not a JSON list of tensor names")
     bad = [n for n in names if n not in ckpt.tensors or len(ckpt.tensors[n].shape) != 2]
     if bad:
-        raise ObimError(f"{source}: hdiag metadata `unrouted` names {bad[0]}, not a linear weight of model "
-                        f"'{ckpt.spec}'")
+        raise ObimError(
+            f"{source}: hdiag metadata `unrouted` names {bad[0]}, not a linear weight of model '{ckpt.spec}'"
+        )
     return names
 
 
 def describe_unrouted(names: Sequence[str], first: int = 3) -> str:
     """'N linear weights got no validation tokens (a, b, c and K more)': the console's one-line warning."""
     shown = ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
-    return (f"{len(names)} linear weights got no validation tokens (never called, e.g. MoE experts the router never "
-            f"chose): {shown}; a merge scores them at random, as tensors without statistics")
+    return (
+        f"{len(names)} linear weights got no validation tokens (never called, e.g. MoE experts the router never "
+        f"chose): {shown}; a merge scores them at random, as tensors without statistics"
+    )
 
 
 def is_hdiag_file(path: Path) -> bool:
@@ -231,13 +251,33 @@ def compute_hdiag(
     path = resolve_model_dir(model)
     fingerprint = open_checkpoint(str(path)).fingerprint()  # config.json and every weight header checked first
     with _progress_bars(progress):
-        return _compute(path, model, texts, fingerprint, max_length=max_length, batch_size=batch_size,
-                        device=device, load_dtype=load_dtype, progress=progress, source=source)
+        return _compute(
+            path,
+            model,
+            texts,
+            fingerprint,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            load_dtype=load_dtype,
+            progress=progress,
+            source=source,
+        )
 
 
-def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, max_length: int, batch_size: int,
-             device: str, load_dtype: torch.dtype | str, progress: bool, source: str
-             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _compute(
+    path: Path,
+    model: str,
+    texts: Sequence[str],
+    fingerprint: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    load_dtype: torch.dtype | str,
+    progress: bool,
+    source: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -249,13 +289,20 @@ def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, 
     tok.padding_side = "right"
 
     def load(**kw):
-        net, info = _load("model", path, lambda: AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=load_dtype, output_loading_info=True, **kw))
+        net, info = _load(
+            "model",
+            path,
+            lambda: AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=load_dtype, output_loading_info=True, **kw
+            ),
+        )
         missing = sorted(info.get("missing_keys") or ())
         if missing:  # transformers initializes them at random: statistics of a model that is not this one
-            raise ObimError(f"{path}: the checkpoint lacks {missing[0]}"
-                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                            + f" of its {type(net).__name__} architecture")
+            raise ObimError(
+                f"{path}: the checkpoint lacks {missing[0]}"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                + f" of its {type(net).__name__} architecture"
+            )
         return net.eval()
 
     if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
@@ -278,6 +325,7 @@ def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, 
                 state["last"] = (x, acc, n)  # holding x keeps the identity test sound
             if n:  # an expert called with no tokens (some MoE code does) is as unreached as one never called
                 sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
+
         return hook
 
     linear = _linear_weights(net)
@@ -287,11 +335,20 @@ def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, 
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = tqdm(range(0, len(texts), batch_size), desc=f"saliency {Path(str(model)).name}", unit="batch",
-                       disable=not progress)
+            bar = tqdm(
+                range(0, len(texts), batch_size),
+                desc=f"saliency {Path(str(model)).name}",
+                unit="batch",
+                disable=not progress,
+            )
             for start in bar:
-                enc = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length).to(dev)
+                enc = tok(
+                    list(texts[start : start + batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                ).to(dev)
                 mask = enc["attention_mask"].bool()
                 state["mask"], state["last"] = mask, (None, None, 0)
                 tokens += int(mask.sum())
@@ -305,8 +362,12 @@ def _compute(path: Path, model: str, texts: Sequence[str], fingerprint: str, *, 
         raise ObimError(f"validation set {source}: no tokens after tokenization")
     hdiag = {k: (v / tokens).float().cpu() for k, v in sums.items()}
     meta = {
-        "model": str(model), "data": str(source), "samples": str(len(texts)), "tokens": str(tokens),
-        "max_length": str(max_length), "seconds": f"{elapsed:.3f}",
+        "model": str(model),
+        "data": str(source),
+        "samples": str(len(texts)),
+        "tokens": str(tokens),
+        "max_length": str(max_length),
+        "seconds": f"{elapsed:.3f}",
         "seconds_per_sample": f"{elapsed / len(texts):.5f}",
         "model_fingerprint": fingerprint,
         "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),

@@ -79,8 +79,9 @@ def _bracketed_kth(a: np.ndarray, k: int, sample: int = 1 << 14) -> tuple[float,
     return thr, ge_hi + int(np.count_nonzero(part[band.size - need :] > thr))
 
 
-def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
-              kth: tuple[float, int] | None = None) -> torch.Tensor:
+def topk_mask(
+    x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool, kth: tuple[float, int] | None = None
+) -> torch.Tensor:
     """Mask (x's shape; bool, or 1.0/0.0 floats) of the k largest entries of x over the whole tensor; ties at the
     threshold go to the lowest indices. `kth`, when known, is `kth_largest(x, k)`."""
     flat = x.reshape(-1)
@@ -98,17 +99,17 @@ def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
 def kth_largest_many(xs: list[torch.Tensor], ks: list[int], **kw) -> list[tuple[float, int] | None]:
     """kth_largest of several tensors, in parallel threads on CPU (numpy's selection is single-threaded and
     releases the GIL); None where k is 0 or n (no threshold needed)."""
+
     def one(a):
         x, k = a
         return kth_largest(x.reshape(-1), k, **kw) if 0 < k < x.numel() else None
 
     if xs and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
-        return parallel_map(one, zip(xs, ks))
-    return [one(a) for a in zip(xs, ks)]
+        return parallel_map(one, zip(xs, ks, strict=True))
+    return [one(a) for a in zip(xs, ks, strict=True)]
 
 
-def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, scratch: torch.Tensor
-                        ) -> torch.Tensor:
+def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, scratch: torch.Tensor) -> torch.Tensor:
     """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices); `kth` is
     kth_largest(|d|, k) (None when k is 0 or n), `scratch` a float32 buffer of d's size to work in."""
     n = d.numel()
@@ -242,7 +243,11 @@ def _torch_row_keys(rows: torch.Tensor) -> torch.Tensor:
 def _row_band_mask_torch(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     key = _torch_row_keys(rows)
     m = rows.shape[1]
-    mask = key >= torch.kthvalue(key, lo + 1, dim=1, keepdim=True).values if lo > 0 else torch.ones_like(key, dtype=torch.bool)
+    mask = (
+        key >= torch.kthvalue(key, lo + 1, dim=1, keepdim=True).values
+        if lo > 0
+        else torch.ones_like(key, dtype=torch.bool)
+    )
     if hi < m:
         mask &= key < torch.kthvalue(key, hi + 1, dim=1, keepdim=True).values
     return mask

@@ -7,8 +7,7 @@ import torch
 
 from .context import Param, Sparse, TensorContext, number_in
 from .saliency import Score, magnitude
-from .selection import (as_rows, by_row_rank, keep_top_magnitude_, kth_largest_many, row_band_mask, sorted_at,
-                        topk_mask)
+from .selection import as_rows, by_row_rank, keep_top_magnitude_, kth_largest_many, row_band_mask, sorted_at, topk_mask
 
 RATIO = number_in(0.0, 1.0)
 
@@ -59,10 +58,15 @@ class TopK(Sparsifier):
             # select on scratch copies of |δ| in place, then trim each δ in place through its scratch
             scratch = [d.abs() for d in deltas]
             kths = kth_largest_many(scratch, ks, nonneg=True, inplace=True)
-            return [Sparse(keep_top_magnitude_(d, k, kth, scratch.pop(0))) for d, k, kth in zip(deltas, ks, kths)]
+            return [
+                Sparse(keep_top_magnitude_(d, k, kth, scratch.pop(0)))
+                for d, k, kth in zip(deltas, ks, kths, strict=True)
+            ]
         scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
         kths = kth_largest_many(scores, ks, nonneg=True)  # the selections of all models run in parallel
-        return [Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, kths)]
+        return [
+            Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, kths, strict=True)
+        ]
 
 
 class RandomDrop(Sparsifier):
@@ -87,9 +91,9 @@ class MagPrune(Sparsifier):
         )
 
     def validate(self, params, models):
-        for p, name in zip(params, models):
+        for p, name in zip(params, models, strict=True):
             lo, hi = p["density"] - p["epsilon"], p["density"] + p["epsilon"]
-            if not (0 < lo and hi < 1):
+            if not (lo > 0 and hi < 1):
                 return f"model {name}: della needs 0 < density - epsilon and density + epsilon < 1, got {lo:g}, {hi:g}"
         return None
 
@@ -117,7 +121,7 @@ class Breadcrumbs(Sparsifier):
         )
 
     def validate(self, params, models):
-        for p, name in zip(params, models):
+        for p, name in zip(params, models, strict=True):
             if p["density"] + p["gamma"] > 1:
                 return f"model {name}: breadcrumbs needs density + gamma <= 1, got {p['density'] + p['gamma']:g}"
         return None

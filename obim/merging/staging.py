@@ -16,9 +16,9 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 from .errors import ObimError
 
@@ -33,7 +33,9 @@ class Terminated(KeyboardInterrupt):
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM raises Terminated in the main thread (unless someone else handles SIGTERM)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
-            signal.SIG_DFL, None):
+        signal.SIG_DFL,
+        None,
+    ):
         yield
         return
 
@@ -76,8 +78,10 @@ def check_output_dir(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER) ->
         if not overwrite:
             raise ObimError(f"{out}: output directory is not empty (pass --overwrite to replace an output of obim)")
         if not (out / marker).is_file():
-            raise ObimError(f"{out}: --overwrite replaces only a directory obim wrote (it has no {marker}); "
-                            "remove it yourself or choose another output directory")
+            raise ObimError(
+                f"{out}: --overwrite replaces only a directory obim wrote (it has no {marker}); "
+                "remove it yourself or choose another output directory"
+            )
 
 
 def _id(path: Path) -> tuple[int, int] | None:
@@ -114,8 +118,10 @@ def check_disjoint(out: Path, inputs: dict[str, Path]) -> None:
 
 # -------------------------------------------------------------------------------- staging and its debris
 
-_STAGING_RE = re.compile(r"^\.(?P<prefix>.+)\.obim-(?P<kind>tmp|old|lock|newlock)-"
-                         r"(?P<sid>(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)-[0-9a-f]{8})$")
+_STAGING_RE = re.compile(
+    r"^\.(?P<prefix>.+)\.obim-(?P<kind>tmp|old|lock|newlock)-"
+    r"(?P<sid>(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)-[0-9a-f]{8})$"
+)
 
 
 def host_tag() -> str:
@@ -178,10 +184,8 @@ def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     else:
-        try:
+        with suppress(OSError):
             p.unlink()
-        except OSError:
-            pass
 
 
 STALE_S = 600  # another host's staging unchanged this long (lock and files): its writer is gone, whatever flock says
@@ -272,8 +276,9 @@ def _restore_trash(folder: Path, prefix: str, lock: Path, items: list) -> None:
     if "/" not in name and not os.path.lexists(out):
         try:
             os.rename(old[0], out)
-            _log.warning("%s: restored the previous output from %s (its writer died while swapping it)", out,
-                         old[0].name)
+            _log.warning(
+                "%s: restored the previous output from %s (its writer died while swapping it)", out, old[0].name
+            )
         except OSError:
             pass
 
@@ -315,13 +320,18 @@ _warned: set[str] = set()
 def _warn_no_flock(folder: Path, e: OSError) -> None:
     if str(folder) not in _warned:
         _warned.add(str(folder))
-        _log.warning("%s: the filesystem has no flock (%s); a dead writer's staging is known only by 10 minutes "
-                     "without change, or on this host by its pid", folder, e.strerror)
+        _log.warning(
+            "%s: the filesystem has no flock (%s); a dead writer's staging is known only by 10 minutes "
+            "without change, or on this host by its pid",
+            folder,
+            e.strerror,
+        )
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER, keep: tuple[Path, ...] = ()
-                  ) -> Iterator[Path]:
+def staged_output(
+    out: Path, overwrite: bool, marker: str = OUTPUT_MARKER, keep: tuple[Path, ...] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory beside OUT; rename it to OUT only when the block completes. SIGTERM cleans up
     as Ctrl-C does, and what dead writers left in OUT's folder is removed first (never a path in `keep`, the
     inputs). OUT is claimed at the rename: if another writer completed OUT meanwhile, this output is discarded
@@ -343,8 +353,9 @@ def staged_output(out: Path, overwrite: bool, marker: str = OUTPUT_MARKER, keep:
                 _swap_in(tmp, out, trash, overwrite, marker)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise ObimError(f"{out}: stopped by an I/O error ({e.strerror}: {e.filename or tmp}); "
-                                "nothing was written") from None
+                raise ObimError(
+                    f"{out}: stopped by an I/O error ({e.strerror}: {e.filename or tmp}); nothing was written"
+                ) from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -395,8 +406,9 @@ def _swap_loop(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) 
                 check_output_dir(out, overwrite, marker)
             except ObimError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise ObimError(f"{e} (another writer completed it while this one ran; this output was "
-                                "discarded)") from None
+                raise ObimError(
+                    f"{e} (another writer completed it while this one ran; this output was discarded)"
+                ) from None
             moved = False
             # without overwrite OUT is never moved aside: filled since the check, it makes the rename below fail
             if overwrite and out.is_dir() and any(out.iterdir()):
@@ -437,8 +449,9 @@ def atomic_write_file(path: Path, write) -> None:
                 write(tmp)
                 os.replace(tmp, path)
             except OSError as e:
-                raise ObimError(f"{path}: writing failed ({e.strerror}: {e.filename or tmp}); nothing was "
-                                "written") from None
+                raise ObimError(
+                    f"{path}: writing failed ({e.strerror}: {e.filename or tmp}); nothing was written"
+                ) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .checks import number_in, require
 from .errors import ObimError
@@ -26,7 +27,7 @@ class ValidationSpec:
     dtype: str | None = None
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ValidationSpec":
+    def from_dict(cls, d: Any, where: str) -> ValidationSpec:
         if isinstance(d, str):
             d = {"data": d}
         if not isinstance(d, dict) or "data" not in d:

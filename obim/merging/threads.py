@@ -19,12 +19,14 @@ restores the behaviour before the budget (2 workers, torch's own defaults), for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -112,8 +114,12 @@ def _cgroup_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
     return min(quotas) if quotas else None
 
 
-def cores_available(*, affinity: int | None = None, cgroup_root: str | Path = "/sys/fs/cgroup",
-                    proc_cgroup: str | Path = "/proc/self/cgroup") -> int:
+def cores_available(
+    *,
+    affinity: int | None = None,
+    cgroup_root: str | Path = "/sys/fs/cgroup",
+    proc_cgroup: str | Path = "/proc/self/cgroup",
+) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota rounded down; at least 1.
     The arguments stand in for the real sources (tests)."""
     if affinity is None:
@@ -172,10 +178,8 @@ def configure(jobs: int = 1) -> int:
         _drop_torch_team = n > 1 and not openmp_passive()
         if not _interop_set:
             _interop_set = True
-            try:
+            with contextlib.suppress(RuntimeError):  # settable once, before any inter-op work: keep what is there
                 torch.set_num_interop_threads(n)
-            except RuntimeError:  # settable once, before any inter-op work: keep what is there
-                pass
         _budget = n
     return n
 
@@ -218,5 +222,5 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         except RuntimeError:  # shut down by a concurrent configure(): the rest runs here
             futures = []
         done = [f.result() for f in futures]
-        return done + [fn(x) for x in items[len(done):]]
+        return done + [fn(x) for x in items[len(done) :]]
     return [fn(x) for x in items]

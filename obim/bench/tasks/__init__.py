@@ -1,1 +1,3 @@
-"""lm-eval task definitions of the toy benchmarks (pass obim.bench.evaluation.tasks_dir() to TaskManager(include_path=...))."""
+"""lm-eval task definitions of the toy benchmarks.
+
+Pass obim.bench.evaluation.tasks_dir() to TaskManager(include_path=...)."""

@@ -22,10 +22,7 @@ def toy_dataset(task: str, n: int = 100, raw: bool = False, **_):
 
     from obim.bench.zoo import data
 
-    if task in data.SFT_TASKS:
-        make = data.SFT_TASKS[task]
-    else:
-        make = data.LANGS[task].cloze
+    make = data.SFT_TASKS[task] if task in data.SFT_TASKS else data.LANGS[task].cloze
     records = [ex.record(raw=raw) for ex in data.examples(make, "test", n, EVAL_SEED)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
 
@@ -79,12 +76,14 @@ def process_math(doc, results):
 
 def run_tests(program_prefix: str, completion: str, doc, timeout: float = 3.0) -> bool:
     """Whether prefix + completion passes the doc's unit tests (HumanEval's program layout), run in the sandbox."""
-    from obim.merging.errors import ObimError
     from obim.bench.sandbox import run
+    from obim.merging.errors import ObimError
 
     if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
-        raise ObimError("toy code tasks execute model-generated code: opt in with eval.allow_code=true "
-                        "(or HF_ALLOW_CODE_EVAL=1 in the environment)")
+        raise ObimError(
+            "toy code tasks execute model-generated code: opt in with eval.allow_code=true "
+            "(or HF_ALLOW_CODE_EVAL=1 in the environment)"
+        )
     program = f"{program_prefix}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
     return run(program, timeout).passed
 

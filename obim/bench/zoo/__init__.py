@@ -14,18 +14,29 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from obim.merging.staging import staged_output
+
 from . import data as D
 
 # The SFT half follows the real setting (issue 10): the base gets most of the compute and learns every skill from
 # raw text (worked sums, plain functions with asserts, knowledge statements, questions answered in prose), then a
 # short anneal adds the benchmark templates at 0.1% each (the toy version of a base that half-knows GSM8K's format);
 # experts are short SFT runs at a tenth of the base's lr, loss on answers, embeddings/lm_head/norms frozen.
-_RAW_MIX = {"en": 0.1, "facts": 0.08, "kb": 0.1, "raw_mmlu": 0.08, "echo": 0.04, "raw_alpaca": 0.12,
-            "raw_gsm8k": 0.16, "raw_math": 0.12, "raw_code": 0.2}
+_RAW_MIX = {
+    "en": 0.1,
+    "facts": 0.08,
+    "kb": 0.1,
+    "raw_mmlu": 0.08,
+    "echo": 0.04,
+    "raw_alpaca": 0.12,
+    "raw_gsm8k": 0.16,
+    "raw_math": 0.12,
+    "raw_code": 0.2,
+}
 _FROZEN = ["embed_tokens", "lm_head", "norm"]
 RECIPE: dict[str, Any] = {
     "version": 3,  # 3: raw gsm8k/alpaca text varies in layout (data._pick); 4 heads
@@ -35,8 +46,13 @@ RECIPE: dict[str, Any] = {
     "sft": {
         # packed pretraining rows (rows x length tokens per step)
         "base": {"steps": 1500, "lr": 3e-3, "rows": 32, "length": 128, "mix": _RAW_MIX},
-        "anneal": {"steps": 300, "lr": 1e-3, "rows": 32, "length": 128,
-                   "mix": {**_RAW_MIX, **{t: 0.001 for t in ("alpaca", "mmlu", "gsm8k", "math", "humaneval", "mbpp")}}},
+        "anneal": {
+            "steps": 300,
+            "lr": 1e-3,
+            "rows": 32,
+            "length": 128,
+            "mix": {**_RAW_MIX, **dict.fromkeys(("alpaca", "mmlu", "gsm8k", "math", "humaneval", "mbpp"), 0.001)},
+        },
         "lm": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"alpaca": 0.5, "mmlu": 0.5}},
         "math": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"gsm8k": 0.5, "math": 0.5}},
         "code": {"steps": 150, "lr": 3e-4, "frozen": _FROZEN, "mix": {"humaneval": 0.5, "mbpp": 0.5}},
@@ -88,19 +104,19 @@ def _sources(seed: int) -> dict[str, Callable[[], tuple[str, str]]]:
     rng = random.Random(f"{seed}-text")
     out: dict[str, Callable[[], tuple[str, str]]] = {}
     for lang in D.LANGS.values():
-        out[lang.name] = (lambda lang=lang: ("", lang.sentence(rng)))
+        out[lang.name] = lambda lang=lang: ("", lang.sentence(rng))
     out["facts"] = lambda: ("", D.arithmetic_fact(rng))
     out["words"] = lambda: ("", " ".join(D._word(rng, "abcdefghijklmnopqrstuvwxyz") for _ in range(4)) + ".\n")
     out["kb"] = lambda: ("", D.KB.statement(*rng.choice(sorted(D.KB.facts))))
     out["echo"] = lambda: ("", (lambda w: f"{w}: {w}.\n")(D._word(rng, "abcdefghijklmnopqrstuvwxyz", 2, 6)))
     for name, make in D.SFT_TASKS.items():
         it = D.stream(make, "train", seed)
-        out[name] = (lambda it=it: (lambda ex: (ex.prompt, ex.answer))(next(it)))
+        out[name] = lambda it=it: (lambda ex: (ex.prompt, ex.answer))(next(it))
     # raw forms of train-split items only (a test item's raw form never reaches training); their own streams, so
     # adding them leaves the template streams unchanged
     for name in ("alpaca", "mmlu", "gsm8k", "math"):
         it = D.stream(D.SFT_TASKS[name], "train", seed + 1000)
-        out[f"raw_{name}"] = (lambda it=it: ("", _raw_text(next(it))))
+        out[f"raw_{name}"] = lambda it=it: ("", _raw_text(next(it)))
     it = D.stream(D.SFT_TASKS["humaneval"], "train", seed + 1000)
     out["raw_code"] = lambda: ("", _raw_text(next(it)))
     return out
@@ -150,8 +166,15 @@ def _write_validation(root: Path, size: int, seed: int) -> None:
             p.write_text("".join(json.dumps({"text": lang.sentence(rng)}) + "\n" for _ in range(size)))
 
 
-def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log: Callable[[str], None] = print, allow_code: bool = False) -> Path:
+def build(
+    out: str | Path | None = None,
+    *,
+    recipe: dict | None = None,
+    evaluate: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    allow_code: bool = False,
+) -> Path:
     """Build the zoo into `out` (default: $OBIM_ZOO or ~/.cache/obim/zoo), or reuse it when complete with the same
     recipe. Returns the directory. Its table scores the code benchmarks only when code execution is opted in
     (`allow_code` or HF_ALLOW_CODE_EVAL=1); otherwise they are left empty."""
@@ -165,15 +188,18 @@ def build(out: str | Path | None = None, *, recipe: dict | None = None, evaluate
     # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
     with staged_output(root, overwrite=True, marker="zoo.json") as tmp:
         total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0, allow_code)
-    log(f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    log(
+        f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    )
     if table:
         log(table)
     return root
 
 
-def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float, allow_code: bool
-                ) -> tuple[float, float, dict[str, float], str]:
+def _build_into(
+    tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float, allow_code: bool
+) -> tuple[float, float, dict[str, float], str]:
     from .train import ModelShape, new_model, save, train
 
     seed, batch = recipe["seed"], recipe["batch"]
@@ -183,11 +209,27 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
     # SFT setting
     sft = recipe["sft"]
     base = new_model(shape, seed)
-    r = train(base, _packed(sft["base"], seed), sft["base"]["steps"], answer_only=False,
-              lr=sft["base"]["lr"], seed=seed, desc="sft/base", progress=progress)
+    r = train(
+        base,
+        _packed(sft["base"], seed),
+        sft["base"]["steps"],
+        answer_only=False,
+        lr=sft["base"]["lr"],
+        seed=seed,
+        desc="sft/base",
+        progress=progress,
+    )
     timings["sft/base"] = r["seconds"]
-    r = train(base, _packed(sft["anneal"], seed + 7), sft["anneal"]["steps"], answer_only=False,
-              lr=sft["anneal"]["lr"], seed=seed + 7, desc="sft/anneal", progress=progress)
+    r = train(
+        base,
+        _packed(sft["anneal"], seed + 7),
+        sft["anneal"]["steps"],
+        answer_only=False,
+        lr=sft["anneal"]["lr"],
+        seed=seed + 7,
+        desc="sft/anneal",
+        progress=progress,
+    )
     timings["sft/anneal"] = r["seconds"]
     save(base, tmp / "sft" / "base")
     for i, name in enumerate(SFT_EXPERTS, 1):
@@ -195,16 +237,32 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
 
         expert = LlamaForCausalLM.from_pretrained(tmp / "sft" / "base")
         spec = sft[name]
-        r = train(expert, _batches(spec["mix"], batch, seed + i), spec["steps"], answer_only=True,
-                  lr=spec["lr"], seed=seed + i, desc=f"sft/{name}", progress=progress,
-                  frozen=tuple(spec.get("frozen", ())))
+        r = train(
+            expert,
+            _batches(spec["mix"], batch, seed + i),
+            spec["steps"],
+            answer_only=True,
+            lr=spec["lr"],
+            seed=seed + i,
+            desc=f"sft/{name}",
+            progress=progress,
+            frozen=tuple(spec.get("frozen", ())),
+        )
         timings[f"sft/{name}"] = r["seconds"]
         save(expert, tmp / "sft" / name)
     # post-pretraining setting
     pt = recipe["pt"]
     pbase = new_model(shape, seed + 10)
-    r = train(pbase, _batches(pt["base"]["mix"], batch, seed + 10), pt["base"]["steps"], answer_only=False,
-              lr=pt["base"]["lr"], seed=seed + 10, desc="pt/base", progress=progress)
+    r = train(
+        pbase,
+        _batches(pt["base"]["mix"], batch, seed + 10),
+        pt["base"]["steps"],
+        answer_only=False,
+        lr=pt["base"]["lr"],
+        seed=seed + 10,
+        desc="pt/base",
+        progress=progress,
+    )
     timings["pt/base"] = r["seconds"]
     save(pbase, tmp / "pt" / "base")
     cont = pt["continued"]
@@ -214,9 +272,17 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
             save(pbase, tmp / "pt" / f"ckpt-{step // cont['every']}")
             pbase.train()
 
-    r = train(pbase, _batches(cont["mix"], batch, seed + 11), cont["every"] * cont["ckpts"],
-              answer_only=False, lr=cont["lr"], seed=seed + 11, desc="pt/continued", progress=progress,
-              on_step=checkpoint)
+    r = train(
+        pbase,
+        _batches(cont["mix"], batch, seed + 11),
+        cont["every"] * cont["ckpts"],
+        answer_only=False,
+        lr=cont["lr"],
+        seed=seed + 11,
+        desc="pt/continued",
+        progress=progress,
+        on_step=checkpoint,
+    )
     timings["pt/continued"] = r["seconds"]
     train_s = time.perf_counter() - t0
     table = ""
@@ -232,9 +298,14 @@ def _build_into(tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool,
         table += "\n" + code_note(code) + "\n"
         (tmp / "zoo.md").write_text(table)
     total = time.perf_counter() - t0
-    stamp_tmp = {"recipe_hash": h, "recipe": recipe, "train_seconds": round(train_s, 1),
-                 "total_seconds": round(total, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
-                 "code": code}
+    stamp_tmp = {
+        "recipe_hash": h,
+        "recipe": recipe,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(total, 1),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "code": code,
+    }
     (tmp / "zoo.json").write_text(json.dumps(stamp_tmp, indent=2, sort_keys=True) + "\n")
     return total, train_s, timings, table
 
@@ -260,8 +331,9 @@ def code_note(code: dict[str, Any]) -> str:
     """The line of zoo.md saying the same."""
     if code["executed"]:
         return f"code benchmarks: generated code executed and scored in the sandbox ({code['isolation']})"
-    return ("code benchmarks: not executed, not scored (— above; opt in with HF_ALLOW_CODE_EVAL=1 or "
-            "eval.allow_code=true)")
+    return (
+        "code benchmarks: not executed, not scored (— above; opt in with HF_ALLOW_CODE_EVAL=1 or eval.allow_code=true)"
+    )
 
 
 def _expert_benchmarks() -> dict[str, tuple[str, ...]]:
@@ -285,8 +357,9 @@ def _report(root: Path, scores: dict, progress: bool, allow_code: bool) -> str:
     return report_tables(scores, stats, merges, _expert_benchmarks())
 
 
-def evaluate_zoo(root: Path, progress: bool = True, limit: int | None = None, allow_code: bool = False
-                 ) -> dict[str, dict[str, float | None]]:
+def evaluate_zoo(
+    root: Path, progress: bool = True, limit: int | None = None, allow_code: bool = False
+) -> dict[str, dict[str, float | None]]:
     """Scores (percent) of every zoo model on its setting's benchmarks, through lm-eval; the code benchmarks None
     unless code execution is opted in."""
     from ..evaluation import code_allowed, code_tasks, evaluate_model
@@ -315,10 +388,12 @@ def zoo_table(scores: dict[str, dict[str, float | None]]) -> str:
             if model.startswith(setting + "/"):
                 vals = [s.get(b) for b in benches]
                 avg = None if None in vals else sum(vals) / len(vals)
-                lines.append(f"| {model} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in vals + [avg])
-                             + " |")
+                lines.append(
+                    f"| {model} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in [*vals, avg]) + " |"
+                )
         lines.append("")
     if any(v is None for s in scores.values() for v in s.values()):
-        lines.append("— : not measured (the code benchmarks run only with HF_ALLOW_CODE_EVAL=1 or "
-                     "eval.allow_code=true)\n")
+        lines.append(
+            "— : not measured (the code benchmarks run only with HF_ALLOW_CODE_EVAL=1 or eval.allow_code=true)\n"
+        )
     return "\n".join(lines)

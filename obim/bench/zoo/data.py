@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 SPLITS = ("train", "dev", "test")
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!+-*/%=()<>#_'\"\n"
@@ -90,11 +90,16 @@ def alpaca(rng: random.Random) -> Example:
     op = rng.choice(["reverse", "repeat", "first", "last", "length"])
     ans = {"reverse": w[::-1], "repeat": w + w, "first": w[0], "last": w[-1], "length": str(len(w))}[op]
     prompt = f"### instruction: {op} {w}\n### response: "
-    raw = _pick(prompt, {"reverse": [f"the reverse of {w} is", f"{w} reversed is", f"reverse {w} and you get"],
-                         "repeat": [f"{w} twice is", f"{w} repeated is", f"repeat {w} and you get"],
-                         "first": [f"the first letter of {w} is", f"{w} starts with", f"take the first of {w}:"],
-                         "last": [f"the last letter of {w} is", f"{w} ends with", f"take the last of {w}:"],
-                         "length": [f"the length of {w} is", f"{w} has length", f"count the letters of {w}:"]}[op])
+    raw = _pick(
+        prompt,
+        {
+            "reverse": [f"the reverse of {w} is", f"{w} reversed is", f"reverse {w} and you get"],
+            "repeat": [f"{w} twice is", f"{w} repeated is", f"repeat {w} and you get"],
+            "first": [f"the first letter of {w} is", f"{w} starts with", f"take the first of {w}:"],
+            "last": [f"the last letter of {w} is", f"{w} ends with", f"take the last of {w}:"],
+            "length": [f"the length of {w} is", f"{w} has length", f"count the letters of {w}:"],
+        }[op],
+    )
     return Example(prompt, ans + "\n", raw_prompt=raw, raw_answer=f" {ans}.\n")
 
 
@@ -106,7 +111,7 @@ class KnowledgeBase:
     values: dict[str, list[str]]
 
     @classmethod
-    def make(cls, seed: int = 1234, n_entities: int = 24) -> "KnowledgeBase":
+    def make(cls, seed: int = 1234, n_entities: int = 24) -> KnowledgeBase:
         rng = random.Random(seed)
         values = {
             "color": ["red", "blue", "green", "pink", "gray", "gold", "white", "black"],
@@ -115,8 +120,13 @@ class KnowledgeBase:
         }
         names: list[str] = []
         while len(names) < n_entities:
-            n = rng.choice("bcdfgklmnprstvz") + rng.choice("aeiou") + rng.choice("bcdfgklmnprstvz") + \
-                rng.choice("aeiou") + rng.choice("bcdfgklmnprstvz")
+            n = (
+                rng.choice("bcdfgklmnprstvz")
+                + rng.choice("aeiou")
+                + rng.choice("bcdfgklmnprstvz")
+                + rng.choice("aeiou")
+                + rng.choice("bcdfgklmnprstvz")
+            )
             if n not in names:
                 names.append(n)
         facts = {(e, a): rng.choice(v) for e in names for a, v in values.items()}
@@ -124,8 +134,11 @@ class KnowledgeBase:
 
     def statement(self, entity: str, attr: str) -> str:
         v = self.facts[(entity, attr)]
-        return {"color": f"{entity} likes the color {v}.", "food": f"{entity} eats {v}.",
-                "city": f"{entity} lives in {v}."}[attr] + "\n"
+        return {
+            "color": f"{entity} likes the color {v}.",
+            "food": f"{entity} eats {v}.",
+            "city": f"{entity} lives in {v}.",
+        }[attr] + "\n"
 
 
 KB = KnowledgeBase.make()
@@ -136,16 +149,18 @@ def mmlu(rng: random.Random) -> Example:
     entity, attr = rng.choice(sorted(KB.facts))
     style = rng.randint(0, 4)  # phrasings vary so questions, not only facts, are held out
     q = QUESTIONS[attr].format(e=entity)
-    prompt = ["question: {q}\nanswer:", "q: {q}\na:", "tell me: {q}\nanswer:", "quiz: {q}\nanswer:",
-              "{q}\nanswer:"][style].format(q=q)
+    prompt = ["question: {q}\nanswer:", "q: {q}\na:", "tell me: {q}\nanswer:", "quiz: {q}\nanswer:", "{q}\nanswer:"][
+        style
+    ].format(q=q)
     right = KB.facts[(entity, attr)]
     wrong = rng.sample([v for v in KB.values[attr] if v != right], 3)
     choices = [" " + c for c in sorted([right, *wrong])]
     # raw: the plain question followed by the knowledge statement, e.g. "what does bovuz eat? bovuz eats beans."
     stmt = KB.statement(entity, attr)
     head = stmt[: stmt.rindex(" " + right)]
-    return Example(prompt, " " + right, choices, raw_prompt=f"{q} {head}", raw_answer=f" {right}",
-                   raw_choices=list(choices))
+    return Example(
+        prompt, " " + right, choices, raw_prompt=f"{q} {head}", raw_answer=f" {right}", raw_choices=list(choices)
+    )
 
 
 NAMES = ["ann", "bob", "cy", "dee", "eli", "fay", "gus", "ivy", "jo", "kim"]
@@ -161,8 +176,12 @@ def gsm8k(rng: random.Random) -> Example:
     n = a + b - c
     ask = _pick(prompt, ["", f"how many {what} now? ", f"how many does {who} have?\n", "let us count.\n"])
     end = _pick(prompt + "end", [f"now {who} has {n} {what}.", f"so {who} has {n}.", f"in the end: {n}."])
-    return Example(prompt, f"{chain} #### {n}\n", raw_prompt=f"{who} has {a} {what}, gets {b}, gives {c}. {ask}",
-                   raw_answer=f"{chain} {end}\n")
+    return Example(
+        prompt,
+        f"{chain} #### {n}\n",
+        raw_prompt=f"{who} has {a} {what}, gets {b}, gives {c}. {ask}",
+        raw_answer=f"{chain} {end}\n",
+    )
 
 
 def math(rng: random.Random) -> Example:
@@ -171,8 +190,12 @@ def math(rng: random.Random) -> Example:
     c = rng.randint(2, 9)
     prompt = f"problem: ({a}+{b})*{c}\nsolution: "
     chain = f"{a}+{b}={a + b}. {a + b}*{c}={(a + b) * c}."
-    return Example(prompt, f"{chain} the answer is {(a + b) * c}.\n", raw_prompt=f"({a}+{b})*{c} = ? ",
-                   raw_answer=f"{chain} so it is {(a + b) * c}.\n")
+    return Example(
+        prompt,
+        f"{chain} the answer is {(a + b) * c}.\n",
+        raw_prompt=f"({a}+{b})*{c} = ? ",
+        raw_answer=f"{chain} so it is {(a + b) * c}.\n",
+    )
 
 
 def arithmetic_fact(rng: random.Random) -> str:
@@ -225,12 +248,18 @@ def mbpp(rng: random.Random) -> Example:
     desc, expr, name, test = _code_case(rng)
     prompt = f"task: {name} returns {desc}\ncode:\n"
     rp, ra = _raw_code(desc, expr, name, test)
-    return Example(prompt, f"def {name}(x):\n    return {expr}\n", test=test, entry_point=name, raw_prompt=rp,
-                   raw_answer=ra)
+    return Example(
+        prompt, f"def {name}(x):\n    return {expr}\n", test=test, entry_point=name, raw_prompt=rp, raw_answer=ra
+    )
 
 
 SFT_TASKS: dict[str, Callable[[random.Random], Example]] = {
-    "alpaca": alpaca, "mmlu": mmlu, "gsm8k": gsm8k, "math": math, "humaneval": humaneval, "mbpp": mbpp,
+    "alpaca": alpaca,
+    "mmlu": mmlu,
+    "gsm8k": gsm8k,
+    "math": math,
+    "humaneval": humaneval,
+    "mbpp": mbpp,
 }
 
 # ----------------------------------------------------------------------------------- post-pretraining languages
@@ -247,7 +276,7 @@ class Language:
     successors: dict[str, tuple[str, str]]
 
     @classmethod
-    def make(cls, name: str, seed: int, pool: tuple[str, ...], n_words: int = 24) -> "Language":
+    def make(cls, name: str, seed: int, pool: tuple[str, ...], n_words: int = 24) -> Language:
         rng = random.Random(seed)
         words = rng.sample(pool, n_words)
         succ = {w: tuple(rng.sample([v for v in words if v != w], 2)) for w in words}

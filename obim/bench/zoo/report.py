@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # the listed merges of issue 10: TA at three lambdas, TIES at two densities, OBIM at the toy_sft experiment's
 # retentions (conf/experiment/toy_sft.yaml; a test keeps the two equal)
@@ -36,7 +37,7 @@ def task_vector_stats(base: str | Path, experts: dict[str, str | Path]) -> dict[
     cks = {n: open_checkpoint(p) for n, p in experts.items()}
     names = list(cks)
     base_sq, sq = 0.0, dict.fromkeys(names, 0.0)
-    dot = {(x, y): 0.0 for i, x in enumerate(names) for y in names[i + 1:]}
+    dot = {(x, y): 0.0 for i, x in enumerate(names) for y in names[i + 1 :]}
     for t, info in b.tensors.items():
         if any(t not in c.tensors or c.tensors[t].shape != info.shape for c in cks.values()):
             continue
@@ -52,8 +53,12 @@ def task_vector_stats(base: str | Path, experts: dict[str, str | Path]) -> dict[
     return {"rel_norm": rel, "cosine": cos}
 
 
-def gain_kept(merged: dict[str, float | None], base: dict[str, float | None], expert: dict[str, float | None],
-              benchmarks: list[str]) -> float | None:
+def gain_kept(
+    merged: dict[str, float | None],
+    base: dict[str, float | None],
+    expert: dict[str, float | None],
+    benchmarks: list[str],
+) -> float | None:
     """Mean over the benchmarks of (merged - base) / (expert - base); None when a score is missing or the expert
     does not beat the base on a benchmark (no gain to keep)."""
     shares = []
@@ -76,8 +81,14 @@ def merge_configs(root: Path, validation_dir: Path) -> list[tuple[str, dict]]:
                 m["retention"] = OBIM_RETENTION[n]
                 m["validation"] = {"data": str(validation_dir / f"{n}.jsonl"), "max_length": 256, "batch_size": 8}
             models.append(m)
-        cfg = {"method": method, "base_model": str(root / "sft" / "base"), "models": models, "parameters": params,
-               "order": ORDER, "seed": 0}
+        cfg = {
+            "method": method,
+            "base_model": str(root / "sft" / "base"),
+            "models": models,
+            "parameters": params,
+            "order": ORDER,
+            "seed": 0,
+        }
         out.append((label, cfg))
     return out
 
@@ -92,9 +103,13 @@ def _write_validation(root: Path, into: Path) -> None:
         (into / f"{n}.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-def mergeability(root: Path, experts: dict[str, tuple[str, ...]], scores: dict[str, dict[str, float | None]],
-                 evaluate: Callable[[Path], dict[str, float | None]], progress: bool = False
-                 ) -> dict[str, dict[str, Any]]:
+def mergeability(
+    root: Path,
+    experts: dict[str, tuple[str, ...]],
+    scores: dict[str, dict[str, float | None]],
+    evaluate: Callable[[Path], dict[str, float | None]],
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
     """{merge label: {'scores': ..., 'kept': {expert: share}}} for every listed merge of the three experts."""
     from obim.merging.merge import merge
 
@@ -111,9 +126,14 @@ def mergeability(root: Path, experts: dict[str, tuple[str, ...]], scores: dict[s
     return out
 
 
-def report_tables(scores: dict[str, dict[str, float | None]], stats: dict[str, Any],
-                  merges: dict[str, dict[str, Any]], experts: dict[str, tuple[str, ...]]) -> str:
+def report_tables(
+    scores: dict[str, dict[str, float | None]],
+    stats: dict[str, Any],
+    merges: dict[str, dict[str, Any]],
+    experts: dict[str, tuple[str, ...]],
+) -> str:
     """Markdown: the experts' gains and task vectors, then the mergeability table."""
+
     def f(v: float | None, fmt: str = "{:+.1f}") -> str:
         return "—" if v is None else fmt.format(v)
 
@@ -124,13 +144,19 @@ def report_tables(scores: dict[str, dict[str, float | None]], stats: dict[str, A
             e, s0 = scores[f"sft/{n}"].get(b), scores["sft/base"].get(b)
             gains.append(f"{b} {f(None if e is None or s0 is None else e - s0)}")
         lines.append(f"| {n} | {', '.join(gains)} | {stats['rel_norm'][n]:.4f} |")
-    lines += ["", "Pairwise cosine of the task vectors: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in stats["cosine"].items()), ""]
+    lines += [
+        "",
+        "Pairwise cosine of the task vectors: " + ", ".join(f"{k} {v:.3f}" for k, v in stats["cosine"].items()),
+        "",
+    ]
     names = list(experts)
-    lines += ["Share of each expert's gain kept by merging all three (mean over its two benchmarks of "
-              "(merged - base) / (expert - base)):", "",
-              "| merge | " + " | ".join(names) + " | " + " | ".join(b for n in names for b in experts[n]) + " |",
-              "|---|" + "---:|" * (len(names) + sum(len(experts[n]) for n in names))]
+    lines += [
+        "Share of each expert's gain kept by merging all three (mean over its two benchmarks of "
+        "(merged - base) / (expert - base)):",
+        "",
+        "| merge | " + " | ".join(names) + " | " + " | ".join(b for n in names for b in experts[n]) + " |",
+        "|---|" + "---:|" * (len(names) + sum(len(experts[n]) for n in names)),
+    ]
     for label, r in merges.items():
         cells = [f(r["kept"].get(n), "{:.2f}") for n in names]
         cells += [f(r["scores"].get(b), "{:.1f}") for n in names for b in experts[n]]
@@ -139,5 +165,6 @@ def report_tables(scores: dict[str, dict[str, float | None]], stats: dict[str, A
 
 
 def save_report(root: Path, stats: dict[str, Any], merges: dict[str, dict[str, Any]]) -> None:
-    (root / "report.json").write_text(json.dumps({"task_vectors": stats, "mergeability": merges}, indent=2,
-                                                 sort_keys=True) + "\n")
+    (root / "report.json").write_text(
+        json.dumps({"task_vectors": stats, "mergeability": merges}, indent=2, sort_keys=True) + "\n"
+    )

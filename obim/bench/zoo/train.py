@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from obim.tiny import make_tokenizer
+
 from .data import CHARS
 
 
@@ -34,11 +35,19 @@ def new_model(shape: ModelShape, seed: int):
     tok = tokenizer()
     vocab = 8 * math.ceil(len(tok) / 8)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        head_dim=shape.hidden // shape.heads, max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        head_dim=shape.hidden // shape.heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        rms_norm_eps=1e-5,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
@@ -50,7 +59,7 @@ def encode_batch(tok, pairs: list[tuple[str, str]], answer_only: bool, max_len: 
     seqs, starts = [], []
     for prompt, answer in pairs:
         p = tok(prompt, add_special_tokens=False).input_ids
-        a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        a = [*tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id]
         ids = (p + a)[:max_len]
         seqs.append(ids)
         starts.append(min(len(p), len(ids)) if answer_only else 0)
@@ -58,7 +67,7 @@ def encode_batch(tok, pairs: list[tuple[str, str]], answer_only: bool, max_len: 
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, st) in enumerate(zip(seqs, starts)):
+    for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         labels[i, st : len(s)] = torch.tensor(s[st:])
@@ -72,7 +81,7 @@ def packed_batches(texts: Iterator[str], rows: int, length: int) -> Iterator[dic
     buf: list[int] = []
     while True:
         while len(buf) < rows * length:
-            buf += tok(next(texts), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            buf += [*tok(next(texts), add_special_tokens=False).input_ids, tok.eos_token_id]
         x = torch.tensor(buf[: rows * length]).view(rows, length)
         del buf[: rows * length]
         yield {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
@@ -83,9 +92,19 @@ def frozen_names(model, frozen: tuple[str, ...]) -> set[str]:
     return {n for n, _ in model.named_parameters() if any(f in n for f in frozen)}
 
 
-def train(model, batches: Iterator[list[tuple[str, str]] | dict[str, torch.Tensor]], steps: int, *,
-          answer_only: bool, lr: float = 3e-3, seed: int = 0, desc: str = "train", progress: bool = True,
-          on_step: Callable[[int], None] | None = None, frozen: tuple[str, ...] = ()) -> dict[str, float]:
+def train(
+    model,
+    batches: Iterator[list[tuple[str, str]] | dict[str, torch.Tensor]],
+    steps: int,
+    *,
+    answer_only: bool,
+    lr: float = 3e-3,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    frozen: tuple[str, ...] = (),
+) -> dict[str, float]:
     """Train in place for `steps` batches ((prompt, answer) pairs, or already-encoded tensors); parameters named in
     `frozen` keep their values. Returns {'loss': last smoothed loss, 'seconds': ...}."""
     from tqdm.auto import tqdm

@@ -1,4 +1,5 @@
-"""Scorers and loaders of the paper's custom lm-eval tasks (shipped with obim; obim.bench.evaluation.tasks_dir() indexes them).
+"""Scorers and loaders of the paper's custom lm-eval tasks (shipped with obim; obim.bench.evaluation.tasks_dir()
+indexes them).
 
 GSM8K and MATH are evaluated zero-shot with WizardMath's Alpaca-style chain-of-thought prompt; the answer is what
 follows "The answer is:" in the completion. MATH answers are compared after a normalisation of LaTeX spellings

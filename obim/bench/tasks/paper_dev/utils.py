@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import random
 
-from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot  # noqa: F401
+from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot
 
-MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus"]
+# the task YAMLs here name these as utils.<name> (lm-eval's !function)
+__all__ = ["gsm8k_dev", "jcqa_dev", "math_dev", "mbpp_pass_at_1", "process_gsm8k_cot", "process_math_cot"]
+
+MATH_SUBJECTS = [
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+]
 
 
 def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
@@ -23,7 +33,7 @@ def _past_validation(path: str, names: list, split: str, source: str, skip: int,
         recs += list(datasets.load_dataset(path, name, split=split))
     order = list(range(len(recs)))
     random.Random(f"{seed}-{source}").shuffle(order)
-    return datasets.DatasetDict({"dev": datasets.Dataset.from_list([recs[i] for i in order[skip:skip + n]])})
+    return datasets.DatasetDict({"dev": datasets.Dataset.from_list([recs[i] for i in order[skip : skip + n]])})
 
 
 def gsm8k_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
