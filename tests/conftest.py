@@ -44,6 +44,14 @@ def val_jsonl(tmp_path_factory) -> Path:
     return p
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A test that uses the quick zoo builds it (once per session, ~15 s): it is slow, marked or not."""
+    for item in items:
+        if "quick_zoo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def quick_zoo(tmp_path_factory) -> Path:
     """The toy zoo with a handful of training steps (layout and every code path; not its quality)."""

@@ -367,6 +367,7 @@ def test_sweep_plan_accepts_good_limits_and_sources(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_unknown_source(tmp_path):
     from conftest import REPO, run_sweep
 
@@ -391,6 +392,7 @@ def test_dry_run_refuses_unknown_source(tmp_path):
     assert not list((tmp_path / "runs").rglob("plan.json"))
 
 
+@pytest.mark.slow  # indexes lm-eval's bundled tasks (TaskManager, ~9 s)
 @pytest.mark.parametrize(
     ("experiment", "tasks"), [("toy_sft", "toy_humaneval, toy_mbpp"), ("llama2_13b_sft", "humaneval, mbpp")]
 )

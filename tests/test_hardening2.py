@@ -120,6 +120,7 @@ def test_3_out_symlink_to_a_directory_is_written_through(zoo, tmp_path, existing
 # ------------------------------------------------------------------------------------ 4-5: concurrent writers
 
 
+@pytest.mark.slow
 def test_4_two_merges_to_one_new_out_exactly_one_wins(zoo, tmp_path):
     out = tmp_path / "out"
     first = start_merge(cfg(zoo, "ta"), out, tmp_path, "a", pause="0.5")

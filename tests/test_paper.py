@@ -46,6 +46,7 @@ PT_TASKS = ["ceval-valid", "mmlu", "japanese_leaderboard"]
 BASELINES = {"ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"}
 
 
+@pytest.mark.slow
 def test_preset_table1_and_3_real(tmp_path):
     plans = dry_run(tmp_path, "+paper=table1")
     assert {p["method"] for p in plans.values()} == BASELINES and len(plans) == 8
@@ -73,6 +74,7 @@ def test_preset_table1_and_3_real(tmp_path):
     assert plans["method=ties_im"]["validation"] == {} and plans["method=ties_obm"]["validation"]["math"]
 
 
+@pytest.mark.slow
 def test_preset_table4_5_6_real(tmp_path):
     plans = dry_run(tmp_path, "+paper=table4")
     math = {k: p["validation"]["math"]["sources"] for k, p in plans.items()}
@@ -101,6 +103,7 @@ def test_preset_table4_5_6_real(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_preset_table2_and_11_real(tmp_path):
     plans = dry_run(tmp_path, "+paper=table2")
     assert {p["method"] for p in plans.values()} == BASELINES
@@ -122,6 +125,7 @@ def test_preset_table2_and_11_real(tmp_path):
     assert "experiment.checkpoints=[a%2F1,a%2F2,a%2F3,a%2F4,a%2F5],method=obim,n_models=3" in plans
 
 
+@pytest.mark.slow
 def test_presets_toy(tmp_path):
     """The toy version of a table is the same preset on a toy experiment: same jobs, the zoo's models and data."""
     plans = dry_run(tmp_path, "+paper=table5", "experiment=toy_sft")

@@ -15,7 +15,7 @@ from obim.merging.errors import ObimError
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TASKS = ["toy_alpaca", "toy_mmlu", "toy_gsm8k", "toy_math", "toy_humaneval", "toy_mbpp"]
-# result.json's keys (README "Sweep results")
+# result.json's keys (docs/sweep.md "Sweep results")
 RESULT_KEYS = {
     "schema",
     "config_hash",
@@ -209,6 +209,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     assert r["cached"]["merge"] is True and set(r["scores"]) == set(TASKS)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_without_loading(tmp_path):
     env = {
         **os.environ,
@@ -224,6 +225,7 @@ def test_dry_run_plans_without_loading(tmp_path):
     assert not (tmp_path / "no-zoo").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["submitit_local", "local_parallel"])
 def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
     """The cluster path (hydra/launcher=slurm uses the same submitit plugin, tried with submitit_local) and the

@@ -11,7 +11,10 @@ import pytest
 import yaml
 from test_sweep import CONF
 
-pytestmark = pytest.mark.skipif(os.environ.get("OBIM_SKIP_VLLM") == "1", reason="OBIM_SKIP_VLLM=1")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("OBIM_SKIP_VLLM") == "1", reason="OBIM_SKIP_VLLM=1"),
+]
 
 
 def test_vllm_cpu_backend_matches_hf(quick_zoo):

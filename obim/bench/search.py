@@ -1,4 +1,4 @@
-"""The search: every method tuned with the same budget on dev data (experiments/search.py; README "The search").
+"""The search: every method tuned with the same budget on dev data (experiments/search.py; docs/search.md).
 
 Per method one Optuna study (`<experiment>-<method>`, TPE with the same seed and trial budget for every method) over
 the parameters its config declares (`search:` in conf/method/<name>.yaml, checked against the registry's

@@ -22,7 +22,7 @@ from obim.merging.errors import ObimError
 from .cache import digest, locked, model_fingerprint, read_json, write_json
 from .joblog import status
 
-RESULT_SCHEMA = 2  # result.json's layout (README "Sweep results"); older files are refused, not half-read
+RESULT_SCHEMA = 2  # result.json's layout (docs/sweep.md "Sweep results"); older files are refused, not half-read
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,7 @@ def evaluate_stage(plan: dict, merged: Merged, ctx: JobContext) -> tuple[Evaluat
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a job computed, in one place each: result.json is `to_json()` (README "Sweep results")."""
+    """What a job computed, in one place each: result.json is `to_json()` (docs/sweep.md "Sweep results")."""
 
     config_hash: str
     config: dict

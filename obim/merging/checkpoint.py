@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Literal, overload
 
 import torch
 
@@ -185,6 +186,10 @@ class Checkpoint:
                 raise ObimError(f"{info.file}: tensor {info.name} also stored in {self.tensors[info.name].file}")
             self.tensors[info.name] = info
 
+    @overload
+    def _read_json(self, name: str, required: Literal[True]) -> dict: ...
+    @overload
+    def _read_json(self, name: str, required: bool = False) -> dict | None: ...
     def _read_json(self, name: str, required: bool = False) -> dict | None:
         p = self.dir / name
         if not os.path.lexists(p):
@@ -245,14 +250,15 @@ class Checkpoint:
         info = self.tensors[name]
         if self.format == "safetensors":
             out = torch.empty(info.shape, dtype=info.dtype)
-            buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
+            buf = out.view(-1).view(torch.uint8).numpy().data if out.numel() else memoryview(bytearray())
             with open(info.file, "rb", buffering=0) as f:
                 f.seek(info.offset)
                 got = f.readinto(buf)
             if got != info.nbytes:
                 raise ObimError(f"{info.file}: truncated while reading tensor {name}")
             return out
-        if self._bin_file != info.file:  # one mmap'd .bin shard per model at a time
+        # one mmap'd .bin shard per model at a time (_bin_state is None only while _bin_file is)
+        if self._bin_file != info.file or self._bin_state is None:
             self._bin_state = None
             self._bin_state = self._load_bin(info.file)
             self._bin_file = info.file
@@ -275,7 +281,7 @@ class Checkpoint:
                         parts.append(f.read(c))
                 samples[info.name] = b"".join(parts)
             else:
-                if self._bin_file != info.file:
+                if self._bin_file != info.file or self._bin_state is None:
                     self._bin_state, self._bin_file = self._load_bin(info.file), info.file
                 raw = self._bin_state[info.name].contiguous().view(-1).view(torch.uint8) if n else torch.empty(0)
                 samples[info.name] = b"".join(raw[st : st + c].numpy().tobytes() for st in starts)
@@ -373,7 +379,7 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue = [(si, name, dtype, shape) for si, s in enumerate(shards) for name, dtype, shape in s.tensors]
         self._pos = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._shard = -1
 
     def _open(self, si: int) -> None:
@@ -401,6 +407,7 @@ class ShardedWriter:
             self._open(si)
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
+            assert self._file is not None  # _open(si) ran for this shard
             self._file.write(t.view(-1).view(torch.uint8).numpy().data)
         self._pos += 1
 

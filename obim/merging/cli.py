@@ -48,7 +48,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         description="Merge fine-tuned models into their base with a registered method.",
         epilog="methods: " + ", ".join(sorted(METHODS)),
     )
-    ap.add_argument("config", help="merge config YAML (see README)")
+    ap.add_argument("config", help="merge config YAML (see docs/cli.md)")
     ap.add_argument("out_dir", help="output model directory (written to a temporary directory, then renamed)")
     ap.add_argument("--device", default="cpu", help="where the per-tensor arithmetic runs: cpu or cuda[:N]")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

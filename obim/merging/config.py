@@ -200,9 +200,9 @@ def load_config(src: Any) -> MergeConfig:
         raise ObimError(f"order: expected `rotation` or a list of model names ({', '.join(names)}), got {order!r}")
     else:
         order = [str(o) for o in order]
-        unknown = [o for o in order if o not in names]
-        if unknown:
-            raise ObimError(f"order: unknown model '{unknown[0]}'; models: {', '.join(names)}")
+        unknown_names = [o for o in order if o not in names]
+        if unknown_names:
+            raise ObimError(f"order: unknown model '{unknown_names[0]}'; models: {', '.join(names)}")
         dup = [o for o in order if order.count(o) > 1]
         if dup:
             raise ObimError(f"order: model '{dup[0]}' listed twice")

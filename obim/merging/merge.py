@@ -135,12 +135,17 @@ def prepare_saliency(
         return out, meta
     for i, (spec, ck) in enumerate(zip(cfg.models, models, strict=True)):
         if spec.hdiag is not None:
-            out[i], hm = load_hdiag(spec.hdiag)
-            check_hdiag(out[i], hm, ck, spec.hdiag)
+            hd, hm = load_hdiag(spec.hdiag)
+            check_hdiag(hd, hm, ck, spec.hdiag)
+            out[i] = hd
         else:
             v = spec.validation
+            if v is None:  # load_config rejects this, but a MergeConfig built in code skips its checks
+                raise ObimError(
+                    f"model '{spec.name}': {cfg.method.name} needs saliency statistics (hdiag or validation)"
+                )
             texts = read_texts(v.data, v.size, v.text_field)
-            out[i], meta[spec.name] = compute_hdiag(
+            hd, meta[spec.name] = compute_hdiag(
                 str(ck.dir),
                 texts,
                 max_length=v.max_length,
@@ -150,7 +155,8 @@ def prepare_saliency(
                 progress=progress,
                 source=v.data,
             )
-            check_hdiag(out[i], meta[spec.name], ck, f"statistics computed from {v.data}")
+            check_hdiag(hd, meta[spec.name], ck, f"statistics computed from {v.data}")
+            out[i] = hd
     return out, meta
 
 
@@ -191,7 +197,7 @@ def merge_tensor(
         tensors.clear()
         return base_t
     rows = plan.shared_rows
-    extra_sources = list(tensors) if rows is not None else None  # rows only some models have
+    extra_sources = list(tensors) if rows is not None else []  # rows only some models have
     b = base_t.to(device, torch.float32)
     if rows is not None:
         b = b[:rows]

@@ -50,7 +50,7 @@ def load_hdiag(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     check_regular(path, "hdiag file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            out = {k: f.get_tensor(k) for k in f}
+            out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has keys() but no __iter__)
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise ObimError(f"{path}: unreadable hdiag safetensors file ({e})") from None

@@ -23,8 +23,8 @@ def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool 
     inplace: x is scratch and may be reordered (saves a copy)."""
     n = x.numel()
     if x.is_cuda:
-        thr = torch.kthvalue(x, n - k + 1).values
-        return float(thr), int(torch.count_nonzero(x > thr))
+        kth = torch.kthvalue(x, n - k + 1).values
+        return float(kth), int(torch.count_nonzero(x > kth))
     a = x.numpy()
     if nonneg:
         a = a.view(np.int32)
@@ -117,13 +117,14 @@ def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, 
         return d
     if k <= 0:
         return d.zero_()
+    assert kth is not None  # None only when k is 0 or n, returned above
     thr, above = kth
     flat = d.view(-1)
     ties = _first_equal(flat, thr, k - above, key=torch.abs) if k > above and thr > 0 else None
     kept = flat[ties] if ties is not None else None
     torch.abs(d, out=scratch)
     d.mul_(scratch.sub_(thr).clamp_(min=0).sign_())  # 1.0 exactly where |d| > thr
-    if ties is not None:
+    if kept is not None:  # saved exactly when there are ties
         flat[ties] = kept
     return d
 

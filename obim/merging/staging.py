@@ -140,7 +140,11 @@ def _prefix(name: str) -> str:
 
 def _staging_names(out: Path, sid: str) -> tuple[Path, Path, Path, Path]:
     """(staging dir, trash dir for the replaced OUT, lock file, lock file before it is held) of one writer."""
-    return tuple(out.parent / f".{_prefix(out.name)}.obim-{kind}-{sid}" for kind in ("tmp", "old", "lock", "newlock"))
+
+    def name(kind: str) -> Path:
+        return out.parent / f".{_prefix(out.name)}.obim-{kind}-{sid}"
+
+    return name("tmp"), name("old"), name("lock"), name("newlock")
 
 
 def _new_sid() -> str:
@@ -393,7 +397,8 @@ def _swap_in(tmp: Path, out: Path, trash: Path, overwrite: bool, marker: str) ->
     try:
         _swap_loop(tmp, out, trash, overwrite, marker)
     except KeyboardInterrupt as e:  # only a deferred signal, delivered once OUT was in place
-        e.completed = out
+        # KeyboardInterrupt declares no such attribute; cli reads it back with getattr
+        setattr(e, "completed", out)  # noqa: B010
         raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
