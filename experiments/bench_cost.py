@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from bench_merge import make_models
 
-    from obim.bench.costs import cost_table
+    from obim.bench.report.costs import cost_table
+    from obim.bench.zoo.tiny import make_tokenizer
     from obim.merging.checkpoint import open_checkpoint
     from obim.merging.merge import merge
     from obim.merging.saliency import compute_hdiag, save_hdiag
-    from obim.tiny import make_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")

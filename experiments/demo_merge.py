@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from obim import METHODS, merge
-from obim.tiny import make_llama
+from obim.bench.zoo.tiny import make_llama
 
 TEXTS = [
     "what is 2+3? 5",

@@ -60,7 +60,7 @@ def main() -> None:
         sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
         with job_session(hc.runtime.output_dir, name, overrides, sweep_dir, bool(cfg.get("verbose"))) as s:
             try:
-                outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name))
+                outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name, s))
             except Exception as e:  # this job's one-line error on the console (obim.bench.console); the sweep goes on
                 outcome = s.failed(e)
         if outcome["status"] == "failed" and not any(

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from obim.bench.tables import write_tables
+    from obim.bench.report.write import write_tables
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiments", nargs="*", help="experiment names (default: every folder under --runs)")
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", metavar="DIR", help="redraw the axis plots in DIR from its <table>.csv files")
     args = ap.parse_args(argv)
     if args.replot:
-        from obim.bench.plots import replot
+        from obim.bench.report.plots import replot
 
         for p in replot(Path(args.replot)):
             print(p)

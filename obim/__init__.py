@@ -4,8 +4,6 @@ obim.merging is the merging library (checkpoints, selection, saliency, the metho
 obim.bench is the benchmark harness on top of it (plan, job stages, caches, evaluation, tracking, reporting, the
 toy zoo). The library imports nothing from the harness. This package re-exports the library's API."""
 
-__version__ = "0.1.0"
-
 # first: OpenMP reads OMP_WAIT_POLICY once, when torch loads
 from .merging import threads as _threads  # noqa: F401  (for its side effect, before torch loads)
 from .merging.config import MergeConfig, load_config
@@ -13,6 +11,9 @@ from .merging.errors import ObimError
 from .merging.merge import MergeResult, merge
 from .merging.methods import METHODS, Method, get_method, register
 from .merging.saliency import compute_hdiag, load_hdiag, save_hdiag
+from .merging.version import obim_version
+
+__version__ = obim_version()  # from the package metadata (pyproject.toml)
 
 __all__ = [
     "METHODS",

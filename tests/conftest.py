@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from obim.tiny import make_llama, make_tokenizer  # noqa: F401  (tests import them from here)
+from obim.bench.zoo.tiny import make_llama, make_tokenizer  # noqa: F401  (tests import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -69,22 +69,33 @@ def quick_zoo(tmp_path_factory) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_merge(c: dict, out: Path, tmp_path: Path, name: str = "c", pause: str = "0.5") -> subprocess.Popen:
+# The real obim-merge CLI (its signal handling included) with a pause after each tensor written, injected here
+# rather than through a hook in the library: argv is PAUSE CONFIG OUT --quiet.
+PAUSED_MERGE = """
+import sys, time
+from obim.merging.checkpoint import ShardedWriter
+from obim.merging.cli import merge_main
+from obim.merging.merge import ShardedWriter as used
+
+assert used is ShardedWriter  # the writer the merge uses, or the pause would never happen
+pause, write = float(sys.argv[1]), ShardedWriter.write
+
+def paused_write(self, name, tensor):
+    write(self, name, tensor)
+    time.sleep(pause)
+
+ShardedWriter.write = paused_write
+sys.exit(merge_main(sys.argv[2:]))
+"""
+
+
+def start_merge(c: dict, out: Path, tmp_path: Path, name: str = "c", pause: float = 0.5) -> subprocess.Popen:
     """obim-merge in a subprocess, pausing `pause` seconds after each tensor: a merge to kill or race midway."""
     import yaml
 
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
-    env = {**os.environ, "OBIM_TEST_PAUSE_PER_TENSOR": pause}
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from obim.merging.cli import merge_main; sys.exit(merge_main(sys.argv[1:]))",
-            str(tmp_path / f"{name}.yaml"),
-            str(out),
-            "--quiet",
-        ],
-        env=env,
+        [sys.executable, "-c", PAUSED_MERGE, str(pause), str(tmp_path / f"{name}.yaml"), str(out), "--quiet"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -104,10 +115,32 @@ def wait_mid_merge(proc: subprocess.Popen, out: Path) -> Path:
     raise AssertionError("the merge never reached its first tensor")
 
 
-def run_sweep(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it."""
+# The sweep with its merge stage failing after it ran (the resume tests): patched in the sweep's own process, so
+# production code carries no fault hook. The basic launcher runs the jobs in that process.
+FAIL_AFTER_MERGE = """
+import runpy, sys
+import obim.bench.pipeline as pipeline
+
+merge_stage = pipeline.merge_stage
+
+
+def merge_then_fail(*args, **kwargs):
+    merge_stage(*args, **kwargs)
+    raise RuntimeError("simulated failure after merge")
+
+
+pipeline.merge_stage = merge_then_fail
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_sweep(args: list[str], env: dict, cwd: Path, fail_after_merge: bool = False) -> subprocess.CompletedProcess:
+    """`python experiments/sweep.py -m ARGS` in a subprocess, as a user runs it (fail_after_merge: every job's merge
+    stage raises once it has run)."""
+    pre = ["-c", FAIL_AFTER_MERGE] if fail_after_merge else []
     return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *args],
+        [sys.executable, *pre, str(REPO / "experiments" / "sweep.py"), "-m", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -10,7 +10,7 @@ import pytest
 
 from obim.bench import evaluation
 from obim.bench.cache import model_fingerprint
-from obim.bench.stages import _tasks_fingerprint, judge_pending
+from obim.bench.stages import judge_pending
 from obim.bench.tracking import wandb_mode
 from obim.merging.config import parse_size
 from obim.merging.errors import ObimError
@@ -44,18 +44,28 @@ def test_model_fingerprint_follows_config_index_and_weight_files(tmp_path):
     assert model_fingerprint("meta-llama/Llama-2-13b-hf") == "hub:meta-llama/Llama-2-13b-hf"
 
 
-def test_tasks_fingerprint_follows_the_folders_that_define_the_tasks(tmp_path, monkeypatch):
-    tasks = tmp_path / "tasks"
-    shutil.copytree(evaluation.tasks_dir(), tasks, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(evaluation, "tasks_dir", lambda: str(tasks))
-    toy, paper = _tasks_fingerprint(["toy_gsm8k"]), _tasks_fingerprint(["obim_gsm8k_cot"])
-    assert _tasks_fingerprint(["gsm8k"]) == _tasks_fingerprint([])  # lm-eval's own: covered by its version
-    assert len({toy, paper, _tasks_fingerprint([])}) == 3
-    (tasks / "utils.py").write_text((tasks / "utils.py").read_text() + "\n# a scorer changed\n")
-    assert _tasks_fingerprint(["toy_gsm8k"]) != toy  # same folder: re-evaluate
-    assert _tasks_fingerprint(["obim_gsm8k_cot"]) == paper  # another folder: untouched
-    (tasks / "paper" / "_obim_math_cot_template").write_text("changed: true\n")
-    assert _tasks_fingerprint(["obim_gsm8k_cot"]) != paper  # a template its folder includes
+def test_a_task_edit_invalidates_that_task_only(tmp_path, monkeypatch):
+    """The evaluation cache is keyed by each task's own files: its YAML, its includes, the modules its hooks load."""
+    root = tmp_path / "tasks"
+    shutil.copytree(evaluation.tasks_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(evaluation, "tasks_dir", lambda: str(root))
+    tasks = ["toy_gsm8k", "toy_mmlu", "toy_math", "obim_math_cot", "gsm8k"]
+
+    def digests() -> dict[str, str]:
+        return {t: evaluation.tasks_digest([t]) for t in tasks}
+
+    def edit(rel: str) -> set[str]:
+        before = digests()
+        with open(root / rel, "a") as f:
+            f.write("\n# edited\n")
+        after = digests()
+        return {t for t in tasks if after[t] != before[t]}
+
+    assert edit("toy_gsm8k.yaml") == {"toy_gsm8k"}
+    assert edit("_toy_choice_template") == {"toy_mmlu"}  # toy_gsm8k and toy_math generate
+    assert edit("utils.py") == {"toy_gsm8k", "toy_mmlu", "toy_math"}  # their scorers and datasets
+    assert edit("paper/obim_math_cot_algebra.yaml") == {"obim_math_cot"}  # a group member
+    assert evaluation.tasks_digest(["gsm8k"]) == evaluation.tasks_digest([])  # lm-eval's own: its version keys it
 
 
 def test_a_result_waits_for_a_judge_only_when_one_is_configured(monkeypatch):

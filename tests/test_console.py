@@ -75,12 +75,11 @@ def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job
     # rerun with a third job that fails: the cached job counted at once, the failure's one line and its log, the
     # summary anyway, exit status 1
     args2 = [a if not a.startswith("method=") else "method=ta,ties" for a in args]
-    q = run_sweep(args2, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
+    q = run_sweep(args2, env, tmp_path, fail_after_merge=True)
     assert q.returncode == 1
     assert re.search(r"^\[1/2\] method=ta: avg .*; cached result", q.stdout, re.M)
     err = re.search(
-        r"^\[2/2\] method=ties: sweep: error: RuntimeError: OBIM_FAIL_AFTER=merge: simulated failure "
-        r"after merge \(log: (.+?)\)",
+        r"^\[2/2\] method=ties: sweep: error: RuntimeError: simulated failure after merge \(log: (.+?)\)",
         q.stderr,
         re.M,
     )
@@ -218,7 +217,7 @@ def test_planned_jobs_and_the_main_table():
     from omegaconf import OmegaConf
 
     from obim.bench.console import main_table, planned_jobs, varying_keys
-    from obim.bench.tables import Table
+    from obim.bench.report.results import Table
 
     cfg = OmegaConf.create(
         {

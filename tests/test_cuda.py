@@ -31,10 +31,10 @@ def _state(d: Path) -> dict[str, torch.Tensor]:
 
 
 def test_cuda_matches_cpu(tmp_path):
+    from obim.bench.zoo.tiny import make_llama
     from obim.merging.merge import merge
     from obim.merging.methods import METHODS
     from obim.merging.saliency import compute_hdiag, save_hdiag
-    from obim.tiny import make_llama
 
     base = make_llama(tmp_path / "base", 0, layers=2, hidden=128, head_dim=64)
     names = ["lm", "math", "code"]

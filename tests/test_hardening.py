@@ -355,10 +355,10 @@ def test_sweep_plan_accepts_good_limits_and_sources(tmp_path):
     from obim.bench.plan import plan_job
 
     zoo = f"experiment.zoo={tmp_path}"
-    assert plan_job(compose("method=ta", zoo, "eval.limit=0.5"))["eval"]["limit"] == 0.5
-    assert plan_job(compose("method=ta", zoo, "eval.limit=20", "eval.batch_size=auto:4"))["eval"]["limit"] == 20
+    assert plan_job(compose("method=ta", zoo, "eval.limit=0.5")).eval.limit == 0.5
+    assert plan_job(compose("method=ta", zoo, "eval.limit=20", "eval.batch_size=auto:4")).eval.limit == 20
     p = plan_job(compose("method=obim", zoo, "validation.source=gsm8k", "validation.size=10"))
-    assert p["validation"]["lm"]["sources"] == {"gsm8k": 10}
+    assert p.validation["lm"].sources == {"gsm8k": 10}
     # once the zoo is built, a source must be a file it holds
     (tmp_path / "zoo.json").write_text("{}")
     one_line_refusal(
@@ -409,9 +409,9 @@ def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, exper
         lambda: plan_job(compose(*over, allow_code=False)),
         rf"^{tasks} execute model-generated code: opt in with eval.allow_code=true",
     )
-    assert plan_job(compose(*over))["allow_code"] is True
+    assert plan_job(compose(*over)).allow_code is True
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
-    assert plan_job(compose(*over, allow_code=False))["allow_code"] is False  # the environment's opt-in
+    assert plan_job(compose(*over, allow_code=False)).allow_code is False  # the environment's opt-in
     # toy_pt has no code benchmark: no opt-in needed
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
     plan_job(compose("method=ta", "experiment=toy_pt", f"experiment.zoo={tmp_path}", allow_code=False))

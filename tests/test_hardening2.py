@@ -123,9 +123,9 @@ def test_3_out_symlink_to_a_directory_is_written_through(zoo, tmp_path, existing
 @pytest.mark.slow
 def test_4_two_merges_to_one_new_out_exactly_one_wins(zoo, tmp_path):
     out = tmp_path / "out"
-    first = start_merge(cfg(zoo, "ta"), out, tmp_path, "a", pause="0.5")
+    first = start_merge(cfg(zoo, "ta"), out, tmp_path, "a", pause=0.5)
     wait_mid_merge(first, out)  # the second starts while OUT is still absent
-    second = start_merge(cfg(zoo, "ties"), out, tmp_path, "b", pause="0.1")
+    second = start_merge(cfg(zoo, "ties"), out, tmp_path, "b", pause=0.1)
     t_end = time.time() + 60
     while len(list(tmp_path.glob(".out.obim-tmp-*"))) < 2:  # both past the start's check, both staging
         assert time.time() < t_end and first.poll() is None and second.poll() is None
@@ -602,7 +602,7 @@ def test_12_recorded_config_has_absolute_paths_and_reruns_elsewhere(zoo, tmp_pat
 
 
 def _killed_mid_merge(zoo, out: Path, tmp_path: Path) -> None:
-    proc = start_merge(cfg(zoo, "ties"), out, tmp_path, "a", pause="0.5")
+    proc = start_merge(cfg(zoo, "ties"), out, tmp_path, "a", pause=0.5)
     wait_mid_merge(proc, out)
     proc.kill()
     proc.wait(timeout=60)

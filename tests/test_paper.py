@@ -513,5 +513,5 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
                 overrides=["method=obim", "experiment=llama2_13b_sft", "validation.split=dev", "eval.allow_code=true"],
             )
         )
-    assert p["validation"]["math"]["data"]["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
-    assert q["validation"]["lm"]["data"]["alpaca"]["split"] == "train"  # named in the experiment
+    assert p.validation["math"].data["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
+    assert q.validation["lm"].data["alpaca"]["split"] == "train"  # named in the experiment

@@ -1,4 +1,4 @@
-"""A plot beside each axis table (obim/bench/plots.py), from job results: written as PNG, drawing exactly the
+"""A plot beside each axis table (obim/bench/report/plots.py), from job results: written as PNG, drawing exactly the
 table's numbers (ours and the paper's), the same bytes from the same table, redrawn from the CSV alone, logged to an
 active W&B run."""
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from test_tables import result
 
-from obim.bench.plots import axis_figure, replot
-from obim.bench.tables import build_tables, load_results, write_tables
+from obim.bench.report.plots import axis_figure, replot
+from obim.bench.report.results import load_results
+from obim.bench.report.tables import build_tables
+from obim.bench.report.write import write_tables
 
 AXIS_TABLES = {"table4", "table5", "table6", "grid"}
 

@@ -95,6 +95,9 @@ def test_write_outside_work_dir(mode, tmp_path, shared):
     assert score(f"open({str(victim)!r}, 'a').write('x')") == 0.0
     assert victim.read_text() == "keep"
     assert score(f"import os\nos.mkdir({str(shared / 'd')!r})") == 0.0
+    # the audit hook holds its own builtins: replacing `next` does not blind its path checks
+    rebind = "import builtins\nbuiltins.next = lambda g: ((), ())\nimport os\n"
+    assert score(rebind + f"os.mkdir({str(shared / 'e')!r})") == 0.0
     assert sorted(p.name for p in shared.iterdir()) == ["victim"]
 
 
@@ -168,6 +171,19 @@ def test_infinite_loop_times_out_fast(mode):
     assert task_utils.run_tests(doc["prompt"], "    while True:\n        pass\n", doc, timeout=1.0) is False
     assert time.perf_counter() - t0 < 1.8
     assert sandbox.run("while True:\n    pass\n", 0.5).reason == "timed out after 0.5 s"
+
+
+def test_child_installed_under_tmp(mode, monkeypatch):
+    """The child (sandbox_child.py) runs by path: an install under /tmp, which bwrap replaces, must still find it."""
+    d = Path(tempfile.mkdtemp(prefix="obim-test-install-", dir="/tmp"))
+    try:
+        child = d / "sandbox_child.py"
+        shutil.copy(sandbox._CHILD, child)
+        monkeypatch.setattr(sandbox, "_CHILD", str(child))
+        assert score("pass") == 1.0
+        assert score("import os\nos._exit(0)") == 0.0
+    finally:
+        shutil.rmtree(d)
 
 
 def test_refused_without_opt_in(monkeypatch):

@@ -66,6 +66,9 @@ def test_dev_refused_when_it_is_the_saliency_validation_data(tmp_path):
     d = plan_dev(compose("experiment=llama2_13b_sft"))
     assert d["left_out"] == ["alpaca_eval", "humaneval"] and d["eval"]["num_fewshot"] == {"obim_mmlu_dev": 5}
     with pytest.raises(ObimError, match=r"obim_gsm8k_cot_dev: reads split 'train' of 'gsm8k', which model 'math'"):
+        plan_dev(compose("experiment=llama2_13b_sft", "experiment.models.math.validation.gsm8k=1001"))
+    # the skip the check uses is the one the task draws with (its YAML's dataset_kwargs)
+    with pytest.raises(ObimError, match=r"obim_gsm8k_cot_dev.skip: 20, but task .* skip 1000 .*must agree"):
         plan_dev(compose("experiment=llama2_13b_sft", "experiment.dev_benchmarks.obim_gsm8k_cot_dev.skip=20"))
     with pytest.raises(ObimError, match=r"obim_gsm8k_cot_dev: .* seed 1, dev skip 1000"):
         plan_dev(compose("experiment=llama2_13b_sft", "seed=1"))
@@ -285,7 +288,19 @@ def test_search_resumes_after_a_failed_trial(quick_zoo, tmp_path, monkeypatch):
         f"results_dir={tmp_path / 'results'}",
     ]
     lines: list[str] = []
-    monkeypatch.setenv("OBIM_FAIL_AFTER", "trial-1")  # the second trial raises after its dev evaluation
+    from obim.bench import search
+
+    run_job, trials_run = search.run_job, []
+
+    def second_trial_fails(plan, reporter=None, record=None):  # after its dev evaluation
+        out = run_job(plan, reporter, record)
+        if plan.objective == "dev":
+            trials_run.append(plan)
+        if len(trials_run) == 2:
+            raise RuntimeError("simulated failure after trial-1")
+        return out
+
+    monkeypatch.setattr(search, "run_job", second_trial_fails)
     with pytest.raises(RuntimeError, match="simulated failure after trial-1"):
         run_search(args, say=lines.append)
     trials = _trials(tmp_path / "search", "toy_sft-ties")
@@ -301,7 +316,7 @@ def test_search_resumes_after_a_failed_trial(quick_zoo, tmp_path, monkeypatch):
     optuna.load_study(
         study_name="toy_sft-ties", storage=JournalStorage(JournalFileBackend(str(tmp_path / "search" / "study.log")))
     ).ask()
-    monkeypatch.delenv("OBIM_FAIL_AFTER")
+    monkeypatch.setattr(search, "run_job", run_job)
     lines.clear()
     out = run_search(args, say=lines.append)
     assert "[ties] 1/3 trials already finished (study toy_sft-ties)" in lines

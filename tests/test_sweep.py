@@ -61,7 +61,7 @@ def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
             expected["combine"] = "ties"
         assert conf["name"] == name and conf["parameters"] == expected
         plan = plan_job(compose(f"method={name}", f"experiment.zoo={tmp_path}"), [f"method={name}"])
-        assert plan["method"] == name and plan["main"] and plan["merge"]["parameters"] == expected
+        assert plan.method == name and plan.main and plan.merge["parameters"] == expected
 
 
 def test_plan_orders_validation_and_model_count(tmp_path):
@@ -69,40 +69,40 @@ def test_plan_orders_validation_and_model_count(tmp_path):
 
     zoo = f"experiment.zoo={tmp_path}"
     p = plan_job(compose("method=obim", zoo))
-    assert p["merge"]["order"] == ["lm", "math", "code"]  # the experiment's: code last
-    assert [m["retention"] for m in p["merge"]["models"]] == [0.4, 0.45, 0.1]
-    assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
-    assert p["validation"]["math"]["data"]["gsm8k"] == {
+    assert p.merge["order"] == ["lm", "math", "code"]  # the experiment's: code last
+    assert [m["retention"] for m in p.merge["models"]] == [0.4, 0.45, 0.1]
+    assert p.validation["lm"].sources == {"alpaca": 50, "mmlu": 50}
+    assert p.validation["math"].data["gsm8k"] == {
         "builder": "jsonl",
         "path": f"{tmp_path}/data/gsm8k/train.jsonl",
         "split": "train",
     }
 
-    assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math"))["merge"]["order"] == [
+    assert plan_job(compose("method=obim", zoo, "order=first", "order.model=math")).merge["order"] == [
         "math",
         "lm",
         "code",
     ]
-    assert plan_job(compose("method=obim", zoo, "order=last", "order.model=math"))["merge"]["order"] == [
+    assert plan_job(compose("method=obim", zoo, "order=last", "order.model=math")).merge["order"] == [
         "lm",
         "code",
         "math",
     ]
-    assert plan_job(compose("method=obim", zoo, "order=rotation"))["merge"]["order"] == "rotation"
+    assert plan_job(compose("method=obim", zoo, "order=rotation")).merge["order"] == "rotation"
 
     # Table 4/5: the math model's source and size change, split evenly; the others keep their own
     p = plan_job(compose("method=obim", zoo, "validation=math_code", "validation.size=101"))
-    assert p["validation"]["math"]["sources"] == {"gsm8k": 34, "math": 34, "mbpp": 33}
-    assert p["validation"]["lm"]["sources"] == {"alpaca": 50, "mmlu": 50}
-    assert plan_job(compose("method=obim", zoo, "validation.size=10"))["validation"]["code"]["sources"] == {"mbpp": 10}
+    assert p.validation["math"].sources == {"gsm8k": 34, "math": 34, "mbpp": 33}
+    assert p.validation["lm"].sources == {"alpaca": 50, "mmlu": 50}
+    assert plan_job(compose("method=obim", zoo, "validation.size=10")).validation["code"].sources == {"mbpp": 10}
 
     # one retention for all; the first N models; methods without saliency need no validation sets
     p = plan_job(compose("method=ties_im", zoo, "retention=0.3", "n_models=2"), ["method=ties_im", "n_models=2"])
-    assert p["models"] == ["lm", "math"] and [m["retention"] for m in p["merge"]["models"]] == [0.3, 0.3]
-    assert not p["main"]
-    assert plan_job(compose("method=ties", zoo))["validation"] == {}
+    assert list(p.models) == ["lm", "math"] and [m["retention"] for m in p.merge["models"]] == [0.3, 0.3]
+    assert not p.main
+    assert plan_job(compose("method=ties", zoo)).validation == {}
     pt = plan_job(compose("experiment=toy_pt", "method=dare", f"experiment.zoo={tmp_path}"))
-    assert pt["models"] == ["ckpt-1", "ckpt-2", "ckpt-3"] and pt["merge"]["order"] == "rotation"
+    assert list(pt.models) == ["ckpt-1", "ckpt-2", "ckpt-3"] and pt.merge["order"] == "rotation"
 
 
 @pytest.mark.parametrize(
@@ -199,7 +199,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
 
     # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge)
     args3 = [a if not a.startswith("method=") else "method=ties" for a in args]
-    failed = run_sweep(args3, {**env, "OBIM_FAIL_AFTER": "merge"}, tmp_path)
+    failed = run_sweep(args3, env, tmp_path, fail_after_merge=True)
     assert failed.returncode != 0 and "simulated failure" in failed.stderr
     (ties_dir,) = (tmp_path / "runs").glob("*method=ties")
     assert not (ties_dir / "result.json").exists()
@@ -255,3 +255,50 @@ def test_launchers_run_jobs_in_their_own_processes(tmp_path, launcher):
     assert plans["method=obim"]["validation"]["math"]["sources"] == {"gsm8k": 50, "math": 50}
     if launcher == "submitit_local":
         assert list((tmp_path / "runs" / ".submitit").rglob("*_log.out"))  # submitit ran each job as a process
+
+
+# ------------------------------------------------------------------------------------------------ cache keys
+
+
+def test_a_method_version_invalidates_that_method_only(tmp_path, monkeypatch):
+    """Bumping the version TIES's sparsifier declares changes the plan hash (a rerun redoes the job) and the merge
+    cache key of every method built on it, and of nothing else."""
+    from obim.bench.plan import plan_job
+    from obim.bench.stages import merge_key
+    from obim.merging.sparsifiers import TopK
+
+    zoo = f"experiment.zoo={tmp_path}"
+    methods = ("ta", "ties", "dare", "ties_obm", "obim")
+
+    def keys() -> dict[str, tuple[str, str]]:
+        out = {}
+        for m in methods:
+            p = plan_job(compose(f"method={m}", zoo))
+            out[m] = (p.hash(), merge_key(p.with_statistics({n: f"{n}.hdiag" for n in p.validation})))
+        return out
+
+    before = keys()
+    monkeypatch.setattr(TopK, "version", TopK.version + 1)
+    after = keys()
+    changed = {m for m in methods if after[m][0] != before[m][0]}
+    assert changed == {m for m in methods if after[m][1] != before[m][1]}
+    assert changed == {"ties", "ties_obm"}  # the two methods that select with TopK
+    monkeypatch.setattr(TopK, "version", TopK.version - 1)
+    assert keys() == before
+
+
+@pytest.mark.parametrize("method", ["obim", "ties", "dare"])
+def test_a_plan_round_trips_through_its_serialisation(tmp_path, method):
+    """JobPlan.to_json is its one serialisation (result.json's `plan`): read back, the same plan and the same hash."""
+    import json
+
+    from obim.bench.plan import JobPlan, plan_job
+
+    ov = [f"method={method}", "validation.size=20", "order=rotation"]
+    p = plan_job(compose(*ov, f"experiment.zoo={tmp_path}"), ov)
+    q = JobPlan.from_json(json.loads(json.dumps(p.to_json())))
+    assert q == p and q.hash() == p.hash() and q.to_json() == p.to_json()
+    assert q.merge_config.to_dict() == p.merge_config.to_dict()
+    ov[1] = "validation.size=21"
+    other = plan_job(compose(*ov, f"experiment.zoo={tmp_path}"), ov)
+    assert (other.hash() != p.hash()) == (method == "obim")  # only a saliency method's job reads validation data

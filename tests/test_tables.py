@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from obim.bench.tables import load_results, write_tables
+from obim.bench.report.results import load_results
+from obim.bench.report.write import write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def result(
 ) -> dict:
     """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
     composed config), made-up scores in the plan's task order; individual: {model: scores}."""
-    from obim.bench.plan import plain, plan_hash, plan_job
+    from obim.bench.plan import plan_job
     from obim.bench.stages import Evaluated, JobResult, Merged, Saliency, score_avg
 
     ov = [f"method={method}", *([] if setting == "sft" else ["experiment=toy_pt"]), *overrides]
@@ -35,18 +36,17 @@ def result(
     plan = plan_job(cfg, ov)
 
     def ev(s: list[float]) -> Evaluated:
-        named = dict(zip(plan["tasks"], s, strict=True))
+        named = dict(zip(plan.tasks, s, strict=True))
         return Evaluated(scores=named, avg=score_avg(named), eval_s=3.0, cached=False)
 
     sal = {
         n: Saliency(
             hdiag=f"{n}.safetensors", cached=False, seconds=0.5, samples=100, tokens=1000, seconds_per_sample=0.005
         )
-        for n in plan["validation"]
+        for n in plan.validation
     }
     r = JobResult(
-        config_hash=plan_hash(plan),
-        config=plain(cfg),
+        config_hash=plan.hash(),
         plan=plan,
         inputs={},
         saliency=sal,
@@ -215,8 +215,8 @@ def test_job_dirname():
 
 def test_table10_and_missing_scores(tmp_path):
     """Table 10 beside the paper's; a job with an unjudged AlpacaEval (None) shows '—' and no average."""
-    from obim.bench.costs import table10
-    from obim.bench.tables import build_tables
+    from obim.bench.report.costs import table10
+    from obim.bench.report.tables import build_tables
 
     runs = tmp_path / "runs"
     result(runs, "method=obim", "obim", [0, 50, 60, 10, 20, 30])
@@ -241,8 +241,8 @@ def test_table10_and_missing_scores(tmp_path):
 def test_table2_base_row_table5_rows_and_figure3_series(tmp_path):
     """Table 2's base row carries the paper's Qwen2-7B numbers; Table 5's rows are named by sample count, as the
     paper's; Figure 3 draws OBIM's averages as OBIM and DARE's as DARE, the best single model from the jobs."""
-    from obim.bench.plots import figure3_data
-    from obim.bench.tables import build_tables
+    from obim.bench.report.plots import figure3_data
+    from obim.bench.report.tables import build_tables
 
     runs = tmp_path / "runs"
     ind = {"base": [90, 90, 30], "ckpt-1": [70, 60, 95], "ckpt-2": [80, 70, 96]}

@@ -22,7 +22,7 @@ from obim.bench.zoo.report import (
     report_tables,
     task_vector_stats,
 )
-from obim.tiny import make_llama
+from obim.bench.zoo.tiny import make_llama
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -94,7 +94,7 @@ def job_line(o: dict, label: str) -> str:
 
 
 def text_table(t: Any) -> str:
-    """A Table (obim.bench.tables) as aligned plain text: each cell ours (the paper's), one decimal."""
+    """A Table (obim.bench.report.results) as aligned plain text: each cell ours (the paper's), one decimal."""
     head = [t.lead, *t.columns]
     body = []
     for label, ours, paper in t.rows:
@@ -377,32 +377,30 @@ class SweepConsole(Callback):
             raise SystemExit(1)
 
     def _tables(self, config: Any, live: Live) -> None:
-        from .tables import build_tables, load_results, write_tables
+        from .report.write import log_report, write_report
         from .tracking import tables_run
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         out = Path(str(config.results_dir)) / str(config.experiment.name)
+        report = write_report(sweep_dir, out)  # the files, once, whatever W&B does next
+        if report is None:
+            return
         tracking = _plain(config.get("tracking") or {})
-        written = None
         if any(o["status"] == "done" for o in live.done) and tracking.get("backend") == "wandb":
             summary = sweep_dir / "_summary"  # the W&B run of the tables and plots, and its log
             try:
                 with captured(summary / "summary.log", None), tables_run(tracking, summary, "tables"):
-                    written = write_tables(sweep_dir, out)  # logs them to the run
+                    log_report(report)  # what was written, as written
             except Exception as e:
                 live.print(
                     f"warning: the tables' W&B run failed ({type(e).__name__}: {e}; {rel(summary / 'summary.log')})",
                     err=True,
                 )
-        if written is None:
-            written = write_tables(sweep_dir, out)
-        if not written:
-            return
-        t = main_table(build_tables(load_results(sweep_dir)), live.done)
+        t = main_table(report.tables, live.done)
         if t is not None:
             live.print("\n" + text_table(t))
         live.print("\ntables and figures:")
-        for p in written:
+        for p in report.files:
             live.print(f"  {rel(p)}")
 
     def _summary(self, config: Any, live: Live) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 from obim.merging.errors import ObimError
 
-from .plan import _benchmarks, _check_experiment, _models, _validation_set, plain
+from .evaluation import task_dataset_kwargs
+from .experiment import benchmarks_of, check_experiment, experiment_models, plain, validation_set
 
 DEV_KEYS = ("column", "source", "split", "test_split", "skip", "seed", "num_fewshot")
 
@@ -41,11 +42,11 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
     dev data}."""
     c = plain(cfg)
     exp = c["experiment"]
-    _check_experiment(exp)
+    check_experiment(exp)
     decl = exp.get("dev_benchmarks")
     if not decl:
         raise ObimError(f"experiment {exp['name']}: no dev_benchmarks: a search needs dev tasks (its objective)")
-    columns, _ = _benchmarks(exp)
+    columns, _ = benchmarks_of(exp)
     test_columns = set(columns.values())
     dev: dict[str, dict] = {}
     for task, spec in decl.items():
@@ -71,12 +72,19 @@ def plan_dev(cfg: Any) -> dict[str, Any]:
                 f"{where}: reads split '{spec['split']}' of '{spec['source']}', the split its test "
                 f"benchmark ({spec['column']}) evaluates: dev and test data must be disjoint"
             )
+        declared = task_dataset_kwargs(task) or {}
+        for key in ("skip", "seed"):  # the task draws its slice with these: the check below must use the same
+            if key in declared and spec.get(key) != declared[key]:
+                raise ObimError(
+                    f"{where}.{key}: {spec.get(key)!r}, but task {task} draws its data with {key} {declared[key]!r} "
+                    "(dataset_kwargs of its YAML): they must agree"
+                )
         dev[task] = {**spec, "data": _dev_data(exp, str(spec["source"]), str(spec["split"]))}
 
     # dev vs the saliency validation samples of every model (whichever method: a search covers them all)
-    exp_models = _models(exp)
+    exp_models = experiment_models(exp)
     for name, m in exp_models.items():
-        v = _validation_set(c, {**exp, "models": exp_models}, name, m)
+        v = validation_set(c, {**exp, "models": exp_models}, name, m)
         for s, n in v["sources"].items():
             vd = v["data"][s]
             vkey = (

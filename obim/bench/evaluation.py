@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,12 +17,74 @@ from typing import Any
 from obim.merging.errors import ObimError
 
 METRICS = ("exact_match", "pass@1", "acc", "acc_norm", "rouge2")  # rouge2: japanese_leaderboard's xlsum (0-1)
+# bump when how a score is read or computed here changes (the metric chosen, the code sandbox's verdicts): cached
+# evaluations are keyed by it; a task's own files key its evaluations (tasks_digest)
+SCORING_VERSION = 1
 
 
 def tasks_dir() -> str:
     """The folder to pass to lm_eval.tasks.TaskManager(include_path=...): obim's tasks (the toy benchmarks, and
     the paper's GSM8K/MATH/AlpacaEval forms in paper/)."""
     return str(Path(__file__).parent / "tasks")
+
+
+def _task_files(root: Path) -> dict[str, list[Path]]:
+    """Each task or group defined under obim's tasks folder -> the files that define it: its YAML, what it
+    `include:`s (recursively) and the modules its `!function module.name` hooks load."""
+
+    def deps(y: Path, seen: set[Path]) -> list[Path]:
+        if y in seen or not y.is_file():
+            return []
+        seen.add(y)
+        out, text = [y], y.read_text()
+        for inc in re.findall(r"^include:\s*(\S+)", text, re.M):
+            out += deps((y.parent / inc).resolve(), seen)
+        for mod in sorted(set(re.findall(r"!function\s+([\w.]+)\.\w+", text))):
+            out += deps((y.parent / (mod.replace(".", "/") + ".py")).resolve(), seen)
+        return out
+
+    found: dict[str, list[Path]] = {}
+    for y in sorted(root.rglob("*.yaml")):
+        names = re.findall(r"^(?:task|group):\s*(\S+)", y.read_text(), re.M)
+        for n in names:
+            found.setdefault(n, []).extend(deps(y.resolve(), set()))
+    return found
+
+
+def task_dataset_kwargs(task: str) -> dict[str, Any] | None:
+    """The `dataset_kwargs` an obim task's YAML declares (None: not one of obim's tasks)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's `!function x.y` tags, read as their text
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    files = _task_files(Path(tasks_dir()).resolve()).get(task)
+    if not files:
+        return None
+    return dict(yaml.load(files[0].read_text(), Loader=Loader).get("dataset_kwargs") or {})
+
+
+def tasks_digest(tasks: list[str]) -> str:
+    """What obim's own task definitions of `tasks` are (lm-eval's own tasks are covered by its version): the text
+    of each task's YAML, its includes and the modules its hooks load, so an edit re-evaluates that task only; a
+    group covers its member tasks' files too."""
+    from .cache import digest
+
+    root = Path(tasks_dir()).resolve()
+    files = _task_files(root)
+    todo, seen, parts = list(tasks), set(), []
+    while todo:
+        t = todo.pop(0)
+        if t in seen or t not in files:
+            continue
+        seen.add(t)
+        for f in files[t]:
+            text = f.read_text()
+            parts.append([t, str(f.relative_to(root)), text])
+            if f.suffix != ".py":  # a group's members (`task:` lists) are tasks too
+                todo += re.findall(r"^\s*-\s*(?:task:\s*)?([\w.-]+)\s*$", text, re.M)
+    return digest(parts)
 
 
 @functools.cache

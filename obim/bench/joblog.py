@@ -272,9 +272,3 @@ def note(text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> 
         logging.getLogger(logger).warning(text)
     else:
         _current.note(text, logger)
-
-
-def status(text: str, stage: str | None = None) -> None:
-    """What the running job is doing now, for the console's progress bar (a no-op outside a sweep job)."""
-    if _current is not None:
-        _current.status(text, stage)

@@ -1,22 +1,33 @@
-"""A sweep job's plan: the composed Hydra config turned into plain data (the merge config, the validation sets,
-the lm-eval tasks), every option checked before anything is computed or loaded. The job's stages (obim.bench.stages)
-read the plan and never change it; `plan_hash` names the job for resume.
+"""A sweep job's plan: the composed Hydra config turned, once, into a typed, frozen `JobPlan` holding everything a
+job uses (the merge config, the validation sets, the lm-eval tasks, the device, the caches, tracking), every option
+checked before anything is computed or loaded. The pipeline (obim.bench.pipeline) and its stages read the plan and
+never change it; `JobPlan.to_json()` is its one serialisation (recorded in result.json), and `JobPlan.hash()` names
+the job for resume.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from obim import __version__
 from obim.merging.checks import device_check, number_in, one_of, optional, require
+from obim.merging.config import MergeConfig
 from obim.merging.errors import ObimError
 
 from .cache import default_cache_dir, digest
+from .experiment import (
+    MODEL_KEYS,
+    POSITIVE,
+    benchmarks_of,
+    check_experiment,
+    experiment_models,
+    plain,
+    validation_set,
+)
 
 ORDER_KINDS = ("experiment", "rotation", "first", "last", "fixed")
-POSITIVE = number_in(1, float("inf"), integer=True)
 
 
 def _register_resolvers() -> None:
@@ -92,19 +103,6 @@ def axis_of(override: str) -> str | None:
     return key if key.startswith("experiment.") else key.split(".")[0]
 
 
-def plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def _split_evenly(size: int, sources: list[str]) -> dict[str, int]:
-    k = len(sources)
-    return {s: size // k + (1 if i < size % k else 0) for i, s in enumerate(sources)}
-
-
 def _order(cfg: dict, exp: dict, names: list[str]) -> str | list[str]:
     o = cfg["order"]
     kind = o.get("kind")
@@ -122,144 +120,6 @@ def _order(cfg: dict, exp: dict, names: list[str]) -> str | list[str]:
         raise ObimError(f"order.model: '{m}' is not one of the merged models ({', '.join(names)})")
     rest = [n for n in names if n != m]
     return [m, *rest] if kind == "first" else [*rest, m]
-
-
-def _validation(cfg: dict, exp: dict, name: str) -> dict[str, int]:
-    """{source: samples} of model `name`'s validation set."""
-    v = cfg["validation"]
-    own = dict(exp["models"][name].get("validation") or {})  # exp["models"]: after _models()
-    applies = v.get("models") is None or name in v["models"]
-    src = v.get("source", "own")
-    sources = own if (src == "own" or not applies) else dict.fromkeys([src] if isinstance(src, str) else src, 0)
-    if not sources:
-        raise ObimError(f"experiment.models.{name}.validation: no validation sources for model '{name}'")
-    size = v.get("size")
-    if applies and size is not None:
-        require("validation.size", size, POSITIVE)
-        if size < len(sources):
-            raise ObimError(f"validation.size: {size} samples cannot cover {len(sources)} sources")
-        return _split_evenly(size, list(sources))
-    if any(int(n) < 1 for n in sources.values()):
-        raise ObimError(f"validation.size: needed when validation.source lists sources ({', '.join(sources)})")
-    return {s: int(n) for s, n in sources.items()}
-
-
-def _models(exp: dict) -> dict[str, dict]:
-    """The experiment's models by name, in the base order: `models`, or `checkpoints` (a list of paths, the
-    post-pretraining setting) named ckpt-1, ckpt-2, ... with the shared settings of `checkpoint`."""
-    if exp.get("checkpoints") is not None:
-        if exp.get("models"):
-            raise ObimError(f"experiment {exp['name']}: give `models` or `checkpoints`, not both")
-        paths = exp["checkpoints"]
-        if not isinstance(paths, list) or not paths:
-            raise ObimError(f"experiment.checkpoints: expected a non-empty list of paths, got {paths!r}")
-        return {f"ckpt-{i}": {**(exp.get("checkpoint") or {}), "path": str(p)} for i, p in enumerate(paths, 1)}
-    if not exp.get("models"):
-        raise ObimError(f"experiment {exp['name']}: no models (give `models` or `checkpoints`)")
-    return exp["models"]
-
-
-MODEL_KEYS = ("path", "retention", "validation", "prompt_format")
-# an experiment (conf/experiment/*.yaml): what plan_job reads; any other key is an error, not silently ignored
-EXPERIMENT_KEYS = (
-    "name",
-    "setting",
-    "base",
-    "models",
-    "checkpoints",
-    "checkpoint",
-    "n_models",
-    "order",
-    "validation_sources",
-    "validation_data",
-    "benchmarks",
-    "dev_benchmarks",
-    "zoo",
-    "zoo_recipe",
-)
-SETTINGS = ("sft", "pt")  # which of the paper's tables the experiment's main jobs fill: 1 and 3-6, or 2 and 11
-
-
-def _check_experiment(exp: Any) -> None:
-    if not isinstance(exp, dict) or not exp.get("name"):
-        raise ObimError(f"experiment: expected a mapping with a `name`, got {exp!r}")
-    unknown = sorted(set(exp) - set(EXPERIMENT_KEYS))
-    if unknown:
-        raise ObimError(
-            f"experiment {exp['name']}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(EXPERIMENT_KEYS)}"
-        )
-    for key in ("base", "benchmarks"):
-        if exp.get(key) is None:
-            raise ObimError(f"experiment {exp['name']}: `{key}` is required")
-    if exp.get("setting") is not None and exp["setting"] not in SETTINGS:
-        raise ObimError(f"experiment.setting: expected one of {', '.join(SETTINGS)}, got {exp['setting']!r}")
-    if exp.get("zoo_recipe", "full") not in ("full", "quick"):
-        raise ObimError(f"experiment.zoo_recipe: expected full or quick, got {exp['zoo_recipe']!r}")
-
-
-def _benchmarks(exp: dict) -> tuple[dict[str, str], dict[str, int]]:
-    """lm-eval task -> the paper's column, and the tasks' shot counts where the experiment sets one."""
-    columns, shots = {}, {}
-    for task, spec in (exp.get("benchmarks") or {}).items():
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"column", "num_fewshot"}
-            if unknown or "column" not in spec:
-                raise ObimError(
-                    f"experiment.benchmarks.{task}: expected a column name or {{column, num_fewshot}}, got {spec!r}"
-                )
-            if spec.get("num_fewshot") is not None:
-                shots[task] = int(spec["num_fewshot"])
-            spec = spec["column"]
-        columns[task] = str(spec)
-    if not columns:
-        raise ObimError(f"experiment {exp['name']}: no benchmarks")
-    return columns, shots
-
-
-def _validation_set(c: dict, exp: dict, name: str, model: dict) -> dict[str, Any]:
-    from .validation import check_format, resolve_source
-
-    counts = _validation(c, exp, name)
-    split = c["validation"]["split"]
-    if split not in ("train", "dev"):
-        raise ObimError(f"validation.split: expected train or dev (never test), got {split!r}")
-    data = {}
-    for s in counts:
-        spec = (exp.get("validation_sources") or {}).get(s)
-        if spec is None:
-            if not exp.get("validation_data"):
-                raise ObimError(f"experiment.validation_sources: no source '{s}' (model '{name}')")
-            spec = {"builder": "jsonl", "path": exp["validation_data"].replace("{source}", s)}
-        data[s] = resolve_source(s, spec, split, f"experiment.validation_sources.{s}")
-        if data[s]["builder"] == "jsonl":
-            _check_jsonl_source(s, data[s]["path"], exp, name)
-    fmt = str(model.get("prompt_format") or "plain")
-    check_format(fmt, f"experiment.models.{name}.prompt_format")
-    return {
-        "sources": counts,
-        "data": data,
-        "format": fmt,
-        "seed": int(c["seed"]),
-        "max_length": require("validation.max_length", c["validation"]["max_length"], POSITIVE),
-        "batch_size": require("validation.batch_size", c["validation"]["batch_size"], POSITIVE),
-    }
-
-
-def _check_jsonl_source(source: str, path: str, exp: dict, model: str) -> None:
-    """A JSONL validation file must exist, or be one the toy zoo will write when it is built by the first job."""
-    if Path(path).is_file():
-        return
-    zoo = exp.get("zoo")
-    if zoo and not (Path(zoo) / "zoo.json").is_file() and Path(path).is_relative_to(zoo):
-        from .zoo import validation_sources
-
-        if source in validation_sources():
-            return
-        raise ObimError(
-            f"validation.source: '{source}' (model '{model}') is not a toy zoo source; one of "
-            f"{', '.join(validation_sources())}"
-        )
-    raise ObimError(f"validation.source: '{source}' (model '{model}'): no file {path}")
 
 
 def _check_options(c: dict) -> None:
@@ -286,17 +146,193 @@ def _limit(v: Any) -> str | None:
     return f"expected null, a positive integer or a fraction in (0, 1), got {v!r}"
 
 
-def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The job's plan from its composed config: everything it will compute, validated, nothing loaded."""
+@dataclass(frozen=True)
+class ValidationPlan:
+    """One model's saliency validation set: {source: samples}, where each source's data is, how samples are drawn."""
+
+    sources: dict[str, int]
+    data: dict[str, dict[str, Any]]
+    format: str
+    seed: int
+    max_length: int
+    batch_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sources": dict(self.sources),
+            "data": {k: dict(v) for k, v in self.data.items()},
+            "format": self.format,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """How lm-eval scores a model: what the evaluation cache is keyed by (with the model's weights and the tasks)."""
+
+    backend: str
+    batch_size: int | str
+    limit: int | float | None
+    model_args: Any
+    num_fewshot: dict[str, int] | None = None  # only where the experiment sets shots
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"backend": self.backend, "batch_size": self.batch_size, "limit": self.limit, "model_args": self.model_args}
+        if self.num_fewshot:  # only when set: the toy experiments' evaluation keys stay as they were
+            d["num_fewshot"] = dict(self.num_fewshot)
+        return d
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process runs the job: not part of what the job computes (never hashed)."""
+
+    cache: Path
+    device: str  # saliency and merge
+    eval_device: str
+    progress: bool
+    keep_merged: bool
+    tracking: dict[str, Any]
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything one job uses, checked. `to_json()` is the plan as result.json records it."""
+
+    experiment: str
+    setting: str | None
+    method: str
+    models: tuple[str, ...]
+    n_models: int
+    merge: dict[str, Any]  # the merge config (obim.merging.config), saliency models' statistics still to compute
+    merge_config: MergeConfig = field(repr=False, compare=False)  # the same, parsed and checked once
+    validation: dict[str, ValidationPlan] = field(default_factory=dict)  # saliency methods' models only
+    tasks: tuple[str, ...] = ()
+    benchmarks: dict[str, str] = field(default_factory=dict)  # lm-eval task -> the paper's column
+    eval: EvalPlan | None = None
+    individual: bool = True  # evaluate the base and each expert too
+    main: bool = True  # only neutral overrides: the experiment's main setting (Tables 1-3)
+    overrides: tuple[str, ...] = ()
+    zoo: str | None = None
+    zoo_recipe: str = "full"
+    seed: int = 0
+    allow_code: bool = False
+    objective: str = "test"  # "dev": the search's objective, the experiment's dev tasks in place of its benchmarks
+    runtime: Runtime | None = field(default=None, compare=False)
+    config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the plain Hydra config
+
+    def to_json(self) -> dict[str, Any]:
+        assert self.eval is not None  # plan_job always sets it
+        d = {
+            "experiment": self.experiment,
+            "setting": self.setting,
+            "method": self.method,
+            "models": list(self.models),
+            "n_models": self.n_models,
+            "merge": self.merge,
+            "validation": {n: v.to_json() for n, v in self.validation.items()},
+            "tasks": list(self.tasks),
+            "benchmarks": dict(self.benchmarks),
+            "eval": self.eval.to_json(),
+            "individual": self.individual,
+            "main": self.main,
+            "overrides": list(self.overrides),
+            "zoo": self.zoo,
+            "zoo_recipe": self.zoo_recipe,
+            "seed": self.seed,
+            "allow_code": self.allow_code,
+        }
+        if self.objective != "test":  # test plans keep the layout result.json always had
+            d["objective"] = self.objective
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], runtime: Runtime | None = None, config: dict | None = None) -> JobPlan:
+        """A plan read back (result.json's `plan`, a dry run's plan.json): the same plan, the same hash."""
+        from obim.merging.config import load_config
+
+        saliency = d["validation"]
+        models = [{**m, "hdiag": "(computed)"} if saliency else m for m in d["merge"]["models"]]
+        probe = {**d["merge"], "models": models}
+        return cls(
+            experiment=d["experiment"],
+            setting=d["setting"],
+            method=d["method"],
+            models=tuple(d["models"]),
+            n_models=d["n_models"],
+            merge=d["merge"],
+            merge_config=load_config(probe),
+            validation={n: ValidationPlan(**v) for n, v in saliency.items()},
+            tasks=tuple(d["tasks"]),
+            benchmarks=dict(d["benchmarks"]),
+            eval=EvalPlan(**d["eval"]),
+            individual=d["individual"],
+            main=d["main"],
+            overrides=tuple(d["overrides"]),
+            zoo=d["zoo"],
+            zoo_recipe=d["zoo_recipe"],
+            seed=d["seed"],
+            allow_code=d["allow_code"],
+            objective=d.get("objective", "test"),
+            runtime=runtime,
+            config=config or {},
+        )
+
+    def hash(self) -> str:
+        """What makes two jobs the same job: everything but how it was asked for, with the declared versions of
+        the code that computes it (the method's, the stages'); never the package's version alone."""
+        keep = {k: v for k, v in self.to_json().items() if k not in ("overrides", "main", "allow_code")}
+        return digest([keep, stage_versions(self.merge_config.method)])
+
+    def with_statistics(self, hdiag: dict[str, str]) -> MergeConfig:
+        """The merge config with each saliency model's statistics file: the checked config, not parsed again."""
+        cfg = self.merge_config
+        return replace(cfg, models=[replace(m, hdiag=hdiag[m.name]) if m.name in hdiag else m for m in cfg.models])
+
+
+def stage_versions(method: Any) -> dict[str, Any]:
+    """The declared versions of the code a job's result depends on (its plan hash includes them)."""
+    from obim.merging.merge import DRIVER_VERSION
+    from obim.merging.saliency import STATS_VERSION
+
+    from .evaluation import SCORING_VERSION
+
+    return {
+        "method": method.code_version(),
+        "driver": DRIVER_VERSION,
+        "stats": STATS_VERSION,
+        "scoring": SCORING_VERSION,
+    }
+
+
+def runtime_of(c: dict) -> Runtime:
+    return Runtime(
+        cache=Path(str(c["cache_dir"])),
+        device=auto_device(str(c["device"])),
+        eval_device=auto_device(str(c["eval"]["device"])),
+        progress=bool(c.get("progress")),
+        keep_merged=bool(c.get("keep_merged")),
+        tracking=dict(c.get("tracking") or {}),
+        dry_run=bool(c.get("dry_run")),
+    )
+
+
+def plan_job(cfg: Any, overrides: list[str] | None = None, objective: str = "test") -> JobPlan:
+    """The job's plan from its composed config: everything it will compute, validated, nothing loaded. objective
+    "dev" (the search's trials) evaluates the experiment's dev tasks (obim.bench.dev.plan_dev) and no individual
+    model."""
     from obim.merging.config import load_config
     from obim.merging.methods import get_method
 
     c = plain(cfg)
     exp = c["experiment"]
-    _check_experiment(exp)
+    check_experiment(exp)
     method = get_method(str(c["method"]["name"]))
     _check_options(c)
-    exp_models = _models(exp)
+    exp_models = experiment_models(exp)
     all_names = list(exp_models)
     n = c.get("n_models")
     if n is None:
@@ -327,7 +363,7 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
             entry["parameters"] = dict(per_model[name])
         models.append(entry)
         if method.uses_saliency:
-            validation[name] = _validation_set(c, {**exp, "models": exp_models}, name, m)
+            validation[name] = ValidationPlan(**validation_set(c, {**exp, "models": exp_models}, name, m))
     merge_cfg = {
         "method": method.name,
         "base_model": str(exp["base"]),
@@ -337,42 +373,49 @@ def plan_job(cfg: Any, overrides: list[str] | None = None) -> dict[str, Any]:
         "seed": int(c["seed"]),
         "dtype": None,
     }
-    # Validate now (unknown parameters, retention sums, orders): saliency methods get placeholder statistics.
+    # Checked now, once (unknown parameters, retention sums, orders); saliency models' statistics are computed by
+    # the job and put in place by JobPlan.with_statistics
     probe = {**merge_cfg, "models": [{**m, "hdiag": "(computed)"} if method.uses_saliency else m for m in models]}
-    load_config(probe)
+    merge_config = load_config(probe)
 
-    benchmarks, shots = _benchmarks(exp)
     ev = c["eval"]
-    evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
-    if shots:  # only when set: the toy experiments' evaluation keys stay as they were
-        evp["num_fewshot"] = shots
+    allow_code = bool(ev.get("allow_code"))
+    if objective == "dev":
+        from .dev import plan_dev
+
+        dev = plan_dev(cfg)
+        benchmarks, evp, individual = dev["benchmarks"], dev["eval"], False
+    elif objective == "test":
+        benchmarks, shots = benchmarks_of(exp)
+        evp = {k: ev[k] for k in ("backend", "batch_size", "limit", "model_args")}
+        if shots:
+            evp["num_fewshot"] = shots
+        individual = bool(ev.get("individual", True))
+    else:
+        raise ValueError(f"objective: test or dev, got {objective!r}")
     from .evaluation import check_code_opt_in
 
-    allow_code = bool(ev.get("allow_code"))
     check_code_opt_in(list(benchmarks), allow_code)
-    main = all(axis_of(o) is None for o in (overrides or []))
-    return {
-        "experiment": exp["name"],
-        "setting": exp.get("setting"),
-        "method": method.name,
-        "models": names,
-        "n_models": n,
-        "merge": merge_cfg,
-        "validation": validation,
-        "tasks": list(benchmarks),
-        "benchmarks": benchmarks,
-        "eval": evp,
-        "individual": bool(ev.get("individual", True)),
-        "main": main,
-        "overrides": sorted(overrides or []),
-        "zoo": exp.get("zoo"),
-        "zoo_recipe": exp.get("zoo_recipe", "full"),
-        "seed": int(c["seed"]),
-        "allow_code": allow_code,
-    }
-
-
-def plan_hash(plan: dict) -> str:
-    """What makes two jobs the same job: everything but how it was asked for."""
-    keep = {k: v for k, v in plan.items() if k not in ("overrides", "main", "allow_code")}
-    return digest([keep, __version__])
+    return JobPlan(
+        experiment=exp["name"],
+        setting=exp.get("setting"),
+        method=method.name,
+        models=tuple(names),
+        n_models=n,
+        merge=merge_cfg,
+        merge_config=merge_config,
+        validation=validation,
+        tasks=tuple(benchmarks),
+        benchmarks=dict(benchmarks),
+        eval=EvalPlan(**evp),
+        individual=individual,
+        main=all(axis_of(o) is None for o in (overrides or [])),
+        overrides=tuple(sorted(overrides or [])),
+        zoo=exp.get("zoo"),
+        zoo_recipe=exp.get("zoo_recipe", "full"),
+        seed=int(c["seed"]),
+        allow_code=allow_code,
+        objective=objective,
+        runtime=runtime_of(c),
+        config=c,
+    )

@@ -2,12 +2,13 @@
 
 Per method one Optuna study (`<experiment>-<method>`, TPE with the same seed and trial budget for every method) over
 the parameters its config declares (`search:` in conf/method/<name>.yaml, checked against the registry's
-parameters). A trial composes the sweep's config with the trial's overrides and runs the sweep's own stages
-(saliency -> merge -> evaluate, through the caches) with the experiment's dev tasks as the evaluated tasks
-(`dev_benchmarks`, obim.bench.dev.plan_dev: checked disjoint from the test benchmarks and from the saliency
-samples); its value is their mean score. When a study has its trials, its best trial is evaluated on the test
-benchmarks, and the tuned table is written beside the untuned Table 1 (results/<experiment>/table1_tuned.md|csv)
-with each study's optimisation history and parameter importances (PNG).
+parameters). A trial proposes overrides: the sweep's config composed with them becomes a job plan whose objective is
+the experiment's dev tasks (`dev_benchmarks`, obim.bench.dev.plan_dev: checked disjoint from the test benchmarks and
+from the saliency samples), run by the sweep's own pipeline (obim.bench.pipeline, through the caches); its value is
+their mean score. When a study has its trials, its best trial's overrides make a sweep job (the sweep's config,
+the test benchmarks), run by the same pipeline into <search dir>/<method>/best/ (result.json, as a sweep writes it),
+and the tuned table is written beside the untuned Table 1 (results/<experiment>/table1_tuned.md|csv) with each
+study's optimisation history and parameter importances (PNG).
 
 Studies live in an Optuna journal file in the search directory (multirun/<experiment>/search/study.log): a search
 killed or failed midway resumes where it stopped; the trials still to run are the budget less the finished ones
@@ -17,7 +18,6 @@ killed or failed midway resumes where it stopped; the trials still to run are th
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,13 +30,12 @@ from obim.merging.staging import atomic_write_file
 
 from .cache import read_json, write_json
 from .dev import plan_dev
-from .plan import auto_device, plain, plan_job
-from .search_report import save_plots, tuned_table
-from .stages import JobContext, evaluate_stage, fault, merge_stage, saliency_stage
+from .pipeline import Record, run_job
+from .plan import plain, plan_job
+from .report.search_report import save_plots, tuned_table
 
 SPACE_KEYS = ("low", "high", "log", "per_model")
 SEARCH_KEYS = ("methods", "trials", "startup_trials", "seed", "dir")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ------------------------------------------------------------------------------------------------ the space
@@ -118,13 +117,16 @@ def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> 
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-def compose(overrides: list[str]) -> Any:
-    """conf/search.yaml (the sweep's config and `search`) composed with these overrides."""
+def compose(overrides: list[str], primary: str = "search") -> Any:
+    """conf/search.yaml (the sweep's config and `search`) composed with these overrides; primary "sweep": the
+    sweep's own config, what a sweep job with these overrides is given."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hcompose("search", overrides=list(overrides))
+    from . import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hcompose(primary, overrides=list(overrides))
 
 
 @dataclass
@@ -132,7 +134,6 @@ class Search:
     overrides: list[str]  # the user's overrides (experiment, eval, tracking...), every trial's base
     cfg: Any  # composed with them
     out: Path  # the search directory: study.log, search.log, <method>/
-    ctx: JobContext
     say: Callable[[str], None] = print
 
     @property
@@ -188,19 +189,10 @@ def _trial_line(method: str, n: int, total: int, value: float, used: dict, info:
     )
 
 
-def merge_and_evaluate(
-    s: Search, method: str, overrides: list[str], evaluate: dict[str, Any]
-) -> tuple[Any, dict, Any, Any]:
-    """The sweep's stages for `method` with these overrides on the search's: saliency -> merge -> evaluate (the
-    plan's tasks, or what `evaluate` puts in their place), the merged model alone; (config, plan, merged, scores)."""
+def trial_plan(s: Search, method: str, overrides: list[str]) -> Any:
+    """A trial's job: the search's overrides, the method and the trial's, evaluated on the dev tasks."""
     ov = [*s.overrides, f"method={method}", *overrides]
-    cfg = compose(ov)
-    plan = plan_job(cfg, ov)
-    with s.quiet():
-        saliency = saliency_stage(plan, s.ctx)
-        merged = merge_stage(plan, saliency, s.ctx)
-        ev, _ = evaluate_stage({**plan, **evaluate, "individual": False}, merged, s.ctx)
-    return cfg, plan, merged, ev
+    return plan_job(compose(ov), ov, objective="dev")
 
 
 def run_trial(
@@ -210,18 +202,17 @@ def run_trial(
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("params_used", used)
     t0 = time.perf_counter()
-    cfg, _, merged, ev = merge_and_evaluate(s, method, overrides, {"tasks": dev["tasks"], "eval": dev["eval"]})
-    fault(f"trial-{trial.number}")  # the resume tests: OBIM_FAIL_AFTER=trial-1 fails the second trial
-    if not cfg.keep_merged:
-        shutil.rmtree(merged.dir, ignore_errors=True)
-    if ev.avg is None:
-        raise ObimError(f"search: a dev score of {method} is missing ({ev.scores}); dev tasks must score")
-    scores = {dev["benchmarks"][t]: v for t, v in ev.scores.items()}
+    plan = trial_plan(s, method, overrides)
+    with s.quiet():
+        res = run_job(plan)
+    if res["avg"] is None:
+        raise ObimError(f"search: a dev score of {method} is missing ({res['scores']}); dev tasks must score")
+    scores = {dev["benchmarks"][t]: v for t, v in res["scores"].items()}
     info = {
         "dev_scores": scores,
-        "merge_s": merged.merge_s,
-        "eval_s": ev.eval_s,
-        "cached": merged.cached and ev.cached,
+        "merge_s": res["merge_s"],
+        "eval_s": res["eval_s"],
+        "cached": bool(res["cached"]["merge"] and res["cached"]["eval"]),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     for k, v in info.items():
@@ -242,13 +233,13 @@ def run_trial(
                 "experiment": s.experiment,
             },
             {
-                "dev_avg": ev.avg,
+                "dev_avg": res["avg"],
                 **{f"dev/{k}": v for k, v in scores.items()},
-                "merge_s": merged.merge_s,
-                "eval_s": ev.eval_s,
+                "merge_s": res["merge_s"],
+                "eval_s": res["eval_s"],
             },
         )
-    return ev.avg, {"used": used, **info}
+    return res["avg"], {"used": used, **info}
 
 
 def study_name(experiment: str, method: str) -> str:
@@ -293,7 +284,7 @@ def run_study(s: Search, method: str) -> Any:
     for n in range(finished + 1, budget + 1):
         trial = study.ask()
         try:
-            value, info = run_trial(s, method, trial, space, plan0["models"], im, dev)
+            value, info = run_trial(s, method, trial, space, list(plan0.models), im, dev)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -303,12 +294,14 @@ def run_study(s: Search, method: str) -> Any:
 
 
 def test_best(s: Search, method: str, study: Any) -> dict:
-    """The study's best trial on the test benchmarks (the sweep's stages and caches), its record in
-    <search dir>/<method>/best.json."""
+    """The study's best trial on the test benchmarks: the sweep job of its overrides (the sweep's config, pipeline
+    and caches) run into <search dir>/<method>/best/, and the record of the study in <search dir>/<method>/best.json."""
     best = study.best_trial
-    cfg, plan, merged, ev = merge_and_evaluate(s, method, best.user_attrs["overrides"], {})
-    if not cfg.keep_merged:
-        shutil.rmtree(merged.dir, ignore_errors=True)
+    mine = [o for o in s.overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] != "search"]  # not the sweep's
+    ov = [*mine, f"method={method}", *best.user_attrs["overrides"]]
+    plan = plan_job(compose(ov, primary="sweep"), ov)
+    with s.quiet():
+        res = run_job(plan, record=Record(s.out / method / "best", f"{method}-best"))
     from optuna.trial import TrialState
 
     rec = {
@@ -321,8 +314,8 @@ def test_best(s: Search, method: str, study: Any) -> dict:
         "overrides": best.user_attrs["overrides"],
         "dev_scores": best.user_attrs["dev_scores"],
         "dev_avg": best.value,
-        "test_scores": {plan["benchmarks"][t]: v for t, v in ev.scores.items()},
-        "test_avg": ev.avg,
+        "test_scores": {plan.benchmarks[t]: v for t, v in res["scores"].items()},
+        "test_avg": res["avg"],
         "sampler_seed": int(s.opts["seed"]),
         "budget": int(s.opts["trials"]),
     }
@@ -369,18 +362,12 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
                 )
             )
         return {"dry_run": True, "dev": dev, "spaces": spaces}
-    ctx = JobContext(
-        cache=Path(str(cfg.cache_dir)),
-        device=auto_device(str(cfg.device)),
-        eval_device=auto_device(str(cfg.eval.device)),
-        progress=bool(cfg.progress),
-    )
-    s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), ctx=ctx, say=say)
+    s = Search(overrides=list(overrides), cfg=cfg, out=Path(str(opts["dir"])), say=say)
     plan = plan_job(compose([*overrides, f"method={methods[0]}"]))
     if code_allowed(bool(cfg.eval.get("allow_code"))):  # now, on the console: the evaluations write to search.log
-        announce_code_execution([*dev["tasks"], *plan["tasks"]])
-    with s.quiet() if plan.get("zoo") else nullcontext():
-        ensure_zoo(plan, ctx.progress)
+        announce_code_execution([*dev["tasks"], *plan.tasks])
+    with s.quiet() if plan.zoo else nullcontext():
+        ensure_zoo(plan, bool(cfg.progress))
     say(
         f"search: {len(methods)} methods x {opts['trials']} trials on {', '.join(dev['tasks'])} "
         f"(study file {s.out / 'study.log'})"
@@ -398,7 +385,7 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
             + " ".join(f"{k}={v:g}" for k, v in rec["params"].items())
         )
         files += save_plots(study, results / "search", m)
-    columns = list(dict.fromkeys(plan["benchmarks"].values()))
+    columns = list(dict.fromkeys(plan.benchmarks.values()))
     md, csv_text = tuned_table(records, results, columns, dev["left_out"], opts)
     for name, text in (("table1_tuned.md", md), ("table1_tuned.csv", csv_text)):
         atomic_write_file(results / name, lambda tmp, text=text: tmp.write_text(text))

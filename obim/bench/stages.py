@@ -1,36 +1,41 @@
-"""A sweep job's stages: saliency -> merge -> evaluate, each a function of the plan (obim.bench.plan) and of what
+"""A job's stages: saliency -> merge -> evaluate, each a function of the plan (obim.bench.plan.JobPlan) and of what
 the stage before returned, and the record they make together (`JobResult`, written as result.json). Each stage goes
-through a content-addressed cache (obim.bench.cache): saliency statistics per (model weights, validation texts),
-merged models per resolved merge config, evaluations per (model weights, tasks, backend). A stage never changes the
-plan: the merge config with each model's statistics is a new dict.
+through a content-addressed cache (obim.bench.cache) keyed by what changes its output: saliency statistics per
+(model weights, validation texts, statistics version), merged models per (resolved merge config, the method's and
+the driver's declared versions), evaluations per (model weights, tasks and their files, backend, scoring version).
+The package's version is in no key: a release changes no cached result by itself. obim.bench.pipeline runs them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from obim import __version__
 from obim.merging.errors import ObimError
 
 from .cache import digest, locked, model_fingerprint, read_json, write_json
-from .joblog import status
+from .plan import JobPlan
+
+if TYPE_CHECKING:
+    from obim.merging.config import MergeConfig
 
 RESULT_SCHEMA = 2  # result.json's layout (docs/sweep.md "Sweep results"); older files are refused, not half-read
 
 
-@dataclass(frozen=True)
-class JobContext:
-    cache: Path
-    device: str  # saliency and merge
-    eval_device: str
-    progress: bool
+class Reporter(Protocol):
+    """Where a job says what it is doing (the sweep's console through its job session; nothing for a search trial)."""
+
+    def status(self, text: str, stage: str | None = None) -> None: ...
+
+
+class Quiet:
+    def status(self, text: str, stage: str | None = None) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,13 @@ class Evaluated:
 
 def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
     """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
-    from obim.merging.saliency import compute_hdiag, save_hdiag
+    from obim.merging.saliency import STATS_VERSION, compute_hdiag, save_hdiag
 
     from .validation import build_texts
 
     texts = build_texts(v)
-    # hdiag-v2: files record the model's fingerprint (older cached files lack it and would be refused)
     key = digest(
-        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, __version__, "hdiag-v2"]
+        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, f"hdiag-v{STATS_VERSION}"]
     )
     out = cache / "saliency" / f"{name}-{key}.safetensors"
     with locked(out):
@@ -100,17 +104,24 @@ def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, pro
     }
 
 
-def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> dict[str, Any]:
-    from obim.merging.config import load_config
-    from obim.merging.merge import merge
+def merge_key(cfg: MergeConfig) -> str:
+    """A merge's cache key: the resolved config with each input's fingerprint, the method's and the driver's
+    declared versions."""
+    from obim.merging.merge import DRIVER_VERSION
 
-    cfg = load_config(merge_cfg)
     ident = cfg.to_dict()
     ident["base_model"] = model_fingerprint(cfg.base_model)
     for m in ident["models"]:
         m["path"] = model_fingerprint(m["path"])
-    key = digest([ident, __version__])
-    out = cache / "merges" / f"{cfg.method.name}-{key}"
+    return digest([ident, cfg.method.code_version(), DRIVER_VERSION])
+
+
+def cached_merge(cache: Path, cfg: MergeConfig, device: str, progress: bool) -> dict[str, Any]:
+    """The merged model of this (checked) config: merged once, reused by every job with the same config, inputs and
+    declared versions of the method and the driver."""
+    from obim.merging.merge import merge
+
+    out = cache / "merges" / f"{cfg.method.name}-{merge_key(cfg)}"
     stamp = out / "obim_merge.json"
     with locked(out):
         info = read_json(stamp)
@@ -122,28 +133,6 @@ def cached_merge(cache: Path, merge_cfg: dict, device: str, progress: bool) -> d
             write_json(stamp, info)
             return {"dir": str(out), "cached": False, **info}
     return {"dir": str(out), "cached": True, **info}
-
-
-def _tasks_fingerprint(tasks: list[str]) -> str:
-    """The contents of obim's task folders that define any of `tasks` (the toy tasks, obim/bench/tasks/paper):
-    editing a task re-evaluates; tasks lm-eval ships are covered by its version."""
-    from .evaluation import tasks_dir
-
-    root = Path(tasks_dir())
-    folders = set()
-    for y in sorted(root.rglob("*.yaml")):
-        head = y.read_text()
-        for line in head.splitlines():
-            if line.startswith(("task:", "group:")) and line.split(":", 1)[1].strip() in tasks:
-                folders.add(y.parent)
-    return digest(
-        [
-            [str(p.relative_to(root)), p.read_text()]
-            for f in sorted(folders)
-            for p in sorted(f.iterdir())
-            if p.is_file() and p.suffix != ".pyc"
-        ]
-    )
 
 
 def score_avg(scores: dict[str, float | None]) -> float | None:
@@ -160,7 +149,7 @@ def cached_eval(
     score left empty is filled from the saved outputs once a judge is configured."""
     import lm_eval
 
-    from .evaluation import evaluate_model
+    from .evaluation import SCORING_VERSION, evaluate_model, tasks_digest
     from .judge import JUDGED, judge_configured, run_judge
 
     key = digest(
@@ -169,9 +158,9 @@ def cached_eval(
             tasks,
             ev,
             device,
-            _tasks_fingerprint(tasks),
+            tasks_digest(tasks),
             lm_eval.__version__ if hasattr(lm_eval, "__version__") else "",
-            __version__,
+            SCORING_VERSION,
         ]
     )
     out = cache / "evals" / f"{key}.json"
@@ -246,25 +235,16 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
 
-def fault(stage: str) -> None:
-    """Fault injection for the resume tests: OBIM_FAIL_AFTER=<stage> raises after that stage."""
-    if os.environ.get("OBIM_FAIL_AFTER") == stage:
-        raise RuntimeError(f"OBIM_FAIL_AFTER={stage}: simulated failure after {stage}")
-
-
-def ensure_zoo(plan: dict, progress: bool) -> None:
-    if not plan.get("zoo"):
+def ensure_zoo(plan: JobPlan, progress: bool) -> None:
+    """The toy zoo the plan's models live in, built on first use (a new recipe rebuilds it)."""
+    if not plan.zoo:
         return
     from .zoo import RECIPE, build, quick_recipe
 
-    recipe = quick_recipe() if plan["zoo_recipe"] == "quick" else RECIPE
-    with locked(Path(plan["zoo"]).parent / f".{Path(plan['zoo']).name}"):
+    recipe = quick_recipe() if plan.zoo_recipe == "quick" else RECIPE
+    with locked(Path(plan.zoo).parent / f".{Path(plan.zoo).name}"):
         build(
-            plan["zoo"],
-            recipe=recipe,
-            evaluate=plan["zoo_recipe"] != "quick",
-            progress=progress,
-            allow_code=plan["allow_code"],
+            plan.zoo, recipe=recipe, evaluate=plan.zoo_recipe != "quick", progress=progress, allow_code=plan.allow_code
         )
 
 
@@ -296,14 +276,14 @@ def where_is(path: str) -> str:
     return "hub" if looks_like_hub_id(path) else "missing"
 
 
-def cost_report(plan: dict, saliency: dict[str, Saliency], device: str) -> dict[str, Any]:
+def cost_report(plan: JobPlan, saliency: dict[str, Saliency], device: str) -> dict[str, Any]:
     """This job's figures for the paper's Table 10 beyond its timings: the size of the models, the GPUs, saliency
     time per sample (cached statistics carry the time measured when they were computed)."""
     import torch
 
     from obim.merging.checkpoint import open_checkpoint
 
-    ck = open_checkpoint(plan["merge"]["base_model"])
+    ck = open_checkpoint(plan.merge["base_model"])
     params = ck.n_params
     ck.release()
     samples = sum(s.samples for s in saliency.values())
@@ -327,12 +307,12 @@ def judge_pending(result: dict) -> bool:
     return missing and judge_configured()
 
 
-def input_paths(plan: dict) -> dict[str, str]:
+def input_paths(plan: JobPlan) -> dict[str, str]:
     """Every model the job reads, by name: the base first, then the merged models in order."""
-    return {"base": plan["merge"]["base_model"], **{m["name"]: m["path"] for m in plan["merge"]["models"]}}
+    return {"base": plan.merge["base_model"], **{m["name"]: m["path"] for m in plan.merge["models"]}}
 
 
-def input_fingerprints(plan: dict) -> dict[str, str]:
+def input_fingerprints(plan: JobPlan) -> dict[str, str]:
     """The fingerprint of every model the job reads (obim.bench.cache.model_fingerprint): a result is reused only
     for the same weights, not only the same paths (a retrained expert, a zoo rebuilt by a new recipe)."""
     return {name: model_fingerprint(path) for name, path in input_paths(plan).items()}
@@ -341,29 +321,26 @@ def input_fingerprints(plan: dict) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------- stages
 
 
-def saliency_stage(plan: dict, ctx: JobContext) -> dict[str, Saliency]:
+def saliency_stage(plan: JobPlan, reporter: Reporter) -> dict[str, Saliency]:
     """Each saliency method's model: its statistics on its validation set."""
+    rt = plan.runtime
+    assert rt is not None  # plan_job sets it
     out = {}
-    for spec in plan["merge"]["models"]:
-        if spec["name"] in plan["validation"]:
-            status(f"saliency of {spec['name']}", "saliency")
-            out[spec["name"]] = Saliency(
-                **cached_saliency(
-                    ctx.cache, spec["name"], spec["path"], plan["validation"][spec["name"]], ctx.device, ctx.progress
-                )
-            )
+    for name in plan.models:
+        if name in plan.validation:
+            reporter.status(f"saliency of {name}", "saliency")
+            path = next(m["path"] for m in plan.merge["models"] if m["name"] == name)
+            v = plan.validation[name].to_json()
+            out[name] = Saliency(**cached_saliency(rt.cache, name, path, v, rt.device, rt.progress))
     return out
 
 
-def merge_stage(plan: dict, saliency: dict[str, Saliency], ctx: JobContext) -> Merged:
-    status("merge", "merge")
-    cfg = {
-        **plan["merge"],
-        "models": [
-            {**m, "hdiag": saliency[m["name"]].hdiag} if m["name"] in saliency else m for m in plan["merge"]["models"]
-        ],
-    }
-    return Merged(**cached_merge(ctx.cache, cfg, ctx.device, ctx.progress))
+def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter) -> Merged:
+    rt = plan.runtime
+    assert rt is not None
+    reporter.status("merge", "merge")
+    cfg = plan.with_statistics({n: s.hdiag for n, s in saliency.items()})
+    return Merged(**cached_merge(rt.cache, cfg, rt.device, rt.progress))
 
 
 def _evaluated(rec: dict) -> Evaluated:
@@ -372,20 +349,19 @@ def _evaluated(rec: dict) -> Evaluated:
     )
 
 
-def evaluate_stage(plan: dict, merged: Merged, ctx: JobContext) -> tuple[Evaluated, dict[str, Evaluated]]:
+def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[Evaluated, dict[str, Evaluated]]:
     """The merged model's scores, and (plan `individual`) the base's and each expert's."""
-    status("eval of the merged model", "eval")
-    ev = _evaluated(
-        cached_eval(ctx.cache, merged.dir, plan["tasks"], plan["eval"], ctx.eval_device, plan["allow_code"])
-    )
+    rt, ev = plan.runtime, plan.eval
+    assert rt is not None and ev is not None
+    tasks, evp = list(plan.tasks), ev.to_json()
+    reporter.status("eval of the merged model", "eval")
+    merged_ev = _evaluated(cached_eval(rt.cache, merged.dir, tasks, evp, rt.eval_device, plan.allow_code))
     individual = {}
-    if plan["individual"]:
+    if plan.individual:
         for name, path in input_paths(plan).items():
-            status(f"eval of {name}", "eval")
-            individual[name] = _evaluated(
-                cached_eval(ctx.cache, path, plan["tasks"], plan["eval"], ctx.eval_device, plan["allow_code"])
-            )
-    return ev, individual
+            reporter.status(f"eval of {name}", "eval")
+            individual[name] = _evaluated(cached_eval(rt.cache, path, tasks, evp, rt.eval_device, plan.allow_code))
+    return merged_ev, individual
 
 
 @dataclass(frozen=True)
@@ -393,8 +369,7 @@ class JobResult:
     """What a job computed, in one place each: result.json is `to_json()` (docs/sweep.md "Sweep results")."""
 
     config_hash: str
-    config: dict
-    plan: dict
+    plan: JobPlan
     inputs: dict[str, str]
     saliency: dict[str, Saliency]
     merged: Merged
@@ -408,16 +383,18 @@ class JobResult:
     job: str
 
     def to_json(self) -> dict[str, Any]:
+        from obim.merging.version import obim_version
+
         ev = self.evaluated
         return {
             "schema": RESULT_SCHEMA,
             "config_hash": self.config_hash,
             "job": self.job,
-            "obim_version": __version__,
-            "config": self.config,
-            "plan": self.plan,
+            "obim_version": obim_version(),
+            "config": self.plan.config,
+            "plan": self.plan.to_json(),
             "inputs": self.inputs,
-            "scores": {t: ev.scores[t] for t in self.plan["tasks"]},
+            "scores": {t: ev.scores[t] for t in self.plan.tasks},
             "avg": ev.avg,
             "outputs": ev.outputs,
             "individual": {

@@ -128,7 +128,7 @@ def log_trial(
 
 @contextmanager
 def tables_run(tracking: dict[str, Any], run_dir: Path, name: str) -> Iterator[None]:
-    """A W&B run around the sweep's tables (obim.bench.tables.write_tables logs them and their plots to the active
+    """A W&B run around the sweep's tables (obim.bench.report.write.log_report logs them and their plots to the active
     run), in the sweep's group; nothing when tracking is off."""
     if tracking.get("backend", "none") != "wandb":
         yield

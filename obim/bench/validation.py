@@ -291,6 +291,15 @@ def _load_records(spec: dict) -> list[dict]:
     return recs
 
 
+def draw_order(n_records: int, source: str, seed: int) -> list[int]:
+    """The permutation a validation draw from a dataset takes its samples in (the first n of it), keyed by the
+    source's name and the seed. The search's dev tasks on the same split start past its first `skip` entries
+    (tasks/paper_dev/utils.py), so this one function keeps the two disjoint."""
+    order = list(range(n_records))
+    random.Random(f"{seed}-{source}").shuffle(order)
+    return order
+
+
 def load_samples(source: str, spec: dict, n: int, seed: int) -> list[str | tuple[str, str]]:
     """`n` samples of one source. JSONL files give their first n records (already shuffled when written); a dataset
     gives the first n of a permutation fixed by the seed, so smaller sets are subsets of larger ones (Table 5)."""
@@ -301,9 +310,7 @@ def load_samples(source: str, spec: dict, n: int, seed: int) -> list[str | tuple
             f"'{spec['split']}', {n} requested"
         )
     if spec["builder"] != "jsonl":
-        order = list(range(len(recs)))
-        random.Random(f"{seed}-{source}").shuffle(order)
-        recs = [recs[i] for i in order]
+        recs = [recs[i] for i in draw_order(len(recs), source, seed)]
     b = BUILDERS[spec["builder"]]
     out = []
     for i, r in enumerate(recs[:n]):

@@ -13,6 +13,10 @@ class Combiner:
 
     params: tuple[Param, ...] = ()
     uses_order = False
+    version = 1  # bump when the combination changes: cached merges of every method using it are recomputed
+
+    def code_version(self) -> str:
+        return f"{type(self).__name__}@{self.version}"
 
     def __call__(self, sparse: list[Sparse], ctx: TensorContext) -> torch.Tensor:
         raise NotImplementedError
@@ -59,6 +63,9 @@ class Choice(Combiner):
 
     def __call__(self, sparse, ctx):
         return self.options[ctx.param(self.key)](sparse, ctx)
+
+    def code_version(self) -> str:
+        return f"Choice@{self.version}[" + ",".join(f"{k}={c.code_version()}" for k, c in self.options.items()) + "]"
 
 
 class IterativeMerging(Combiner):

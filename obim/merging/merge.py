@@ -26,7 +26,11 @@ from .errors import ObimError
 from .saliency import check_hdiag, compute_hdiag, load_hdiag
 from .staging import check_disjoint, check_output_dir, staged_output
 from .texts import read_texts
+from .version import obim_version
 
+# bump when the driver's output changes for the same config (streaming, vocab rows, dtypes, files written): cached
+# merges of every method are keyed by it; a method's own change bumps the method's version instead
+DRIVER_VERSION = 1
 BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -257,9 +261,7 @@ def _write_aux(
     for fname in TOKENIZER_FILES:
         if (tok_ck.dir / fname).exists():
             shutil.copyfile(tok_ck.dir / fname, tmp / fname)
-    from obim import __version__
-
-    text = f"# written by obim {__version__}: the resolved merge config (local paths made absolute)\n"
+    text = f"# written by obim {obim_version()}: the resolved merge config (local paths made absolute)\n"
     text += yaml.safe_dump(_absolute_paths(cfg.to_dict()), sort_keys=False, default_flow_style=False)
     (tmp / "obim_merge.yaml").write_text(text)
 
@@ -339,7 +341,6 @@ def merge(
             4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
         )
 
-    pause = float(os.environ.get("OBIM_TEST_PAUSE_PER_TENSOR") or 0)  # tests: a merge to kill midway
     with (
         staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp,
         ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool,
@@ -353,8 +354,6 @@ def merge(
                 tensors = pending.result() if pending is not None else read(p)
                 pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
                 writer.write(p.name, merge_tensor(cfg, p, tensors, hdiags, dev))
-                if pause:
-                    time.sleep(pause)
                 bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
             bar.close()
             writer.finish()

@@ -23,6 +23,12 @@ class Method:
     doc: str = ""
     label: str = ""  # the paper's name of the method (tables, plots); the registry name when empty
     reference_url: str = ""  # the paper that defines it
+    version: int = 1  # bump when this method's output changes for the same config (cached merges are keyed by it)
+
+    def code_version(self) -> str:
+        """What a merge of this method computes besides its config: the declared versions of the method and its
+        parts (a cached merge is reused only under the same ones; a change elsewhere invalidates nothing)."""
+        return f"{self.name}@{self.version}/{self.sparsifier.code_version()}/{self.combiner.code_version()}"
 
     @property
     def pretty_name(self) -> str:

@@ -28,6 +28,9 @@ from .safeio import check_regular
 from .staging import atomic_write_file
 
 Score = Callable[[torch.Tensor, int, TensorContext], torch.Tensor]
+# bump when compute_hdiag's statistics change for the same model and texts: cached hdiag files are keyed by it
+# (2: files record the model's fingerprint)
+STATS_VERSION = 2
 
 
 def magnitude(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:

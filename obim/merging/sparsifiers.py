@@ -16,6 +16,11 @@ class Sparsifier:
     """Deltas passed in belong to the call: a sparsifier may modify them in place (saves a pass per model)."""
 
     params: tuple[Param, ...] = ()
+    version = 1  # bump when the selection changes: cached merges of every method using it are recomputed
+
+    def code_version(self) -> str:
+        score = getattr(self, "score", None)
+        return f"{type(self).__name__}@{self.version}" + (f"({score.__name__})" if score is not None else "")
 
     def __call__(self, deltas: list[torch.Tensor], ctx: TensorContext) -> list[Sparse]:
         return [self.one(d, i, ctx) for i, d in enumerate(deltas)]

@@ -200,7 +200,8 @@ def build(
 def _build_into(
     tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float, allow_code: bool
 ) -> tuple[float, float, dict[str, float], str]:
-    from .train import ModelShape, new_model, save, train
+    from .tiny import ModelShape
+    from .train import new_model, save, train
 
     seed, batch = recipe["seed"], recipe["batch"]
     shape = ModelShape(**recipe["shape"])

@@ -6,23 +6,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from obim.tiny import make_tokenizer
-
 from .data import CHARS
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 2  # head_dim 64: vLLM's CPU attention rejects 16 and 32 is not in its list either
-    intermediate: int = 384
-    max_positions: int = 256
+from .tiny import ModelShape, make_tokenizer, new_llama
 
 
 def tokenizer():
@@ -30,27 +19,9 @@ def tokenizer():
 
 
 def new_model(shape: ModelShape, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tokenizer()
-    vocab = 8 * math.ceil(len(tok) / 8)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        head_dim=shape.hidden // shape.heads,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        rms_norm_eps=1e-5,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    """An untrained zoo model: the tiny builder's Llama over the zoo's tokenizer (vocabulary padded to a multiple
+    of 8), untied, rms_norm_eps 1e-5."""
+    return new_llama(shape, seed, vocab=8 * math.ceil(len(tokenizer()) / 8), rms_norm_eps=1e-5)
 
 
 def encode_batch(tok, pairs: list[tuple[str, str]], answer_only: bool, max_len: int) -> dict[str, torch.Tensor]:

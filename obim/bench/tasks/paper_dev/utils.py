@@ -1,13 +1,11 @@
 """Datasets and scorers of the paper's dev tasks (the search's objective on the real models; see the experiments'
 `dev_benchmarks`). A train slice starts past the first `skip` records of the permutation the saliency validation
-draw uses (obim.bench.validation.load_samples: random.Random(f"{seed}-{source}") over the split's records, in the
-order of the dataset's configs), so no dev sample is a validation sample while a model draws at most `skip`
+draw uses (obim.bench.validation.draw_order over the split's records, in the order of the dataset's configs),
+so no dev sample is a validation sample while a model draws at most `skip`
 (obim.bench.dev.plan_dev checks it). They need the hub (not run by the tests here).
 """
 
 from __future__ import annotations
-
-import random
 
 from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot
 
@@ -28,11 +26,12 @@ MATH_SUBJECTS = [
 def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
     import datasets
 
+    from obim.bench.validation import draw_order
+
     recs = []
     for name in names:
         recs += list(datasets.load_dataset(path, name, split=split))
-    order = list(range(len(recs)))
-    random.Random(f"{seed}-{source}").shuffle(order)
+    order = draw_order(len(recs), source, seed)
     return datasets.DatasetDict({"dev": datasets.Dataset.from_list([recs[i] for i in order[skip : skip + n]])})
 
 

@@ -65,7 +65,7 @@ def tuned_table(
 ) -> tuple[str, str]:
     """'Table 1, every method tuned' as markdown and CSV: each method's best parameters, its dev avg, its test
     scores and avg, and its avg in the untuned Table 1 beside."""
-    from .tables import method_label
+    from .results import method_label
 
     untuned = _untuned(results)
     head = ["method", "best parameters", "dev avg", *columns, "avg", "untuned avg", "trials"]

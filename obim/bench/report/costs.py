@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .tables import paper_tables
+from .results import paper_tables
 
 
 def jobs_table(results: list[dict]) -> str:

@@ -1,16 +1,16 @@
 """Plots of the axis tables, drawn from the tables themselves (so a plot shows exactly its table's numbers): Table 4
 (validation source), Table 5 (validation size), Table 6 (order), the retention/parameter grid, and Figure 3 (number
-of merged models, Table 11). PNG beside each table; logged to W&B when a run is active."""
+of merged models, Table 11). PNG beside each table (obim.bench.report.write logs them to W&B). Built on
+obim.bench.report.results only: a Table in, a figure out."""
 
 from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from .tables import Table, best_single, by_count, method_label, paper_tables
+from .results import Table, best_single, by_count, method_label, paper_tables
 
 # table -> the x axis of its plot (Table 11's is Figure 3)
 AXES = {
@@ -162,22 +162,6 @@ def figure3(results: list[dict], out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     return save(fig, out / "figure3.png")
-
-
-def log_to_wandb(tables: list[Table], figures: list[Path]) -> bool:
-    """Log the tables and figures to the active W&B run, if there is one (wandb is not imported for this)."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
-    if run is None:
-        return False
-    data: dict[str, Any] = {}
-    for t in tables:
-        rows = list(csv.reader(t.csv().splitlines()))
-        data[f"tables/{t.name}"] = wandb.Table(columns=rows[0], data=rows[1:])
-    for p in figures:
-        data[f"figures/{p.stem}"] = wandb.Image(str(p))
-    run.log(data)
-    return True
 
 
 def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Table:
