@@ -240,11 +240,14 @@ def test_sweep_console_names_the_sandbox_layers_once(installed, tmp_path, monkey
     live = Live(tmp_path, None, verbose=False, out=out, err=err)
     try:
         for job in ("a", "b"):  # two quiet jobs of one sweep in this process: each evaluates code twice
-            with job_session(tmp_path / job, job, [], tmp_path, verbose=False):
+            with job_session(tmp_path / job, job, [], tmp_path, verbose=False) as session:
                 for _ in range(2):  # said before the model loads: a missing one is enough here
                     with pytest.raises(OSError, match="no-model"):
                         evaluation.evaluate_model(
-                            tmp_path / "no-model", ["toy_gsm8k", "toy_humaneval", "toy_mbpp"], allow_code=True
+                            tmp_path / "no-model",
+                            ["toy_gsm8k", "toy_humaneval", "toy_mbpp"],
+                            allow_code=True,
+                            say=session.note,  # the job's reporter, as the pipeline hands it
                         )
         live.poll()
         expected = sandbox.describe()

@@ -266,6 +266,22 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     head = (results / "table1_tuned.csv").read_text().splitlines()[0]
     assert head == "method,best parameters,dev avg,alpaca_eval,mmlu,gsm8k,math,humaneval,mbpp,avg,untuned avg,trials"
 
+    # the best trial ran as the sweep job of its overrides: the sweep itself, asked for that job, computes the same
+    from conftest import run_sweep
+
+    best = json.loads((tmp_path / "search" / "ta" / "best.json").read_text())
+    sweep_args = [a for a in args if not a.startswith("search.")] + ["method=ta", *best["overrides"]]
+    swept = run_sweep([*sweep_args, f"hydra.sweep.dir={tmp_path / 'runs'}"], _env(quick_zoo, tmp_path), tmp_path)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    ((job_result,),) = [list((tmp_path / "runs").glob("*/result.json"))]
+    by_sweep = json.loads(job_result.read_text())
+    by_search = json.loads((tmp_path / "search" / "ta" / "best" / "result.json").read_text())
+    computed = ("schema", "config_hash", "config", "plan", "inputs", "scores", "avg", "saliency_s", "merge_s", "cost")
+    assert {k: by_sweep[k] for k in computed} == {k: by_search[k] for k in computed}
+    assert by_sweep["individual"] == by_search["individual"] and by_sweep["cached"]["merge"]  # the search's merge
+    columns = by_sweep["plan"]["benchmarks"]
+    assert best["test_scores"] == {columns[t]: v for t, v in by_sweep["scores"].items()}
+
     # a rerun repeats no finished trial: the studies are complete, the best trials' scores come from the caches
     again = run()
     assert again.returncode == 0, again.stderr[-3000:]

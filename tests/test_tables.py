@@ -289,3 +289,26 @@ def test_results_of_an_older_layout_are_refused(tmp_path):
     (runs / "old" / "result.json").write_text(json.dumps({**r, "schema": 1}))
     with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 2; rerun"):
         load_results(runs)
+
+
+def test_a_result_reads_back_as_a_typed_record(tmp_path):
+    """load_results gives JobRecords: the plan as it was planned (same JSON, same hash), each field typed; a
+    result.json of this layout missing a field is refused in one line naming it."""
+    from obim.merging.errors import ObimError
+
+    runs = tmp_path / "runs"
+    ind = {"base": [0] * 6, "math": [0, 20, 80, 70, 0, 0]}
+    r = result(runs, "first", "obim", [1, 2, 3, 4, 5, 6], overrides=["order=first", "order.model=math"], individual=ind)
+    (rec,) = load_results(runs)
+    assert rec.plan.to_json() == r["plan"] and rec.plan.hash() == r["config_hash"] == rec.config_hash
+    assert rec.config == r["config"] and (rec.order_kind, rec.order_model) == ("first", "math")
+    assert rec.plan.merge_config.order == ["math", "lm", "code"] and rec.plan.validation["math"].sources
+    assert rec.path == runs / "first" / "result.json" and rec.job == "first"
+    assert rec.scores == r["scores"] and rec.avg == 3.5 and rec.individual["math"].avg == 170 / 6
+    assert rec.saliency["math"].samples == 100 and rec.saliency_s == r["saliency_s"]
+    assert rec.cost.hessian_s_per_sample == 0.005 and rec.cached.merge is False and rec.wandb_dir is None
+
+    del r["cost"]
+    (runs / "first" / "result.json").write_text(json.dumps(r))
+    with pytest.raises(ObimError, match=r"first/result.json: unreadable result.json \(no 'cost'\); rerun"):
+        load_results(runs)

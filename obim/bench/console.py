@@ -14,11 +14,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from hydra.experimental.callback import Callback
 
 from .joblog import captured, emit, events_dir
+
+if TYPE_CHECKING:  # the report is loaded only when a sweep ends
+    from .report.results import Table
 
 HYDRA_LOGGERS = ("hydra", "hydra_plugins")  # the launchers' "Launching N jobs" / "#k : overrides" lines
 
@@ -93,7 +96,7 @@ def job_line(o: dict, label: str) -> str:
     return f"{label}: avg {_num(o.get('avg'))} | {scores} | {timing}"
 
 
-def text_table(t: Any) -> str:
+def text_table(t: Table) -> str:
     """A Table (obim.bench.report.results) as aligned plain text: each cell ours (the paper's), one decimal."""
     head = [t.lead, *t.columns]
     body = []
@@ -112,7 +115,7 @@ def text_table(t: Any) -> str:
     return "\n".join([f"{t.title}: ours{' (paper)' if paper else ''}", fmt(head), *map(fmt, body)])
 
 
-def main_table(tables: list, jobs: list[dict]) -> Any | None:
+def main_table(tables: list[Table], jobs: list[dict]) -> Table | None:
     """The table this sweep's jobs are about: the table of the axis they vary, else the setting's main table."""
     from .plan import axis_of
 

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,15 @@ def check_code_opt_in(tasks: list[str], allow_code: bool = False) -> None:
 _announced: set[str] = set()  # what this process has said about code execution: "sandbox", and task names
 
 
-def announce_code_execution(tasks: list[str]) -> None:
+def _stderr(text: str, warning: bool = False, logger: str = "") -> None:
+    print(f"warning: {text}" if warning else text, file=sys.stderr, flush=True)
+
+
+def announce_code_execution(tasks: list[str], say: Callable[..., None] = _stderr) -> None:
     """Before an evaluation that executes generated code, once per process: the layers of obim's code sandbox (obim's
     code tasks run in it), a warning when bubblewrap is missing there, and one naming lm-eval's own code tasks,
-    which execute outside it (through lm-eval's code_eval)."""
-    from . import joblog, sandbox
+    which execute outside it (through lm-eval's code_eval). `say(text, warning, logger)`: the job's reporter."""
+    from . import sandbox
 
     index, ours = task_manager().task_index, os.path.realpath(tasks_dir()) + os.sep
     sandboxed, outside = False, []
@@ -211,12 +216,12 @@ def announce_code_execution(tasks: list[str]) -> None:
             outside.append(t)
     if sandboxed and "sandbox" not in _announced:
         _announced.add("sandbox")
-        joblog.note(sandbox.describe(), logger="obim.bench.sandbox")
+        say(sandbox.describe(), logger="obim.bench.sandbox")
         if problem := sandbox.without_bwrap():
-            joblog.note(problem, warning=True, logger="obim.bench.sandbox")
+            say(problem, warning=True, logger="obim.bench.sandbox")
     if outside := [t for t in outside if t not in _announced]:
         _announced.update(outside)
-        joblog.note(
+        say(
             f"{', '.join(outside)} execute{'s' * (len(outside) == 1)} generated code through lm-eval's "
             "code_eval, outside obim's code sandbox",
             warning=True,
@@ -255,6 +260,7 @@ def evaluate_model(
     num_fewshot: dict[str, int] | None = None,
     outputs_dir: str | Path | None = None,
     allow_code: bool = False,
+    say: Callable[..., None] = _stderr,
 ) -> dict[str, float | None]:
     """{task: score in percent} of one model directory, through lm-eval's own model classes (loaded once).
 
@@ -266,7 +272,7 @@ def evaluate_model(
         raise ObimError(f"eval backend: expected hf or vllm, got {backend!r}")
     check_code_opt_in(tasks, allow_code)
     if code_allowed(allow_code):
-        announce_code_execution(tasks)
+        announce_code_execution(tasks, say)
     req = {
         "model_dir": str(model_dir),
         "tasks": list(tasks),

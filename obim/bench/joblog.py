@@ -32,7 +32,6 @@ NOISE = (
 LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub")
 
 _seq = itertools.count()
-_current: JobSession | None = None
 
 
 def events_dir(sweep_dir: str | Path) -> Path:
@@ -181,7 +180,12 @@ class JobSession:
             with os.fdopen(os.dup(self._console_fd), "w") as f:
                 f.write(f"{rec['level']}: {rec['text']} ({rec['logger']}; {rec['log']})\n")
 
-    def note(self, text: str, logger: str = "obim.bench.sweep") -> None:
+    def note(self, text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> None:
+        """A line about this process's set-up for the console (the sweep's console prints each text once), e.g. the
+        code sandbox's layers; a warning is logged as one (a quiet job relays it)."""
+        if warning:
+            logging.getLogger(logger).warning(text)
+            return
         logging.getLogger(logger).info(text)
         if self.channel is not None:
             emit(self.channel, "note", name=self.name, text=text)
@@ -239,36 +243,20 @@ def job_session(
     job_dir: str | Path, name: str, overrides: list[str], sweep_dir: str | Path | None, verbose: bool
 ) -> Iterator[JobSession]:
     """Run a job's body inside this: quiet unless `verbose`; `sweep_dir` (a multirun) links it to the console."""
-    global _current
     channel = events_dir(sweep_dir) if sweep_dir is not None else None
     if channel is not None and not channel.is_dir():
         channel = None  # no console callback in this sweep
     s = JobSession(Path(job_dir), name, overrides, channel)
-    _current = s
+    if verbose:
+        yield s
+        return
+    if "transformers" not in sys.modules:  # its logger, set up on import, must exist to be rerouted
+        with suppress(ImportError):
+            import transformers.utils.logging  # noqa: F401  (imported for its side effect: the logger exists)
+    console_fd = os.dup(2)
+    s._console_fd = console_fd
     try:
-        if verbose:
+        with captured(s.log, Relay(s.warn)):
             yield s
-            return
-        if "transformers" not in sys.modules:  # its logger, set up on import, must exist to be rerouted
-            with suppress(ImportError):
-                import transformers.utils.logging  # noqa: F401  (imported for its side effect: the logger exists)
-        console_fd = os.dup(2)
-        s._console_fd = console_fd
-        try:
-            with captured(s.log, Relay(s.warn)):
-                yield s
-        finally:
-            os.close(console_fd)
     finally:
-        _current = None
-
-
-def note(text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> None:
-    """A line about this process's set-up for the console (the sweep's console prints each text once), e.g. the code
-    sandbox's layers; a warning is logged as one (a quiet job relays it). Outside a sweep job: stderr."""
-    if _current is None:
-        print(f"warning: {text}" if warning else text, file=sys.stderr, flush=True)
-    elif warning:
-        logging.getLogger(logger).warning(text)
-    else:
-        _current.note(text, logger)
+        os.close(console_fd)

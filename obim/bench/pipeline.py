@@ -108,6 +108,10 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
             raise ValueError("a dry run writes plan.json: it needs a record")
         return dry_run(plan, record.dir)
     if plan.zoo and not (Path(plan.zoo) / "zoo.json").is_file():
+        from .evaluation import announce_code_execution, code_allowed
+
+        if code_allowed(plan.allow_code):  # the zoo's own evaluation runs code first: said here, on the console
+            announce_code_execution(list(plan.tasks), reporter.note)
         reporter.status("building the toy zoo (first use)", "zoo")
     ensure_zoo(plan, rt.progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
     inputs = input_fingerprints(plan)

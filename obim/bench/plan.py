@@ -308,6 +308,21 @@ def stage_versions(method: Any) -> dict[str, Any]:
     }
 
 
+def canonical_overrides(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides as a Hydra multirun writes a job's (`eval.allow_code=True` for `=true`), sorted: the same job
+    asked for by the sweep or by the search records the same plan."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        out.append(
+            o.get_key_element()
+            if o.is_delete() and o.value() is None
+            else f"{o.get_key_element()}={o.get_value_element_as_str()}"
+        )
+    return tuple(sorted(out))
+
+
 def runtime_of(c: dict) -> Runtime:
     return Runtime(
         cache=Path(str(c["cache_dir"])),
@@ -410,7 +425,7 @@ def plan_job(cfg: Any, overrides: list[str] | None = None, objective: str = "tes
         eval=EvalPlan(**evp),
         individual=individual,
         main=all(axis_of(o) is None for o in (overrides or [])),
-        overrides=tuple(sorted(overrides or [])),
+        overrides=canonical_overrides(overrides or []),
         zoo=exp.get("zoo"),
         zoo_recipe=exp.get("zoo_recipe", "full"),
         seed=int(c["seed"]),

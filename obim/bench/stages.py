@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,14 +29,21 @@ RESULT_SCHEMA = 2  # result.json's layout (docs/sweep.md "Sweep results"); older
 
 
 class Reporter(Protocol):
-    """Where a job says what it is doing (the sweep's console through its job session; nothing for a search trial)."""
+    """Where a job says what it is doing (the sweep's console through its job session; a search trial: its log)."""
 
     def status(self, text: str, stage: str | None = None) -> None: ...
 
+    def note(self, text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> None: ...
+
 
 class Quiet:
+    """No progress; notes (a set-up line, a warning) to stderr, which a quiet search sends to its log."""
+
     def status(self, text: str, stage: str | None = None) -> None:
         pass
+
+    def note(self, text: str, warning: bool = False, logger: str = "obim.bench.sweep") -> None:
+        print(f"warning: {text}" if warning else text, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,13 @@ def score_avg(scores: dict[str, float | None]) -> float | None:
 
 
 def cached_eval(
-    cache: Path, model_dir: str, tasks: list[str], ev: dict, device: str, allow_code: bool = False
+    cache: Path,
+    model_dir: str,
+    tasks: list[str],
+    ev: dict,
+    device: str,
+    allow_code: bool = False,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
     score left empty is filled from the saved outputs once a judge is configured."""
@@ -187,6 +201,7 @@ def cached_eval(
             num_fewshot=ev.get("num_fewshot"),
             outputs_dir=outputs,
             allow_code=allow_code,
+            say=(reporter or Quiet()).note,
         )
         rec = {
             "model": model_dir,
@@ -355,12 +370,14 @@ def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[E
     assert rt is not None and ev is not None
     tasks, evp = list(plan.tasks), ev.to_json()
     reporter.status("eval of the merged model", "eval")
-    merged_ev = _evaluated(cached_eval(rt.cache, merged.dir, tasks, evp, rt.eval_device, plan.allow_code))
+    merged_ev = _evaluated(cached_eval(rt.cache, merged.dir, tasks, evp, rt.eval_device, plan.allow_code, reporter))
     individual = {}
     if plan.individual:
         for name, path in input_paths(plan).items():
             reporter.status(f"eval of {name}", "eval")
-            individual[name] = _evaluated(cached_eval(rt.cache, path, tasks, evp, rt.eval_device, plan.allow_code))
+            individual[name] = _evaluated(
+                cached_eval(rt.cache, path, tasks, evp, rt.eval_device, plan.allow_code, reporter)
+            )
     return merged_ev, individual
 
 

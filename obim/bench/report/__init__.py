@@ -1,6 +1,6 @@
 """The sweep's reporting, in layers whose imports point one way (tests/test_imports.py checks it):
 
-results  a sweep's results read back; labels, Table, the paper's numbers, Table 11's jobs
+results  a sweep's result.json files read back as typed JobRecords; labels, Table, the paper's numbers
 tables   the paper's tables from the results
 plots, costs   figures of the tables and Figure 3; jobs.md and Table 10 (from results and tables, never imported by
          tables)

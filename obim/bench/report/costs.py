@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-from .results import paper_tables
+from .results import JobRecord, paper_tables
 
 
-def jobs_table(results: list[dict]) -> str:
+def jobs_table(results: list[JobRecord]) -> str:
     """Every job: what it varied, its average and its costs (the paper's Table 10 figures)."""
     lines = [
         "# Jobs",
@@ -16,29 +16,29 @@ def jobs_table(results: list[dict]) -> str:
         "| job | method | avg | saliency s | s/sample | merge s | eval s | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: r.get("job") or r["_path"]):
-        sps = (r.get("cost") or {}).get("hessian_s_per_sample")
-        avg = "—" if r["avg"] is None else f"{r['avg']:.2f}"
+    for r in sorted(results, key=lambda r: r.job or str(r.path)):  # unnamed jobs by their path
+        sps = r.cost.hessian_s_per_sample
+        avg = "—" if r.avg is None else f"{r.avg:.2f}"
         lines.append(
-            f"| {r.get('job') or Path(r['_path']).parent.name} | {r['plan']['method']} | {avg} | "
-            f"{r['saliency_s']:.1f} | {'' if sps is None else f'{sps:.4f}'} | {r['merge_s']:.1f} | "
-            f"{r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r.job or r.path.parent.name} | {r.plan.method} | {avg} | "
+            f"{r.saliency_s:.1f} | {'' if sps is None else f'{sps:.4f}'} | {r.merge_s:.1f} | "
+            f"{r.eval_s:.1f} | {r.peak_rss_mb:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def cost_row(r: dict) -> dict[str, Any]:
-    """A job's Table 10 figures (cost_table's keys)."""
-    return {"models": r["plan"]["n_models"], **r["cost"], "saliency_s": r["saliency_s"], "merge_s": r["merge_s"]}
+def cost_row(r: JobRecord) -> dict[str, Any]:
+    """A job's Table 10 figures (cost_table's keys; experiments/bench_cost.py builds the same row)."""
+    return {"models": r.plan.n_models, **asdict(r.cost), "saliency_s": r.saliency_s, "merge_s": r.merge_s}
 
 
-def table10(results: list[dict]) -> str | None:
+def table10(results: list[JobRecord]) -> str | None:
     """The paper's Table 10 (compute cost) beside ours: each experiment's latest main OBIM job. Cached statistics
     and merges carry the times measured when they were computed."""
     ours = {}
     for r in results:
-        if r["plan"]["method"] == "obim" and r["plan"]["main"] and r["cost"].get("hessian_s_per_sample") is not None:
-            ours[r["plan"]["experiment"]] = r
+        if r.plan.method == "obim" and r.plan.main and r.cost.hessian_s_per_sample is not None:
+            ours[r.plan.experiment] = r
     if not ours:
         return None
     return "# Table 10: compute cost of OBIM\n\n" + cost_table(

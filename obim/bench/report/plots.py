@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .results import Table, best_single, by_count, method_label, paper_tables
+from .results import JobRecord, Table, best_single, by_count, method_label, paper_tables
 
 # table -> the x axis of its plot (Table 11's is Figure 3)
 AXES = {
@@ -109,7 +109,7 @@ def write_plots(tables: list[Table], out: Path) -> list[Path]:
     return [save(axis_figure(t), out / f"{t.name}.png") for t in tables if t.name in AXES and t.rows]
 
 
-def figure3_data(results: list[dict]) -> dict[str, Any] | None:
+def figure3_data(results: list[JobRecord]) -> dict[str, Any] | None:
     """What Figure 3 shows: for each number of merged models (base included), ours (OBIM, DARE and the job's best
     single model) and the paper's (OBIM, DARE); None with fewer than two counts."""
     seen = by_count(results)
@@ -119,20 +119,20 @@ def figure3_data(results: list[dict]) -> dict[str, Any] | None:
     ours: dict[str, list] = {}
     for m in ("obim", "dare"):
         xs = [n for n in counts if (n, m) in seen]
-        ours[method_label(m)] = [xs, [seen[(n, m)]["avg"] for n in xs]]
+        ours[method_label(m)] = [xs, [seen[(n, m)].avg for n in xs]]
     best = {n: best_single(seen.get((n, "obim")) or seen.get((n, "dare"))) for n in counts}
     ours["best single model"] = [[n for n in counts if best[n]], [best[n][1] for n in counts if best[n]]]
     paper = paper_tables()["table11"]["rows"]
     pc = sorted(int(k) for k in paper)
     return {
         "counts": counts,
-        "experiment": next(iter(seen.values()))["plan"]["experiment"],
+        "experiment": next(iter(seen.values())).plan.experiment,
         "ours": ours,
         "paper": {m: [pc, [paper[str(n)][m][-1] for n in pc]] for m in ("OBIM", "DARE")},
     }
 
 
-def figure3(results: list[dict], out: Path) -> Path | None:
+def figure3(results: list[JobRecord], out: Path) -> Path | None:
     """Average score vs number of merged models: OBIM, DARE and the best single model; the paper's beside."""
     data = figure3_data(results)
     if data is None:

@@ -1,7 +1,8 @@
-"""A sweep's results, read back for its report: every `result.json` under a sweep directory, what each job's plan
-says, the labels of models and methods (the registry's, obim.merging.methods), the `Table` every report layer
-shares and the paper's numbers (obim/bench/paper_tables.yaml). The bottom layer of obim.bench.report: it imports
-no other."""
+"""A sweep's results, read back for its report: every `result.json` under a sweep directory as a `JobRecord` (the
+job's plan as obim.bench.plan.JobPlan, its scores, timings and costs, typed), the labels of models and methods (the
+registry's, obim.merging.methods), the `Table` every report layer shares and the paper's numbers
+(obim/bench/paper_tables.yaml). The bottom layer of obim.bench.report: it imports no other. `JobRecord.from_json` is
+the one place that reads result.json's keys."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import yaml
 from obim.merging.errors import ObimError
 from obim.merging.methods import METHODS
 
-from ..plan import axis_of
-from ..stages import RESULT_SCHEMA
+from ..plan import JobPlan, axis_of
+from ..stages import RESULT_SCHEMA, Saliency
 
 MODEL_LABELS = {"lm": "LM", "math": "Math", "code": "Code"}
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "paper_tables.yaml"  # package data of obim.bench
@@ -77,7 +78,101 @@ class Table:
         return buf.getvalue()
 
 
-def load_results(root: str | Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Scores:
+    """One model's evaluation as result.json records it: {lm-eval task: score} (None: unjudged), their average."""
+
+    scores: dict[str, float | None]
+    avg: float | None
+    eval_s: float
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A job's Table 10 figures beyond its timings (obim.bench.stages.cost_report)."""
+
+    params_b: float
+    gpus: int
+    gpu_name: str | None
+    hessian_s_per_sample: float | None  # None: no saliency statistics
+
+
+@dataclass(frozen=True)
+class Cached:
+    """Which stages were served from the caches (saliency None: the method uses none)."""
+
+    saliency: bool | None
+    merge: bool
+    eval: bool
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job's result as read back from its result.json (written by obim.bench.stages.JobResult.to_json)."""
+
+    path: Path
+    mtime: int  # ns: the latest of a row's jobs wins
+    job: str  # "" for a job run outside a sweep
+    config_hash: str
+    obim_version: str
+    plan: JobPlan  # config: the plain Hydra config it was planned from
+    inputs: dict[str, str]  # model name -> weights fingerprint
+    scores: dict[str, float | None]  # the merged model's, by lm-eval task in the plan's order
+    avg: float | None
+    outputs: dict[str, str] | None
+    individual: dict[str, Scores]  # the base's and each expert's, where the plan evaluates them
+    saliency_s: float
+    merge_s: float
+    eval_s: float
+    saliency: dict[str, Saliency]
+    cost: Cost
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    device: str
+    cached: Cached
+    merged_dir: str | None
+    wandb_dir: str | None  # set by the sweep's tracking
+    # the order as asked for (the config's `order` group): the plan keeps only the list it resolves to
+    order_kind: str | None
+    order_model: str | None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.plan.config
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], path: Path, mtime: int = 0) -> JobRecord:
+        order = d["config"].get("order") or {}
+        c = d["cost"]
+        return cls(
+            path=path,
+            mtime=mtime,
+            job=d["job"],
+            config_hash=d["config_hash"],
+            obim_version=d["obim_version"],
+            plan=JobPlan.from_json(d["plan"], config=d["config"]),
+            inputs=d["inputs"],
+            scores=d["scores"],
+            avg=d["avg"],
+            outputs=d["outputs"],
+            individual={n: Scores(e["scores"], e["avg"], e["eval_s"]) for n, e in d["individual"].items()},
+            saliency_s=d["saliency_s"],
+            merge_s=d["merge_s"],
+            eval_s=d["eval_s"],
+            saliency={n: Saliency(**s) for n, s in d["saliency"].items()},
+            cost=Cost(c["params_b"], c["gpus"], c["gpu_name"], c["hessian_s_per_sample"]),
+            peak_rss_mb=d["peak_rss_mb"],
+            peak_gpu_mb=d["peak_gpu_mb"],
+            device=d["device"],
+            cached=Cached(d["cached"]["saliency"], d["cached"]["merge"], d["cached"]["eval"]),
+            merged_dir=d["merged_dir"],
+            wandb_dir=d.get("wandb_dir"),
+            order_kind=order.get("kind"),
+            order_model=order.get("model"),
+        )
+
+
+def load_results(root: str | Path) -> list[JobRecord]:
     """Every result.json under root, oldest first (so later ones win). One written by an older obim is refused
     rather than half-read: rerunning its sweep redoes it from the caches."""
     found = []
@@ -91,38 +186,33 @@ def load_results(root: str | Path) -> list[dict[str, Any]]:
                 f"{p}: result.json of layout {r.get('schema', 1)}, this obim reads {RESULT_SCHEMA}; "
                 f"rerun its sweep (jobs are redone from the caches) or move it out of {root}"
             )
-        r["_path"], r["_mtime"] = str(p), p.stat().st_mtime_ns
-        found.append(r)
-    return sorted(found, key=lambda r: (r["_mtime"], r["_path"]))
+        try:
+            found.append(JobRecord.from_json(r, p, p.stat().st_mtime_ns))
+        except (KeyError, TypeError, ObimError) as e:  # same layout, yet not what this obim writes
+            msg = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise ObimError(f"{p}: unreadable result.json ({msg}); rerun its sweep or move it out of {root}") from e
+    return sorted(found, key=lambda r: (r.mtime, str(r.path)))
 
 
-def plan_value(r: dict, key: str) -> Any:
-    return r["plan"].get(key)
-
-
-def varies_only(r: dict, axes: set[str]) -> bool:
+def varies_only(r: JobRecord, axes: set[str]) -> bool:
     """Whether the job's overrides vary no sweep axis but `axes`."""
-    return {a for a in map(axis_of, plan_value(r, "overrides") or []) if a is not None} <= axes
+    return {a for a in map(axis_of, r.plan.overrides) if a is not None} <= axes
 
 
-def count_job(r: dict) -> bool:
+def count_job(r: JobRecord) -> bool:
     """A post-pretraining OBIM or DARE job that varies only the number of models (Table 11, Figure 3)."""
-    return (
-        plan_value(r, "setting") == "pt"
-        and plan_value(r, "method") in ("obim", "dare")
-        and varies_only(r, {"n_models"})
-    )
+    return r.plan.setting == "pt" and r.plan.method in ("obim", "dare") and varies_only(r, {"n_models"})
 
 
-def by_count(results: list[dict]) -> dict[tuple[int, str], dict]:
+def by_count(results: list[JobRecord]) -> dict[tuple[int, str], JobRecord]:
     """The post-pretraining OBIM and DARE jobs that vary only the number of models, by (models merged with the
     base counted, as the paper counts them; method), the latest of each."""
-    return {(plan_value(r, "n_models") + 1, plan_value(r, "method")): r for r in results if count_job(r)}
+    return {(r.plan.n_models + 1, r.plan.method): r for r in results if count_job(r)}
 
 
-def best_single(r: dict | None) -> tuple[str, float] | None:
+def best_single(r: JobRecord | None) -> tuple[str, float] | None:
     """The job's best individual model by average (an unscored one, e.g. unjudged, is left out)."""
-    ind = {k: v["avg"] for k, v in ((r or {}).get("individual") or {}).items() if v.get("avg") is not None}
+    ind = {k: v.avg for k, v in (r.individual if r else {}).items() if v.avg is not None}
     if not ind:
         return None
     name = max(ind, key=ind.__getitem__)

@@ -18,13 +18,13 @@ from ..plan import axis_of
 from ..stages import score_avg
 from .results import (
     MODEL_LABELS,
+    JobRecord,
     Table,
     best_single,
     by_count,
     count_job,
     method_label,
     paper_tables,
-    plan_value,
     varies_only,
 )
 
@@ -37,21 +37,19 @@ SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math",
 # -------------------------------------------------------------------------------------------------- rows
 
 
-def _row(scores: dict[str, float] | None, benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
+def _row(scores: dict[str, float | None], benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
     """A table row: each paper column's score (benchmarks: lm-eval task -> column), and their average."""
-    if scores is None:
-        return {}
     named = {benchmarks.get(t, t): v for t, v in scores.items()}
     row = {c: named.get(c) for c in columns if c != "avg"}
     row["avg"] = score_avg(row)
     return row
 
 
-def _result_row(r: dict, columns: list[str]) -> dict[str, float | None]:
-    return _row(r["scores"], plan_value(r, "benchmarks"), columns)
+def _result_row(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
+    return _row(r.scores, r.plan.benchmarks, columns)
 
 
-def _latest(results: list[dict], pred: Callable[[dict], bool]) -> dict | None:
+def _latest(results: list[JobRecord], pred: Callable[[JobRecord], bool]) -> JobRecord | None:
     hit = [r for r in results if pred(r)]
     return hit[-1] if hit else None
 
@@ -64,34 +62,31 @@ def _paper_row(paper: dict, table: str, label: str) -> list | None:
 
 
 def _main_table(
-    name: str, title: str, results: list[dict], setting: str, methods: list[str], paper: dict, individuals: bool
+    name: str, title: str, results: list[JobRecord], setting: str, methods: list[str], paper: dict, individuals: bool
 ) -> Table | None:
     cols = paper[name]["columns"]
-    main = [r for r in results if plan_value(r, "setting") == setting and plan_value(r, "main")]
+    main = [r for r in results if r.plan.setting == setting and r.plan.main]
     if not main:
         return None
-    bench = plan_value(main[-1], "benchmarks")
+    bench = main[-1].plan.benchmarks
     t = Table(name, title, cols)
     if individuals:
-        ref = _latest(main, lambda r: bool(r.get("individual")))
+        ref = _latest(main, lambda r: bool(r.individual))
         if ref is not None:
-            ind = ref["individual"]
-            for model in [m for m in ["base", *plan_value(ref, "models")] if m in ind]:  # the base order
+            ind = ref.individual
+            for model in [m for m in ["base", *ref.plan.models] if m in ind]:  # the base order
                 if model == "base" and setting == "sft":
                     continue  # the paper's Table 1 lists the experts only
                 label, cited = ("base", PT_BASE_LABEL) if model == "base" else (MODEL_LABELS.get(model, model),) * 2
-                t.rows.append((label, _row(ind[model]["scores"], bench, cols), _paper_row(paper, name, cited)))
+                t.rows.append((label, _row(ind[model].scores, bench, cols), _paper_row(paper, name, cited)))
     for m in methods:
-        r = _latest(main, lambda r, m=m: plan_value(r, "method") == m)
+        r = _latest(main, lambda r, m=m: r.plan.method == m)
         if r is not None:
             t.rows.append((method_label(m), _result_row(r, cols), _paper_row(paper, name, method_label(m))))
-    if not any(plan_value(r, "method") in methods for r in main):
+    if not any(r.plan.method in methods for r in main):
         return None
-    ex = main[-1]
-    t.notes.append(
-        f"experiment {plan_value(ex, 'experiment')}; models {', '.join(plan_value(ex, 'models'))}; "
-        f"order {ex['plan']['merge']['order']}"
-    )
+    ex = main[-1].plan
+    t.notes.append(f"experiment {ex.experiment}; models {', '.join(ex.models)}; order {ex.merge_config.order}")
     return t
 
 
@@ -99,10 +94,15 @@ Row = tuple[Any, str, "list | None"]  # (sort key, label, the paper's row)
 
 
 def _axis_table(
-    name: str, title: str, lead: str, results: list[dict], paper: dict, describe: Callable[[dict], Row | None]
+    name: str,
+    title: str,
+    lead: str,
+    results: list[JobRecord],
+    paper: dict,
+    describe: Callable[[JobRecord], Row | None],
 ) -> Table:
     """A table over one sweep axis: a row per setting (`describe`'s sort key), the latest result of each."""
-    seen: dict[Any, tuple[Row, dict]] = {}
+    seen: dict[Any, tuple[Row, JobRecord]] = {}
     for r in results:
         d = describe(r)
         if d is not None:
@@ -114,19 +114,19 @@ def _axis_table(
     return t
 
 
-def _obim_sft(r: dict, axis: str) -> bool:
-    return plan_value(r, "setting") == "sft" and plan_value(r, "method") == "obim" and varies_only(r, {axis})
+def _obim_sft(r: JobRecord, axis: str) -> bool:
+    return r.plan.setting == "sft" and r.plan.method == "obim" and varies_only(r, {axis})
 
 
-def _math_sources(r: dict) -> tuple[tuple[str, ...], int] | None:
-    v = (plan_value(r, "validation") or {}).get("math")
-    if not v:
+def _math_sources(r: JobRecord) -> tuple[tuple[str, ...], int] | None:
+    v = r.plan.validation.get("math")
+    if v is None:
         return None
-    return tuple(sorted(v["sources"])), sum(v["sources"].values())
+    return tuple(sorted(v.sources)), sum(v.sources.values())
 
 
-def table4(results: list[dict], paper: dict) -> Table | None:
-    def describe(r: dict) -> Row | None:
+def table4(results: list[JobRecord], paper: dict) -> Table | None:
+    def describe(r: JobRecord) -> Row | None:
         ms = _math_sources(r) if _obim_sft(r, "validation") else None
         if ms is None:
             return None
@@ -140,8 +140,8 @@ def table4(results: list[dict], paper: dict) -> Table | None:
     return t if len(t.rows) > 1 else None
 
 
-def table5(results: list[dict], paper: dict) -> Table | None:
-    def describe(r: dict) -> Row | None:
+def table5(results: list[JobRecord], paper: dict) -> Table | None:
+    def describe(r: JobRecord) -> Row | None:
         ms = _math_sources(r) if _obim_sft(r, "validation") else None
         if ms is None or ms[0] != ("gsm8k", "math"):
             return None
@@ -153,25 +153,24 @@ def table5(results: list[dict], paper: dict) -> Table | None:
     return t if len(t.rows) > 1 else None
 
 
-def _order_label(r: dict) -> str:
-    order = r["plan"]["merge"]["order"]
+def _order_label(r: JobRecord) -> str:
+    order = r.plan.merge_config.order
     if order == "rotation":
         return "Rotation"
-    kind = (r["config"].get("order") or {}).get("kind")
-    if kind in ("first", "last"):
-        m = r["config"]["order"]["model"]
+    kind, m = r.order_kind, r.order_model
+    if kind in ("first", "last") and m is not None:
         return f"{MODEL_LABELS.get(m, m)} {kind.capitalize()}"
-    merged = plan_value(r, "models")
+    merged = list(r.plan.models)  # a list, as the resolved order is
     if order == merged:  # the base order (the SFT experiments' own): its last model last
         return f"{MODEL_LABELS.get(merged[-1], merged[-1])} Last"
     return " > ".join(order)
 
 
-def table6(results: list[dict], paper: dict) -> Table | None:
-    def describe(r: dict) -> Row | None:
+def table6(results: list[JobRecord], paper: dict) -> Table | None:
+    def describe(r: JobRecord) -> Row | None:
         if not _obim_sft(r, "order"):
             return None
-        label, order = _order_label(r), str(r["plan"]["merge"]["order"])
+        label, order = _order_label(r), str(r.plan.merge_config.order)
         return (
             (label, order),
             label if order == "rotation" else f"{label} ({order})",
@@ -182,16 +181,16 @@ def table6(results: list[dict], paper: dict) -> Table | None:
     return t if len(t.rows) > 1 else None
 
 
-def table11(results: list[dict], paper: dict) -> Table | None:
+def table11(results: list[JobRecord], paper: dict) -> Table | None:
     seen = by_count(results)
     if len({n for n, _ in seen}) < 2:
         return None
     prow = paper["table11"]["rows"]
 
-    def describe(r: dict) -> Row | None:
+    def describe(r: JobRecord) -> Row | None:
         if not count_job(r):
             return None
-        key = (plan_value(r, "n_models") + 1, plan_value(r, "method"))
+        key = (r.plan.n_models + 1, r.plan.method)
         label = method_label(key[1])
         return key, f"{key[0]}, {label}", (prow.get(str(key[0])) or {}).get(label)
 
@@ -208,15 +207,15 @@ def table11(results: list[dict], paper: dict) -> Table | None:
 GRID_PREFIXES = ("method.parameters.", "method.per_model.", "experiment.models.")
 
 
-def grid_table(results: list[dict]) -> Table | None:
+def grid_table(results: list[JobRecord]) -> Table | None:
     """Retention and parameter grids: jobs that vary only retentions or the method's parameters, a row per
     (method, setting), latest result each; the paper reports no such table."""
-    seen: dict[tuple[str, str], dict] = {}
+    seen: dict[tuple[str, str], JobRecord] = {}
     for r in results:
-        grid = [o.lstrip("+~") for o in plan_value(r, "overrides") or [] if axis_of(o) in ("retention", "method")]
+        grid = [o.lstrip("+~") for o in r.plan.overrides if axis_of(o) in ("retention", "method")]
         if grid and varies_only(r, {"retention", "method"}):
             setting = " ".join(sorted(next((o[len(p) :] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
-            seen[(plan_value(r, "method"), setting)] = r
+            seen[(r.plan.method, setting)] = r
     if not seen:
         return None
     order = list(METHODS)
@@ -226,9 +225,9 @@ def grid_table(results: list[dict]) -> Table | None:
         num = v.replace(".", "", 1).isdigit()
         return (order.index(k[0]) if k[0] in order else len(order), k[0], not num, float(v) if num else 0.0, k[1])
 
-    last = list(seen.values())[-1]
-    named = list(dict.fromkeys(plan_value(last, "benchmarks").values()))
-    setting_table = {"sft": "table1", "pt": "table2"}.get(plan_value(last, "setting"), "")
+    last = list(seen.values())[-1].plan
+    named = list(dict.fromkeys(last.benchmarks.values()))
+    setting_table = {"sft": "table1", "pt": "table2"}.get(last.setting or "", "")
     main = (paper_tables().get(setting_table) or {}).get("columns")
     cols = main if main and set(named) <= set(main) else [*named, "avg"]  # the paper's column order
     t = Table("grid", "Retention and parameter grid", cols, lead="method, setting")
@@ -237,7 +236,7 @@ def grid_table(results: list[dict]) -> Table | None:
     return t
 
 
-def build_tables(results: list[dict]) -> list[Table]:
+def build_tables(results: list[JobRecord]) -> list[Table]:
     """Every table the results fill, in the paper's order."""
     paper = paper_tables()
     found = [
