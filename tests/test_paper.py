@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------ presets
 
 
-def dry_run(tmp_path: Path, *overrides: str) -> dict[str, dict]:
-    """Run the sweep with dry_run=true as a user would; {job dir name: plan.json}."""
+def dry_run(tmp_path: Path, *overrides: str, mode: str = "plan") -> dict[str, dict]:
+    """Run the sweep with dry_run=<mode> as a user would; {job dir name: plan.json}. The real presets' models and
+    datasets are not here: `plan` plans without checking that the inputs are readable (tests/test_reach.py)."""
     out = tmp_path / "runs"
     env = {
         **os.environ,
@@ -33,7 +34,7 @@ def dry_run(tmp_path: Path, *overrides: str) -> dict[str, dict]:
         "OBIM_CACHE": str(tmp_path / "cache"),
     }
     proc = run_sweep(
-        [*overrides, "dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT
+        [*overrides, f"dry_run={mode}", "eval.allow_code=true", f"hydra.sweep.dir={out}", "progress=false"], env, ROOT
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plans = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/plan.json")}
@@ -126,9 +127,23 @@ def test_preset_table2_and_11_real(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_real_dry_run_fails_naming_every_missing_input(tmp_path):
+    out = tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    ov = ["experiment=llama2_13b_sft", "method=ta", "dry_run=true", "eval.allow_code=true", f"hydra.sweep.dir={out}"]
+    proc = run_sweep(ov, env, ROOT)
+    assert proc.returncode == 1
+    line = next(x for x in proc.stderr.splitlines() if "cannot be read here" in x)
+    (plan,) = [json.loads(p.read_text()) for p in out.glob("*/plan.json")]
+    assert f"{len(plan['missing'])} inputs of this job cannot be read here: " in line and len(plan["missing"]) > 100
+    assert all(m in line for m in plan["missing"])  # every one named, not the first only
+    assert plan["missing"][0].startswith("model meta-llama/Llama-2-13b-hf [experiment.base]: not in the offline")
+
+
+@pytest.mark.slow
 def test_presets_toy(tmp_path):
     """The toy version of a table is the same preset on a toy experiment: same jobs, the zoo's models and data."""
-    plans = dry_run(tmp_path, "+paper=table5", "experiment=toy_sft")
+    plans = dry_run(tmp_path, "+paper=table5", "experiment=toy_sft", mode="true")  # the zoo builds every input
     p = plans["method=obim,validation.size=200,validation=math"]
     assert p["experiment"] == "toy_sft" and p["validation"]["math"]["sources"] == {"gsm8k": 100, "math": 100}
     assert p["validation"]["math"]["data"]["gsm8k"]["path"] == str(tmp_path / "zoo/data/gsm8k/train.jsonl")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from obim.merging.errors import ObimError
+
 from .cache import read_json, write_json
 from .plan import JobPlan
 from .stages import (
@@ -40,16 +42,29 @@ class Record:
     name: str
 
 
-def dry_run(plan: JobPlan, job_dir: Path) -> dict[str, Any]:
-    """Write plan.json (the plan and where each model is found) and say what would run."""
+def dry_run(plan: JobPlan, job_dir: Path, check_inputs: bool = True) -> dict[str, Any]:
+    """Write plan.json (the plan, where each model is found, and, checked, every input the job reads and which of
+    them cannot be read here) and say what would run. A missing input fails the dry run, every one named in its
+    one line, after plan.json is written; dry_run=plan only plans."""
     check_tasks(list(plan.tasks))
     paths = input_paths(plan)
     where = {n: where_is(p) for n, p in paths.items()}
-    write_json(job_dir / "plan.json", {"config_hash": plan.hash(), **plan.to_json(), "paths": where})
+    rec: dict[str, Any] = {"config_hash": plan.hash(), **plan.to_json(), "paths": where}
+    missing: list[str] = []
+    if check_inputs:
+        from .reach import missing_inputs
+
+        inputs, missing = missing_inputs(plan)
+        rec.update(inputs=[i.describe() for i in inputs], missing=missing)
+    write_json(job_dir / "plan.json", rec)
+    if missing:
+        raise ObimError(
+            f"{len(missing)} input{'s' * (len(missing) != 1)} of this job cannot be read here: {'; '.join(missing)} "
+            "(dry_run=plan only plans)"
+        )
     summary = f"{plan.method} of {', '.join(plan.models)} -> {len(plan.tasks)} tasks"
-    missing = [f"{n} ({paths[n]})" for n, w in where.items() if w == "missing"]
-    if missing and not plan.zoo:  # the zoo's models appear on the first real job
-        summary += f"; not found yet: {', '.join(missing)}"
+    if check_inputs:
+        summary += f"; all {len(rec['inputs'])} inputs readable"
     return {"dry_run": True, "summary": summary}
 
 
@@ -106,7 +121,7 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
     if rt.dry_run:
         if record is None:
             raise ValueError("a dry run writes plan.json: it needs a record")
-        return dry_run(plan, record.dir)
+        return dry_run(plan, record.dir, check_inputs=rt.dry_run != "plan")
     if plan.zoo and not (Path(plan.zoo) / "zoo.json").is_file():
         from .evaluation import announce_code_execution, code_allowed
 

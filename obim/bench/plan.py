@@ -195,7 +195,7 @@ class Runtime:
     progress: bool
     keep_merged: bool
     tracking: dict[str, Any]
-    dry_run: bool
+    dry_run: bool | str  # True: plan and check every input is readable; "plan": plan only
 
 
 @dataclass(frozen=True)
@@ -323,6 +323,12 @@ def canonical_overrides(overrides: list[str]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+def _dry_run(v: Any) -> bool | str:
+    if v in (None, False, True, "plan"):
+        return bool(v) if v != "plan" else "plan"
+    raise ObimError(f"dry_run: expected false, true (plan and check the inputs) or plan (plan only), got {v!r}")
+
+
 def runtime_of(c: dict) -> Runtime:
     return Runtime(
         cache=Path(str(c["cache_dir"])),
@@ -331,7 +337,7 @@ def runtime_of(c: dict) -> Runtime:
         progress=bool(c.get("progress")),
         keep_merged=bool(c.get("keep_merged")),
         tracking=dict(c.get("tracking") or {}),
-        dry_run=bool(c.get("dry_run")),
+        dry_run=_dry_run(c.get("dry_run")),
     )
 
 

@@ -1,0 +1,128 @@
+"""The dry run checks that a job can read every input here: models (a local directory, a hub id in the offline
+hub cache) and every dataset, config and split (validation sources, the lm-eval tasks' datasets), and names each
+one it cannot read. The mirror here is written as the hub's own tools leave their caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose
+
+CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import compose
+from obim.bench.plan import plan_job
+from obim.bench.reach import missing_inputs
+
+inputs, missing = missing_inputs(plan_job(compose("experiment=llama2_13b_sft", "method=obim", "dry_run=true")))
+print(json.dumps({"inputs": [i.describe() for i in inputs], "missing": missing}))
+"""
+
+
+def write_model(hub: Path, repo: str, src: Path) -> None:
+    """A model in the hub cache's layout: refs/main names a snapshot holding the repo's files."""
+    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / "mirror"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("mirror")
+
+
+def write_dataset(home: Path, repo: str, config: str, splits: dict[str, dict]) -> None:
+    """One config of a dataset in datasets' own processed cache (what load_dataset leaves), real column names."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    name = repo.split("/")[1]
+    d = home / "datasets" / f"{repo.split('/')[0]}___{name}" / config / "0.0.0" / ("0" * 16)
+    d.mkdir(parents=True)
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string")})
+    info = datasets.SplitDict(dataset_name=name)
+    for split, cols in splits.items():
+        with ArrowWriter(features=features, path=str(d / f"{name}-{split}.arrow")) as w:
+            w.write_table(datasets.Dataset.from_dict(cols, features=features).data.table)
+            n, size = w.finalize()
+        info.add(datasets.SplitInfo(name=split, num_bytes=size, num_examples=n, dataset_name=name))
+    datasets.DatasetInfo(
+        features=features, builder_name="parquet", dataset_name=name, config_name=config, version="0.0.0", splits=info
+    ).write_to_directory(str(d))
+
+
+def missing_with(home: Path) -> dict:
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    env.pop("HF_HUB_CACHE", None)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO / "tests")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # indexes lm-eval's bundled tasks
+def test_every_unreadable_input_is_named(tmp_path):
+    from conftest import make_llama
+
+    home = tmp_path / "hf"
+    empty = missing_with(home)
+    assert len(empty["missing"]) == len(empty["inputs"]) > 100  # nothing here: 4 models, validation sets, benchmarks
+    for what in (
+        "model meta-llama/Llama-2-13b-hf [experiment.base]: not in the offline hub cache (HF_HUB_OFFLINE=1)",
+        "model layoric/llama-2-13b-code-alpaca [model code]: not in the offline hub cache (HF_HUB_OFFLINE=1)",
+        "dataset tatsu-lab/alpaca split train [validation source alpaca of lm]: not in the offline datasets cache",
+        "dataset openai/gsm8k (main) split test [task obim_gsm8k_cot]: not in the offline datasets cache",
+        "dataset cais/mmlu (anatomy) split dev [task mmlu_anatomy]: not in the offline datasets cache",
+        "dataset openai/openai_humaneval split test [task humaneval]: not in the offline datasets cache",
+    ):
+        assert what in empty["missing"], what
+
+    write_model(home / "hub", "meta-llama/Llama-2-13b-hf", make_llama(tmp_path / "base", 0))
+    write_dataset(home, "openai/gsm8k", "main", {"train": {"question": ["1+1?"], "answer": ["#### 2"]}})
+    mirrored = missing_with(home)
+    assert mirrored["inputs"] == empty["inputs"]
+
+    def inputs(lines: list[str]) -> set[str]:
+        return {line.split(": ")[0] for line in lines}
+
+    assert inputs(empty["missing"]) - inputs(mirrored["missing"]) == {
+        "model meta-llama/Llama-2-13b-hf [experiment.base]",
+        "dataset openai/gsm8k (main) split train [validation source gsm8k of math]",
+    }
+    # the test split the benchmark scores is not in the mirror: named as such
+    assert (
+        "dataset openai/gsm8k (main) split test [task obim_gsm8k_cot]: no split test (it has train)"
+        in (mirrored["missing"])
+    )
+
+
+def test_the_toy_zoo_inputs_are_built_not_missing(tmp_path):
+    """A toy experiment's models and validation files are written by the zoo on the first job: nothing is missing
+    before it is built; once it claims to be built, its files must be there."""
+    from obim.bench.plan import plan_job
+    from obim.bench.reach import missing_inputs
+
+    zoo = tmp_path / "zoo"
+    plan = plan_job(compose("method=obim", f"experiment.zoo={zoo}", "dry_run=true"))
+    inputs, missing = missing_inputs(plan)
+    assert (inputs, missing) == ([], [])
+    zoo.mkdir()
+    (zoo / "zoo.json").write_text("{}")  # built, but its files are gone
+    inputs, missing = missing_inputs(plan)
+    assert len(inputs) == 4 + 5 and len(missing) == len(inputs)  # 4 models, 5 validation files (the toy's own tasks
+    assert "model " + str(zoo / "sft" / "base") + " [experiment.base]: no such directory" in missing  # need none)
+
+
+def test_dry_run_modes_are_checked():
+    from obim.bench.plan import plan_job
+    from obim.merging.errors import ObimError
+
+    with pytest.raises(ObimError, match=r"^dry_run: expected false, true .* or plan \(plan only\), got 'maybe'"):
+        plan_job(compose("method=ta", "dry_run=maybe"))
+    assert plan_job(compose("method=ta", "dry_run=plan")).runtime.dry_run == "plan"
