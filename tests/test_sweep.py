@@ -204,9 +204,15 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     (ties_dir,) = (tmp_path / "runs").glob("*method=ties")
     assert not (ties_dir / "result.json").exists()
     redo = run_sweep(args3, env, tmp_path)
-    assert redo.returncode == 0, redo.stderr[-3000:]
     r = json.loads((ties_dir / "result.json").read_text())
     assert r["cached"]["merge"] is True and set(r["scores"]) == set(TASKS)
+    # ties ran on the restored math model, ta and obim on the "retrained" one: the tables refuse to mix them
+    assert redo.returncode == 1
+    assert "jobs of different inputs: model 'math' of toy_sft" in redo.stderr and "method=ties" in redo.stderr
+    same = run_sweep(args, env, tmp_path)  # ta and obim again on the restored model: from the caches
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert same.stdout.count("; cached result") == 0
+    assert "| TIES |" in (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
 
 
 @pytest.mark.slow

@@ -24,7 +24,16 @@ ZOO = "/nonexistent/toy-zoo"  # plans only: no zoo file is read
 
 
 def result(
-    root: Path, job: str, method: str, scores: list[float], *, setting="sft", overrides=(), individual=None, mtime=None
+    root: Path,
+    job: str,
+    method: str,
+    scores: list[float],
+    *,
+    setting="sft",
+    overrides=(),
+    individual=None,
+    mtime=None,
+    inputs=None,
 ) -> dict:
     """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
     composed config), made-up scores in the plan's task order; individual: {model: scores}."""
@@ -48,7 +57,7 @@ def result(
     r = JobResult(
         config_hash=plan.hash(),
         plan=plan,
-        inputs={},
+        inputs=inputs or {},
         saliency=sal,
         merged=Merged(dir="merged", cached=False, merge_s=2.0, tensors=10, bytes=1000),
         evaluated=ev(scores),
@@ -312,3 +321,24 @@ def test_a_result_reads_back_as_a_typed_record(tmp_path):
     (runs / "first" / "result.json").write_text(json.dumps(r))
     with pytest.raises(ObimError, match=r"first/result.json: unreadable result.json \(no 'cost'\); rerun"):
         load_results(runs)
+
+
+def test_jobs_of_different_inputs_are_not_mixed_in_one_table(tmp_path):
+    """A rerun with other weights under the same model names (other checkpoints, a retrained expert) beside jobs of
+    the earlier run: refused in one line naming the model and both jobs, rather than tabled together."""
+    from obim.bench.report.results import load_results
+    from obim.merging.errors import ObimError
+
+    six = [50.0] * 6
+    same = {"base": "b0", "lm": "l0", "math": "m0", "code": "c0"}
+    result(tmp_path / "a", "method=ta", "ta", six, inputs=same)
+    result(tmp_path / "a", "method=ties", "ties", six, inputs=same)
+    assert len(load_results(tmp_path / "a")) == 2
+    result(tmp_path / "b", "method=ta", "ta", six, inputs=same)
+    result(tmp_path / "b", "method=ties", "ties", six, inputs={**same, "math": "m1"})
+    with pytest.raises(ObimError, match=r"model 'math' of toy_sft \(.*\) is m1 in method=ties but m0 in method=ta;"):
+        load_results(tmp_path / "b")
+    # another experiment's models are other models
+    result(tmp_path / "c", "method=ta", "ta", six, inputs=same)
+    result(tmp_path / "c", "pt-ta", "ta", [50.0] * 3, setting="pt", inputs={"base": "p0", "ckpt-1": "k1"})
+    assert len(load_results(tmp_path / "c")) == 2

@@ -191,7 +191,32 @@ def load_results(root: str | Path) -> list[JobRecord]:
         except (KeyError, TypeError, ObimError) as e:  # same layout, yet not what this obim writes
             msg = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
             raise ObimError(f"{p}: unreadable result.json ({msg}); rerun its sweep or move it out of {root}") from e
-    return sorted(found, key=lambda r: (r.mtime, str(r.path)))
+    found.sort(key=lambda r: (r.mtime, str(r.path)))
+    _check_same_inputs(found, root)
+    return found
+
+
+def _check_same_inputs(results: list[JobRecord], root: str | Path) -> None:
+    """One table compares jobs on the same models: results whose inputs differ under one name (a run with other
+    checkpoints or a retrained expert at the same job directories, beside jobs of the earlier run) are refused
+    rather than mixed."""
+    seen: dict[tuple[str, str], tuple[str, JobRecord]] = {}
+    for r in results:
+        for name, fp in r.inputs.items():
+            key = (r.plan.experiment, name)
+            if key in seen and seen[key][0] != fp:
+                (was, other), path = seen[key], _path(r, name)
+                raise ObimError(
+                    f"{root}: jobs of different inputs: model '{name}' of {r.plan.experiment} ({path}) is {fp} in "
+                    f"{r.path.parent.name} but {was} in {other.path.parent.name}; rerun every job with the same "
+                    "models or move one run's job directories out"
+                )
+            seen.setdefault(key, (fp, r))
+
+
+def _path(r: JobRecord, name: str) -> str:
+    cfg = r.plan.merge_config
+    return cfg.base_model if name == "base" else next((m.path for m in cfg.models if m.name == name), "?")
 
 
 def varies_only(r: JobRecord, axes: set[str]) -> bool:
