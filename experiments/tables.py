@@ -35,13 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print(f"tables: error: no results under {runs}", file=sys.stderr)
         return 1
+    from obim.merging.errors import ObimError
+
+    failed = False
     for name in names:
-        written = write_tables(runs / name, Path(args.out) / name)
+        try:
+            written = write_tables(runs / name, Path(args.out) / name)
+        except ObimError as e:  # one line; the other experiments' tables are still written
+            print(f"tables: error: {e}", file=sys.stderr)
+            failed = True
+            continue
         if not written:
             print(f"tables: {runs / name}: no result.json found", file=sys.stderr)
         for p in written:
             print(p)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

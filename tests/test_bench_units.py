@@ -49,7 +49,7 @@ def test_a_task_edit_invalidates_that_task_only(tmp_path, monkeypatch):
     root = tmp_path / "tasks"
     shutil.copytree(evaluation.tasks_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(evaluation, "tasks_dir", lambda: str(root))
-    tasks = ["toy_gsm8k", "toy_mmlu", "toy_math", "obim_math_cot", "gsm8k"]
+    tasks = ["toy_gsm8k", "toy_mmlu", "toy_math", "obim_math_cot", "obim_gsm8k_cot", "obim_gsm8k_cot_dev", "gsm8k"]
 
     def digests() -> dict[str, str]:
         return {t: evaluation.tasks_digest([t]) for t in tasks}
@@ -65,6 +65,9 @@ def test_a_task_edit_invalidates_that_task_only(tmp_path, monkeypatch):
     assert edit("_toy_choice_template") == {"toy_mmlu"}  # toy_gsm8k and toy_math generate
     assert edit("utils.py") == {"toy_gsm8k", "toy_mmlu", "toy_math"}  # their scorers and datasets
     assert edit("paper/obim_math_cot_algebra.yaml") == {"obim_math_cot"}  # a group member
+    # a hook module's obim imports: the dev task re-exports the paper task's scorer
+    assert edit("paper/utils.py") == {"obim_math_cot", "obim_gsm8k_cot", "obim_gsm8k_cot_dev"}
+    assert "-" not in evaluation._task_files(root.resolve())  # a group's member list is no task of its own
     assert evaluation.tasks_digest(["gsm8k"]) == evaluation.tasks_digest([])  # lm-eval's own: its version keys it
 
 
@@ -112,3 +115,19 @@ def test_parse_size():
     for bad in ("", "abc", "0", "0.1", "-5GB", "5XB", True, 0, -1, None):
         with pytest.raises(ObimError, match=r"^shard_size: "):
             parse_size(bad, "shard_size")
+
+
+def test_a_task_edit_redoes_the_jobs_that_evaluate_it(tmp_path, monkeypatch):
+    """A job's plan hash (what resume compares) follows its tasks' files: a rerun redoes a job whose task changed."""
+    from conftest import compose
+
+    from obim.bench.plan import plan_job
+
+    root = tmp_path / "tasks"
+    shutil.copytree(evaluation.tasks_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(evaluation, "tasks_dir", lambda: str(root))
+    sft, pt = (plan_job(compose("method=ta", f"experiment.zoo={tmp_path}", *o)) for o in ([], ["experiment=toy_pt"]))
+    before = sft.hash(), pt.hash()
+    with open(root / "toy_gsm8k.yaml", "a") as f:
+        f.write("\n# edited\n")
+    assert sft.hash() != before[0] and pt.hash() == before[1]  # toy_pt does not evaluate toy_gsm8k

@@ -276,9 +276,21 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     ((job_result,),) = [list((tmp_path / "runs").glob("*/result.json"))]
     by_sweep = json.loads(job_result.read_text())
     by_search = json.loads((tmp_path / "search" / "ta" / "best" / "result.json").read_text())
-    computed = ("schema", "config_hash", "config", "plan", "inputs", "scores", "avg", "saliency_s", "merge_s", "cost")
+    computed = ("schema", "config_hash", "plan", "inputs", "scores", "avg", "saliency_s", "cost")
     assert {k: by_sweep[k] for k in computed} == {k: by_search[k] for k in computed}
-    assert by_sweep["individual"] == by_search["individual"] and by_sweep["cached"]["merge"]  # the search's merge
+    assert by_sweep["individual"] == by_search["individual"]
+    # the search keeps no merged model (keep_merged: false): the sweep merged and evaluated again, to the same scores
+    assert by_sweep["cached"] == {"saliency": None, "merge": False, "eval": False}
+    # where they ran differs (the search keeps no merged model, logs in its study's group): never what they computed
+    runtime = ("keep_merged", "progress", "tracking")
+    assert {k: v for k, v in by_sweep["config"].items() if k not in runtime} == {
+        k: v for k, v in by_search["config"].items() if k not in runtime
+    }
+    assert by_search["merged_dir"] is None and by_search["config"]["tracking"]["group"] == "toy_sft-ta"
+    # and the sweep's tables leave the search's record out, though it lies under the sweep's directory by default
+    from obim.bench.report.results import load_results
+
+    assert [r.path for r in load_results(tmp_path)] == [job_result]
     columns = by_sweep["plan"]["benchmarks"]
     assert best["test_scores"] == {columns[t]: v for t, v in by_sweep["scores"].items()}
 

@@ -367,12 +367,17 @@ class SweepConsole(Callback):
             logging.getLogger(n).setLevel(level)
         failed = any(o["status"] == "failed" for o in live.done)
         try:
-            if not config.get("dry_run"):
-                self._tables(config, live)
-            self._summary(config, live)
-        except Exception as e:  # Hydra would turn it into a warning and exit 0
-            live.print(f"sweep: error: the tables: {type(e).__name__}: {e}", err=True)
-            failed = True
+            try:
+                if not config.get("dry_run"):
+                    self._tables(config, live)
+            except Exception as e:  # Hydra would turn it into a warning and exit 0
+                live.print(f"sweep: error: the tables: {type(e).__name__}: {e}", err=True)
+                failed = True
+            try:  # the jobs' counts and W&B runs, whatever became of the tables
+                self._summary(config, live)
+            except Exception as e:
+                live.print(f"sweep: error: the summary: {type(e).__name__}: {e}", err=True)
+                failed = True
         finally:
             shutil.rmtree(live.inbox, ignore_errors=True)
             live.close()

@@ -29,24 +29,66 @@ def tasks_dir() -> str:
     return str(Path(__file__).parent / "tasks")
 
 
+def _obim_imports(py: Path, root: Path) -> list[Path]:
+    """The files of the obim modules a hook module imports (they make its data or its scores too); obim's task
+    modules are found in the tasks folder `root`."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1]  # obim/
+    tasks = "obim.bench.tasks"
+
+    def file_of(name: str) -> Path | None:
+        if name == tasks or name.startswith(tasks + "."):
+            f = root.joinpath(*name[len(tasks) :].split(".")[1:])
+        else:
+            f = pkg.parent / name.replace(".", "/")
+        return next((p for p in (f.with_suffix(".py"), f / "__init__.py") if p.is_file()), None)
+
+    out = []
+    for node in ast.walk(ast.parse(py.read_text())):
+        if isinstance(node, ast.Import):
+            out += [file_of(a.name) for a in node.names if a.name.split(".")[0] == "obim"]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: from the module's own package
+                base = py.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                inside = base.relative_to(root).parts if base.is_relative_to(root) else None
+                rel = ".".join([tasks, *inside]) if inside is not None else ".".join(base.relative_to(pkg.parent).parts)
+                module = f"{rel}.{module}" if module else rel
+            if module.split(".")[0] != "obim":
+                continue
+            # `from pkg import sub`: the submodule; `from mod import name`: the module
+            subs = [file_of(f"{module}.{a.name}") for a in node.names]
+            out += [s for s in subs if s] if all(subs) else [file_of(module)]
+    return [f.resolve() for f in out if f is not None]
+
+
 def _task_files(root: Path) -> dict[str, list[Path]]:
     """Each task or group defined under obim's tasks folder -> the files that define it: its YAML, what it
-    `include:`s (recursively) and the modules its `!function module.name` hooks load."""
+    `include:`s (recursively), the modules its `!function module.name` hooks load and the obim modules those
+    import (followed inside the tasks folder; a module outside it counts by its own source)."""
 
-    def deps(y: Path, seen: set[Path]) -> list[Path]:
-        if y in seen or not y.is_file():
+    def deps(f: Path, seen: set[Path]) -> list[Path]:
+        if f in seen or not f.is_file():
             return []
-        seen.add(y)
-        out, text = [y], y.read_text()
-        for inc in re.findall(r"^include:\s*(\S+)", text, re.M):
-            out += deps((y.parent / inc).resolve(), seen)
-        for mod in sorted(set(re.findall(r"!function\s+([\w.]+)\.\w+", text))):
-            out += deps((y.parent / (mod.replace(".", "/") + ".py")).resolve(), seen)
+        seen.add(f)
+        out, text = [f], f.read_text()
+        if f.suffix == ".py":
+            for dep in _obim_imports(f, root):
+                out += deps(dep, seen) if dep.is_relative_to(root) else ([dep] if dep not in seen else [])
+                seen.add(dep)
+            return out
+        for inc in re.findall(r"^include:[ \t]*(\S+)", text, re.M):
+            out += deps((f.parent / inc).resolve(), seen)
+        for mod in sorted(set(re.findall(r"!function[ \t]+([\w.]+)\.\w+", text))):
+            out += deps((f.parent / (mod.replace(".", "/") + ".py")).resolve(), seen)
         return out
 
     found: dict[str, list[Path]] = {}
     for y in sorted(root.rglob("*.yaml")):
-        names = re.findall(r"^(?:task|group):\s*(\S+)", y.read_text(), re.M)
+        names = re.findall(r"^(?:task|group):[ \t]*([^\s#]+)", y.read_text(), re.M)
         for n in names:
             found.setdefault(n, []).extend(deps(y.resolve(), set()))
     return found
@@ -82,7 +124,9 @@ def tasks_digest(tasks: list[str]) -> str:
         seen.add(t)
         for f in files[t]:
             text = f.read_text()
-            parts.append([t, str(f.relative_to(root)), text])
+            pkg = Path(__file__).resolve().parents[1]
+            name = str(f.relative_to(root)) if f.is_relative_to(root) else f"obim/{f.relative_to(pkg)}"
+            parts.append([t, name, text])
             if f.suffix != ".py":  # a group's members (`task:` lists) are tasks too
                 todo += re.findall(r"^\s*-\s*(?:task:\s*)?([\w.-]+)\s*$", text, re.M)
     return digest(parts)

@@ -282,10 +282,16 @@ class JobPlan:
         )
 
     def hash(self) -> str:
-        """What makes two jobs the same job: everything but how it was asked for, with the declared versions of
-        the code that computes it (the method's, the stages'); never the package's version alone."""
+        """What makes two jobs the same job: everything but how it was asked for, with what its caches are keyed by
+        beyond the plan (the declared versions of the method and the stages, obim's task files, lm-eval's
+        version), so a rerun redoes exactly the jobs a change touches; never the package's version alone."""
+        from importlib.metadata import version
+
+        from .evaluation import tasks_digest
+
         keep = {k: v for k, v in self.to_json().items() if k not in ("overrides", "main", "allow_code")}
-        return digest([keep, stage_versions(self.merge_config.method)])
+        code = [stage_versions(self.merge_config.method), tasks_digest(list(self.tasks)), version("lm_eval")]
+        return digest([keep, *code])
 
     def with_statistics(self, hdiag: dict[str, str]) -> MergeConfig:
         """The merge config with each saliency model's statistics file: the checked config, not parsed again."""

@@ -299,7 +299,13 @@ def test_best(s: Search, method: str, study: Any) -> dict:
     best = study.best_trial
     mine = [o for o in s.overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] != "search"]  # not the sweep's
     ov = [*mine, f"method={method}", *best.user_attrs["overrides"]]
-    plan = plan_job(compose(ov, primary="sweep"), ov)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in mine}
+    # where it runs, not what it computes (the plan hash leaves these out): the search's own settings, and its W&B
+    # run in the study's group rather than among the sweep's jobs
+    run = [f"{k}={v}" for k, v in (("keep_merged", bool(s.cfg.keep_merged)), ("progress", bool(s.cfg.progress)))]
+    run += [f"++tracking.group={study_name(s.experiment, method)}"]
+    run = [o for o in run if o.split("=", 1)[0].lstrip("+") not in keys]
+    plan = plan_job(compose([*ov, *run], primary="sweep"), ov)
     with s.quiet():
         res = run_job(plan, record=Record(s.out / method / "best", f"{method}-best"))
     from optuna.trial import TrialState

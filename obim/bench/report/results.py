@@ -177,6 +177,8 @@ def load_results(root: str | Path) -> list[JobRecord]:
     rather than half-read: rerunning its sweep redoes it from the caches."""
     found = []
     for p in Path(root).rglob("result.json"):
+        if _in_search(p, Path(root)):
+            continue
         try:
             r = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
@@ -196,6 +198,12 @@ def load_results(root: str | Path) -> list[JobRecord]:
     return found
 
 
+def _in_search(p: Path, root: Path) -> bool:
+    """A search's best-trial jobs (<search dir>/<method>/best/, the search dir holding its study.log) are the
+    search's record, not the sweep's: a search run inside a sweep directory (its default) stays out of its tables."""
+    return any((d / "study.log").is_file() for d in p.parents if d != root and d.is_relative_to(root))
+
+
 def _check_same_inputs(results: list[JobRecord], root: str | Path) -> None:
     """One table compares jobs on the same models: results whose inputs differ under one name (a run with other
     checkpoints or a retrained expert at the same job directories, beside jobs of the earlier run) are refused
@@ -208,10 +216,14 @@ def _check_same_inputs(results: list[JobRecord], root: str | Path) -> None:
                 (was, other), path = seen[key], _path(r, name)
                 raise ObimError(
                     f"{root}: jobs of different inputs: model '{name}' of {r.plan.experiment} ({path}) is {fp} in "
-                    f"{r.path.parent.name} but {was} in {other.path.parent.name}; rerun every job with the same "
-                    "models or move one run's job directories out"
+                    f"{_rel(r.path.parent, root)} but {was} in {_rel(other.path.parent, root)}; rerun every job with "
+                    "the same models or move one run's job directories out"
                 )
             seen.setdefault(key, (fp, r))
+
+
+def _rel(d: Path, root: str | Path) -> str:
+    return str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
 
 
 def _path(r: JobRecord, name: str) -> str:

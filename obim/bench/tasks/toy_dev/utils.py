@@ -1,8 +1,8 @@
 """The toy dev tasks' dataset and scorers: the same generators and scorers as the toy test tasks (../utils.py), drawn
 from the `dev` split (obim.bench.zoo.data splits every example 80/10/10 train/dev/test by a hash of its prompt).
 
-These files live in their own folder so that the toy test tasks' folder, whose contents key the evaluation cache
-(obim.bench.stages._tasks_fingerprint), is unchanged by them.
+They live in a folder of their own beside the test tasks; the evaluation cache keys each task by its own files
+(obim.bench.evaluation.tasks_digest).
 """
 
 from __future__ import annotations
