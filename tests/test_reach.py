@@ -21,13 +21,19 @@ from obim.bench.plan import plan_job
 from obim.bench.reach import missing_inputs
 
 inputs, missing = missing_inputs(plan_job(compose("experiment=llama2_13b_sft", "method=obim", "dry_run=true")))
-print(json.dumps({"inputs": [i.describe() for i in inputs], "missing": missing}))
+alpaca = None
+if not any(m.startswith("hub file tatsu-lab/alpaca_eval") for m in missing):  # the task's hook reads it from there
+    from obim.bench.tasks.paper.utils import alpaca_eval_dataset
+
+    f = {"repo": "tatsu-lab/alpaca_eval", "filename": "alpaca_eval.json", "repo_type": "dataset"}
+    alpaca = len(alpaca_eval_dataset(hub_file=f)["eval"])
+print(json.dumps({"inputs": [i.describe() for i in inputs], "missing": missing, "alpaca": alpaca}))
 """
 
 
-def write_model(hub: Path, repo: str, src: Path) -> None:
-    """A model in the hub cache's layout: refs/main names a snapshot holding the repo's files."""
-    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / "mirror"
+def write_model(hub: Path, repo: str, src: Path, kind: str = "models") -> None:
+    """A repo in the hub cache's layout: refs/main names a snapshot holding the repo's files."""
+    snap = hub / f"{kind}--{repo.replace('/', '--')}" / "snapshots" / "mirror"
     snap.mkdir(parents=True)
     for f in src.iterdir():
         (snap / f.name).write_bytes(f.read_bytes())
@@ -85,6 +91,13 @@ def test_every_unreadable_input_is_named(tmp_path):
 
     write_model(home / "hub", "meta-llama/Llama-2-13b-hf", make_llama(tmp_path / "base", 0))
     write_dataset(home, "openai/gsm8k", "main", {"train": {"question": ["1+1?"], "answer": ["#### 2"]}})
+    alpaca = tmp_path / "alpaca"
+    alpaca.mkdir()
+    (alpaca / "alpaca_eval.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 3))
+    write_model(home / "hub", "tatsu-lab/alpaca_eval", alpaca, kind="datasets")
+    code_eval = home / "modules" / "evaluate_modules" / "metrics" / "evaluate-metric--code_eval" / ("0" * 64)
+    code_eval.mkdir(parents=True)
+    (code_eval / "code_eval.py").write_text("# evaluate's module, as evaluate.load caches it\n")
     mirrored = missing_with(home)
     assert mirrored["inputs"] == empty["inputs"]
 
@@ -94,7 +107,10 @@ def test_every_unreadable_input_is_named(tmp_path):
     assert inputs(empty["missing"]) - inputs(mirrored["missing"]) == {
         "model meta-llama/Llama-2-13b-hf [experiment.base]",
         "dataset openai/gsm8k (main) split train [validation source gsm8k of math]",
+        "hub file tatsu-lab/alpaca_eval:alpaca_eval.json (dataset) [task obim_alpaca_eval]",
+        "metric evaluate-metric/code_eval [lm-eval's code tasks]",
     }
+    assert empty["alpaca"] is None and mirrored["alpaca"] == 3  # the file the dry run found is the one the task reads
     # the test split the benchmark scores is not in the mirror: named as such
     assert (
         "dataset openai/gsm8k (main) split test [task obim_gsm8k_cot]: no split test (it has train)"

@@ -15,7 +15,7 @@ from .plan import JobPlan
 
 @dataclass(frozen=True)
 class Input:
-    kind: str  # "model", "dataset" or "file"
+    kind: str  # "model", "dataset", "file", "hub file" (repo:filename) or "metric" (an evaluate module)
     ref: str  # a path or a hub id
     name: str | None  # a dataset's config
     split: str | None
@@ -58,6 +58,11 @@ def job_inputs(plan: JobPlan) -> list[Input]:
                 if key not in seen:
                     seen.add(key)
                     out.append(Input("dataset", spec["path"], n, spec["split"], why))
+    for cfg, task in _hub_files(list(plan.tasks)):
+        f = cfg["dataset_kwargs"]["hub_file"]
+        out.append(Input("hub file", f"{f['repo']}:{f['filename']}", f.get("repo_type"), None, f"task {task}"))
+    if _uses_code_eval(list(plan.tasks)):
+        out.append(Input("metric", "evaluate-metric/code_eval", None, None, "lm-eval's code tasks"))
     for cfg, task in _task_datasets(list(plan.tasks)):
         # the split scored (lm-eval: test, else validation) and the one its shots are drawn from
         scored = cfg.get("test_split") or cfg.get("validation_split")
@@ -83,10 +88,41 @@ def _task_datasets(tasks: list[str]) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
+def _hub_files(tasks: list[str]) -> list[tuple[dict[str, Any], str]]:
+    """obim's own tasks that read one file of a hub repo through their dataset hook (`dataset_kwargs.hub_file`)."""
+    from .evaluation import _leaves, task_manager
+
+    index = task_manager().task_index
+    return [
+        (cfg, str(cfg.get("task", t)))
+        for t in tasks
+        for cfg in _leaves(index, t, set())
+        if isinstance((cfg.get("dataset_kwargs") or {}).get("hub_file"), dict)
+    ]
+
+
+def _uses_code_eval(tasks: list[str]) -> bool:
+    """Whether a task executes generated code outside obim's sandbox: lm-eval's own code tasks score through
+    `evaluate.load("code_eval")`, a module evaluate fetches from the hub unless it is in its modules cache."""
+    from .evaluation import _leaves, code_tasks, task_manager, tasks_dir
+
+    index, ours = task_manager().task_index, os.path.realpath(tasks_dir()) + os.sep
+    return any(
+        not os.path.realpath(str(c.get("process_results", ""))).startswith(ours)
+        for t in code_tasks(tasks)
+        for c in _leaves(index, t, set())
+        if c.get("unsafe_code")
+    )
+
+
 def unreadable(inp: Input) -> str | None:
     """Why `inp` cannot be read here (None: it can)."""
     if inp.kind == "file":
         return None if Path(inp.ref).is_file() else "no such file"
+    if inp.kind == "hub file":
+        return _hub_file_missing(inp.ref, inp.name or "model")
+    if inp.kind == "metric":
+        return _metric_missing(inp.ref)
     local = Path(inp.ref).expanduser()
     if local.exists():
         if inp.kind == "model" and not (local / "config.json").is_file():
@@ -113,6 +149,40 @@ def _model_missing(repo: str) -> str | None:
 
         return None if HfApi().repo_exists(repo) else "not on the hub"
     except Exception as e:  # no network, a gated repo without a token...
+        return f"not reachable on the hub ({type(e).__name__})"
+
+
+def _hub_file_missing(ref: str, repo_type: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = ref.split(":", 1)
+    if isinstance(try_to_load_from_cache(repo, filename, repo_type=repo_type), str):
+        return None
+    if _offline():
+        return "not in the offline hub cache (HF_HUB_OFFLINE=1)"
+    try:
+        from huggingface_hub import HfApi
+
+        return None if HfApi().file_exists(repo, filename, repo_type=repo_type) else "not on the hub"
+    except Exception as e:
+        return f"not reachable on the hub ({type(e).__name__})"
+
+
+def _metric_missing(name: str) -> str | None:
+    """An evaluate module (code_eval): in evaluate's modules cache, or fetched from the hub when online."""
+    import evaluate.config
+
+    cache = Path(evaluate.config.HF_MODULES_CACHE) / "evaluate_modules" / "metrics" / name.replace("/", "--")
+    if any(cache.glob(f"*/{name.split('/')[-1]}.py")):
+        return None
+    offline = _offline() or os.environ.get("HF_EVALUATE_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if offline:
+        return f"not in evaluate's modules cache ({cache})"
+    try:
+        from huggingface_hub import HfApi
+
+        return None if HfApi().repo_exists(name, repo_type="space") else "not on the hub"
+    except Exception as e:
         return f"not reachable on the hub ({type(e).__name__})"
 
 

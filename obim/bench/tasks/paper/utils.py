@@ -118,12 +118,12 @@ def process_math_cot(doc, results):
 # ------------------------------------------------------------------------------------------------ AlpacaEval
 
 
-def alpaca_eval_dataset(**_):
-    """AlpacaEval's 805 instructions (the hub repo's JSON file: its loading script no longer runs in datasets)."""
+def alpaca_eval_dataset(hub_file: dict, **_):
+    """AlpacaEval's 805 instructions: the hub file the task's YAML names (`dataset_kwargs.hub_file`)."""
     import datasets
     from huggingface_hub import hf_hub_download
 
-    path = hf_hub_download("tatsu-lab/alpaca_eval", "alpaca_eval.json", repo_type="dataset")
+    path = hf_hub_download(hub_file["repo"], hub_file["filename"], repo_type=hub_file.get("repo_type", "model"))
     with open(path) as f:
         records = json.load(f)
     return datasets.DatasetDict({"eval": datasets.Dataset.from_list(records)})
