@@ -115,6 +115,19 @@ def wait_mid_merge(proc: subprocess.Popen, out: Path) -> Path:
     raise AssertionError("the merge never reached its first tensor")
 
 
+def sweep_env(zoo: Path, cache: Path) -> dict[str, str]:
+    """The environment a sweep or search subprocess runs in: this zoo and cache, offline, this checkout first."""
+    return {
+        **os.environ,
+        "OBIM_ZOO": str(zoo),
+        "OBIM_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+
+
 # The sweep with its merge stage failing after it ran (the resume tests): patched in the sweep's own process, so
 # production code carries no fault hook. The basic launcher runs the jobs in that process.
 FAIL_AFTER_MERGE = """

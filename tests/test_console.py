@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from conftest import REPO, run_sweep
+from conftest import run_sweep, sweep_env
 
 QUICK = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
 JOB_LINE = re.compile(
@@ -25,15 +25,7 @@ JOB_LINE = re.compile(
 
 
 def _env(quick_zoo: Path, cache: Path) -> dict:
-    return {
-        **os.environ,
-        "OBIM_ZOO": str(quick_zoo),
-        "OBIM_CACHE": str(cache),
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    return sweep_env(quick_zoo, cache)
 
 
 def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job_dirs(quick_zoo, tmp_path):

@@ -190,19 +190,9 @@ def test_im_retentions_drawn_over_one_are_scaled_to_sum_one():
 
 
 def _env(quick_zoo, tmp_path):
-    import os
+    from conftest import sweep_env
 
-    from conftest import REPO
-
-    return {
-        **os.environ,
-        "OBIM_ZOO": str(quick_zoo),
-        "OBIM_CACHE": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    return sweep_env(quick_zoo, tmp_path / "cache")
 
 
 QUICK = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true", "search.startup_trials=1"]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import compose, run_sweep
+from conftest import compose, run_sweep, sweep_env
 
 from obim.merging.errors import ObimError
 
@@ -128,15 +128,7 @@ def test_bad_options_are_one_line_errors(tmp_path, overrides, message):
 
 
 def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_path):
-    env = {
-        **os.environ,
-        "OBIM_ZOO": str(quick_zoo),
-        "OBIM_CACHE": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    env = sweep_env(quick_zoo, tmp_path / "cache")
     args = [
         "method=ta,obim",
         "experiment.zoo_recipe=quick",

@@ -69,17 +69,21 @@ def _task_files(root: Path) -> dict[str, list[Path]]:
     """Each task or group defined under obim's tasks folder -> the files that define it: its YAML, what it
     `include:`s (recursively), the modules its `!function module.name` hooks load and the obim modules those
     import (followed inside the tasks folder; a module outside it counts by its own source)."""
+    imports: dict[Path, list[Path]] = {}  # a hook module is parsed once, however many tasks use it
 
     def deps(f: Path, seen: set[Path]) -> list[Path]:
         if f in seen or not f.is_file():
             return []
         seen.add(f)
-        out, text = [f], f.read_text()
+        out = [f]
         if f.suffix == ".py":
-            for dep in _obim_imports(f, root):
+            if f not in imports:
+                imports[f] = _obim_imports(f, root)
+            for dep in imports[f]:
                 out += deps(dep, seen) if dep.is_relative_to(root) else ([dep] if dep not in seen else [])
                 seen.add(dep)
             return out
+        text = f.read_text()
         for inc in re.findall(r"^include:[ \t]*(\S+)", text, re.M):
             out += deps((f.parent / inc).resolve(), seen)
         for mod in sorted(set(re.findall(r"!function[ \t]+([\w.]+)\.\w+", text))):
@@ -240,12 +244,9 @@ def _stderr(text: str, warning: bool = False, logger: str = "") -> None:
     print(f"warning: {text}" if warning else text, file=sys.stderr, flush=True)
 
 
-def announce_code_execution(tasks: list[str], say: Callable[..., None] = _stderr) -> None:
-    """Before an evaluation that executes generated code, once per process: the layers of obim's code sandbox (obim's
-    code tasks run in it), a warning when bubblewrap is missing there, and one naming lm-eval's own code tasks,
-    which execute outside it (through lm-eval's code_eval). `say(text, warning, logger)`: the job's reporter."""
-    from . import sandbox
-
+def where_code_runs(tasks: list[str]) -> tuple[bool, list[str]]:
+    """(whether one of `tasks` runs generated code in obim's sandbox, the code tasks that run some outside it: lm-eval's
+    own, scored through its code_eval)."""
     index, ours = task_manager().task_index, os.path.realpath(tasks_dir()) + os.sep
     sandboxed, outside = False, []
     for t in code_tasks(tasks):
@@ -258,6 +259,16 @@ def announce_code_execution(tasks: list[str], say: Callable[..., None] = _stderr
         sandboxed |= any(in_sandbox)
         if not in_sandbox or not all(in_sandbox):
             outside.append(t)
+    return sandboxed, outside
+
+
+def announce_code_execution(tasks: list[str], say: Callable[..., None] = _stderr) -> None:
+    """Before an evaluation that executes generated code, once per process: the layers of obim's code sandbox (obim's
+    code tasks run in it), a warning when bubblewrap is missing there, and one naming lm-eval's own code tasks,
+    which execute outside it (through lm-eval's code_eval). `say(text, warning, logger)`: the job's reporter."""
+    from . import sandbox
+
+    sandboxed, outside = where_code_runs(tasks)
     if sandboxed and "sandbox" not in _announced:
         _announced.add("sandbox")
         say(sandbox.describe(), logger="obim.bench.sandbox")

@@ -5,10 +5,8 @@ datasets). The dry run checks them all before any work and names every missing o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .plan import JobPlan
 
@@ -27,7 +25,9 @@ class Input:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    from huggingface_hub import constants  # the hub library's own reading of HF_HUB_OFFLINE
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _under(path: str, root: str | None) -> bool:
@@ -37,6 +37,7 @@ def _under(path: str, root: str | None) -> bool:
 def job_inputs(plan: JobPlan) -> list[Input]:
     """Everything the job reads, in order: the models, each model's validation sources, each task's dataset splits.
     What the toy zoo writes when it is first built is not listed (the job builds it)."""
+    from .evaluation import _leaves, task_manager, where_code_runs
     from .stages import input_paths
 
     zoo = plan.zoo if plan.zoo and not (Path(plan.zoo) / "zoo.json").is_file() else None
@@ -58,12 +59,19 @@ def job_inputs(plan: JobPlan) -> list[Input]:
                 if key not in seen:
                     seen.add(key)
                     out.append(Input("dataset", spec["path"], n, spec["split"], why))
-    for cfg, task in _hub_files(list(plan.tasks)):
-        f = cfg["dataset_kwargs"]["hub_file"]
-        out.append(Input("hub file", f"{f['repo']}:{f['filename']}", f.get("repo_type"), None, f"task {task}"))
-    if _uses_code_eval(list(plan.tasks)):
+    index = task_manager().task_index
+    leaves = [(cfg, str(cfg.get("task", t))) for t in plan.tasks for cfg in _leaves(index, t, set())]
+    for cfg, task in leaves:  # obim's tasks whose dataset hook reads one file of a hub repo
+        f = (cfg.get("dataset_kwargs") or {}).get("hub_file")
+        if isinstance(f, dict):
+            out.append(Input("hub file", f"{f['repo']}:{f['filename']}", f.get("repo_type"), None, f"task {task}"))
+    # lm-eval's own code tasks score through evaluate.load("code_eval"), a module evaluate fetches from the hub
+    # unless it is in its modules cache
+    if where_code_runs(list(plan.tasks))[1]:
         out.append(Input("metric", "evaluate-metric/code_eval", None, None, "lm-eval's code tasks"))
-    for cfg, task in _task_datasets(list(plan.tasks)):
+    for cfg, task in leaves:  # tasks that read a dataset by path (not those that build their own data: the toy's)
+        if not cfg.get("dataset_path") or cfg.get("custom_dataset"):
+            continue
         # the split scored (lm-eval: test, else validation) and the one its shots are drawn from
         scored = cfg.get("test_split") or cfg.get("validation_split")
         for split in dict.fromkeys(s for s in (scored, cfg.get("fewshot_split")) if s):
@@ -72,47 +80,6 @@ def job_inputs(plan: JobPlan) -> list[Input]:
                 seen.add(key)
                 out.append(Input("dataset", cfg["dataset_path"], cfg.get("dataset_name"), split, f"task {task}"))
     return out
-
-
-def _task_datasets(tasks: list[str]) -> list[tuple[dict[str, Any], str]]:
-    """(config, task name) of each task the benchmarks run that reads a dataset by path (tasks that build their own
-    data, obim's toy tasks, are not listed)."""
-    from .evaluation import _leaves, task_manager
-
-    index = task_manager().task_index
-    out = []
-    for t in tasks:
-        for cfg in _leaves(index, t, set()):
-            if cfg.get("dataset_path") and not cfg.get("custom_dataset"):
-                out.append((cfg, str(cfg.get("task", t))))
-    return out
-
-
-def _hub_files(tasks: list[str]) -> list[tuple[dict[str, Any], str]]:
-    """obim's own tasks that read one file of a hub repo through their dataset hook (`dataset_kwargs.hub_file`)."""
-    from .evaluation import _leaves, task_manager
-
-    index = task_manager().task_index
-    return [
-        (cfg, str(cfg.get("task", t)))
-        for t in tasks
-        for cfg in _leaves(index, t, set())
-        if isinstance((cfg.get("dataset_kwargs") or {}).get("hub_file"), dict)
-    ]
-
-
-def _uses_code_eval(tasks: list[str]) -> bool:
-    """Whether a task executes generated code outside obim's sandbox: lm-eval's own code tasks score through
-    `evaluate.load("code_eval")`, a module evaluate fetches from the hub unless it is in its modules cache."""
-    from .evaluation import _leaves, code_tasks, task_manager, tasks_dir
-
-    index, ours = task_manager().task_index, os.path.realpath(tasks_dir()) + os.sep
-    return any(
-        not os.path.realpath(str(c.get("process_results", ""))).startswith(ours)
-        for t in code_tasks(tasks)
-        for c in _leaves(index, t, set())
-        if c.get("unsafe_code")
-    )
 
 
 def unreadable(inp: Input) -> str | None:
@@ -175,8 +142,7 @@ def _metric_missing(name: str) -> str | None:
     cache = Path(evaluate.config.HF_MODULES_CACHE) / "evaluate_modules" / "metrics" / name.replace("/", "--")
     if any(cache.glob(f"*/{name.split('/')[-1]}.py")):
         return None
-    offline = _offline() or os.environ.get("HF_EVALUATE_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    if offline:
+    if _offline() or evaluate.config.HF_EVALUATE_OFFLINE:
         return f"not in evaluate's modules cache ({cache})"
     try:
         from huggingface_hub import HfApi

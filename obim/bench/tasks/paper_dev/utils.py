@@ -8,25 +8,14 @@ so no dev sample is a validation sample while a model draws at most `skip`
 from __future__ import annotations
 
 from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot
+from obim.bench.validation import MATH_SUBJECTS, draw_order  # the same subjects and draw as the saliency sets
 
 # the task YAMLs here name these as utils.<name> (lm-eval's !function)
 __all__ = ["gsm8k_dev", "jcqa_dev", "math_dev", "mbpp_pass_at_1", "process_gsm8k_cot", "process_math_cot"]
 
-MATH_SUBJECTS = [
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-]
-
 
 def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
     import datasets
-
-    from obim.bench.validation import draw_order
 
     recs = []
     for name in names:
