@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-sandbox install-vllm test test-fast lint format typecheck demo bench zoo sweep search clean
+.PHONY: install install-sandbox install-vllm test test-fast lint format typecheck demo bench zoo sweep search rehearse clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,12 @@ sweep: install
 # every method of Table 1 tuned on the toy dev tasks (docs/search.md): results/toy_sft/table1_tuned.md
 search: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/search.py
+
+# every paper preset of the two real experiments on CPU stand-ins through the real code path, offline, from a
+# mirror of the hub it builds (docs/rehearsal.md); everything in $$OBIM_CACHE/rehearsal, the summary in its
+# results/rehearsal.md. ARGS passes options, e.g. make rehearse ARGS="--presets table1 --search-trials 0"
+rehearse: install
+	$(BIN)/python experiments/rehearse.py $(ARGS)
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/demo_merge.py

@@ -228,3 +228,24 @@ def test_planned_jobs_and_the_main_table():
     pick = lambda *o: main_table(tables, [{"overrides": list(o)}]).name  # noqa: E731  (a one-line local helper)
     assert pick("method=ta") == "table1" and pick("method=obim", "validation.size=10") == "table5"
     assert pick("retention=0.2") == "grid" and pick("method.parameters.density=0.3") == "grid"
+
+
+def test_expected_library_notices_are_noise_and_problems_are_not():
+    """A rehearsal's offline run printed 132 of these per sweep: what offline mode and obim's own num_fewshot
+    setting ask for, not problems. A real problem from the same libraries still reaches the console."""
+    from obim.bench.joblog import is_noise
+
+    for text in (
+        "Overwriting default num_fewshot of mmlu_anatomy from None to 5",
+        "Using the latest cached version of the dataset since tatsu-lab/alpaca couldn't be found on the Hugging Face "
+        "Hub (offline mode is enabled).",
+        "Found the latest cached dataset configuration 'all' at /m/datasets/cais___mmlu/all/0.0.0/7c25 (last "
+        "modified on Sat Dec  5 18:14:24 2026).",
+    ):
+        assert is_noise(text), text
+    for text in (
+        "Couldn't find cache for cais/mmlu for config 'all'",
+        "Some weights of LlamaForCausalLM were not initialized from the model checkpoint",
+        "num_fewshot of mmlu is larger than the fewshot split",
+    ):
+        assert not is_noise(text), text

@@ -394,7 +394,7 @@ def test_dry_run_refuses_unknown_source(tmp_path):
 
 @pytest.mark.slow  # indexes lm-eval's bundled tasks (TaskManager, ~9 s)
 @pytest.mark.parametrize(
-    ("experiment", "tasks"), [("toy_sft", "toy_humaneval, toy_mbpp"), ("llama2_13b_sft", "humaneval, mbpp")]
+    ("experiment", "tasks"), [("toy_sft", "toy_humaneval, toy_mbpp"), ("llama2_13b_sft", "obim_humaneval, obim_mbpp")]
 )
 def test_code_benchmarks_need_an_opt_in_at_planning(tmp_path, monkeypatch, experiment, tasks):
     from obim.bench.plan import plan_job

@@ -42,7 +42,7 @@ def dry_run(tmp_path: Path, *overrides: str, mode: str = "plan") -> dict[str, di
     return plans
 
 
-SFT_TASKS = ["obim_alpaca_eval", "mmlu", "obim_gsm8k_cot", "obim_math_cot", "humaneval", "mbpp"]
+SFT_TASKS = ["obim_alpaca_eval", "mmlu", "obim_gsm8k_cot", "obim_math_cot", "obim_humaneval", "obim_mbpp"]
 PT_TASKS = ["ceval-valid", "mmlu", "japanese_leaderboard"]
 BASELINES = {"ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"}
 

@@ -85,9 +85,11 @@ def test_every_unreadable_input_is_named(tmp_path):
         "dataset tatsu-lab/alpaca split train [validation source alpaca of lm]: not in the offline datasets cache",
         "dataset openai/gsm8k (main) split test [task obim_gsm8k_cot]: not in the offline datasets cache",
         "dataset cais/mmlu (anatomy) split dev [task mmlu_anatomy]: not in the offline datasets cache",
-        "dataset openai/openai_humaneval split test [task humaneval]: not in the offline datasets cache",
+        "dataset openai/openai_humaneval split test [task obim_humaneval]: not in the offline datasets cache",
     ):
         assert what in empty["missing"], what
+    # its code tasks (obim_humaneval, obim_mbpp) score in obim's sandbox: no code_eval module to fetch
+    assert not [i for i in empty["inputs"] if i.startswith("metric ")]
 
     write_model(home / "hub", "meta-llama/Llama-2-13b-hf", make_llama(tmp_path / "base", 0))
     write_dataset(home, "openai/gsm8k", "main", {"train": {"question": ["1+1?"], "answer": ["#### 2"]}})
@@ -95,9 +97,6 @@ def test_every_unreadable_input_is_named(tmp_path):
     alpaca.mkdir()
     (alpaca / "alpaca_eval.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 3))
     write_model(home / "hub", "tatsu-lab/alpaca_eval", alpaca, kind="datasets")
-    code_eval = home / "modules" / "evaluate_modules" / "metrics" / "evaluate-metric--code_eval" / ("0" * 64)
-    code_eval.mkdir(parents=True)
-    (code_eval / "code_eval.py").write_text("# evaluate's module, as evaluate.load caches it\n")
     mirrored = missing_with(home)
     assert mirrored["inputs"] == empty["inputs"]
 
@@ -108,7 +107,6 @@ def test_every_unreadable_input_is_named(tmp_path):
         "model meta-llama/Llama-2-13b-hf [experiment.base]",
         "dataset openai/gsm8k (main) split train [validation source gsm8k of math]",
         "hub file tatsu-lab/alpaca_eval:alpaca_eval.json (dataset) [task obim_alpaca_eval]",
-        "metric evaluate-metric/code_eval [lm-eval's code tasks]",
     }
     assert empty["alpaca"] is None and mirrored["alpaca"] == 3  # the file the dry run found is the one the task reads
     # the test split the benchmark scores is not in the mirror: named as such
@@ -139,6 +137,67 @@ def test_dry_run_modes_are_checked():
     from obim.bench.plan import plan_job
     from obim.merging.errors import ObimError
 
-    with pytest.raises(ObimError, match=r"^dry_run: expected false, true .* or plan \(plan only\), got 'maybe'"):
+    with pytest.raises(ObimError, match=r"^dry_run: expected false, true .* or fetch \(download .*, got 'maybe'"):
         plan_job(compose("method=ta", "dry_run=maybe"))
     assert plan_job(compose("method=ta", "dry_run=plan")).runtime.dry_run == "plan"
+    assert plan_job(compose("method=ta", "dry_run=fetch")).runtime.dry_run == "fetch"
+    assert plan_job(compose("method=ta", "dry_run=true")).runtime.dry_run is True
+
+
+def test_fetch_downloads_each_kind_of_input_as_the_job_reads_it(monkeypatch, tmp_path):
+    """dry_run=fetch (preparing an offline cluster's HF_HOME): a model as the merge resolves it, a dataset's config
+    and split with load_dataset (datasets' own cache, the one it reads offline), one hub file, an evaluate module;
+    a local path is left alone."""
+    import datasets
+    import evaluate
+    import huggingface_hub
+
+    import obim.merging.checkpoint as ck
+    from obim.bench.reach import Input, fetch
+
+    calls = []
+    monkeypatch.setattr(ck, "resolve_model_dir", lambda ref: calls.append(("model", ref)))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(("dataset", a, k)))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(("file", a, k)))
+    monkeypatch.setattr(evaluate, "load", lambda name: calls.append(("metric", name)))
+    fetch(Input("model", "org/model", None, None, "experiment.base"))
+    fetch(Input("dataset", "cais/mmlu", "all", "dev", "validation source mmlu"))
+    fetch(Input("hub file", "tatsu-lab/alpaca_eval:alpaca_eval.json", "dataset", None, "task obim_alpaca_eval"))
+    fetch(Input("metric", "evaluate-metric/code_eval", None, None, "lm-eval's code tasks"))
+    fetch(Input("model", str(tmp_path), None, None, "model lm"))  # local: nothing to fetch
+    fetch(Input("file", str(tmp_path / "v.jsonl"), None, None, "validation source x"))
+    assert calls == [
+        ("model", "org/model"),
+        ("dataset", ("cais/mmlu", "all"), {"split": "dev"}),
+        ("file", ("tatsu-lab/alpaca_eval", "alpaca_eval.json"), {"repo_type": "dataset"}),
+        ("metric", "code_eval"),
+    ]
+
+
+def test_fetch_missing_fetches_only_what_is_missing_and_names_each_failure(monkeypatch):
+    import obim.bench.reach as reach
+    from obim.bench.reach import Input, fetch_missing
+    from obim.merging.errors import ObimError
+
+    inputs = [
+        Input("model", "org/here", None, None, "experiment.base"),
+        Input("model", "org/gated", None, None, "model lm"),
+        Input("dataset", "org/data", "main", "train", "validation source gsm8k of math"),
+    ]
+    fetched = set()
+
+    def fake_fetch(inp):
+        if inp.ref == "org/gated":
+            raise OSError("401 Client Error: gated repo\nmore detail")
+        fetched.add(inp.ref)
+
+    monkeypatch.setattr(reach, "job_inputs", lambda plan: inputs)
+    monkeypatch.setattr(reach, "unreadable", lambda inp: None if inp.ref in fetched | {"org/here"} else "missing")
+    monkeypatch.setattr(reach, "fetch", fake_fetch)
+    monkeypatch.setattr(reach, "_offline", lambda: False)
+    done, failed = fetch_missing(None)
+    assert done == ["dataset org/data (main) split train [validation source gsm8k of math]"]
+    assert failed == ["model org/gated [model lm]: fetch failed (OSError: 401 Client Error: gated repo)"]
+    monkeypatch.setattr(reach, "_offline", lambda: True)
+    with pytest.raises(ObimError, match="dry_run=fetch downloads from the hub: unset HF_HUB_OFFLINE"):
+        fetch_missing(None)

@@ -361,11 +361,31 @@ def test_search_dry_run_on_the_real_experiments():
             [
                 "experiment=llama2_13b_sft",
                 "dry_run=true",
-                "~experiment.benchmarks.humaneval",
-                "~experiment.benchmarks.mbpp",
+                "~experiment.benchmarks.obim_humaneval",
+                "~experiment.benchmarks.obim_mbpp",
                 "+experiment.benchmarks.no_code_here=mbpp",
             ],
             say=lines.append,
         )
     with pytest.raises(ObimError, match=r"search\.methods"):
         run_search(["dry_run=true", "search.methods=[nope]"], say=lines.append)
+
+
+def test_checkpoint_experiments_search_one_retention():
+    """qwen2_7b_pt names `checkpoints` with one shared `checkpoint` setting: no experiment.models.<name>.retention
+    exists to set (the rehearsal's search of it failed on that override). Its retention is searched as one value,
+    capped for IM at 1/n, and the trial's overrides compose; an experiment of `models` keeps one per model."""
+    import optuna
+
+    from obim.bench.plan import plain
+    from obim.bench.search import check_space, compose, shared_settings, suggest
+
+    cfg = compose(["experiment=qwen2_7b_pt", "method=obim"])
+    space = shared_settings(check_space("obim", plain(cfg.method)["search"]), plain(cfg.experiment))
+    assert space["retention"]["per_model"] is False
+    ov, used = suggest(optuna.trial.FixedTrial({"retention": 0.5}), space, ["ckpt-1", "ckpt-2", "ckpt-3"], im=True)
+    assert ov == ["retention=0.3333"] and used == {"retention": 0.3333}
+    assert compose(["experiment=qwen2_7b_pt", "method=obim", *ov]).retention == 0.3333
+    sft = compose(["experiment=llama2_13b_sft", "method=obim"])
+    kept = shared_settings(check_space("obim", plain(sft.method)["search"]), plain(sft.experiment))
+    assert kept["retention"]["per_model"] is True

@@ -370,8 +370,12 @@ class SweepConsole(Callback):
             try:
                 if not config.get("dry_run"):
                     self._tables(config, live)
+                else:
+                    for line in dry_run_total(live.done):
+                        live.print(line)
             except Exception as e:  # Hydra would turn it into a warning and exit 0
-                live.print(f"sweep: error: the tables: {type(e).__name__}: {e}", err=True)
+                what = "the dry run's total" if config.get("dry_run") else "the tables"
+                live.print(f"sweep: error: {what}: {type(e).__name__}: {e}", err=True)
                 failed = True
             try:  # the jobs' counts and W&B runs, whatever became of the tables
                 self._summary(config, live)
@@ -435,6 +439,65 @@ class SweepConsole(Callback):
             f"({', '.join(parts)}); job logs: {sweep_dir}/<job>/{log}"
         )
         live.print(line, err=bool(count["failed"]))
+
+
+def dry_run_total(done: list[dict]) -> list[str]:
+    """What a real run of the planned jobs will cost (obim.bench.estimate.sweep_total over each job's plan.json
+    "cost"; what jobs share counted once), as lines: merges, saliency, evaluations, then a table per benchmark."""
+    from .estimate import sweep_total
+
+    costs = []
+    for o in done:
+        if o["status"] == "planned" and o.get("job_dir"):
+            with open(Path(o["job_dir"]) / "plan.json") as f:
+                cost = json.load(f).get("cost")
+            if cost is not None:
+                costs.append(cost)
+    if not costs:
+        return []
+    t = sweep_total(costs)
+    read = all(c["read"] for c in costs)
+
+    def num(v: int | None) -> str:
+        return "?" if v is None else f"{v:,}"
+
+    n = t["jobs"]
+    failed = sum(o["status"] == "failed" for o in done)  # inputs missing: not estimated
+    lines = [
+        f"\ncost of a real run of {'these' if n != 1 else 'this'} {n} job{'s' * (n != 1)} "
+        "(the work planned; what the caches hold not subtracted"
+        + (f"; {failed} failed job{'s' * (failed != 1)} not counted):" if failed else "):"),
+        f"  merges: {t['merges']}",
+    ]
+    if t["saliency_runs"]:
+        tokens = f", {num(t['saliency_tokens'])} tokens" if read else ""
+        why = f"; tokens unknown here: {t['saliency_why']}" if read and t["saliency_why"] else ""
+        lines.append(
+            f"  saliency: {t['saliency_runs']} models' statistics (each once), {num(t['saliency_samples'])} samples "
+            f"in {num(t['saliency_batches'])} forward batches{tokens}{why}"
+        )
+    ind = t["individual_evaluations"]
+    merged = t["evaluations"] - ind
+    lines.append(
+        f"  evaluations: {t['evaluations']} ({merged} merged model{'s' * (merged != 1)}"
+        + (f", {ind} individual model{'s' * (ind != 1)} once each)" if ind else ")")
+    )
+    if not read:
+        lines.append("  prompts and tokens: counted by dry_run=true (dry_run=plan reads nothing)")
+        return lines
+    head = ["benchmark", "task", "type", "evaluations", "docs", "prompts", "max generated tokens"]
+    rows = [
+        [b["column"], task, str(b["type"] or "?"), str(b["evaluations"])]
+        + [num(b[k]) for k in ("docs", "prompts", "max_gen_tokens")]
+        for task, b in t["benchmarks"].items()
+    ]
+    rows.append(["total", "", "", str(t["evaluations"]), "", num(t["prompts"]), num(t["max_gen_tokens"])])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:  # text left, numbers right
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    lines += [f"  {task}: unknown here, {b['why']}" for task, b in t["benchmarks"].items() if b["why"]]
+    return lines
 
 
 def _plain(node: Any) -> Any:

@@ -17,10 +17,11 @@ from typing import Any
 
 from obim.merging.errors import ObimError
 
-METRICS = ("exact_match", "pass@1", "acc", "acc_norm", "rouge2")  # rouge2: japanese_leaderboard's xlsum (0-1)
+# rouge2: japanese_leaderboard's xlsum (0-1); pass_at_1: lm-eval's own mbpp (obim_mbpp reports pass@1)
+METRICS = ("exact_match", "pass@1", "pass_at_1", "acc", "acc_norm", "rouge2")
 # bump when how a score is read or computed here changes (the metric chosen, the code sandbox's verdicts): cached
 # evaluations are keyed by it; a task's own files key its evaluations (tasks_digest)
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: programs run with code_eval's globals (__name__ is not __main__)
 
 
 def tasks_dir() -> str:

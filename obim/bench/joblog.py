@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 EVENTS = ".obim-console"  # under hydra.sweep.dir: the console's inbox for this sweep
-# Warnings that say nothing about this sweep's results: lm-eval's hint repeated for every task of every model, and
-# libraries' notices of their own API changes.
+# Warnings that say nothing about this sweep's results: lm-eval's hints repeated for every task of every model (a
+# benchmark's num_fewshot is obim's own setting), datasets' notices that it reads its cache when offline (what
+# HF_DATASETS_OFFLINE=1 asks for), and libraries' notices of their own API changes.
 NOISE = (
     re.compile(r"Custom kwargs can be passed to `--metadata`"),
+    re.compile(r"Overwriting default num_fewshot of \S+ from \S+ to \d+"),
+    re.compile(r"Using the latest cached version of the dataset since .* \(offline mode is enabled\)"),
+    re.compile(r"Found the latest cached dataset configuration "),
     re.compile(r"\b(Deprecation|PendingDeprecation|Future)Warning\b"),
 )
 # Libraries that print through handlers of their own (transformers does not propagate to the root logger): their

@@ -42,30 +42,40 @@ class Record:
     name: str
 
 
-def dry_run(plan: JobPlan, job_dir: Path, check_inputs: bool = True) -> dict[str, Any]:
+def dry_run(plan: JobPlan, job_dir: Path, check_inputs: bool = True, fetch: bool = False) -> dict[str, Any]:
     """Write plan.json (the plan, where each model is found, and, checked, every input the job reads and which of
-    them cannot be read here) and say what would run. A missing input fails the dry run, every one named in its
-    one line, after plan.json is written; dry_run=plan only plans."""
+    them cannot be read here, and what a real run will cost: obim.bench.estimate) and say what would run. A
+    missing input fails the dry run, every one named in its one line, after plan.json is written (without a cost);
+    dry_run=plan only plans: its cost counts what the plan says without reading anything (no tokens, no prompts)."""
+    from .estimate import estimate, summary
+
     check_tasks(list(plan.tasks))
     paths = input_paths(plan)
     where = {n: where_is(p) for n, p in paths.items()}
     rec: dict[str, Any] = {"config_hash": plan.hash(), **plan.to_json(), "paths": where}
     missing: list[str] = []
     if check_inputs:
-        from .reach import missing_inputs
+        from .reach import fetch_missing, missing_inputs
 
+        if fetch:  # then checked as dry_run=true checks: what failed to download is named below as missing
+            rec["fetched"], rec["fetch_failed"] = fetch_missing(plan)
         inputs, missing = missing_inputs(plan)
         rec.update(inputs=[i.describe() for i in inputs], missing=missing)
+    if not missing:  # a failing job's estimate would only repeat what is missing, slowly
+        rec["cost"] = estimate(plan, read=check_inputs)
     write_json(job_dir / "plan.json", rec)
     if missing:
+        why = f"; fetching: {'; '.join(rec['fetch_failed'])}" if rec.get("fetch_failed") else ""
         raise ObimError(
-            f"{len(missing)} input{'s' * (len(missing) != 1)} of this job cannot be read here: {'; '.join(missing)} "
-            "(dry_run=plan only plans)"
+            f"{len(missing)} input{'s' * (len(missing) != 1)} of this job cannot be read here: {'; '.join(missing)}"
+            f"{why} (dry_run=plan only plans)"
         )
-    summary = f"{plan.method} of {', '.join(plan.models)} -> {len(plan.tasks)} tasks"
+    line = f"{plan.method} of {', '.join(plan.models)} -> {len(plan.tasks)} tasks"
+    if fetch:
+        line += f"; {len(rec['fetched'])} inputs fetched"
     if check_inputs:
-        summary += f"; all {len(rec['inputs'])} inputs readable"
-    return {"dry_run": True, "summary": summary}
+        line += f"; all {len(rec['inputs'])} inputs readable"
+    return {"dry_run": True, "summary": f"{line}; {summary(rec['cost'])}"}
 
 
 def previous_result(job_dir: Path, h: str, inputs: dict[str, str]) -> dict | None:
@@ -121,7 +131,7 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
     if rt.dry_run:
         if record is None:
             raise ValueError("a dry run writes plan.json: it needs a record")
-        return dry_run(plan, record.dir, check_inputs=rt.dry_run != "plan")
+        return dry_run(plan, record.dir, check_inputs=rt.dry_run != "plan", fetch=rt.dry_run == "fetch")
     if plan.zoo and not (Path(plan.zoo) / "zoo.json").is_file():
         from .evaluation import announce_code_execution, code_allowed
 

@@ -195,7 +195,7 @@ class Runtime:
     progress: bool
     keep_merged: bool
     tracking: dict[str, Any]
-    dry_run: bool | str  # True: plan and check every input is readable; "plan": plan only
+    dry_run: bool | str  # True: plan and check every input is readable; "plan": plan only; "fetch": download first
 
 
 @dataclass(frozen=True)
@@ -330,9 +330,12 @@ def canonical_overrides(overrides: list[str]) -> tuple[str, ...]:
 
 
 def _dry_run(v: Any) -> bool | str:
-    if v in (None, False, True, "plan"):
-        return bool(v) if v != "plan" else "plan"
-    raise ObimError(f"dry_run: expected false, true (plan and check the inputs) or plan (plan only), got {v!r}")
+    if v in (None, False, True, "plan", "fetch"):
+        return v if v in ("plan", "fetch") else bool(v)
+    raise ObimError(
+        f"dry_run: expected false, true (plan and check the inputs), plan (plan only) or fetch (download the "
+        f"missing inputs into the HF caches, then check), got {v!r}"
+    )
 
 
 def runtime_of(c: dict) -> Runtime:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from obim.merging.errors import ObimError
+
 from .plan import JobPlan
 
 
@@ -164,6 +166,50 @@ def _dataset_missing(path: str, name: str | None, split: str | None) -> str | No
     if split and splits and split not in splits:
         return f"no split {split} (it has {', '.join(splits)})"
     return None
+
+
+def fetch(inp: Input) -> None:
+    """Download one input into the HF caches (HF_HOME), as the job will read it: a model's files as the merge
+    resolves them (weights, configs, tokenizer), a dataset's config and split into datasets' own cache (the only
+    layout datasets reads offline), one file of a hub repo, an evaluate module. For a connected machine that
+    prepares an offline cluster's HF_HOME (dry_run=fetch); local paths are left alone."""
+    if inp.kind == "file" or Path(inp.ref).expanduser().exists():
+        return
+    if inp.kind == "model":
+        from obim.merging.checkpoint import resolve_model_dir
+
+        resolve_model_dir(inp.ref)
+    elif inp.kind == "hub file":
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = inp.ref.split(":", 1)
+        hf_hub_download(repo, filename, repo_type=inp.name or "model")
+    elif inp.kind == "metric":
+        import evaluate
+
+        evaluate.load(inp.ref.split("/")[-1])
+    else:
+        import datasets
+
+        datasets.load_dataset(inp.ref, inp.name, split=inp.split)
+
+
+def fetch_missing(plan: JobPlan) -> tuple[list[str], list[str]]:
+    """Download every input of the job that cannot be read here (dry_run=fetch); returns the ones fetched and, for
+    each that failed, one line with the reason. Refused offline: there is nothing to fetch from."""
+    if _offline():
+        raise ObimError("dry_run=fetch downloads from the hub: unset HF_HUB_OFFLINE (and HF_DATASETS_OFFLINE)")
+    fetched, failed = [], []
+    for inp in job_inputs(plan):
+        if unreadable(inp) is None:
+            continue
+        try:
+            fetch(inp)
+            fetched.append(inp.describe())
+        except Exception as e:  # a gated repo without a token, no such dataset, no network: named, the rest go on
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            failed.append(f"{inp.describe()}: fetch failed ({type(e).__name__}: {msg[:200]})")
+    return fetched, failed
 
 
 def missing_inputs(plan: JobPlan) -> tuple[list[Input], list[str]]:

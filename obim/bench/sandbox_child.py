@@ -43,7 +43,9 @@ def main(argv, SystemExit=SystemExit, RuntimeError=RuntimeError, exec=exec):
     sys.addaudithook(audit_hook(work, posix, stat))
     sys.argv = ["program.py"]
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        # globals as evaluate's code_eval gives them (an empty dict: __name__ reads "builtins"), so an
+        # `if __name__ == "__main__":` block in a completion is skipped there and here alike
+        exec(code, {"__name__": "builtins", "__builtins__": __builtins__})
     except SystemExit:
         raise RuntimeError("the program called exit before its tests finished") from None
 

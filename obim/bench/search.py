@@ -84,6 +84,14 @@ def check_space(method_name: str, space: Any) -> dict[str, dict]:
     return out
 
 
+def shared_settings(space: dict[str, dict], experiment: dict) -> dict[str, dict]:
+    """An experiment of `checkpoints` gives them one `checkpoint` setting (the paper's one retention for every
+    checkpoint), with no per-model key to set: its per-model retention is searched as one value, `retention=`."""
+    if experiment.get("checkpoints") is None or not space.get("retention", {}).get("per_model"):
+        return space
+    return {**space, "retention": {**space["retention"], "per_model": False}}
+
+
 def suggest(trial: Any, space: dict[str, dict], models: list[str], im: bool) -> tuple[list[str], dict[str, float]]:
     """The trial's draw as config overrides, and the values merged ({name or name.model: value}, 4 decimals).
     Iterative merging keeps at most all of the positions: per-model retentions drawn summing over 1 are scaled
@@ -254,7 +262,7 @@ def run_study(s: Search, method: str) -> Any:
 
     opts = s.opts
     cfg0 = compose([*s.overrides, f"method={method}"])
-    space = check_space(method, plain(cfg0.method).get("search"))
+    space = shared_settings(check_space(method, plain(cfg0.method).get("search")), plain(cfg0.experiment))
     plan0 = plan_job(cfg0, [f"method={method}"])
     dev = plan_dev(cfg0)
     from obim.merging.methods import get_method

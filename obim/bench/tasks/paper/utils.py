@@ -4,11 +4,17 @@ indexes them).
 GSM8K and MATH are evaluated zero-shot with WizardMath's Alpaca-style chain-of-thought prompt; the answer is what
 follows "The answer is:" in the completion. MATH answers are compared after a normalisation of LaTeX spellings
 of the same value (\\dfrac and \\frac, units, "x = ", 0.5 and \\frac{1}{2}, ...), as the MATH paper's scorer does.
+
+HumanEval and MBPP are lm-eval's own tasks, scored here: lm-eval's scorer loads evaluate's code_eval, a hub module,
+when its utils module is imported, so they could not run offline. Each program runs in obim.bench.sandbox, as
+code_eval runs it (candidate + "\\n" + the task's target, 3 s), and pass@k is code_eval's estimator.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 
 from obim.bench.validation import last_boxed  # the validation builder reads MATH's gold answers the same way
@@ -132,3 +138,111 @@ def alpaca_eval_dataset(hub_file: dict, **_):
 def process_alpaca_eval(doc, results):
     """The output's length in words: the score itself needs a judge (obim.bench.judge), run on the logged outputs."""
     return {"output_words": float(len(results[0].split()))}
+
+
+# ------------------------------------------------------------------------------------------------ HumanEval, MBPP
+
+CODE_TIMEOUT = 3.0  # seconds per program: code_eval's default
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """One problem's unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k), computed as code_eval's
+    estimate_pass_at_k does (a product, no large binomials)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def passes(program: str, timeout: float = CODE_TIMEOUT) -> bool:
+    """Whether the program exits normally within `timeout`, run in obim's sandbox; only when code execution was
+    opted in (as code_eval, which refuses without HF_ALLOW_CODE_EVAL=1)."""
+    from obim.bench.sandbox import run
+    from obim.merging.errors import ObimError
+
+    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
+        raise ObimError(
+            "obim's code tasks execute model-generated code: opt in with eval.allow_code=true "
+            "(or HF_ALLOW_CODE_EVAL=1 in the environment)"
+        )
+    return run(program, timeout).passed
+
+
+def code_pass_at_1(candidates: list[str], reference: str) -> float:
+    """pass@1 of one problem: each candidate program followed by its tests, as code_eval joins them."""
+    return pass_at_k(len(candidates), sum(passes(c + "\n" + reference) for c in candidates), 1)
+
+
+def _candidates(results) -> list[str]:
+    # humaneval's filter gives each doc its list of programs (one per repeat); take_first gives mbpp one string
+    got = results[0]
+    return [got] if isinstance(got, str) else list(got)
+
+
+def humaneval_target(doc) -> str:
+    """The task's doc_to_target, "{{test}}\\ncheck({{entry_point}})": the tests code_eval appends."""
+    return f"{doc['test']}\ncheck({doc['entry_point']})"
+
+
+def humaneval_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's humaneval filter (utils.build_predictions): the program is the prompt + the completion."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs, strict=True)]
+
+
+def process_humaneval(doc, results):
+    return {"pass@1": code_pass_at_1(_candidates(results), humaneval_target(doc))}
+
+
+def mbpp_target(doc) -> str:
+    """The task's doc_to_target for a test doc: its first three asserts, one per line."""
+    return "\n".join(doc["test_list"][:3])
+
+
+def process_mbpp(doc, results):
+    return {"pass@1": code_pass_at_1(_candidates(results), mbpp_target(doc))}
+
+
+def mbpp_fewshot_samples() -> list[dict]:
+    """lm-eval's mbpp shots (utils.list_fewshot_samples): train task ids 2, 3 and 4, as data (importing lm-eval's
+    module would load code_eval)."""
+    return [
+        {
+            "task_id": 2,
+            "text": "Write a function to find the similar elements from the given two tuple lists.",
+            "code": "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & set(test_tup2))\r\n"
+            "  return (res) ",
+            "test_list": [
+                "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
+                "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
+                "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)",
+            ],
+            "is_fewshot": True,
+        },
+        {
+            "task_id": 3,
+            "text": "Write a python function to identify non-prime numbers.",
+            "code": "import math\r\ndef is_not_prime(n):\r\n    result = False\r\n"
+            "    for i in range(2,int(math.sqrt(n)) + 1):\r\n        if n % i == 0:\r\n"
+            "            result = True\r\n    return result",
+            "test_list": [
+                "assert is_not_prime(2) == False",
+                "assert is_not_prime(10) == True",
+                "assert is_not_prime(35) == True",
+            ],
+            "is_fewshot": True,
+        },
+        {
+            "task_id": 4,
+            "text": "Write a function to find the largest integers from a given list of numbers using heap queue "
+            "algorithm.",
+            "code": "import heapq as hq\r\ndef heap_queue_largest(nums,n):\r\n  largest_nums = hq.nlargest(n, nums)\r\n"
+            "  return largest_nums",
+            "test_list": [
+                "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
+                "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
+                "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]",
+            ],
+            "is_fewshot": True,
+        },
+    ]

@@ -7,11 +7,11 @@ so no dev sample is a validation sample while a model draws at most `skip`
 
 from __future__ import annotations
 
-from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot
+from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot, process_mbpp
 from obim.bench.validation import MATH_SUBJECTS, draw_order  # the same subjects and draw as the saliency sets
 
 # the task YAMLs here name these as utils.<name> (lm-eval's !function)
-__all__ = ["gsm8k_dev", "jcqa_dev", "math_dev", "mbpp_pass_at_1", "process_gsm8k_cot", "process_math_cot"]
+__all__ = ["gsm8k_dev", "jcqa_dev", "math_dev", "process_gsm8k_cot", "process_math_cot", "process_mbpp"]
 
 
 def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
@@ -35,9 +35,3 @@ def math_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
 def jcqa_dev(skip: int = 1000, seed: int = 0, n: int = 500, **_):
     ds = _past_validation("Rakuten/JGLUE", ["JCommonsenseQA"], "train", "jp", skip, seed, n)
     return ds.map(lambda d: {"choices": [d[f"choice{i}"] for i in range(5)]})
-
-
-def mbpp_pass_at_1(references, predictions):
-    from lm_eval.tasks.mbpp.utils import pass_at_1
-
-    return pass_at_1(references, predictions)

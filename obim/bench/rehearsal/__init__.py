@@ -1,0 +1,1 @@
+"""The CPU rehearsal of the real experiments: stand-in models and hub-layout mirrors."""
