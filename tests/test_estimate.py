@@ -119,6 +119,63 @@ def test_whole_splits_fractions_and_an_unbuilt_zoo(tmp_path):
     assert part["toy_mmlu"]["prompts"] == sum(len(d["choices"]) for d in docs["toy_mmlu"][:n])
 
 
+# No toy task sets repeats or acc_mutual_info: a group that overrides its tasks' configs does (lm-eval's `task:` list
+# entries with config keys)
+OVERRIDDEN = """
+group: obim_test_overridden
+task:
+  - task: toy_gsm8k
+    repeats: 2
+  - task: toy_mmlu
+    repeats: 3
+    metric_list:
+      - metric: acc_mutual_info
+        aggregation: mean
+        higher_is_better: true
+"""
+
+
+@pytest.mark.slow  # builds lm-eval's task index
+def test_prompts_are_the_requests_lm_eval_builds(tmp_path, monkeypatch):
+    """The estimate's docs and prompts per task are those lm-eval's own task objects make: fresh tasks loaded as
+    simple_evaluate loads them, the limit turned into docs by its get_sample_size, build_all_requests' instances
+    each run `repeats` times (as the evaluator clones them). Multiple choice and generation, a count, a count past
+    the split, a fraction and no limit; repeats and acc_mutual_info through a group's overrides."""
+    from lm_eval.evaluator_utils import get_sample_size
+    from lm_eval.tasks import TaskManager
+
+    from obim.bench import evaluation
+    from obim.bench.estimate import benchmark_cost, leaves
+
+    (tmp_path / "overridden.yaml").write_text(OVERRIDDEN)
+    tm = TaskManager(include_path=[evaluation.tasks_dir(), str(tmp_path)])
+    monkeypatch.setattr(evaluation, "task_manager", lambda: tm)  # the estimate's tasks: obim's and the group
+
+    def lm_eval(benchmark: str, limit: int | float | None) -> dict[str, tuple]:
+        out = {}
+        for name, task in tm.load([benchmark])["tasks"].items():
+            task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+            got = task.instances
+            most = {i.args[1].get("max_gen_toks") for i in got} if task.OUTPUT_TYPE == "generate_until" else {None}
+            out[name] = (len({i.doc_id for i in got}), sum(i.repeats for i in got), *most)
+        return out
+
+    seen = {}
+    for benchmark in ("toy_mmlu", "toy_gsm8k", "obim_test_overridden"):
+        for limit in (3, 1000, 0.1, None):
+            theirs = lm_eval(benchmark, limit)
+            ours = {lf.name: (lf.docs(limit), lf.prompts(limit), lf.max_gen_toks) for lf in leaves(benchmark)}
+            assert ours == theirs, (benchmark, limit)
+            c = benchmark_cost(benchmark, limit)
+            assert (c["docs"], c["prompts"]) == tuple(sum(v[i] for v in theirs.values()) for i in (0, 1))
+            seen[benchmark, limit] = theirs
+    # the cases bite: 4 choices a doc, twice with acc_mutual_info; repeats; a fraction rounded up; the split's end
+    n = len(_test_docs("toy_mmlu"))
+    assert seen["toy_mmlu", 3] == {"toy_mmlu": (3, 12, None)} and seen["toy_gsm8k", 3] == {"toy_gsm8k": (3, 3, 64)}
+    assert seen["obim_test_overridden", 3] == {"toy_mmlu": (3, 3 * 4 * 2 * 3, None), "toy_gsm8k": (3, 6, 64)}
+    assert seen["toy_mmlu", 0.1]["toy_mmlu"][0] == math.ceil(n * 0.1) and seen["toy_mmlu", 1000]["toy_mmlu"][0] == n
+
+
 def test_dry_run_plan_reads_nothing(tmp_path, monkeypatch):
     from obim.bench import estimate as est
 

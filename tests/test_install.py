@@ -23,7 +23,7 @@ from obim.bench.search import run_search
 site = Path(sys.argv[1])
 assert Path(obim.__file__).is_relative_to(site), obim.__file__  # the installed copy, not the source tree
 assert conf_dir().is_dir() and not conf_dir().is_symlink() and (conf_dir() / "sweep.yaml").is_file()
-out = run_search(["experiment=llama2_13b_sft", "dry_run=true", "eval.allow_code=true"], say=print)
+out = run_search(["experiment=llama2_13b_sft", "dry_run=plan", "eval.allow_code=true"], say=print)
 print("tasks:", ",".join(out["dev"]["tasks"]))
 """
 

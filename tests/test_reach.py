@@ -174,30 +174,58 @@ def test_fetch_downloads_each_kind_of_input_as_the_job_reads_it(monkeypatch, tmp
     ]
 
 
-def test_fetch_missing_fetches_only_what_is_missing_and_names_each_failure(monkeypatch):
+def test_fetch_fetches_every_hub_input_and_names_each_failure(monkeypatch, tmp_path):
+    """Online, the readability check answers from the hub (the repo exists), not from the cache: fetch downloads
+    every hub input whatever it says (the downloaders skip what is cached); local paths are left alone; what fails
+    to download is named, the rest go on; offline, fetch is refused."""
     import obim.bench.reach as reach
     from obim.bench.reach import Input, fetch_missing
     from obim.merging.errors import ObimError
 
     inputs = [
-        Input("model", "org/here", None, None, "experiment.base"),
+        Input("model", "org/on-the-hub", None, None, "experiment.base"),
         Input("model", "org/gated", None, None, "model lm"),
         Input("dataset", "org/data", "main", "train", "validation source gsm8k of math"),
+        Input("model", str(tmp_path), None, None, "model code"),
     ]
-    fetched = set()
+    fetched = []
 
     def fake_fetch(inp):
         if inp.ref == "org/gated":
             raise OSError("401 Client Error: gated repo\nmore detail")
-        fetched.add(inp.ref)
+        fetched.append(inp.ref)
 
     monkeypatch.setattr(reach, "job_inputs", lambda plan: inputs)
-    monkeypatch.setattr(reach, "unreadable", lambda inp: None if inp.ref in fetched | {"org/here"} else "missing")
+    monkeypatch.setattr(reach, "unreadable", lambda inp: None)  # online: everything "exists" on the hub
     monkeypatch.setattr(reach, "fetch", fake_fetch)
     monkeypatch.setattr(reach, "_offline", lambda: False)
     done, failed = fetch_missing(None)
-    assert done == ["dataset org/data (main) split train [validation source gsm8k of math]"]
+    assert fetched == ["org/on-the-hub", "org/data"]
+    assert done == [
+        "model org/on-the-hub [experiment.base]",
+        "dataset org/data (main) split train [validation source gsm8k of math]",
+    ]
     assert failed == ["model org/gated [model lm]: fetch failed (OSError: 401 Client Error: gated repo)"]
     monkeypatch.setattr(reach, "_offline", lambda: True)
     with pytest.raises(ObimError, match="dry_run=fetch downloads from the hub: unset HF_HUB_OFFLINE"):
         fetch_missing(None)
+
+
+def test_a_cached_model_without_all_its_weights_is_missing(tmp_path):
+    """An interrupted download leaves config.json without (all) the shards: the dry run says which are missing."""
+    import json
+
+    from obim.bench.reach import _weights_missing
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "config.json").write_text("{}")
+    assert _weights_missing(snap) == "in the hub cache without weights (config.json only)"
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    (snap / shards["a"]).write_bytes(b"x")
+    assert _weights_missing(snap) == "incomplete in the hub cache: model-00002-of-00002.safetensors missing"
+    (snap / shards["b"]).write_bytes(b"x")
+    assert _weights_missing(snap) is None
+    (snap / "model.safetensors.index.json").unlink()
+    assert _weights_missing(snap) is None  # unindexed: any weights file

@@ -20,11 +20,11 @@ def test_standin_config_keeps_real_ratios():
     assert llama["hidden_size"] == 128 and llama["num_attention_heads"] == 4
     assert llama["num_key_value_heads"] == 4  # Llama-2-13B: multi-head attention
     assert llama["intermediate_size"] == round(13824 / 5120 * 128) == 346
-    assert llama["dtype"] == "float16" and llama["max_position_embeddings"] == 4096
+    assert llama["torch_dtype"] == "float16" and llama["max_position_embeddings"] == 4096
     qwen = S.standin_config(S.QWEN2_7B, S.QWEN_SIZE, 640)
     assert qwen["num_attention_heads"] // qwen["num_key_value_heads"] == 28 // 4  # grouped-query attention
     assert qwen["hidden_size"] == 224 and qwen["intermediate_size"] == round(18944 / 3584 * 224) == 1184
-    assert qwen["rope_theta"] == 1e6 and qwen["dtype"] == "bfloat16" and qwen["vocab_size"] == 640
+    assert qwen["rope_theta"] == 1e6 and qwen["torch_dtype"] == "bfloat16" and qwen["vocab_size"] == 640
 
 
 def _texts(n: int = 300) -> list[str]:
@@ -80,7 +80,7 @@ def test_code_expert_gets_one_pad_row_the_mean(tmp_path):
     assert len(tok) == n + 1 and tok.pad_token == "[PAD]" and tok.pad_token_id == n
     w = model.get_input_embeddings().weight.detach()
     assert w.shape[0] == n + 1 and torch.allclose(w[n], emb.mean(0), atol=1e-6)
-    out = S.save_checkpoint(model, tok, tmp_path / "code", torch.float16, "bin")
+    out = S.save_checkpoint(model, tok, tmp_path / "code", cfg, "bin")
     index = json.loads((out / "pytorch_model.bin.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [
         "pytorch_model-00001-of-00002.bin",
@@ -102,9 +102,15 @@ def test_qwen_standin_has_biases_and_gqa(tmp_path):
     assert sd["model.layers.0.self_attn.q_proj.bias"].shape == (224,)
     assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (32, 224)  # one KV head of 32
     assert "model.layers.0.self_attn.o_proj.bias" not in sd
-    out = S.save_checkpoint(model, tok, tmp_path / "q", torch.bfloat16, "safetensors")
+    out = S.save_checkpoint(model, tok, tmp_path / "q", cfg, "safetensors")
     assert (out / "model.safetensors.index.json").is_file()
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["torch_dtype"] == "bfloat16" and saved["rope_theta"] == 1e6  # the hub's key names
+    assert set(S.QWEN2_7B) <= set(saved)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the hub's keys
+    assert loaded.dtype == torch.bfloat16 and loaded.config.num_key_value_heads == 1
 
 
 @pytest.mark.slow
@@ -146,4 +152,11 @@ def test_rehearsal_of_table1_runs_the_real_path(tmp_path):
     assert "| TA " in table and "| OBIM " in table
     summary = (out / "results" / "rehearsal.md").read_text()
     assert "obim_alpaca_eval (merged, base, code, lm, math): AlpacaEval's win rate needs an LLM judge" in summary
-    assert not (Path.cwd() / "results" / "llama2_13b_sft").exists() or Path.cwd() == out
+    assert "| table1 | 0 |" in summary and "| 2 / 0 |" in summary  # both jobs run here, none reused
+    from obim.bench.rehearsal.mirror import mirror_dir
+
+    merged = next(r for r in results if r["plan"]["method"] == "obim")["merged_dir"]
+    hub = mirror_dir(out) / "hub" / "models--meta-llama--Llama-2-13b-hf" / "snapshots"
+    base_rows = json.loads(next(hub.glob("*/config.json")).read_text())["vocab_size"]
+    # two experts carry an extra [PAD] row: the merge keeps the base's vocabulary
+    assert json.loads((Path(merged) / "config.json").read_text())["vocab_size"] == base_rows

@@ -288,36 +288,58 @@ def test_loads_offline(mirror):
     assert got["alpaca_eval"] == 2
 
 
+# every benchmark the presets evaluate, and the search's dev tasks (groups: lm-eval runs their leaf tasks)
+BENCHMARKS = ["mmlu", "ceval-valid", "japanese_leaderboard", "obim_gsm8k_cot", "obim_math_cot", "obim_alpaca_eval",
+              "obim_humaneval", "obim_mbpp", "obim_paper_dev"]  # fmt: skip
+
+EACH_LEAF = """
+import json
+import datasets
+from lm_eval.tasks import get_task_dict
+from obim.bench.evaluation import task_manager
+
+datasets.logging.set_verbosity_error()
+
+
+def leaves(d):
+    for k, v in d.items():
+        yield from leaves(v) if isinstance(v, dict) else [(k, v)]
+
+
+def docs_of(task):
+    return list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+
+
+tm = task_manager()
+out = {}
+for name in NAMES:
+    for leaf, task in leaves(get_task_dict([name], tm)):
+BODY
+print(json.dumps(out))
+"""
+
+
+def _each_leaf(home: Path, body: str) -> dict:
+    """Build every leaf task of BENCHMARKS with lm-eval from the mirror in `home` (offline, obim's task manager) and
+    run `body` on each: code with `name` (the benchmark), `leaf`, `task` and docs_of(task) in scope that sets
+    out[leaf]. Returns out."""
+    body = textwrap.indent(textwrap.dedent(body).strip(), " " * 8)
+    return _run_offline(home, EACH_LEAF.replace("NAMES", json.dumps(BENCHMARKS)).replace("BODY", body))
+
+
 @pytest.mark.slow
 def test_lm_eval_tasks_build_offline(mirror):
     """lm-eval builds every task the presets evaluate, and the search's dev tasks, from the mirror alone, and
     renders each leaf task's first prompt (few-shot examples included where the preset asks for them)."""
-    got = _run_offline(
+    got = _each_leaf(
         mirror,
         """
-        import json
-        import datasets
-        from lm_eval.tasks import get_task_dict
-        from obim.bench.evaluation import task_manager
-
-        datasets.logging.set_verbosity_error()
-
-        def leaves(d):
-            for k, v in d.items():
-                yield from leaves(v) if isinstance(v, dict) else [(k, v)]
-
-        tm = task_manager()
-        out = {}
         shots = {"mmlu": 5, "ceval-valid": 5}
-        for name in ["mmlu", "ceval-valid", "japanese_leaderboard", "obim_gsm8k_cot", "obim_math_cot",
-                     "obim_alpaca_eval", "obim_humaneval", "obim_mbpp", "obim_paper_dev"]:
-            for leaf, task in leaves(get_task_dict([name], tm)):
-                if name in shots:
-                    task.set_config(key="num_fewshot", value=shots[name])
-                docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
-                task.build_all_requests(limit=1, rank=0, world_size=1)
-                out[leaf] = [len(docs), task.doc_to_text(docs[0]), task.instances[0].args[0]]
-        print(json.dumps(out))
+        if name in shots:
+            task.set_config(key="num_fewshot", value=shots[name])
+        docs = docs_of(task)
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+        out[leaf] = [len(docs), task.doc_to_text(docs[0]), task.instances[0].args[0]]
         """,
     )
     assert len([t for t in got if t.startswith("mmlu_")]) == 57
@@ -330,36 +352,21 @@ def test_lm_eval_tasks_build_offline(mirror):
     assert got["mmlu_anatomy"][2].count("Answer:") == 6  # 5 shots from dev + the question
     assert got["ceval-valid_law"][2].count("答案：") == 6
     assert "文脈：" in got["ja_leaderboard_jsquad"][1] and got["ja_leaderboard_mgsm"][1]
+    # MBPP's dev task prompts as obim_mbpp does: the same 3 shots, each code closed by [DONE], then its own problem
+    dev, test = got["obim_mbpp_dev"][2], got["obim_mbpp"][2]
+    assert dev.count("[DONE]") == 3 and dev.count("[BEGIN]\n") == 4
+    assert dev[: dev.rindex("You are an expert")] == test[: test.rindex("You are an expert")]
 
 
 @pytest.mark.slow
 def test_lm_eval_counts_real_documents(tmp_path):
-    """On the real-sized mirror (write_datasets' default) lm-eval reads exactly the real number of documents of every
-    task the presets evaluate and of every dev task: what the dry run's cost estimate counts."""
+    """On the real-sized mirror (write_datasets' default) lm-eval reads as many documents of each task the presets
+    evaluate, and of each dev task, as the mirror writes for it (a dev task: its n records past the skip): the
+    documents the dry run's cost estimate counts. The expected numbers are the mirror's sizes (data's tables, the rest
+    written out here), so this checks that lm-eval counts the rows the mirror writes; it cannot catch a wrong number
+    in REAL_ROWS (test_real_sizes checks those against their sources)."""
     data.write_datasets(tmp_path)
-    got = _run_offline(
-        tmp_path,
-        """
-        import json
-        import datasets
-        from lm_eval.tasks import get_task_dict
-        from obim.bench.evaluation import task_manager
-
-        datasets.logging.set_verbosity_error()
-
-        def leaves(d):
-            for k, v in d.items():
-                yield from leaves(v) if isinstance(v, dict) else [(k, v)]
-
-        tm = task_manager()
-        out = {}
-        for name in ["mmlu", "ceval-valid", "japanese_leaderboard", "obim_gsm8k_cot", "obim_math_cot",
-                     "obim_alpaca_eval", "obim_humaneval", "obim_mbpp", "obim_paper_dev"]:
-            for leaf, task in leaves(get_task_dict([name], tm)):
-                out[leaf] = len(list(task.test_docs() if task.has_test_docs() else task.validation_docs()))
-        print(json.dumps(out))
-        """,
-    )
+    got = _each_leaf(tmp_path, "out[leaf] = len(docs_of(task))")
     expected = {f"mmlu_{s}": test for s, (test, _) in data.MMLU_ROWS.items()}
     expected |= {f"ceval-valid_{s}": n for s, n in data.CEVAL_VAL.items()}
     expected |= {f"obim_math_cot_{s}": test for s, (_, test) in data.MATH_ROWS.items()}

@@ -4,6 +4,8 @@ study on the quick zoo end to end (study storage, the best trial on the test ben
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import compose
 
@@ -350,17 +352,20 @@ def test_search_dry_run_on_the_real_experiments():
     from obim.bench.search import run_search
 
     lines: list[str] = []
-    out = run_search(["experiment=llama2_13b_sft", "dry_run=true", "eval.allow_code=true"], say=lines.append)
+    # dry_run=plan: the checks of the plan only (dry_run=true also checks the inputs are readable here: they are not)
+    out = run_search(["experiment=llama2_13b_sft", "dry_run=plan", "eval.allow_code=true"], say=lines.append)
     assert out["dev"]["tasks"] == ["obim_mmlu_dev", "obim_gsm8k_cot_dev", "obim_math_cot_dev", "obim_mbpp_dev"]
     assert "left out (no dev data): alpaca_eval, humaneval" in lines[0]
     assert "  obim: retention in [0.05, 0.6] per model" in lines
-    out = run_search(["experiment=qwen2_7b_pt", "dry_run=true", "search.methods=[obim,ties]"], say=lines.append)
+    lines.clear()
+    out = run_search(["experiment=qwen2_7b_pt", "dry_run=plan", "search.methods=[obim,ties]"], say=lines.append)
     assert out["dev"]["left_out"] == ["ceval"]
+    assert "  obim: retention in [0.05, 0.6]" in lines  # one for every checkpoint, as the study draws it
     with pytest.raises(ObimError, match="obim_mbpp_dev executes model-generated code"):  # the dev tasks' opt-in too
         run_search(
             [
                 "experiment=llama2_13b_sft",
-                "dry_run=true",
+                "dry_run=plan",
                 "~experiment.benchmarks.obim_humaneval",
                 "~experiment.benchmarks.obim_mbpp",
                 "+experiment.benchmarks.no_code_here=mbpp",
@@ -368,7 +373,7 @@ def test_search_dry_run_on_the_real_experiments():
             say=lines.append,
         )
     with pytest.raises(ObimError, match=r"search\.methods"):
-        run_search(["dry_run=true", "search.methods=[nope]"], say=lines.append)
+        run_search(["dry_run=plan", "search.methods=[nope]"], say=lines.append)
 
 
 def test_checkpoint_experiments_search_one_retention():
@@ -389,3 +394,39 @@ def test_checkpoint_experiments_search_one_retention():
     sft = compose(["experiment=llama2_13b_sft", "method=obim"])
     kept = shared_settings(check_space("obim", plain(sft.method)["search"]), plain(sft.experiment))
     assert kept["retention"]["per_model"] is True
+
+
+@pytest.mark.slow
+def test_search_dry_run_checks_every_methods_inputs_and_the_dev_slices(tmp_path):
+    """The search's dry run names what its trials read and cannot be read here: OBIM's validation sets (TA, the
+    first method, has none), the dev tasks' datasets, the test benchmarks' datasets, each once; non-zero exit.
+    Run offline against an empty HF_HOME (the developer's own cache must not answer)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.update(HF_ALLOW_CODE_EVAL="1", WANDB_MODE="offline")
+    for k in ("HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        env.pop(k, None)
+    argv = ["experiment=llama2_13b_sft", "search.methods=[ta,obim]", "dry_run=true", f"search.dir={tmp_path}/s"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "search.py"), *argv],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "inputs of this search cannot be read here" in err
+    lines = err.split("; ")
+    for expected in (
+        "dataset openai/gsm8k (main) split train [validation source gsm8k of math]",  # OBIM's saliency set
+        "dataset cais/mmlu (all) split validation [task obim_mmlu_dev]",  # a dev task's split
+        "dataset openai/gsm8k (main) split test [task obim_gsm8k_cot]",  # a test benchmark's
+        "model layoric/llama-2-13b-code-alpaca [model code]",
+    ):
+        assert sum(line.split(": ", 1)[-1].startswith(expected) or line.startswith(expected) for line in lines) == 1

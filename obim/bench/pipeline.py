@@ -55,20 +55,21 @@ def dry_run(plan: JobPlan, job_dir: Path, check_inputs: bool = True, fetch: bool
     rec: dict[str, Any] = {"config_hash": plan.hash(), **plan.to_json(), "paths": where}
     missing: list[str] = []
     if check_inputs:
-        from .reach import fetch_missing, missing_inputs
+        from .reach import fetch_missing, job_inputs, missing_inputs
 
-        if fetch:  # then checked as dry_run=true checks: what failed to download is named below as missing
-            rec["fetched"], rec["fetch_failed"] = fetch_missing(plan)
-        inputs, missing = missing_inputs(plan)
-        rec.update(inputs=[i.describe() for i in inputs], missing=missing)
+        if fetch:  # online, a check answers from the hub: what could not be downloaded is what is missing
+            rec["fetched"], missing = fetch_missing(plan)
+            rec.update(inputs=[i.describe() for i in job_inputs(plan)], missing=missing)
+        else:
+            inputs, missing = missing_inputs(plan)
+            rec.update(inputs=[i.describe() for i in inputs], missing=missing)
     if not missing:  # a failing job's estimate would only repeat what is missing, slowly
         rec["cost"] = estimate(plan, read=check_inputs)
     write_json(job_dir / "plan.json", rec)
     if missing:
-        why = f"; fetching: {'; '.join(rec['fetch_failed'])}" if rec.get("fetch_failed") else ""
         raise ObimError(
-            f"{len(missing)} input{'s' * (len(missing) != 1)} of this job cannot be read here: {'; '.join(missing)}"
-            f"{why} (dry_run=plan only plans)"
+            f"{len(missing)} input{'s' * (len(missing) != 1)} of this job cannot be read here: {'; '.join(missing)} "
+            "(dry_run=plan only plans)"
         )
     line = f"{plan.method} of {', '.join(plan.models)} -> {len(plan.tasks)} tasks"
     if fetch:

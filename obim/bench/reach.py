@@ -50,17 +50,8 @@ def job_inputs(plan: JobPlan) -> list[Input]:
     seen: set[tuple] = set()
     for model, v in plan.validation.items():
         for source, spec in v.data.items():
-            why = f"validation source {source} of {model}"
-            if spec["builder"] == "jsonl":
-                if not _under(spec["path"], zoo):
-                    out.append(Input("file", spec["path"], None, None, why))
-                continue
-            names = spec.get("name")
-            for n in names if isinstance(names, list) else [names]:
-                key = (spec["path"], n, spec["split"])
-                if key not in seen:
-                    seen.add(key)
-                    out.append(Input("dataset", spec["path"], n, spec["split"], why))
+            if not (spec["builder"] == "jsonl" and _under(spec["path"], zoo)):
+                out += _source_inputs(spec, f"validation source {source} of {model}", seen)
     index = task_manager().task_index
     leaves = [(cfg, str(cfg.get("task", t))) for t in plan.tasks for cfg in _leaves(index, t, set())]
     for cfg, task in leaves:  # obim's tasks whose dataset hook reads one file of a hub repo
@@ -81,6 +72,43 @@ def job_inputs(plan: JobPlan) -> list[Input]:
             if key not in seen:
                 seen.add(key)
                 out.append(Input("dataset", cfg["dataset_path"], cfg.get("dataset_name"), split, f"task {task}"))
+    return out
+
+
+def dev_inputs(exp: dict, seen: set[tuple] | None = None) -> list[Input]:
+    """The datasets the search's dev tasks read through their own hooks (tasks/paper_dev: a validation source's
+    split past the saliency draw): each `dev_benchmarks` entry's source and split. Dev tasks that read a dataset by
+    path (obim_mmlu_dev) are listed by job_inputs of a plan whose tasks are the dev tasks."""
+    from .validation import BUILDERS
+
+    seen = set() if seen is None else seen
+    out = []
+    for task, spec in (exp.get("dev_benchmarks") or {}).items():
+        sources = exp.get("validation_sources") or {}
+        if spec.get("source") not in sources:
+            continue
+        given = dict(sources[spec["source"]] or {})
+        kind = given.get("builder", spec["source"])
+        # the source's dataset with the dev task's split (an evaluated split of the source may be its dev data)
+        defaults = BUILDERS[kind].defaults if kind in BUILDERS else {}
+        src = {**defaults, **given, "split": spec["split"], "builder": kind}
+        if kind == "jsonl":
+            src["path"] = str(src["path"]).replace("{split}", str(spec["split"]))
+        out += _source_inputs(src, f"dev task {task}", seen)
+    return out
+
+
+def _source_inputs(spec: dict, why: str, seen: set[tuple]) -> list[Input]:
+    """A validation source's file, or its dataset's split in each of its configs (each once across `seen`)."""
+    if spec["builder"] == "jsonl":
+        return [Input("file", spec["path"], None, None, why)]
+    out = []
+    names = spec.get("name")
+    for n in names if isinstance(names, list) else [names]:
+        key = (spec["path"], n, spec["split"])
+        if key not in seen:
+            seen.add(key)
+            out.append(Input("dataset", spec["path"], n, spec["split"], why))
     return out
 
 
@@ -109,8 +137,9 @@ def _model_missing(repo: str) -> str | None:
 
     if not looks_like_hub_id(repo):
         return "no such directory"
-    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
-        return None
+    config = try_to_load_from_cache(repo, "config.json")
+    if isinstance(config, str):
+        return _weights_missing(Path(config).parent)
     if _offline():
         return "not in the offline hub cache (HF_HUB_OFFLINE=1)"
     try:
@@ -119,6 +148,21 @@ def _model_missing(repo: str) -> str | None:
         return None if HfApi().repo_exists(repo) else "not on the hub"
     except Exception as e:  # no network, a gated repo without a token...
         return f"not reachable on the hub ({type(e).__name__})"
+
+
+def _weights_missing(snapshot: Path) -> str | None:
+    """A cached model's snapshot without all of its weights (an interrupted download): the shards its index names,
+    else any safetensors or pytorch_model*.bin file."""
+    import json
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (snapshot / index).is_file():
+            shards = sorted(set(json.loads((snapshot / index).read_text()).get("weight_map", {}).values()))
+            gone = [f for f in shards if not (snapshot / f).is_file()]
+            return f"incomplete in the hub cache: {', '.join(gone)} missing" if gone else None
+    if any(snapshot.glob("*.safetensors")) or any(snapshot.glob("pytorch_model*.bin")):
+        return None
+    return "in the hub cache without weights (config.json only)"
 
 
 def _hub_file_missing(ref: str, repo_type: str) -> str | None:
@@ -195,13 +239,20 @@ def fetch(inp: Input) -> None:
 
 
 def fetch_missing(plan: JobPlan) -> tuple[list[str], list[str]]:
-    """Download every input of the job that cannot be read here (dry_run=fetch); returns the ones fetched and, for
-    each that failed, one line with the reason. Refused offline: there is nothing to fetch from."""
+    """Download every input of the job that cannot be read here (dry_run=fetch): see fetch_all."""
+    return fetch_all(job_inputs(plan))
+
+
+def fetch_all(inputs: list[Input]) -> tuple[list[str], list[str]]:
+    """Download each of `inputs` (local paths aside) into the HF caches; returns the ones fetched and, for each that
+    failed, one line with the reason. Every input is fetched, not only those a check calls missing: online, that
+    check answers from the hub (a repo exists) rather than from the cache, and the downloaders skip what is cached.
+    Refused offline: there is nothing to fetch from."""
     if _offline():
         raise ObimError("dry_run=fetch downloads from the hub: unset HF_HUB_OFFLINE (and HF_DATASETS_OFFLINE)")
     fetched, failed = [], []
-    for inp in job_inputs(plan):
-        if unreadable(inp) is None:
+    for inp in inputs:
+        if inp.kind == "file" or Path(inp.ref).expanduser().exists():
             continue
         try:
             fetch(inp)

@@ -340,6 +340,35 @@ def test_best(s: Search, method: str, study: Any) -> dict:
 # ------------------------------------------------------------------------------------------------ entry
 
 
+def check_search_inputs(cfgs: list[Any], say: Callable[[str], None], fetch: bool = False) -> None:
+    """The search's dry run: every input its trials and best jobs read (each method's models and validation sets,
+    the test and the dev benchmarks' datasets, the dev tasks' own slices) readable here, each missing one named;
+    with fetch, downloaded first (as the sweep's dry_run=fetch)."""
+    import datasets
+
+    from .reach import Input, dev_inputs, fetch_all, job_inputs, unreadable
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # its offline notices, once per dataset, would bury the answer
+    try:
+        found = [i for c in cfgs for objective in ("test", "dev") for i in job_inputs(plan_job(c, objective=objective))]
+        inputs: dict[str, Input] = {}
+        for inp in [*found, *dev_inputs(plain(cfgs[0].experiment))]:
+            inputs.setdefault(inp.describe().split(" [")[0], inp)  # one line per input, whichever reads it first
+        if fetch:  # online, a check answers from the hub: what could not be downloaded is what is missing
+            fetched, missing = fetch_all(list(inputs.values()))
+            say(f"search (dry run): {len(fetched)} inputs fetched")
+        else:
+            missing = [f"{i.describe()}: {why}" for i in inputs.values() if (why := unreadable(i)) is not None]
+    finally:
+        datasets.logging.set_verbosity(level)
+    if missing:
+        raise ObimError(
+            f"{len(missing)} input{'s' * (len(missing) != 1)} of this search cannot be read here: {'; '.join(missing)}"
+        )
+    say(f"search (dry run): all {len(inputs)} inputs readable")
+
+
 def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict[str, Any]:
     """The search of experiments/search.py: each method's study to its budget, its best trial on the test
     benchmarks, then the tuned table and the plots. Returns {records, table, files}."""
@@ -356,12 +385,15 @@ def run_search(overrides: list[str], say: Callable[[str], None] = print) -> dict
     from .evaluation import announce_code_execution, check_code_opt_in, code_allowed
 
     check_code_opt_in(dev["tasks"], bool(cfg.eval.get("allow_code")))
-    spaces = {}
+    spaces, cfgs = {}, []
     for m in methods:  # every method's space and job, before anything runs
         cm = compose([*overrides, f"method={m}"])
-        spaces[m] = check_space(m, plain(cm.method).get("search"))
+        spaces[m] = shared_settings(check_space(m, plain(cm.method).get("search")), plain(cm.experiment))
         plan_job(cm, [f"method={m}"])
+        cfgs.append(cm)
     if cfg.dry_run:  # the checks only: what the search would tune on what, nothing loaded
+        if cfg.dry_run != "plan":
+            check_search_inputs(cfgs, say, fetch=cfg.dry_run == "fetch")
         say(
             f"search (dry run): {cfg.experiment.name}, {len(methods)} methods x {opts['trials']} trials; objective: "
             f"{', '.join(f'{t} ({c})' for t, c in dev['benchmarks'].items())}; left out (no dev data): "

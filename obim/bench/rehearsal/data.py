@@ -701,7 +701,6 @@ JAQKET_FEATURES = Features(  # kumapo/JAQKET v2.0: answers and ctxs are sequence
         },
     }
 )
-JAQKET_CONTEXTS = 5  # the loading script's num_contexts
 
 
 def _jaqket_rows(_config: str, split: str, n: int, rng: random.Random) -> list[Record]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import standins
 
-MIRROR_VERSION = 2  # bump when the stand-ins or the datasets change: older mirrors are rebuilt
+MIRROR_VERSION = 3  # bump when the stand-ins or the datasets change: older mirrors are rebuilt
 CHECKPOINTS = "qwen2-7b-pt"  # <mirror>/qwen2-7b-pt/ckpt-1..6: OBIM_QWEN_CKPTS for qwen2_7b_pt
 
 # Which stand-in learns from which dataset (a dataset's processed-cache folder name, <org>___<name>)

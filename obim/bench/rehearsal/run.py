@@ -42,7 +42,8 @@ class Step:
     rc: int | None = None
     seconds: float = 0.0
     log: Path | None = None
-    files: list[Path] = field(default_factory=list)  # the result.json (plan.json for a dry run) it wrote
+    jobs: list[Path] = field(default_factory=list)  # the job directories it ran (Hydra writes .hydra/ for each)
+    started: float = 0.0
 
 
 def experiment_of(preset: str) -> str:
@@ -51,7 +52,10 @@ def experiment_of(preset: str) -> str:
     from obim.bench import conf_dir
 
     defaults = OmegaConf.to_container(OmegaConf.load(Path(conf_dir()) / "paper" / f"{preset}.yaml").defaults)
-    return next(d["override /experiment"] for d in defaults if isinstance(d, dict) and "override /experiment" in d)
+    found = [d["override /experiment"] for d in defaults if isinstance(d, dict) and "override /experiment" in d]
+    if not found:
+        raise ValueError(f"conf/paper/{preset}.yaml: no `override /experiment` in its defaults")
+    return found[0]
 
 
 def environment(mirror: Path, out: Path) -> dict[str, str]:
@@ -65,8 +69,6 @@ def environment(mirror: Path, out: Path) -> dict[str, str]:
         HF_HOME=str(mirror),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        HF_EVALUATE_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
         HF_ALLOW_CODE_EVAL="1",  # the code benchmarks' opt-in (they run in obim's sandbox)
         WANDB_MODE="offline",
         OBIM_QWEN_CKPTS=str(mirror / CHECKPOINTS),
@@ -104,16 +106,22 @@ def search_steps(out: Path, exps: list[str], trials: int, limit: int, experiment
     return steps
 
 
-def _stamps(d: Path, name: str) -> dict[Path, float]:
-    return {f: f.stat().st_mtime for f in d.rglob(name)} if d.is_dir() else {}
+def _stamps(d: Path) -> dict[Path, float]:
+    """Each job directory under `d` and when Hydra last started a job in it (it rewrites .hydra/ for every job,
+    a job the sweep then skips as done included: presets share job directories, Table 3's OBIM is Table 1's)."""
+    if not d.is_dir():
+        return {}
+    if d.name == "search":  # no Hydra job directories: each method's best job writes <method>/best/result.json
+        return {f.parent: f.stat().st_mtime for f in d.glob("*/best/result.json")}
+    return {f.parent.parent: f.stat().st_mtime for f in d.glob("*/.hydra/overrides.yaml")}
 
 
 def run_step(step: Step, env: dict[str, str], out: Path, say) -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     step.log = out / "logs" / (step.name.replace(" ", "_") + ".log")
-    name = "plan.json" if step.name.endswith("dry run") else "result.json"
-    before = _stamps(step.sweep_dir, name)
+    before = _stamps(step.sweep_dir)
     say(f"rehearsal: {step.name}: {' '.join(step.argv[1:])}")
+    step.started = time.time()
     t0 = time.perf_counter()
     with open(step.log, "w") as f:
         proc = subprocess.Popen(
@@ -127,7 +135,7 @@ def run_step(step: Step, env: dict[str, str], out: Path, say) -> None:
             sys.stdout.flush()
         step.rc = proc.wait()
     step.seconds = round(time.perf_counter() - t0, 1)
-    step.files = sorted(f for f, t in _stamps(step.sweep_dir, name).items() if before.get(f) != t)
+    step.jobs = sorted(d for d, t in _stamps(step.sweep_dir).items() if before.get(d) != t)
 
 
 def _json(f: Path) -> dict:
@@ -151,64 +159,65 @@ def unscored(recs: list[dict]) -> list[str]:
     return [f"{t} ({', '.join(ms)}): {NEEDS_JUDGE.get(t, 'no score')}" for t, ms in sorted(who.items())]
 
 
-def real_cost(plans: list[dict]) -> dict[str, int]:
-    """A preset's cost from its jobs' dry-run estimates (plan.json `cost`), each model's statistics and each
-    individual model's evaluation counted once (the caches share them between jobs, as the console's total does)."""
-    tot = {"jobs": len(plans), "merges": 0, "samples": 0, "tokens": 0, "prompts": 0, "gen_tokens": 0}
-    seen: set[tuple] = set()
-    for plan in plans:
-        c = plan.get("cost") or {}
-        tot["merges"] += c.get("merges") or 0
-        for s in (c.get("saliency") or {}).values():
-            if ("sal", s.get("key")) not in seen:
-                seen.add(("sal", s.get("key")))
-                tot["samples"] += s.get("samples") or 0
-                tot["tokens"] += s.get("tokens") or 0
-        ev = c.get("eval") or {}
-        for who, model in (ev.get("models") or {}).items():
-            key = ("eval", plan.get("config_hash") if who == "merged" else model)
-            if key in seen:
-                continue
-            seen.add(key)
-            for t in (ev.get("per_model") or {}).values():
-                tot["prompts"] += t.get("prompts") or 0
-                tot["gen_tokens"] += t.get("max_gen_tokens") or 0
-    return tot
+def stage_seconds(recs: list[dict], individual_seen: set[tuple]) -> tuple[float, float, float]:
+    """Seconds these jobs spent computing (a stage a cache answered is not counted: result.json keeps the time it
+    took when computed); an individual model's evaluation counts once in the whole rehearsal (every job of an
+    experiment carries it)."""
+    sal = mer = ev = 0.0
+    for r in recs:
+        cached = r.get("cached") or {}
+        sal += 0 if cached.get("saliency") else r.get("saliency_s") or 0
+        mer += 0 if cached.get("merge") else r.get("merge_s") or 0
+        ev += 0 if cached.get("eval") else r.get("eval_s") or 0
+        exp = (r.get("plan") or {}).get("experiment", {})
+        for name, i in (r.get("individual") or {}).items():
+            key = (json.dumps(exp, sort_keys=True, default=str), name)
+            if key not in individual_seen:
+                individual_seen.add(key)
+                ev += (i or {}).get("eval_s") or 0
+    return sal, mer, ev
 
 
-def summary(steps: list[Step], out: Path, limit: int, mirror_info: dict) -> str:
+def _n(v: int | None) -> str:
+    return "?" if v is None else f"{v:,}"
+
+
+def summary(steps: list[Step], limit: int, mirror_info: dict) -> str:
+    from obim.bench.estimate import sweep_total
+
     lines = [
         "# Rehearsal of the real presets on CPU stand-ins",
         "",
         f"Made by `make rehearse` (obim.bench.rehearsal); mirror built in {mirror_info.get('build_s')} s. A real run's "
         "cost is the preset's dry run (no eval.limit) on the mirror, whose evaluated splits have the real row counts "
-        "(tokens: the stand-ins' tokenizers, so only indicative). The rehearsal ran with "
-        f"eval.limit={limit}: its scores come from tiny stand-ins and check the path, not the science.",
+        "(tokens: the stand-ins' tokenizers, so only indicative; `?`: not counted, see the job's plan.json). The "
+        f"rehearsal ran with eval.limit={limit}: its scores come from tiny stand-ins and check the path, not the "
+        "science. Jobs: run here / reused (a result another preset's job already wrote: same job, skipped).",
         "",
         "| step | exit | wall s | jobs | real run: merges | saliency samples (tokens) | eval prompts | "
         "max generated tokens | rehearsal: saliency s | merge s | eval s | unscored columns |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    individual_seen: set[tuple] = set()
     for s in steps:
-        dry = s.name.endswith("dry run")
-        recs = [_json(f) for f in s.files]
-        if dry:
-            c = real_cost(recs)
+        if s.name.endswith("dry run"):
+            plans = [_json(d / "plan.json") for d in s.jobs]
+            costs = [p["cost"] for p in plans if p.get("cost")]
+            c = sweep_total(costs) if costs else {}
+            jobs = f"{len(costs)}" + (f" ({len(plans) - len(costs)} failed)" if len(costs) < len(plans) else "")
             lines.append(
-                f"| {s.name} | {s.rc} | {s.seconds} | {c['jobs']} | {c['merges']} | {c['samples']:,} "
-                f"({c['tokens']:,}) | {c['prompts']:,} | {c['gen_tokens']:,} | | | | |"
+                f"| {s.name} | {s.rc} | {s.seconds} | {jobs} | {c.get('merges', 0)} | "
+                f"{_n(c.get('saliency_samples', 0))} ({_n(c.get('saliency_tokens', 0))}) | {_n(c.get('prompts', 0))} | "
+                f"{_n(c.get('max_gen_tokens', 0))} | | | | |"
             )
             continue
-        sal = sum(r.get("saliency_s") or 0 for r in recs)
-        mer = sum(r.get("merge_s") or 0 for r in recs)
-        ev = sum(
-            (r.get("eval_s") or 0) + sum((i or {}).get("eval_s") or 0 for i in (r.get("individual") or {}).values())
-            for r in recs
-        )
+        pairs = [(d, r) for d in s.jobs if (r := _json(d / "result.json"))]
+        recs = [r for _, r in pairs]
+        here = [r for d, r in pairs if (d / "result.json").stat().st_mtime >= s.started]
+        sal, mer, ev = stage_seconds(here, individual_seen)
         lines.append(
-            f"| {s.name} | {s.rc} | {s.seconds} | {len(recs)} | | | | | {sal:.1f} | {mer:.1f} | {ev:.1f} | "
-            + ("; ".join(unscored(recs)) or "none")
-            + " |"
+            f"| {s.name} | {s.rc} | {s.seconds} | {len(here)} / {len(recs) - len(here)} | | | | | {sal:.1f} | "
+            f"{mer:.1f} | {ev:.1f} | " + ("; ".join(unscored(recs)) or "none") + " |"
         )
     lines += ["", f"Total: {sum(s.seconds for s in steps):.0f} s.", ""]
     return "\n".join(lines)
@@ -225,27 +234,32 @@ def main(argv: list[str] | None = None, experiments: Path | None = None) -> int:
         "overrides", nargs="*", help="more sweep overrides for every preset, e.g. hydra.sweeper.params.method=ta,obim"
     )
     args = ap.parse_args(argv)
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:  # before the mirror's minutes of training
+        ap.error(f"--presets: unknown preset(s) {', '.join(unknown)}; one of {', '.join(PRESETS)}")
+    if args.limit < 1 or args.search_trials < 0:
+        ap.error("--limit must be >= 1 and --search-trials >= 0")
+    exps = [e for e in args.search.split(",") if e] if args.search_trials > 0 else []
+    if set(exps) - set(SEARCH_EXPERIMENTS):
+        ap.error(f"--search: one or more of {', '.join(SEARCH_EXPERIMENTS)}")
     experiments = experiments or Path(__file__).resolve().parents[3] / "experiments"
     out = (args.out or default_out()).resolve()
+    from obim.merging.staging import atomic_write_file
+
     from .mirror import build, mirror_dir
 
     t0 = time.perf_counter()
     mirror = mirror_dir(out)
     info = build(mirror)
     env = environment(mirror, out)
-    presets = [p for p in args.presets.split(",") if p]
-    unknown = sorted(set(presets) - set(PRESETS))
-    if unknown:
-        ap.error(f"unknown preset(s) {', '.join(unknown)}; one of {', '.join(PRESETS)}")
     steps = sweep_steps(out, presets, args.limit, args.overrides, experiments)
-    if args.search_trials > 0:
-        exps = [e for e in args.search.split(",") if e]
-        steps += search_steps(out, exps, args.search_trials, args.limit, experiments)
+    steps += search_steps(out, exps, args.search_trials, args.limit, experiments)
     for s in steps:
         run_step(s, env, out, print)
-    text = summary(steps, out, args.limit, info)
+    text = summary(steps, args.limit, info)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / "rehearsal.md").write_text(text)
+    atomic_write_file(out / "results" / "rehearsal.md", lambda tmp: tmp.write_text(text))
     print(text)
     failed = [s.name for s in steps if s.rc != 0]
     print(

@@ -43,7 +43,7 @@ LLAMA2_13B = {
     "bos_token_id": 1,
     "eos_token_id": 2,
     "vocab_size": 32000,
-    "dtype": "float16",
+    "torch_dtype": "float16",
 }
 QWEN2_7B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -64,7 +64,7 @@ QWEN2_7B = {
     "attention_dropout": 0.0,
     "tie_word_embeddings": False,
     "vocab_size": 152064,
-    "dtype": "bfloat16",
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -97,7 +97,8 @@ def standin_config(real: dict, size: Size, vocab_size: int) -> dict:
     )
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = size.layers
-    assert head_dim == 128 and hidden // size.heads == 32  # the real models' 128; ours 32
+    if head_dim != 128:  # both real models; ours are 32
+        raise ValueError(f"{real['architectures'][0]}: head size {head_dim}, expected 128")
     return cfg
 
 
@@ -193,14 +194,17 @@ def _shards(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]
     return [{k: sd[k] for k in names[i : i + per]} for i in range(0, len(names), per)]
 
 
-def save_checkpoint(model, tok, out: Path, dtype: torch.dtype, fmt: str, shards: int = 2) -> Path:
-    """Save as the hub repo ships it: `safetensors` (model-0000i-of-0000n.safetensors + index) or `bin`
-    (pytorch_model-0000i-of-0000n.bin + index, torch.save'd state dicts), in the real dtype, in `shards` files."""
+def save_checkpoint(model, tok, out: Path, config: dict, fmt: str, shards: int = 2) -> Path:
+    """Save as the hub repo ships it: config.json with the real config's keys (`config`: `torch_dtype`, `rope_theta`,
+    as the hub's files have them, not transformers 5's renames; the vocabulary as the embedding has it), weights in
+    that dtype as `safetensors` (model-0000i-of-0000n.safetensors + index) or `bin` (pytorch_model-0000i-of-0000n.bin
+    + index, torch.save'd state dicts) in `shards` files, the tokenizer."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    model.config.dtype = dtype
-    model.config.save_pretrained(out)
+    dtype = getattr(torch, config["torch_dtype"])
+    cfg = {**config, "vocab_size": model.get_input_embeddings().weight.shape[0]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
@@ -238,19 +242,20 @@ def add_pad_row(model, tok) -> None:
 LLAMA_BASE = "meta-llama/Llama-2-13b-hf"
 LLAMA_EXPERTS = {  # hub id -> (the corpus domain it is fine-tuned on, its file format, extra pad row)
     "WizardLMTeam/WizardLM-13B-V1.2": ("lm", "bin", False),
-    "WizardLMTeam/WizardMath-13B-V1.0": ("math", "bin", False),
+    # WizardMath-13B-V1.0 also has 32001 rows (an added pad token), as the code expert
+    "WizardLMTeam/WizardMath-13B-V1.0": ("math", "bin", True),
     "layoric/llama-2-13b-code-alpaca": ("code", "bin", True),
 }
 QWEN_BASE = "Qwen/Qwen2-7B"
 QWEN_CHECKPOINTS = 6  # ckpt-1 .. ckpt-6, as qwen2_7b_pt names them
-STEPS = {"pretrain": 300, "finetune": 120, "checkpoint": 40}  # CPU seconds, not quality: see the module's note
+STEPS = {"pretrain": 300, "finetune": 120, "checkpoint": 40}  # training steps: sized for CPU minutes, not quality
 
 
 def _new(cls_name: str, cfg: dict, seed: int):
     import transformers
 
     config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
-    c = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "dtype")}
+    c = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config_cls(**c))
     return model.float()
@@ -266,13 +271,13 @@ def build_llama(out: dict[str, Path], corpora: dict[str, list[str]], seed: int, 
     cfg = standin_config(LLAMA2_13B, LLAMA_SIZE, len(tok))
     base = _new("LlamaForCausalLM", cfg, seed)
     losses = {LLAMA_BASE: fit(base, tok, every, STEPS["pretrain"], seed, 3e-3, progress, "llama base")}
-    save_checkpoint(base, tok, out[LLAMA_BASE], torch.float16, "safetensors")
+    save_checkpoint(base, tok, out[LLAMA_BASE], cfg, "safetensors")
     for i, (repo, (domain, fmt, pad)) in enumerate(LLAMA_EXPERTS.items(), 1):
         model, t = copy.deepcopy(base), copy.deepcopy(tok)
         if pad:
             add_pad_row(model, t)
         losses[repo] = fit(model, t, corpora[domain], STEPS["finetune"], seed + i, 1e-3, progress, domain)
-        save_checkpoint(model, t, out[repo], torch.float16, fmt)
+        save_checkpoint(model, t, out[repo], cfg, fmt)
     return losses
 
 
@@ -292,9 +297,9 @@ def build_qwen(
     base = _new("Qwen2ForCausalLM", cfg, seed)
     english = [t for d, texts in corpora.items() if d not in ("zh", "ja") for t in texts]
     losses = {QWEN_BASE: fit(base, tok, english, STEPS["pretrain"], seed, 3e-3, progress, "qwen2 base")}
-    save_checkpoint(base, tok, base_dir, torch.bfloat16, "safetensors")
+    save_checkpoint(base, tok, base_dir, cfg, "safetensors")
     model = copy.deepcopy(base)
     for i, d in enumerate(ckpt_dirs, 1):
         losses[d.name] = fit(model, tok, every, STEPS["checkpoint"], seed + i, 1e-3, progress, d.name)
-        save_checkpoint(model, tok, d, torch.bfloat16, "safetensors")
+        save_checkpoint(model, tok, d, cfg, "safetensors")
     return losses

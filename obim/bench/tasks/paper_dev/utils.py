@@ -2,16 +2,25 @@
 `dev_benchmarks`). A train slice starts past the first `skip` records of the permutation the saliency validation
 draw uses (obim.bench.validation.draw_order over the split's records, in the order of the dataset's configs),
 so no dev sample is a validation sample while a model draws at most `skip`
-(obim.bench.dev.plan_dev checks it). They need the hub (not run by the tests here).
+(obim.bench.dev.plan_dev checks it). They read the hub datasets; the rehearsal runs them on its offline mirror
+(docs/rehearsal.md).
 """
 
 from __future__ import annotations
 
-from obim.bench.tasks.paper.utils import process_gsm8k_cot, process_math_cot, process_mbpp
+from obim.bench.tasks.paper.utils import mbpp_fewshot_samples, process_gsm8k_cot, process_math_cot, process_mbpp
 from obim.bench.validation import MATH_SUBJECTS, draw_order  # the same subjects and draw as the saliency sets
 
 # the task YAMLs here name these as utils.<name> (lm-eval's !function)
-__all__ = ["gsm8k_dev", "jcqa_dev", "math_dev", "process_gsm8k_cot", "process_math_cot", "process_mbpp"]
+__all__ = [
+    "gsm8k_dev",
+    "jcqa_dev",
+    "math_dev",
+    "mbpp_fewshot_samples",
+    "process_gsm8k_cot",
+    "process_math_cot",
+    "process_mbpp",
+]
 
 
 def _past_validation(path: str, names: list, split: str, source: str, skip: int, seed: int, n: int):
