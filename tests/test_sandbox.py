@@ -278,3 +278,20 @@ def test_code_outside_the_sandbox_is_named(monkeypatch, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "warning: humaneval executes generated code through lm-eval's code_eval, outside obim's code sandbox"
     ]
+
+
+def test_code_runs_only_when_opted_in(monkeypatch):
+    """Every code task (toy and paper) asks the sandbox through run_opted_in: refused, naming the tasks, without
+    HF_ALLOW_CODE_EVAL=1 (code_eval's own opt-in), whatever the program."""
+    from obim.bench.sandbox import run_opted_in
+    from obim.merging.errors import ObimError
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(ObimError, match=r"^toy code tasks execute model-generated code: opt in with eval\.allow_code"):
+        run_opted_in("pass", 3.0, "toy code tasks")
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "0")
+    with pytest.raises(ObimError):
+        run_opted_in("pass", 3.0, "x")
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert run_opted_in("assert 1 + 1 == 2", 3.0, "x") is True
+    assert run_opted_in("assert 1 + 1 == 3", 3.0, "x") is False

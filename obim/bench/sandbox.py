@@ -88,6 +88,21 @@ def run(program: str, timeout: float = 3.0, *, bwrap: bool = True) -> Result:
     return _run(_setup(bwrap), program, timeout)
 
 
+def run_opted_in(program: str, timeout: float, who: str) -> bool:
+    """Whether `program` exits normally within `timeout`, confined; refused, naming `who` (the tasks that ask), unless
+    code execution was opted in (HF_ALLOW_CODE_EVAL=1, as evaluate's code_eval asks)."""
+    import os
+
+    from obim.merging.errors import ObimError
+
+    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
+        raise ObimError(
+            f"{who} execute model-generated code: opt in with eval.allow_code=true "
+            "(or HF_ALLOW_CODE_EVAL=1 in the environment)"
+        )
+    return run(program, timeout).passed
+
+
 def isolation(bwrap: bool = True) -> str:
     """The layers `run` uses on this machine, e.g. 'bwrap+nobody+rlimits+audit-hook+pgroup'."""
     return _setup(bwrap).isolation()

@@ -9,7 +9,6 @@ evaluate_model(allow_code=True) sets it); lm-eval's own code_eval metric needs t
 
 from __future__ import annotations
 
-import os
 import re
 
 EVAL_SEED = 2026
@@ -76,16 +75,10 @@ def process_math(doc, results):
 
 def run_tests(program_prefix: str, completion: str, doc, timeout: float = 3.0) -> bool:
     """Whether prefix + completion passes the doc's unit tests (HumanEval's program layout), run in the sandbox."""
-    from obim.bench.sandbox import run
-    from obim.merging.errors import ObimError
+    from obim.bench.sandbox import run_opted_in
 
-    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
-        raise ObimError(
-            "toy code tasks execute model-generated code: opt in with eval.allow_code=true "
-            "(or HF_ALLOW_CODE_EVAL=1 in the environment)"
-        )
     program = f"{program_prefix}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
-    return run(program, timeout).passed
+    return run_opted_in(program, timeout, "toy code tasks")
 
 
 def process_humaneval(doc, results):

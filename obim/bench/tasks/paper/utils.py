@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 from obim.bench.validation import last_boxed  # the validation builder reads MATH's gold answers the same way
@@ -158,15 +157,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def passes(program: str, timeout: float = CODE_TIMEOUT) -> bool:
     """Whether the program exits normally within `timeout`, run in obim's sandbox; only when code execution was
     opted in (as code_eval, which refuses without HF_ALLOW_CODE_EVAL=1)."""
-    from obim.bench.sandbox import run
-    from obim.merging.errors import ObimError
+    from obim.bench.sandbox import run_opted_in
 
-    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
-        raise ObimError(
-            "obim's code tasks execute model-generated code: opt in with eval.allow_code=true "
-            "(or HF_ALLOW_CODE_EVAL=1 in the environment)"
-        )
-    return run(program, timeout).passed
+    return run_opted_in(program, timeout, "obim's code tasks")
 
 
 def code_pass_at_1(candidates: list[str], reference: str) -> float:
