@@ -118,7 +118,7 @@ def test_rehearsal_of_table1_runs_the_real_path(tmp_path):
     """`make rehearse` for Table 1 with two methods (TA and OBIM), eval.limit=2: the mirror is built, the preset's
     dry run finds every input in it, the run scores every benchmark of llama2_13b_sft for the merged and the
     individual models (AlpacaEval marked missing: it needs a judge), and the tables are written in the
-    rehearsal's own folder. About 5 minutes on 2 cores, most of it training the stand-ins."""
+    rehearsal's own folder. A few minutes on 2 cores, most of it building the mirror."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
