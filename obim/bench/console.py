@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from hydra.experimental.callback import Callback
 
+from obim.merging.errors import ObimError
+
 from .joblog import captured, emit, events_dir
 
 if TYPE_CHECKING:  # the report is loaded only when a sweep ends
@@ -313,6 +315,13 @@ class SweepConsole(Callback):
         return {"live": None, "failed": False}
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from .slurm import preflight
+
+        try:  # hydra/launcher=slurm: every problem named before anything is submitted
+            preflight(config)
+        except ObimError as e:  # Hydra turns a callback's exception into a warning and launches anyway
+            print(f"sweep: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         verbose = bool(config.get("verbose"))
         sweep_dir = Path(str(config.hydra.sweep.dir))
         inbox = events_dir(sweep_dir)
