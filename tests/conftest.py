@@ -172,3 +172,14 @@ def compose(*overrides: str, allow_code: bool = True):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hcompose("sweep", overrides=[*overrides, *(["eval.allow_code=true"] if allow_code else [])])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm cluster (munged, MariaDB, slurmdbd, slurmctld, slurmd) on this machine, started once
+    per session and stopped by PID at its end (tests/slurm/cluster.py): `.env` for Slurm's clients, `.partition`,
+    `.run(...)`, `.sbatch(...)`, `.wait_state(...)`. Its packages are installed with apt-get where missing; where they
+    cannot be, the tests that use it skip with one line."""
+    from slurm.cluster import cluster_session
+
+    yield from cluster_session(tmp_path_factory.mktemp("slurm"))

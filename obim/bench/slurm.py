@@ -105,8 +105,8 @@ def check(launcher: dict[str, Any], nodes: list[Node], folders: dict[str, Path],
     ):
         if need > have:
             problems.append(
-                f"hydra.launcher.{key}: a job asks for {need:g} {unit}; the largest node of partition {part} has "
-                f"{have:g}"
+                f"hydra.launcher.{key}: a job asks for {need:.0f} {unit}; the largest node of partition {part} has "
+                f"{have:.0f}"
             )
     if len({n.name for n in nodes}) > 1:  # one node shares every local folder with itself
         for what, folder in folders.items():
