@@ -69,3 +69,37 @@ def test_the_preflight_reads_the_real_cluster(slurm_cluster, tmp_path):
     ]
     assert proc.stderr.strip() == "sweep: error: hydra/launcher=slurm: nothing submitted: " + "; ".join(problems)
     assert c.run("squeue", "-h").stdout.strip() == ""  # nothing was submitted
+
+
+def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_zoo, tmp_path):
+    """issue 25, item 2: three toy jobs (OBIM's saliency statistics among them) sent to Slurm by hydra/launcher=slurm,
+    each its own Slurm job, give the scores and the table a local sweep gives (separate caches, the same zoo)."""
+    import json
+
+    from conftest import run_sweep, sweep_env
+
+    c = slurm_cluster
+    common = ["method=ta,ties,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
+    common += ["tracking=none", "progress=false"]
+    request = [f"hydra.launcher.partition={c.partition}", "hydra.launcher.gpus_per_node=0"]
+    request += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=20"]
+    out = {}
+    for where, launcher in (("slurm", ["hydra/launcher=slurm", *request]), ("local", [])):
+        env = {**sweep_env(quick_zoo, tmp_path / f"cache-{where}"), **(c.env if where == "slurm" else {})}
+        runs, results = tmp_path / f"runs-{where}", tmp_path / f"results-{where}"
+        args = [*launcher, *common, f"hydra.sweep.dir={runs}", f"results_dir={results}"]
+        proc = run_sweep(args, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recs = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/result.json")}
+        out[where] = (recs, (results / "toy_sft" / "table1.md").read_text())
+    (slurm, slurm_table), (local, local_table) = out["slurm"], out["local"]
+    assert sorted(slurm) == sorted(local) and len(slurm) == 3
+    for job, rec in slurm.items():
+        assert rec["scores"] == local[job]["scores"], job
+        assert {n: v["scores"] for n, v in rec["individual"].items()} == {
+            n: v["scores"] for n, v in local[job]["individual"].items()
+        }
+    assert slurm_table == local_table
+    # each job ran as a Slurm job, recorded in accounting
+    done = c.run("sacct", "-X", "-n", "-P", "-o", "JobName,State").stdout.split()
+    assert sum(line.endswith("|COMPLETED") for line in done) >= 3, done
