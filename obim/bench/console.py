@@ -453,7 +453,7 @@ class SweepConsole(Callback):
 def dry_run_total(done: list[dict]) -> list[str]:
     """What a real run of the planned jobs will cost (obim.bench.estimate.sweep_total over each job's plan.json
     "cost"; what jobs share counted once), as lines: merges, saliency, evaluations, then a table per benchmark."""
-    from .estimate import sweep_total
+    from .estimate import count, sweep_total
 
     costs = []
     for o in done:
@@ -467,9 +467,6 @@ def dry_run_total(done: list[dict]) -> list[str]:
     t = sweep_total(costs)
     read = all(c["read"] for c in costs)
 
-    def num(v: int | None) -> str:
-        return "?" if v is None else f"{v:,}"
-
     n = t["jobs"]
     failed = sum(o["status"] == "failed" for o in done)  # inputs missing: not estimated
     lines = [
@@ -479,11 +476,11 @@ def dry_run_total(done: list[dict]) -> list[str]:
         f"  merges: {t['merges']}",
     ]
     if t["saliency_runs"]:
-        tokens = f", {num(t['saliency_tokens'])} tokens" if read else ""
+        tokens = f", {count(t['saliency_tokens'])} tokens" if read else ""
         why = f"; tokens unknown here: {t['saliency_why']}" if read and t["saliency_why"] else ""
         lines.append(
-            f"  saliency: {t['saliency_runs']} models' statistics (each once), {num(t['saliency_samples'])} samples "
-            f"in {num(t['saliency_batches'])} forward batches{tokens}{why}"
+            f"  saliency: {t['saliency_runs']} models' statistics (each once), {count(t['saliency_samples'])} samples "
+            f"in {count(t['saliency_batches'])} forward batches{tokens}{why}"
         )
     ind = t["individual_evaluations"]
     merged = t["evaluations"] - ind
@@ -497,10 +494,10 @@ def dry_run_total(done: list[dict]) -> list[str]:
     head = ["benchmark", "task", "type", "evaluations", "docs", "prompts", "max generated tokens"]
     rows = [
         [b["column"], task, str(b["type"] or "?"), str(b["evaluations"])]
-        + [num(b[k]) for k in ("docs", "prompts", "max_gen_tokens")]
+        + [count(b[k]) for k in ("docs", "prompts", "max_gen_tokens")]
         for task, b in t["benchmarks"].items()
     ]
-    rows.append(["total", "", "", str(t["evaluations"]), "", num(t["prompts"]), num(t["max_gen_tokens"])])
+    rows.append(["total", "", "", str(t["evaluations"]), "", count(t["prompts"]), count(t["max_gen_tokens"])])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:  # text left, numbers right
         cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]

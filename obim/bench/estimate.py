@@ -31,9 +31,15 @@ MODEL_MAX_GEN_TOKS = 256
 NOT_READ = "not read (dry_run=plan reads nothing; dry_run=true counts)"
 
 
-def _why(e: BaseException) -> str:
+def why(e: BaseException) -> str:
+    """An exception as one line: its type and its message's first line (200 characters at most)."""
     line = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {line[:200]}" if line else type(e).__name__
+
+
+def count(v: int | None) -> str:
+    """A count as the dry run prints it: thousands separated, `?` when it could not be counted."""
+    return "?" if v is None else f"{v:,}"
 
 
 # ------------------------------------------------------------------------------------------------ saliency
@@ -80,7 +86,7 @@ def saliency_cost(plan: JobPlan, read: bool = True) -> dict[str, dict[str, Any]]
                 samples = len(texts)
                 tokens = count_tokens(paths[name], texts, v.max_length)
             except Exception as e:  # a missing file, dataset or tokenizer; too few samples in a source
-                why = _why(e)
+                why = why(e)
         out[name] = {
             "path": paths[name],
             "samples": samples,
@@ -166,7 +172,7 @@ def benchmark_cost(
     try:
         found = leaves(benchmark)
     except Exception as e:  # a dataset not readable here, a task whose optional dependencies are missing
-        return {"docs": None, "prompts": None, "max_gen_tokens": None, "why": _why(e)}
+        return {"docs": None, "prompts": None, "max_gen_tokens": None, "why": why(e)}
     default = _model_max_gen_toks(backend, model_args)
     return {
         "type": "+".join(sorted({lf.output_type for lf in found})),
@@ -239,17 +245,14 @@ def summary(cost: dict[str, Any]) -> str:
     """The job line's short form, e.g. `1 merge, saliency 250 samples/14,098 tokens, eval 5 models: 135 prompts,
     <= 4,800 generated tokens`."""
 
-    def num(v: int | None) -> str:
-        return "?" if v is None else f"{v:,}"
-
     read = cost["read"]  # dry_run=plan: the counts that need reading are left out, not shown as unknown
     parts = [f"{cost['merges']} merge{'s' * (cost['merges'] != 1)}"]
     if cost["saliency"]:
-        tokens = f"/{num(cost['saliency_tokens'])} tokens" if read else ""
-        parts.append(f"saliency {num(cost['saliency_samples'])} samples{tokens}")
+        tokens = f"/{count(cost['saliency_tokens'])} tokens" if read else ""
+        parts.append(f"saliency {count(cost['saliency_samples'])} samples{tokens}")
     models = f"eval {cost['eval_models']} model{'s' * (cost['eval_models'] != 1)}"
     if read:
-        models += f": {num(cost['eval_prompts'])} prompts, <= {num(cost['eval_max_gen_tokens'])} generated tokens"
+        models += f": {count(cost['eval_prompts'])} prompts, <= {count(cost['eval_max_gen_tokens'])} generated tokens"
     parts.append(models)
     return ", ".join(parts)
 

@@ -258,8 +258,9 @@ def fetch_all(inputs: list[Input]) -> tuple[list[str], list[str]]:
             fetch(inp)
             fetched.append(inp.describe())
         except Exception as e:  # a gated repo without a token, no such dataset, no network: named, the rest go on
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            failed.append(f"{inp.describe()}: fetch failed ({type(e).__name__}: {msg[:200]})")
+            from .estimate import why
+
+            failed.append(f"{inp.describe()}: fetch failed ({why(e)})")
     return fetched, failed
 
 

@@ -139,10 +139,9 @@ def run_step(step: Step, env: dict[str, str], out: Path, say) -> None:
 
 
 def _json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError):
-        return {}
+    from obim.bench.cache import read_json
+
+    return read_json(f) or {}
 
 
 def unscored(recs: list[dict]) -> list[str]:
@@ -178,12 +177,8 @@ def stage_seconds(recs: list[dict], individual_seen: set[tuple]) -> tuple[float,
     return sal, mer, ev
 
 
-def _n(v: int | None) -> str:
-    return "?" if v is None else f"{v:,}"
-
-
 def summary(steps: list[Step], limit: int, mirror_info: dict) -> str:
-    from obim.bench.estimate import sweep_total
+    from obim.bench.estimate import count, sweep_total
 
     lines = [
         "# Rehearsal of the real presets on CPU stand-ins",
@@ -207,8 +202,8 @@ def summary(steps: list[Step], limit: int, mirror_info: dict) -> str:
             jobs = f"{len(costs)}" + (f" ({len(plans) - len(costs)} failed)" if len(costs) < len(plans) else "")
             lines.append(
                 f"| {s.name} | {s.rc} | {s.seconds} | {jobs} | {c.get('merges', 0)} | "
-                f"{_n(c.get('saliency_samples', 0))} ({_n(c.get('saliency_tokens', 0))}) | {_n(c.get('prompts', 0))} | "
-                f"{_n(c.get('max_gen_tokens', 0))} | | | | |"
+                f"{count(c.get('saliency_samples', 0))} ({count(c.get('saliency_tokens', 0))}) | "
+                f"{count(c.get('prompts', 0))} | {count(c.get('max_gen_tokens', 0))} | | | | |"
             )
             continue
         pairs = [(d, r) for d in s.jobs if (r := _json(d / "result.json"))]
