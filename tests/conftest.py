@@ -183,3 +183,12 @@ def slurm_cluster(tmp_path_factory):
     from slurm.cluster import cluster_session
 
     yield from cluster_session(tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_no_accounting(tmp_path_factory):
+    """The same one-node cluster without accounting (AccountingStorageType=accounting_storage/none: no MariaDB, no
+    slurmdbd, sacct fails), as many clusters run; it can run beside `slurm_cluster`."""
+    from slurm.cluster import cluster_session
+
+    yield from cluster_session(tmp_path_factory.mktemp("slurm-noacct"), accounting=False)

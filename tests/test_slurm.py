@@ -4,6 +4,7 @@ installed): skipped with one line elsewhere."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -74,8 +75,6 @@ def test_the_preflight_reads_the_real_cluster(slurm_cluster, tmp_path):
 def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_zoo, tmp_path):
     """issue 25, item 2: three toy jobs (OBIM's saliency statistics among them) sent to Slurm by hydra/launcher=slurm,
     each its own Slurm job, give the scores and the table a local sweep gives (separate caches, the same zoo)."""
-    import json
-
     from conftest import run_sweep, sweep_env
 
     c = slurm_cluster
@@ -103,3 +102,207 @@ def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_z
     # each job ran as a Slurm job, recorded in accounting
     done = c.run("sacct", "-X", "-n", "-P", "-o", "JobName,State").stdout.split()
     assert sum(line.endswith("|COMPLETED") for line in done) >= 3, done
+
+
+# ------------------------------------------------------------------------------------------------- faults, caches
+# (issue 25, items 3 and 4) Sweeps sent to the cluster by hydra/launcher=slurm (obim's launcher, obim/bench/slurm.py)
+# while the test kills, starves or blocks their jobs. A job is blocked, where a test needs it to be, by holding the
+# cache lock of an entry it needs (what another job computing it does), never by a hook in obim.
+
+REQUEST = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
+TOY = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true", "tracking=none", "progress=false"]
+
+
+def start_sweep(c, args: list[str], zoo, cache, runs):
+    """`experiments/sweep.py -m` sending its jobs to cluster `c`, started in the background."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, sweep_env
+
+    argv = [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", "hydra/launcher=slurm"]
+    argv += [f"hydra.launcher.partition={c.partition}", *REQUEST, "hydra.launcher.timeout_min=20", *TOY]
+    argv += [f"hydra.sweep.dir={runs}", f"results_dir={runs.parent / (runs.name + '-results')}", *args]
+    env = {**sweep_env(zoo, cache), **c.env}
+    return subprocess.Popen(argv, cwd=runs.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def until(what: str, probe, timeout: float, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"no {what} after {timeout:.0f} s")
+
+
+def queue(c) -> dict[str, tuple[str, str]]:
+    """{job id: (state, reason)} as the controller has them now."""
+    out = c.run("squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r", check=False).stdout
+    return {i: (s, r) for i, s, r in (line.split("|") for line in out.split())}
+
+
+def finish(proc, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("accounting", [True, False], ids=["accounting", "no-accounting"])
+def test_a_cancelled_job_fails_the_sweep_naming_it_and_a_rerun_reuses_the_rest(
+    request, accounting, quick_zoo, tmp_path
+):
+    """scancel on one job of a running sweep: the sweep ends non-zero once the other job is done, naming the
+    cancelled one, with or without accounting (submitit alone waits forever without it); run again, it reruns only
+    the cancelled job."""
+    import re
+
+    c = request.getfixturevalue("slurm_cluster" if accounting else "slurm_cluster_no_accounting")
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    proc = start_sweep(c, ["method=ta,ties"], quick_zoo, cache, runs)
+    job = until("job 0 running", lambda: next((i for i, (s, _) in queue(c).items() if s == "RUNNING"
+                                                and i.endswith("_0")), None), 120)  # fmt: skip
+    time.sleep(2)  # its process started
+    t0 = time.monotonic()
+    c.run("scancel", job)
+    code, out, err = finish(proc)
+    print(f"accounting={accounting}: scancel to the sweep's exit {time.monotonic() - t0:.1f} s")
+    assert code == 1, err[-3000:]
+    pattern = rf"method=ta: sweep: error: Slurm job {job}: (CANCELLED|{slurm_gone()} \(CANCELLED\)): cancelled"
+    assert re.search(pattern, err), err[-3000:]
+    assert "(1 run, 1 failed)" in err
+    assert [p.parent.name.split(",")[-1] for p in runs.glob("*/result.json")] == ["method=ties"]
+    if accounting:
+        code, out, err = finish(start_sweep(c, ["method=ta,ties"], quick_zoo, cache, runs))
+        assert code == 0, err[-3000:]
+        assert "(1 run, 1 cached)" in out, out[-2000:]
+
+
+def slurm_gone() -> str:
+    from obim.bench.slurm import GONE
+
+    return GONE
+
+
+@pytest.mark.parametrize("accounting", [True, False], ids=["accounting", "no-accounting"])
+def test_a_job_over_its_memory_fails_the_sweep_naming_the_cause(request, accounting, quick_zoo, tmp_path):
+    """A job over its --mem is killed by Slurm (no cgroups here: recorded FAILED, or forgotten without accounting);
+    the sweep ends at once, non-zero, saying it was memory."""
+    import re
+
+    c = request.getfixturevalue("slurm_cluster" if accounting else "slurm_cluster_no_accounting")
+    t0 = time.monotonic()
+    proc = start_sweep(
+        c, ["method=ta", "hydra.launcher.mem_gb=null", "hydra.launcher.mem_per_cpu=300M"], quick_zoo,
+        tmp_path / "cache", tmp_path / "runs",
+    )  # fmt: skip
+    code, _out, err = finish(proc)
+    print(f"accounting={accounting}: memory kill, sweep over in {time.monotonic() - t0:.1f} s")
+    assert code == 1, err[-3000:]
+    states = "FAILED" if accounting else f"(FAILED|{slurm_gone()})"
+    pattern = rf"Slurm job \d+: {states} \(OUT_OF_MEMORY\): killed for using more memory than it asked for"
+    assert re.search(pattern, err), err[-3000:]
+
+
+def test_a_job_at_its_time_limit_fails_the_sweep(slurm_cluster_no_accounting, quick_zoo, tmp_path):
+    """A job still waiting at its time limit (on the zoo's lock, held here) with no requeue left: the sweep ends
+    non-zero naming the time limit, with no accounting to ask."""
+    from filelock import FileLock
+
+    c = slurm_cluster_no_accounting
+    with FileLock(str(quick_zoo.parent / f".{quick_zoo.name}.lock")):
+        t0 = time.monotonic()
+        proc = start_sweep(
+            c, ["method=ta", "hydra.launcher.timeout_min=1", "hydra.launcher.max_num_timeout=0"], quick_zoo,
+            tmp_path / "cache", tmp_path / "runs",
+        )  # fmt: skip
+        code, _out, err = finish(proc)
+    print(f"time limit 60 s: sweep over in {time.monotonic() - t0:.1f} s")
+    assert code == 1, err[-3000:]
+    # submitit's time-limit signal came (early: its 120 s delay is over the limit) with no requeue left
+    pattern = "method=ta: sweep: error: Slurm time limit reached (hydra.launcher.timeout_min) and the job not "
+    pattern += "requeued: timed-out too many times (hydra.launcher.max_num_timeout)"
+    assert pattern in err, err[-3000:]
+
+
+def test_a_job_requeued_at_its_time_limit_resumes_from_its_finished_stages(slurm_cluster, quick_zoo, tmp_path):
+    """OBIM's job computes the first expert's saliency statistics, then waits on the second's (its lock held here)
+    until its time limit: submitit's checkpointing requeues it (max_num_timeout), and the rerun takes the first
+    expert's statistics from the cache, computes the rest and ends the sweep with exit 0."""
+    from conftest import compose
+    from filelock import FileLock
+
+    from obim.bench.plan import plan_job
+    from obim.bench.stages import saliency_paths
+
+    c = slurm_cluster
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    plan = plan_job(compose("method=obim", f"experiment.zoo={quick_zoo}", "experiment.zoo_recipe=quick",
+                            f"cache_dir={cache}"))  # fmt: skip
+    paths = saliency_paths(plan)
+    first, second = list(paths)[:2]
+    lock = FileLock(str(paths[second]) + ".lock")
+    lock.acquire()
+    try:
+        # the time-limit signal comes 60 s before the limit, and up to 60 s earlier (Slurm's timer resolution)
+        args = ["method=obim", "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=60"]
+        proc = start_sweep(c, [*args, "hydra.launcher.max_num_timeout=1"], quick_zoo, cache, runs)
+        job = until("the job running", lambda: next((i for i, (s, _) in queue(c).items() if s == "RUNNING"), None), 120)
+        until(f"{first}'s statistics", paths[first].exists, 120)
+        stamp = paths[first].stat().st_mtime_ns
+        t0 = time.monotonic()
+        until("the job requeued", lambda: queue(c).get(job, ("", ""))[0] == "PENDING", 240, poll=0.5)
+        print(f"requeued {time.monotonic() - t0:.0f} s after the first statistics")
+    finally:
+        lock.release()
+    c.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # Slurm holds a requeued job ~2 min (BeginTime)
+    code, _out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert "this job is timed-out" in err  # submitit's checkpointing caught the time-limit signal
+    (rec,) = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    assert rec["saliency"][first]["cached"] is True  # the first run's, reused
+    assert all(not rec["saliency"][n]["cached"] for n in list(paths)[1:])
+    assert paths[first].stat().st_mtime_ns == stamp
+    c.wait_state(job, ["COMPLETED"], timeout=60)  # slurmdbd records the end a moment after the sweep sees it
+    runs_of_job = c.run("sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job).stdout.split()
+    assert runs_of_job[0].endswith("|REQUEUED") and runs_of_job[-1].endswith("|COMPLETED"), runs_of_job
+
+
+def test_concurrent_jobs_compute_each_cache_entry_once(slurm_cluster, tmp_path):
+    """Four Slurm jobs started together need one zoo (not built yet), the same three experts' saliency statistics,
+    and two merges between them (OBIM and TIES+OBM, each evaluated at two limits): each is computed once, by one
+    job, while the others wait on its lock and reuse it; every entry is complete and readable afterwards."""
+    from datetime import datetime
+
+    import torch
+    from safetensors import safe_open
+
+    c = slurm_cluster
+    zoo, cache, runs = tmp_path / "zoo", tmp_path / "cache", tmp_path / "runs"
+    args = ["method=obim,ties_obm", "eval.limit=2,3", "hydra.launcher.array_parallelism=4"]
+    code, _out, err = finish(start_sweep(c, args, zoo, cache, runs))
+    assert code == 0, err[-3000:]
+    recs = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    assert len(recs) == 4
+    # ran at the same time: the array's tasks overlap in accounting
+    array = {p.name.split("_")[0] for p in (runs / ".submitit").iterdir() if "_" in p.name}.pop()
+    lines = c.run("sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j", array).stdout.split()
+    spans = sorted(tuple(datetime.fromisoformat(t) for t in line.split("|")[1:]) for line in lines)
+    assert len(spans) == 4, lines
+    assert spans[1][0] < spans[0][1], spans
+    for name in recs[0]["saliency"]:
+        files = {r["saliency"][name]["hdiag"] for r in recs}
+        assert len(files) == 1, files  # one zoo: every job's expert has the same fingerprint
+        assert sum(not r["saliency"][name]["cached"] for r in recs) == 1, name
+    for method in ("obim", "ties_obm"):
+        mine = [r for r in recs if f"method={method}" in r["job"].split(",")]
+        assert len(mine) == 2 and sum(not r["cached"]["merge"] for r in mine) == 1, method
+    # every entry whole: no staging leftovers, statistics readable and finite, merges stamped
+    assert not [p for p in cache.rglob("*") if ".obim-tmp-" in p.name or ".obim-old-" in p.name]
+    hdiags = sorted((cache / "saliency").glob("*.safetensors"))
+    assert len(hdiags) == 3
+    for f in hdiags:
+        with safe_open(str(f), framework="pt") as h:
+            assert all(torch.isfinite(h.get_tensor(k)).all() for k in h.keys())  # noqa: SIM118
+    merges = [d for d in (cache / "merges").iterdir() if d.is_dir()]
+    assert len(merges) == 2 and all((d / "obim_merge.json").is_file() for d in merges)

@@ -442,7 +442,8 @@ class SweepConsole(Callback):
         count = {s: sum(o["status"] == s for o in done) for s in ("done", "skipped", "planned", "failed")}
         words = {"done": "run", "skipped": "cached", "planned": "planned", "failed": "failed"}
         parts = [f"{n} {words[s]}" for s, n in count.items() if n] or ["none finished"]
-        log = next((Path(o["log"]).name for o in done if o.get("log")), "sweep.log")
+        # (a Slurm job that died without a result points at submitit's log instead, outside its job folder)
+        log = next((Path(o["log"]).name for o in done if o.get("log") and not o.get("slurm_job")), "sweep.log")
         line = (
             f"sweep: {len(done)} job{'s' * (len(done) != 1)} in {clock(time.monotonic() - live.t0)} "
             f"({', '.join(parts)}); job logs: {sweep_dir}/<job>/{log}"

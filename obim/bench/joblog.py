@@ -29,6 +29,8 @@ NOISE = (
     re.compile(r"Using the latest cached version of the dataset since .* \(offline mode is enabled\)"),
     re.compile(r"Found the latest cached dataset configuration "),
     re.compile(r"\b(Deprecation|PendingDeprecation|Future)Warning\b"),
+    # submitit in a Slurm job being cancelled or requeued (SIGTERM/SIGCONT): the sweep names the job's fate itself
+    re.compile(r"^Bypassing signal SIG(TERM|CONT)$"),
 )
 # Libraries that print through handlers of their own (transformers does not propagate to the root logger): their
 # records are routed through the root logger during a quiet job, to the log file and the relay. (W&B logs to its
@@ -232,7 +234,12 @@ class JobSession:
         goes to the log, or to the terminal with verbose=true."""
         from obim.merging.errors import ObimError
 
-        if isinstance(exc, ObimError):
+        from .slurm import job_error
+
+        error = job_error(exc)
+        if error is not None:  # a Slurm job's own end (its time limit): nothing in obim to trace
+            pass
+        elif isinstance(exc, ObimError):
             error = str(exc)
         else:
             traceback.print_exc()

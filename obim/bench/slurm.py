@@ -148,3 +148,262 @@ def preflight(config: Any) -> None:
     errors = [p for p in problems if not p.startswith("warning: ")]
     if errors:
         raise ObimError("hydra/launcher=slurm: nothing submitted: " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------------------------------------- the launcher
+
+# Slurm job states after which the job will not run again (sacct/squeue spelling); any other state (PENDING,
+# RUNNING, REQUEUED, COMPLETING, PREEMPTED, SUSPENDED, ...) means "wait"
+ENDED = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+    "SPECIAL_EXIT",
+)
+GONE = "GONE"  # neither the controller nor accounting knows the job any more
+WHY = {
+    "CANCELLED": "cancelled (scancel, or an administrator)",
+    "TIMEOUT": "killed at its time limit (hydra.launcher.timeout_min",
+    "PREEMPTED": "preempted and not requeued",
+    "OUT_OF_MEMORY": "killed for using more memory than it asked for (hydra.launcher.mem_gb)",
+    "NODE_FAIL": "its node failed",
+    "BOOT_FAIL": "its node failed to boot",
+    "DEADLINE": "past its deadline",
+    "FAILED": "ended without a result (killed, or its process died)",
+    "COMPLETED": "ended without writing its result",
+    GONE: "ended without a result and is no longer known to Slurm (no accounting to say why)",
+}
+
+
+def _expand(job_id: str) -> list[str]:
+    """'123_[1-3,5%2]' (a pending array's tasks, as sacct and squeue print them) -> 123_1, 123_2, 123_3, 123_5."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]*)\]", job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def parse_states(text: str) -> dict[str, str]:
+    """'JobID|State' lines (sacct -P, squeue -o '%i|%T') -> {job id: state}; 'CANCELLED by 0' -> CANCELLED."""
+    states = {}
+    for line in text.splitlines():
+        jid, _, state = line.strip().partition("|")
+        if not jid or "." in jid or not state:  # job steps (123.batch) carry the step's state, not the job's
+            continue
+        for j in _expand(jid):
+            states[j] = state.split()[0].upper()
+    return states
+
+
+def job_states(ids: list[str], run: Any = subprocess.run) -> dict[str, str]:
+    """The state of each job: the controller's (squeue, while it remembers the job: MinJobAge after it ends) over
+    accounting's (sacct, where there is any); GONE for one neither knows."""
+    arrays = sorted({i.split("_")[0] for i in ids})
+    states: dict[str, str] = {}
+    queries = (
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)],
+        ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(arrays)],
+    )
+    answered = False
+    for cmd in queries:
+        try:
+            p = run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        # squeue refuses ids it no longer knows ("Invalid job id specified") when it knows none of them
+        if p.returncode == 0 or "invalid job id" in (p.stderr or "").lower():
+            answered = True
+            states.update(parse_states(p.stdout if p.returncode == 0 else ""))
+    if not answered:  # the controller unreachable: nothing can be said yet
+        return {}
+    return {i: states.get(i, GONE) for i in ids}
+
+
+class Watch:
+    """When to ask Slurm again: every `min_s` seconds at first, backing off to `max_s` as the sweep ages (a sweep of
+    hours polls the scheduler once a minute; a job's death is noticed within `max_s`)."""
+
+    def __init__(self, min_s: float = 5, max_s: float = 60) -> None:
+        import time
+
+        self.min_s, self.max_s, self.t0, self.last = min_s, max_s, time.monotonic(), float("-inf")
+
+    def due(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - self.last >= min(self.max_s, max(self.min_s, (now - self.t0) / 4)):
+            self.last = now
+            return True
+        return False
+
+
+# what slurmstepd writes to a killed job's stderr: the cause where the state alone does not say it (without cgroups
+# a job over its memory is recorded FAILED, not OUT_OF_MEMORY)
+LOG_CAUSES = (
+    ("OUT_OF_MEMORY", re.compile(r"exceeded (job )?memory limit|oom[-_ ]kill", re.I)),
+    ("TIMEOUT", re.compile(r"DUE TO TIME LIMIT")),
+    ("PREEMPTED", re.compile(r"DUE TO PREEMPTION")),
+    ("CANCELLED", re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ \*\*\*")),  # scancel: no "DUE TO"
+)
+
+
+def _cause(state: str, log: Path) -> str:
+    """The job's state, made precise from its stderr where Slurm recorded only that it failed (or forgot it)."""
+    if state not in ("FAILED", GONE, "CANCELLED"):
+        return state
+    try:
+        text = log.read_text(errors="replace")[-20000:]
+    except OSError:
+        return state
+    return next((cause for cause, pattern in LOG_CAUSES if pattern.search(text)), state)
+
+
+def job_error(exc: BaseException) -> str | None:
+    """Inside a Slurm job, submitit's time-limit signal with no requeue left ends the job's code with an
+    UncompletedJobError: the one line that says so in obim's terms; None for any other exception."""
+    text = str(exc)
+    if type(exc).__name__ != "UncompletedJobError" or "Job not requeued because:" not in text:
+        return None
+    reason = text.split("Job not requeued because:", 1)[1].strip().splitlines()[0].rstrip(".")
+    return (
+        f"Slurm time limit reached (hydra.launcher.timeout_min) and the job not requeued: {reason} "
+        "(hydra.launcher.max_num_timeout); a rerun of the sweep resumes from its finished stages"
+    )
+
+
+def lost_outcome(job: Any, state: str, overrides: list[str], name: str, requeues: int) -> dict[str, Any]:
+    """The console's failed-job record (obim.bench.joblog) for a Slurm job that ended without a result."""
+    log = Path(job.paths.stderr)
+    cause = _cause(state, log)
+    why = WHY.get(cause, f"ended in state {cause} without a result")
+    if cause == "TIMEOUT":
+        why += f", after up to {requeues} requeue{'s' * (requeues != 1)} through submitit's checkpointing)"
+    return {
+        "status": "failed",
+        "name": name,
+        "overrides": overrides,
+        "log": str(log),
+        "seconds": 0,
+        "error": f"Slurm job {job.job_id}: {state}{f' ({cause})' if cause != state else ''}: {why}",
+        "slurm_job": str(job.job_id),
+    }
+
+
+def _exception_line(text: str) -> str:
+    """The exception a traceback in submitit's error ends with ('ValueError: ...'), else its first line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?", ln)]
+    return (raised or lines or ["failed"])[-1 if raised else 0]
+
+
+def launch(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list[Any]:
+    """hydra_plugins.obim.SlurmLauncher.launch: submits one Slurm job per sweep job (an array) as
+    hydra-submitit-launcher does, then waits on every job at once. A job that ends without a result (scancel, its
+    memory or time limit, a dead node) is a failed job of the sweep, named on the console as soon as Slurm says so
+    (within a minute), whether or not the cluster keeps accounting: submitit alone asks only sacct, and without it
+    waits forever. Requeues (preemption; a time limit, up to max_num_timeout times) go through submitit's
+    checkpointing, and a requeued job finds the stages it finished in the cache."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import filter_overrides
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    config = launcher.config
+    assert config is not None
+    params = dict(launcher.params)
+    requeues = int(params.pop("max_num_timeout", 0) or 0)
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=requeues
+    )
+    common = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in common else f"slurm_{k}": v for k, v in params.items()})
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:
+        os.chmod(sweep_dir, int(str(config.hydra.sweep.mode), 8))
+    args = [
+        (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}", Singleton.get_state())
+        for i, o in enumerate(job_overrides)
+    ]
+    jobs = executor.map_array(launcher, *zip(*args, strict=True))
+    names = [job_name(config, list(o)) for o in job_overrides]
+    shown = [list(filter_overrides(list(o))) for o in job_overrides]
+    return wait(jobs, names, shown, sweep_dir, requeues)
+
+
+def job_name(config: Any, overrides: list[str]) -> str:
+    """The job's override_dirname, as Hydra computes it from the job config (what the console labels jobs by)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    c = config.hydra.job.config.override_dirname
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return get_overrides_dirname(parsed, list(c.exclude_keys), c.item_sep, c.kv_sep)
+
+
+def wait(
+    jobs: list[Any],
+    names: list[str],
+    overrides: list[list[str]],
+    sweep_dir: Path,
+    requeues: int,
+    grace_s: float = 10,
+    watch: Watch | None = None,
+    sleep_s: float = 1,
+) -> list[Any]:
+    """Each job's JobReturn, in order, once every job has ended: its own, or a failed outcome for one that ended
+    without a result (told to the console at once). Result files are looked for every `sleep_s`, Slurm asked when
+    `watch` says."""
+    import time
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from .joblog import emit, events_dir
+
+    returns: list[Any] = [None] * len(jobs)
+    pending = dict(enumerate(jobs))
+    ended: dict[int, tuple[float, str]] = {}  # when Slurm first said the job ended without its result, and how
+    watch = watch or Watch()
+    inbox = events_dir(sweep_dir)
+
+    def lost(i: int, o: dict[str, Any]) -> None:
+        returns[i] = JobReturn(overrides=overrides[i], status=JobStatus.COMPLETED, _return_value=o)
+        emit(inbox if inbox.is_dir() else None, "end", outcome=o)
+        del pending[i]
+
+    while pending:
+        states = job_states([j.job_id for j in pending.values()]) if watch.due() else {}
+        for i, job in list(pending.items()):
+            if job.paths.result_pickle.exists():
+                try:
+                    returns[i] = job.results()[0]
+                    del pending[i]
+                except (FailedJobError, UncompletedJobError) as e:  # raised outside the job's own error handling
+                    o = lost_outcome(job, "FAILED", overrides[i], names[i], requeues)
+                    lost(i, {**o, "error": f"Slurm job {job.job_id}: {_exception_line(str(e))}"})
+                continue
+            state = states.get(job.job_id, "")
+            if state in (*ENDED, GONE):
+                ended.setdefault(i, (time.monotonic(), state))
+            elif state:  # requeued: pending or running again
+                ended.pop(i, None)
+            # a shared filesystem may show the result file a little after the job's end
+            if i in ended and time.monotonic() - ended[i][0] >= grace_s:
+                lost(i, lost_outcome(job, ended[i][1], overrides[i], names[i], requeues))
+        if pending:
+            time.sleep(sleep_s)
+    return returns

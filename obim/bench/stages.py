@@ -74,17 +74,24 @@ class Evaluated:
     outputs: dict[str, str] | None = None  # saved generations of judged benchmarks
 
 
+def saliency_path(cache: Path, name: str, path: str, texts: list[str], v: dict, device: str) -> Path:
+    """Where the model's hdiag file for these validation texts lives in the cache (whether or not it is there)."""
+    from obim.merging.saliency import STATS_VERSION
+
+    key = digest(
+        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, f"hdiag-v{STATS_VERSION}"]
+    )
+    return cache / "saliency" / f"{name}-{key}.safetensors"
+
+
 def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
     """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
-    from obim.merging.saliency import STATS_VERSION, compute_hdiag, save_hdiag
+    from obim.merging.saliency import compute_hdiag, save_hdiag
 
     from .validation import build_texts
 
     texts = build_texts(v)
-    key = digest(
-        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, f"hdiag-v{STATS_VERSION}"]
-    )
-    out = cache / "saliency" / f"{name}-{key}.safetensors"
+    out = saliency_path(cache, name, path, texts, v, device)
     with locked(out):
         hit = out.is_file()
         if not hit:
@@ -341,13 +348,29 @@ def saliency_stage(plan: JobPlan, reporter: Reporter) -> dict[str, Saliency]:
     rt = plan.runtime
     assert rt is not None  # plan_job sets it
     out = {}
-    for name in plan.models:
-        if name in plan.validation:
-            reporter.status(f"saliency of {name}", "saliency")
-            path = next(m["path"] for m in plan.merge["models"] if m["name"] == name)
-            v = plan.validation[name].to_json()
-            out[name] = Saliency(**cached_saliency(rt.cache, name, path, v, rt.device, rt.progress))
+    for name, path, v in _saliency_inputs(plan):
+        reporter.status(f"saliency of {name}", "saliency")
+        out[name] = Saliency(**cached_saliency(rt.cache, name, path, v, rt.device, rt.progress))
     return out
+
+
+def _saliency_inputs(plan: JobPlan) -> list[tuple[str, str, dict]]:
+    """(model name, its path, its validation spec) of each model the saliency stage computes statistics for."""
+    return [
+        (name, next(m["path"] for m in plan.merge["models"] if m["name"] == name), plan.validation[name].to_json())
+        for name in plan.models
+        if name in plan.validation
+    ]
+
+
+def saliency_paths(plan: JobPlan) -> dict[str, Path]:
+    """Where the saliency stage of this plan finds or puts each model's statistics (its zoo built)."""
+    from .validation import build_texts
+
+    rt = plan.runtime
+    assert rt is not None
+    inputs = _saliency_inputs(plan)
+    return {name: saliency_path(rt.cache, name, path, build_texts(v), v, rt.device) for name, path, v in inputs}
 
 
 def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter) -> Merged:

@@ -114,15 +114,27 @@ def tail(path: Path, n: int = 15) -> str:
     return "\n".join([f"--- {path.name} (last {len(lines)} lines)", *lines])
 
 
-class SlurmCluster:
-    """One node (this machine, as `slurmd -C` reports it) in one partition, `debug`, with accounting. `env` is
-    the environment for Slurm's clients (SLURM_CONF, PATH with sbin); `run` runs one in it."""
+# slurm.conf's accounting lines: slurmdbd (MariaDB behind it), or none at all (sacct then fails, as on clusters
+# that keep no accounting)
+ACCOUNTING = """AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$dbd_port
+# not a password with slurmdbd: the munge socket for talking to it (AuthInfo does not apply there)
+AccountingStoragePass=$munge_socket"""
+NO_ACCOUNTING = "AccountingStorageType=accounting_storage/none"
 
-    def __init__(self, root: Path, log: Callable[[str], None] = lambda s: None):
+
+class SlurmCluster:
+    """One node (this machine, as `slurmd -C` reports it) in one partition, `debug`, with accounting (slurmdbd)
+    unless `accounting` is False. `env` is the environment for Slurm's clients (SLURM_CONF, PATH with sbin); `run`
+    runs one in it."""
+
+    def __init__(self, root: Path, log: Callable[[str], None] = lambda s: None, accounting: bool = True):
         root = Path(root).resolve()
         if len(str(root)) > MAX_ROOT:
             root = Path(tempfile.mkdtemp(prefix="obim-slurm-"))
         self.root, self.log, self.partition, self.cluster = root, log, PARTITION, CLUSTER
+        self.accounting = accounting
         self.conf = root / "etc" / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
@@ -150,8 +162,12 @@ class SlurmCluster:
 
     def state(self, job: str) -> str:
         """The job's state as accounting has it ('' until slurmdbd knows it): PENDING, RUNNING, COMPLETED,
-        CANCELLED (sacct's 'CANCELLED by 0' shortened), FAILED, ..."""
-        p = self.run("sacct", "-X", "-n", "-P", "-o", "State", "-j", job, check=False)
+        CANCELLED (sacct's 'CANCELLED by 0' shortened), FAILED, ...; without accounting, as the controller has it
+        ('' once it has forgotten the job, MinJobAge after its end)."""
+        if self.accounting:
+            p = self.run("sacct", "-X", "-n", "-P", "-o", "State", "-j", job, check=False)
+        else:
+            p = self.run("squeue", "-h", "-t", "all", "-o", "%T", "-j", job, check=False)
         return p.stdout.split()[0] if p.returncode == 0 and p.stdout.strip() else ""
 
     def wait_state(self, job: str, states: Iterable[str], timeout: float = 60, poll: float = 0.2) -> str:
@@ -182,8 +198,9 @@ class SlurmCluster:
         try:
             self._render()
             self._munge(timeout)
-            self._mariadb(timeout)
-            self._slurmdbd(timeout)
+            if self.accounting:
+                self._mariadb(timeout)
+                self._slurmdbd(timeout)
             self._spawn("slurmctld", ["slurmctld", "-D", "-f", self.conf])
             self._spawn("slurmd", ["slurmd", "-D", "-f", self.conf, "-N", self.node])
             self._until("the node idle in sinfo", lambda: self.node_state() == "idle", timeout)
@@ -221,6 +238,7 @@ class SlurmCluster:
             "mysql_port": mysql,
             "db_password": self.db_password,
         }
+        values["accounting"] = string.Template(ACCOUNTING if self.accounting else NO_ACCOUNTING).substitute(values)
         for name in ("slurm.conf", "slurmdbd.conf"):
             text = string.Template((HERE / f"{name}.in").read_text()).substitute(values)
             (self.root / "etc" / name).write_text(text)
@@ -398,7 +416,9 @@ def reap_orphans() -> list[str]:
     return killed
 
 
-def cluster_session(root: Path, log: Callable[[str], None] = lambda s: None) -> Iterator[SlurmCluster]:
+def cluster_session(
+    root: Path, log: Callable[[str], None] = lambda s: None, accounting: bool = True
+) -> Iterator[SlurmCluster]:
     """The body of the `slurm_cluster` fixture: installs what is missing (or skips with one line), starts the
     cluster in `root`, yields it and stops it, failing if anything of it was left running."""
     import pytest
@@ -407,7 +427,7 @@ def cluster_session(root: Path, log: Callable[[str], None] = lambda s: None) -> 
     why = install(log)
     if why:
         pytest.skip(f"no local Slurm cluster: {why}")
-    cluster = SlurmCluster(root, log)
+    cluster = SlurmCluster(root, log, accounting)
     cluster.timings["install_s"] = time.monotonic() - t0
     cluster.start()
     try:
@@ -417,11 +437,50 @@ def cluster_session(root: Path, log: Callable[[str], None] = lambda s: None) -> 
         assert not left, f"processes of the Slurm cluster outlived its daemons (killed): {left}"
 
 
+def sweep_overhead(cluster: SlurmCluster, work: Path, jobs: int = 3) -> None:
+    """The toy sweep of `jobs` methods run twice each way, the basic launcher and Slurm, side by side: the first run
+    builds the quick zoo and fills the caches, the second (every job's stages cached, its result.json moved away)
+    is almost all launcher overhead; then each Slurm job's submit -> start -> end from accounting."""
+    from datetime import datetime
+
+    repo = HERE.parents[1]
+    methods = ["ta", "ties", "obim", "dare", "della", "pcb"][:jobs]
+    toy = [f"method={','.join(methods)}", "experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
+    toy += ["tracking=none", "progress=false"]
+    slurm = ["hydra/launcher=slurm", f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.gpus_per_node=0"]
+    slurm += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
+    env = {**cluster.env, "OBIM_ZOO": str(work / "zoo"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env.update({"HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(repo)})
+    for where, launcher in (("local", []), ("slurm", slurm)):
+        runs = work / f"runs-{where}"
+        for attempt in ("first (zoo, caches)", "cached stages"):
+            for r in runs.glob("*/result.json"):
+                r.unlink()  # the job runs again; its stages come from the cache
+            argv = [sys.executable, str(repo / "experiments" / "sweep.py"), "-m", *launcher, *toy]
+            argv += [f"hydra.sweep.dir={runs}", f"results_dir={work / 'results'}"]
+            t = time.monotonic()
+            p = subprocess.run(argv, env={**env, "OBIM_CACHE": str(work / f"cache-{where}")}, cwd=work,
+                               capture_output=True, text=True)  # fmt: skip
+            took = time.monotonic() - t
+            status = "ok" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-500:]}"
+            print(f"{where:5s} {attempt:20s} {jobs} jobs in {took:6.1f} s ({took / jobs:.1f} s per job) {status}")
+    array = {d.name.split("_")[0] for d in (work / "runs-slurm" / ".submitit").iterdir() if "_" in d.name}
+    if cluster.accounting:
+        fmt = ["-X", "-n", "-P", "-o", "JobID,Submit,Start,End", "-j", ",".join(sorted(array))]
+        for line in cluster.run("sacct", *fmt).stdout.split():
+            jid, *ts = line.split("|")
+            sub, start, end = (datetime.fromisoformat(x) for x in ts)
+            print(f"slurm job {jid}: submit -> start {(start - sub).total_seconds():.0f} s, "
+                  f"start -> end {(end - start).total_seconds():.0f} s")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Starts a cluster, times `echo hi` jobs from submission to COMPLETED in accounting, stops it."""
+    """Starts a cluster, times `echo hi` jobs from submission to COMPLETED in accounting (and, with --sweep, the toy
+    sweep through Slurm against the basic launcher), stops it."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--jobs", type=int, default=5, help="jobs to time, one after the other")
     ap.add_argument("--root", type=Path, help="state directory (default: a new one in /tmp)")
+    ap.add_argument("--sweep", type=int, default=0, metavar="N", help="also time a toy sweep of N jobs both ways")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     why = install(print)
@@ -437,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             job = cluster.sbatch("--wrap", "echo hi")
             cluster.wait_state(job, ["COMPLETED"], timeout=120, poll=0.05)
             print(f"job {job}: submitted to COMPLETED in accounting {time.monotonic() - t:.2f} s")
+        if args.sweep:
+            sweep_overhead(cluster, Path(tempfile.mkdtemp(prefix="obim-slurm-sweep-")), args.sweep)
     finally:
         left = cluster.stop()
         print(f"stopped in {cluster.timings['stop_s']:.1f} s; left running: {left or 'nothing'}")

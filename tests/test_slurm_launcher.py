@@ -1,0 +1,237 @@
+"""obim's Slurm launcher (obim.bench.slurm.launch/wait, hydra_plugins.obim) without a cluster: job states read from
+sacct and squeue (with or without accounting), the cause of a job's death read from its log, and the wait that turns
+a job Slurm ended without a result into a failed job of the sweep. tests/test_slurm.py runs it on a real cluster."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from obim.bench import slurm
+
+
+def test_states_from_sacct_and_squeue_lines():
+    text = "\n".join(
+        [
+            "41_0|COMPLETED",
+            "41_1|CANCELLED by 0",  # sacct names who cancelled
+            "41_[2-4,7%2]|PENDING",  # an array's pending tasks, collapsed
+            "41_1.batch|CANCELLED",  # a step: not the job's own state
+            "42|OUT_OF_MEMORY",
+            "",
+            "garbage",
+        ]
+    )
+    assert slurm.parse_states(text) == {
+        "41_0": "COMPLETED",
+        "41_1": "CANCELLED",
+        "41_2": "PENDING",
+        "41_3": "PENDING",
+        "41_4": "PENDING",
+        "41_7": "PENDING",
+        "42": "OUT_OF_MEMORY",
+    }
+
+
+def _runner(answers: dict[str, tuple[int, str, str]]):
+    """A fake subprocess.run answering sacct/squeue with (returncode, stdout, stderr); records the commands."""
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        code, out, err = answers[cmd[0]]
+        return subprocess.CompletedProcess(cmd, code, out, err)
+
+    return run, calls
+
+
+def test_without_accounting_the_controller_says_and_a_forgotten_job_is_gone():
+    run, calls = _runner(
+        {
+            "sacct": (1, "", "Slurm accounting storage is disabled"),
+            "squeue": (0, "7_0|RUNNING\n7_1|TIMEOUT\n", ""),
+        }
+    )
+    assert slurm.job_states(["7_0", "7_1", "7_2"], run) == {"7_0": "RUNNING", "7_1": "TIMEOUT", "7_2": slurm.GONE}
+    assert [c[0] for c in calls] == ["sacct", "squeue"]
+    assert calls[1][-1] == "7"  # the array asked for once, its tasks listed one per line (-r)
+
+
+def test_the_controller_is_newer_than_accounting_and_a_job_nobody_knows_is_gone():
+    run, _ = _runner(
+        {
+            "sacct": (0, "7_0|RUNNING\n8|COMPLETED\n", ""),  # slurmdbd lags: 7_0 was requeued since
+            "squeue": (1, "", "slurm_load_jobs error: Invalid job id specified"),
+        }
+    )
+    assert slurm.job_states(["7_0", "8", "9"], run) == {"7_0": "RUNNING", "8": "COMPLETED", "9": slurm.GONE}
+    run, _ = _runner({"sacct": (0, "7_0|RUNNING\n", ""), "squeue": (0, "7_0|PENDING\n", "")})
+    assert slurm.job_states(["7_0"], run) == {"7_0": "PENDING"}
+
+
+def test_nothing_is_said_while_slurm_cannot_be_asked():
+    run, _ = _runner(
+        {
+            "sacct": (1, "", "Slurm accounting storage is disabled"),
+            "squeue": (1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"),
+        }
+    )
+    assert slurm.job_states(["7_0"], run) == {}  # not GONE: a controller restart must not fail the sweep
+
+
+def _job(tmp_path: Path, job_id: str, log: str = "") -> SimpleNamespace:
+    d = tmp_path / job_id
+    d.mkdir()
+    (d / "err").write_text(log)
+    return SimpleNamespace(job_id=job_id, paths=SimpleNamespace(stderr=d / "err", result_pickle=d / "result.pkl"))
+
+
+@pytest.mark.parametrize(
+    ("state", "log", "error"),
+    [
+        ("CANCELLED", "slurmstepd: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-05 ***", "5: CANCELLED: cancelled"),
+        (
+            "FAILED",  # no cgroups: Slurm records an out-of-memory kill as FAILED
+            "slurmstepd-n1: error: StepId=5.0 exceeded memory limit (418861056 > 314572800), being killed",
+            "5: FAILED (OUT_OF_MEMORY): killed for using more memory than it asked for (hydra.launcher.mem_gb)",
+        ),
+        (
+            slurm.GONE,
+            "slurmstepd: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-05T21:14:30 DUE TO TIME LIMIT ***",
+            "5: GONE (TIMEOUT): killed at its time limit (hydra.launcher.timeout_min, after up to 3 requeues",
+        ),
+        (
+            slurm.GONE,  # scancel, the controller has forgotten the job, no accounting: its log says
+            "slurmstepd: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-05T21:14:30 ***",
+            "5: GONE (CANCELLED): cancelled",
+        ),
+        (slurm.GONE, "", "5: GONE: ended without a result and is no longer known to Slurm"),
+        ("NODE_FAIL", "", "5: NODE_FAIL: its node failed"),
+    ],
+)
+def test_a_lost_job_is_named_with_its_cause(tmp_path, state, log, error):
+    o = slurm.lost_outcome(_job(tmp_path, "5", log), state, ["method=ta"], "method=ta", 3)
+    assert o["status"] == "failed" and o["overrides"] == ["method=ta"] and o["name"] == "method=ta"
+    assert o["error"].startswith(f"Slurm job {error}"), o["error"]
+    assert o["log"] == str(tmp_path / "5" / "err") and o["slurm_job"] == "5"
+
+
+def _returned(value: dict):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    return JobReturn(overrides=["method=ta"], status=JobStatus.COMPLETED, _return_value=value)
+
+
+def test_the_wait_returns_each_result_and_fails_a_job_slurm_ended(tmp_path, monkeypatch):
+    """Job 1 wrote its result; job 2 Slurm cancelled: its failure goes to the console's inbox at once and comes back
+    in its place; a job requeued after its time limit (TIMEOUT, then PENDING) is waited for, not failed."""
+    from obim.bench.joblog import events_dir
+
+    done, cancelled, requeued = (_job(tmp_path, j) for j in ("9_0", "9_1", "9_2"))
+    ok = {"status": "done", "name": "method=ta"}
+    done.results = lambda: [_returned(ok)]
+    requeued.results = lambda: [_returned({**ok, "name": "method=dare"})]
+    done.paths.result_pickle.write_bytes(b"")
+    answers = iter(
+        [
+            {"9_1": "CANCELLED", "9_2": "TIMEOUT"},
+            {"9_1": "CANCELLED", "9_2": "PENDING"},  # requeued by submitit's checkpointing
+            {"9_1": "CANCELLED", "9_2": "RUNNING"},
+        ]
+    )
+
+    def states(ids):
+        ans = next(answers, None)
+        if ans is None:  # the requeued job finishes
+            requeued.paths.result_pickle.write_bytes(b"")
+            ans = {"9_2": "COMPLETED"}
+        return {i: ans.get(i, "COMPLETED") for i in ids}
+
+    monkeypatch.setattr(slurm, "job_states", states)
+    sweep = tmp_path / "sweep"
+    events_dir(sweep).mkdir(parents=True)
+    out = slurm.wait(
+        [done, cancelled, requeued],
+        ["method=ta", "method=ties", "method=dare"],
+        [["method=ta"], ["method=ties"], ["method=dare"]],
+        sweep,
+        requeues=3,
+        grace_s=0.05,
+        watch=slurm.Watch(min_s=0, max_s=0),
+        sleep_s=0.06,
+    )
+    assert out[0].return_value == ok
+    assert out[2].return_value["name"] == "method=dare" and out[2].return_value["status"] == "done"
+    lost = out[1].return_value
+    assert lost["status"] == "failed" and lost["name"] == "method=ties"
+    assert lost["error"].startswith("Slurm job 9_1: CANCELLED: cancelled")
+    events = [json.loads(p.read_text()) for p in sorted(events_dir(sweep).glob("*.json"))]
+    assert [(e["kind"], e["outcome"]["name"]) for e in events] == [("end", "method=ties")]
+
+
+def test_the_wait_names_the_exception_a_job_raised_outside_its_own_handling(tmp_path, monkeypatch):
+    from submitit.core.utils import FailedJobError
+
+    job = _job(tmp_path, "3")
+    job.paths.result_pickle.write_bytes(b"")
+
+    def results():
+        raise FailedJobError(
+            "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+            "last):\n  File \"x.py\", line 1\nomegaconf.errors.ConfigKeyError: Key 'nope' is not in struct\n"
+            "----------------------\nYou can check full logs with 'job.stderr(0)'"
+        )
+
+    job.results = results
+    monkeypatch.setattr(slurm, "job_states", lambda ids: {})
+    (out,) = slurm.wait([job], ["m"], [["m"]], tmp_path / "sweep", 0, watch=slurm.Watch(0, 0), sleep_s=0)
+    assert out.return_value["error"] == "Slurm job 3: omegaconf.errors.ConfigKeyError: Key 'nope' is not in struct"
+
+
+def test_the_watch_backs_off_to_its_maximum(monkeypatch):
+    import time
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    w = slurm.Watch(min_s=5, max_s=60)
+    asked = []
+    for t in range(0, 1200):
+        now[0] = 1000.0 + t
+        if w.due():
+            asked.append(t)
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert asked[:3] == [0, 5, 10]  # at first every min_s
+    assert max(gaps) == 60 and gaps[-1] == 60  # then at most max_s apart: a death is noticed within a minute
+
+
+def test_the_launcher_is_a_hydra_plugin_the_slurm_config_names():
+    """Hydra instantiates launchers only from hydra_plugins.*: the installed package maps ours there, and
+    hydra/launcher=slurm selects it (with requeues on time limits)."""
+    from conftest import REPO
+    from hydra import compose, initialize_config_dir
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("sweep", overrides=["hydra/launcher=slurm", "method=ta"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert target == "hydra_plugins.obim.SlurmLauncher"
+    assert target in {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)}
+    assert cfg.hydra.launcher.max_num_timeout == 3
+
+
+def test_submitit_giving_up_on_a_time_limit_is_one_line_in_obims_terms():
+    from submitit.core.utils import UncompletedJobError
+
+    e = UncompletedJobError("Job not requeued because: timed-out too many times.")
+    assert slurm.job_error(e) == (
+        "Slurm time limit reached (hydra.launcher.timeout_min) and the job not requeued: timed-out too many times "
+        "(hydra.launcher.max_num_timeout); a rerun of the sweep resumes from its finished stages"
+    )
+    assert slurm.job_error(UncompletedJobError("Job 4 has not produced any output")) is None
+    assert slurm.job_error(ValueError("Job not requeued because: x")) is None
