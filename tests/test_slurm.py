@@ -272,6 +272,7 @@ def test_concurrent_jobs_compute_each_cache_entry_once(slurm_cluster, tmp_path):
     """Four Slurm jobs started together need one zoo (not built yet), the same three experts' saliency statistics,
     and two merges between them (OBIM and TIES+OBM, each evaluated at two limits): each is computed once, by one
     job, while the others wait on its lock and reuse it; every entry is complete and readable afterwards."""
+    import re
     from datetime import datetime
 
     import torch
@@ -285,7 +286,10 @@ def test_concurrent_jobs_compute_each_cache_entry_once(slurm_cluster, tmp_path):
     recs = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
     assert len(recs) == 4
     # ran at the same time: the array's tasks overlap in accounting
-    array = {p.name.split("_")[0] for p in (runs / ".submitit").iterdir() if "_" in p.name}.pop()
+    tasks = sorted(p.name for p in (runs / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    for task in tasks:  # slurmdbd records each end a moment after the sweep has seen it
+        c.wait_state(task, ["COMPLETED"], timeout=60)
+    array = tasks[0].split("_")[0]
     lines = c.run("sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j", array).stdout.split()
     spans = sorted(tuple(datetime.fromisoformat(t) for t in line.split("|")[1:]) for line in lines)
     assert len(spans) == 4, lines

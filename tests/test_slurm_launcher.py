@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,16 +63,28 @@ def test_without_accounting_the_controller_says_and_a_forgotten_job_is_gone():
     assert calls[1][-1] == "7"  # the array asked for once, its tasks listed one per line (-r)
 
 
-def test_the_controller_is_newer_than_accounting_and_a_job_nobody_knows_is_gone():
+def test_the_controller_is_newer_than_accounting_and_a_job_it_forgot_is_over():
     run, _ = _runner(
         {
-            "sacct": (0, "7_0|RUNNING\n8|COMPLETED\n", ""),  # slurmdbd lags: 7_0 was requeued since
-            "squeue": (1, "", "slurm_load_jobs error: Invalid job id specified"),
+            "sacct": (0, "7_0|RUNNING\n8|COMPLETED\n9|PREEMPTED\n", ""),  # slurmdbd lags behind the controller
+            "squeue": (1, "", "slurm_load_jobs error: Invalid job id specified"),  # it knows none of them any more
         }
     )
-    assert slurm.job_states(["7_0", "8", "9"], run) == {"7_0": "RUNNING", "8": "COMPLETED", "9": slurm.GONE}
-    run, _ = _runner({"sacct": (0, "7_0|RUNNING\n", ""), "squeue": (0, "7_0|PENDING\n", "")})
-    assert slurm.job_states(["7_0"], run) == {"7_0": "PENDING"}
+    # accounting's final state where it has one; a run that will not come back (PREEMPTED, or a stale RUNNING) is GONE
+    got = slurm.job_states(["7_0", "8", "9", "10"], run)
+    assert got == {"7_0": slurm.GONE, "8": "COMPLETED", "9": slurm.GONE, "10": slurm.GONE}
+    run, _ = _runner({"sacct": (0, "7_0|RUNNING\n9|PREEMPTED\n", ""), "squeue": (0, "7_0|PENDING\n9|PENDING\n", "")})
+    assert slurm.job_states(["7_0", "9"], run) == {"7_0": "PENDING", "9": "PENDING"}  # requeued: still to run
+
+
+def test_a_job_is_not_called_gone_when_the_controller_did_not_answer():
+    def run(cmd, **kwargs):
+        if cmd[0] == "squeue":  # a busy slurmctld
+            raise subprocess.TimeoutExpired(cmd, 60)
+        return subprocess.CompletedProcess(cmd, 0, "7_0|RUNNING\n8|COMPLETED\n", "")
+
+    # accounting's final word holds; a job it has not recorded (yet) or records running is left unknown
+    assert slurm.job_states(["7_0", "8", "9"], run) == {"8": "COMPLETED"}
 
 
 def test_nothing_is_said_while_slurm_cannot_be_asked():
@@ -86,7 +99,7 @@ def test_nothing_is_said_while_slurm_cannot_be_asked():
 
 def _job(tmp_path: Path, job_id: str, log: str = "") -> SimpleNamespace:
     d = tmp_path / job_id
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "err").write_text(log)
     return SimpleNamespace(job_id=job_id, paths=SimpleNamespace(stderr=d / "err", result_pickle=d / "result.pkl"))
 
@@ -119,6 +132,20 @@ def test_a_lost_job_is_named_with_its_cause(tmp_path, state, log, error):
     assert o["status"] == "failed" and o["overrides"] == ["method=ta"] and o["name"] == "method=ta"
     assert o["error"].startswith(f"Slurm job {error}"), o["error"]
     assert o["log"] == str(tmp_path / "5" / "err") and o["slurm_job"] == "5"
+
+
+def test_only_the_last_run_of_a_requeued_job_says_how_it_ended(tmp_path):
+    """A requeued job appends to its log: the time limit of its first run is not the cause of its second's end."""
+    log = "\n".join(
+        [
+            "slurmstepd: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-05T21:16:03 DUE TO TIME LIMIT ***",
+            "slurmstepd: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-05T21:16:03 DUE TO JOB REQUEUE ***",
+            "submitit INFO (2026-12-05 21:18:30,101) - Starting with JobEnvironment(job_id=5)",
+            "",
+        ]
+    )
+    o = slurm.lost_outcome(_job(tmp_path, "5", log), slurm.GONE, ["m"], "m", 3)
+    assert o["error"].startswith("Slurm job 5: GONE: ended without a result"), o["error"]
 
 
 def _returned(value: dict):
@@ -162,6 +189,7 @@ def test_the_wait_returns_each_result_and_fails_a_job_slurm_ended(tmp_path, monk
         sweep,
         requeues=3,
         grace_s=0.05,
+        completed_grace_s=0.05,
         watch=slurm.Watch(min_s=0, max_s=0),
         sleep_s=0.06,
     )
@@ -172,6 +200,49 @@ def test_the_wait_returns_each_result_and_fails_a_job_slurm_ended(tmp_path, monk
     assert lost["error"].startswith("Slurm job 9_1: CANCELLED: cancelled")
     events = [json.loads(p.read_text()) for p in sorted(events_dir(sweep).glob("*.json"))]
     assert [(e["kind"], e["outcome"]["name"]) for e in events] == [("end", "method=ties")]
+
+
+def _wait_one(tmp_path, monkeypatch, answers: list[str], result_at: int, **grace):
+    """One job through slurm.wait with Slurm's answers in turn (one per poll, every loop), its result file written
+    at poll `result_at`; returns (its return value, the polls made, the console events)."""
+    from obim.bench.joblog import events_dir
+
+    job = _job(tmp_path, "5")
+    job.results = lambda: [_returned({"status": "done", "name": "m"})]
+    polls = []
+
+    def states(ids):
+        polls.append(time.monotonic())
+        if len(polls) >= result_at:
+            job.paths.result_pickle.write_bytes(b"")
+        return {"5": answers[min(len(polls), len(answers)) - 1]}
+
+    monkeypatch.setattr(slurm, "job_states", states)
+    sweep = tmp_path / "sweep"
+    events_dir(sweep).mkdir(parents=True)
+    grace.setdefault("watch", slurm.Watch(0, 0))
+    (out,) = slurm.wait([job], ["m"], [["m"]], sweep, 0, sleep_s=0.02, **grace)
+    return out.return_value, polls, list(events_dir(sweep).glob("*.json"))
+
+
+def test_one_reading_that_a_job_ended_does_not_fail_it(tmp_path, monkeypatch):
+    """Slurm once says GONE (a glitch), then RUNNING when asked again after the grace: the job is waited for (no
+    regular poll here after the first: the second question is the confirmation's)."""
+    once = slurm.Watch(min_s=100, max_s=100)
+    value, polls, events = _wait_one(tmp_path, monkeypatch, [slurm.GONE, "RUNNING"], 2, grace_s=0.1, watch=once)
+    assert value == {"status": "done", "name": "m"} and events == []
+    assert polls[1] - polls[0] >= 0.1  # asked again only once the grace had passed, and it said RUNNING
+
+
+def test_a_completed_job_gets_longer_for_its_result_to_show(tmp_path, monkeypatch):
+    """COMPLETED with no result file yet (NFS shows it late): waited for completed_grace_s, not grace_s."""
+    value, polls, _ = _wait_one(tmp_path, monkeypatch, ["COMPLETED"], 4, grace_s=0, completed_grace_s=0.3)
+    assert value["status"] == "done"
+    value, polls, events = _wait_one(
+        tmp_path / "b", monkeypatch, ["COMPLETED"], 10**6, grace_s=0, completed_grace_s=0.3
+    )
+    assert value["error"] == "Slurm job 5: COMPLETED: ended without writing its result" and len(events) == 1
+    assert polls[-1] - polls[0] >= 0.3
 
 
 def test_the_wait_names_the_exception_a_job_raised_outside_its_own_handling(tmp_path, monkeypatch):
@@ -235,3 +306,56 @@ def test_submitit_giving_up_on_a_time_limit_is_one_line_in_obims_terms():
     )
     assert slurm.job_error(UncompletedJobError("Job 4 has not produced any output")) is None
     assert slurm.job_error(ValueError("Job not requeued because: x")) is None
+
+
+def test_the_launcher_submits_what_hydra_submitit_launcher_submits(tmp_path, monkeypatch):
+    """The same executor, parameters and job arguments as hydra-submitit-launcher's own launch (a fake submitit
+    executor records both): obim's launcher changes only the wait."""
+    import submitit
+    from conftest import REPO
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as Theirs
+    from hydra_plugins.obim import SlurmLauncher as Ours
+    from omegaconf import OmegaConf
+
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "+hydra.launcher.setup=[module load x]"]
+    overrides += ["+hydra.launcher.additional_parameters={account: lab}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("sweep", overrides=overrides, return_hydra_config=True)
+    params = {k: v for k, v in OmegaConf.to_container(cfg.hydra.launcher, resolve=False).items() if k != "_target_"}
+    params["submitit_folder"] = str(tmp_path / "sweep" / ".submitit" / "%j")
+    recorded: list[list] = []
+
+    class Executor:
+        def __init__(self, **kwargs):
+            recorded.append([("init", kwargs)])
+
+        def update_parameters(self, **kwargs):
+            recorded[-1].append(("update", kwargs))
+
+        def map_array(self, fn, *args):
+            recorded[-1].append(("map", [list(a)[:4] for a in args[:4]]))
+            jobs = []
+            for i in range(len(args[0])):
+                job = _job(tmp_path / f"run{len(recorded)}", f"1_{i}")
+                job.paths.result_pickle.write_bytes(b"")
+                ret = JobReturn(overrides=args[0][i], status=JobStatus.COMPLETED, _return_value={"status": "done"})
+                job.results = lambda ret=ret: [ret]
+                jobs.append(job)
+            return jobs
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(slurm, "job_states", lambda ids: {})
+    jobs = [["method=ta"], ["method=ties"]]
+    for cls in (Theirs, Ours):
+        launcher = cls(**params)
+        launcher.setup(hydra_context=None, task_function=None, config=cfg)
+        returned = launcher.launch(jobs, initial_job_idx=0)
+        assert [r.return_value for r in returned] == [{"status": "done"}] * 2
+    theirs, ours = recorded
+    assert ours == theirs
+    init = dict(ours[0][1])
+    assert init["cluster"] == "slurm" and init["slurm_max_num_timeout"] == 3
+    assert dict(ours[1][1])["slurm_setup"] == ["module load x"]
+    assert dict(ours[1][1])["slurm_additional_parameters"] == {"account": "lab"}

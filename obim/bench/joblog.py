@@ -229,15 +229,13 @@ class JobSession:
             wandb_dir=result.get("wandb_dir"),
         )
 
-    def failed(self, exc: BaseException) -> dict[str, Any]:
-        """The job's one-line error for the console; the traceback (unless it is one of obim's own one-line errors)
-        goes to the log, or to the terminal with verbose=true."""
+    def failed(self, exc: BaseException, error: str | None = None) -> dict[str, Any]:
+        """The job's one-line error for the console (`error` where the caller knows it better, e.g. a Slurm time
+        limit); the traceback (unless it is one of obim's own one-line errors) goes to the log, or to the terminal
+        with verbose=true."""
         from obim.merging.errors import ObimError
 
-        from .slurm import job_error
-
-        error = job_error(exc)
-        if error is not None:  # a Slurm job's own end (its time limit): nothing in obim to trace
+        if error is not None:
             pass
         elif isinstance(exc, ObimError):
             error = str(exc)

@@ -6,6 +6,8 @@ every job has ended."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -153,7 +155,8 @@ def preflight(config: Any) -> None:
 # ------------------------------------------------------------------------------------------------- the launcher
 
 # Slurm job states after which the job will not run again (sacct/squeue spelling); any other state (PENDING,
-# RUNNING, REQUEUED, COMPLETING, PREEMPTED, SUSPENDED, ...) means "wait"
+# RUNNING, REQUEUED, COMPLETING, PREEMPTED, SUSPENDED, SPECIAL_EXIT (a held requeue), ...) means "wait" while the
+# controller lists the job
 ENDED = (
     "COMPLETED",
     "FAILED",
@@ -163,8 +166,6 @@ ENDED = (
     "NODE_FAIL",
     "BOOT_FAIL",
     "DEADLINE",
-    "REVOKED",
-    "SPECIAL_EXIT",
 )
 GONE = "GONE"  # neither the controller nor accounting knows the job any more
 WHY = {
@@ -207,27 +208,34 @@ def parse_states(text: str) -> dict[str, str]:
 
 
 def job_states(ids: list[str], run: Any = subprocess.run) -> dict[str, str]:
-    """The state of each job: the controller's (squeue, while it remembers the job: MinJobAge after it ends) over
-    accounting's (sacct, where there is any); GONE for one neither knows."""
-    arrays = sorted({i.split("_")[0] for i in ids})
-    states: dict[str, str] = {}
-    queries = (
-        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)],
-        ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(arrays)],
-    )
-    answered = False
-    for cmd in queries:
+    """The state of each job Slurm can speak for now: the controller's (squeue, while it remembers the job:
+    MinJobAge after its end) over accounting's (sacct, where there is any). A job the controller answered without
+    listing is over: accounting's final state, else GONE (accounting's PREEMPTED or REQUEUED for it are a run that
+    will not come back). A job is left out when the controller could not be asked (a busy or restarting slurmctld)."""
+    arrays = ",".join(sorted({i.split("_")[0] for i in ids}))
+    listed: dict[str, dict[str, str]] = {}
+    for name, cmd in (
+        ("sacct", ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", arrays]),
+        ("squeue", ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", arrays]),
+    ):
         try:
             p = run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             continue
-        # squeue refuses ids it no longer knows ("Invalid job id specified") when it knows none of them
-        if p.returncode == 0 or "invalid job id" in (p.stderr or "").lower():
-            answered = True
-            states.update(parse_states(p.stdout if p.returncode == 0 else ""))
-    if not answered:  # the controller unreachable: nothing can be said yet
-        return {}
-    return {i: states.get(i, GONE) for i in ids}
+        if p.returncode == 0:
+            listed[name] = parse_states(p.stdout)
+        elif name == "squeue" and "invalid job id" in (p.stderr or "").lower():
+            listed[name] = {}  # squeue refuses ids it no longer knows when it knows none of them
+    acct, ctld = listed.get("sacct", {}), listed.get("squeue")
+    out = {}
+    for i in ids:
+        if ctld is not None and i in ctld:
+            out[i] = ctld[i]
+        elif ctld is not None:
+            out[i] = acct[i] if acct.get(i) in ENDED else GONE
+        elif i in acct and acct[i] in ENDED:  # the controller unreachable: accounting's final word still holds
+            out[i] = acct[i]
+    return out
 
 
 class Watch:
@@ -264,9 +272,11 @@ def _cause(state: str, log: Path) -> str:
     if state not in ("FAILED", GONE, "CANCELLED"):
         return state
     try:
-        text = log.read_text(errors="replace")[-20000:]
+        text = log.read_text(errors="replace")
     except OSError:
         return state
+    # a requeued job appends to the same log: only its last run's lines say how that run ended
+    text = re.split(r"DUE TO JOB REQUEUE[^\n]*\n", text)[-1][-20000:]
     return next((cause for cause, pattern in LOG_CAUSES if pattern.search(text)), state)
 
 
@@ -338,9 +348,13 @@ def launch(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list[Any]
         (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}", Singleton.get_state())
         for i, o in enumerate(job_overrides)
     ]
+    shown = [list(filter_overrides(list(o))) for o in job_overrides]
+    log = logging.getLogger("hydra_plugins.obim")  # quiet unless verbose=true, as Hydra's launchers are
+    log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir}")
+    for i, o in enumerate(shown):
+        log.info(f"\t#{initial_job_idx + i} : {' '.join(o)}")
     jobs = executor.map_array(launcher, *zip(*args, strict=True))
     names = [job_name(config, list(o)) for o in job_overrides]
-    shown = [list(filter_overrides(list(o))) for o in job_overrides]
     return wait(jobs, names, shown, sweep_dir, requeues)
 
 
@@ -351,7 +365,16 @@ def job_name(config: Any, overrides: list[str]) -> str:
 
     c = config.hydra.job.config.override_dirname
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return get_overrides_dirname(parsed, list(c.exclude_keys), c.item_sep, c.kv_sep)
+    return get_overrides_dirname(parsed, list(c.exclude_keys), c.item_sep, c.kv_sep) or str(config.hydra.job.name)
+
+
+def _has_result(job: Any) -> bool:
+    """Whether the job's result file is there; the folder's attributes are refreshed first, as submitit does (an
+    NFS client may answer from a stale directory cache)."""
+    folder = Path(job.paths.result_pickle).parent
+    with contextlib.suppress(OSError):
+        folder.chmod(folder.stat().st_mode)
+    return Path(job.paths.result_pickle).exists()
 
 
 def wait(
@@ -361,22 +384,23 @@ def wait(
     sweep_dir: Path,
     requeues: int,
     grace_s: float = 10,
+    completed_grace_s: float = 60,
     watch: Watch | None = None,
     sleep_s: float = 1,
 ) -> list[Any]:
     """Each job's JobReturn, in order, once every job has ended: its own, or a failed outcome for one that ended
     without a result (told to the console at once). Result files are looked for every `sleep_s`, Slurm asked when
-    `watch` says."""
+    `watch` says. A job is failed only when Slurm, asked again `grace_s` after it first said the job had ended
+    (`completed_grace_s` for COMPLETED: a shared filesystem may show the result late), says so still."""
     import time
 
     from hydra.core.utils import JobReturn, JobStatus
-    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from .joblog import emit, events_dir
 
     returns: list[Any] = [None] * len(jobs)
     pending = dict(enumerate(jobs))
-    ended: dict[int, tuple[float, str]] = {}  # when Slurm first said the job ended without its result, and how
+    ended: dict[int, tuple[float, str]] = {}  # when Slurm said the job ended without its result, and how
     watch = watch or Watch()
     inbox = events_dir(sweep_dir)
 
@@ -386,24 +410,32 @@ def wait(
         del pending[i]
 
     while pending:
-        states = job_states([j.job_id for j in pending.values()]) if watch.due() else {}
+        now = time.monotonic()
+        confirm = {
+            i for i, (t, st) in ended.items() if now - t >= (completed_grace_s if st == "COMPLETED" else grace_s)
+        }
+        states = job_states([j.job_id for j in pending.values()]) if watch.due() or confirm else {}
         for i, job in list(pending.items()):
-            if job.paths.result_pickle.exists():
+            if _has_result(job):
                 try:
                     returns[i] = job.results()[0]
                     del pending[i]
-                except (FailedJobError, UncompletedJobError) as e:  # raised outside the job's own error handling
+                except Exception as e:  # raised outside the job's own error handling, or an unreadable result
                     o = lost_outcome(job, "FAILED", overrides[i], names[i], requeues)
                     lost(i, {**o, "error": f"Slurm job {job.job_id}: {_exception_line(str(e))}"})
+                ended.pop(i, None)
                 continue
             state = states.get(job.job_id, "")
             if state in (*ENDED, GONE):
-                ended.setdefault(i, (time.monotonic(), state))
-            elif state:  # requeued: pending or running again
+                if i in confirm:
+                    lost(i, lost_outcome(job, state, overrides[i], names[i], requeues))
+                    ended.pop(i, None)
+                else:
+                    ended.setdefault(i, (now, state))
+            elif state:  # running, pending, requeued: not over
                 ended.pop(i, None)
-            # a shared filesystem may show the result file a little after the job's end
-            if i in ended and time.monotonic() - ended[i][0] >= grace_s:
-                lost(i, lost_outcome(job, ended[i][1], overrides[i], names[i], requeues))
+            elif i in confirm:  # Slurm could not be asked: ask again a grace period later
+                ended[i] = (now, ended[i][1])
         if pending:
             time.sleep(sleep_s)
     return returns

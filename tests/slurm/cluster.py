@@ -464,7 +464,7 @@ def sweep_overhead(cluster: SlurmCluster, work: Path, jobs: int = 3) -> None:
             took = time.monotonic() - t
             status = "ok" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-500:]}"
             print(f"{where:5s} {attempt:20s} {jobs} jobs in {took:6.1f} s ({took / jobs:.1f} s per job) {status}")
-    array = {d.name.split("_")[0] for d in (work / "runs-slurm" / ".submitit").iterdir() if "_" in d.name}
+    array = {d.name.split("_")[0] for d in (work / "runs-slurm" / ".submitit").iterdir() if d.name[0].isdigit()}
     if cluster.accounting:
         fmt = ["-X", "-n", "-P", "-o", "JobID,Submit,Start,End", "-j", ",".join(sorted(array))]
         for line in cluster.run("sacct", *fmt).stdout.split():
