@@ -68,12 +68,13 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-# the main job: the default sweep on the toy zoo (built on first use), tables in results/toy_sft/. Its code
-# benchmarks execute model-generated code (in obim's sandbox): HF_ALLOW_CODE_EVAL=1 is that opt-in.
+# the main job: the default sweep on the toy zoo (built on first use), tables in outputs/tables/toy_sft/ (the
+# committed reference tables in results/ are never rewritten by it). Its code benchmarks execute model-generated
+# code (in obim's sandbox): HF_ALLOW_CODE_EVAL=1 is that opt-in.
 sweep: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/sweep.py -m
 
-# every method of Table 1 tuned on the toy dev tasks (docs/search.md): results/toy_sft/table1_tuned.md
+# every method of Table 1 tuned on the toy dev tasks (docs/search.md): outputs/tables/toy_sft/table1_tuned.md
 search: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_ALLOW_CODE_EVAL=1 $(BIN)/python experiments/search.py
 
@@ -87,7 +88,7 @@ demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python experiments/demo_merge.py
 
 zoo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/obim-zoo build --allow-code --table results/toy/zoo.md
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/obim-zoo build --allow-code --table outputs/tables/toy/zoo.md
 
 bench: install
 	$(BIN)/python experiments/bench_merge.py

@@ -1,6 +1,6 @@
 """Write the paper's tables from sweep results: `python experiments/tables.py [EXPERIMENT ...]`.
 
-Reads every result.json under multirun/<experiment>/ and writes results/<experiment>/<table>.md|csv (in the
+Reads every result.json under multirun/<experiment>/ and writes outputs/tables/<experiment>/<table>.md|csv (in the
 paper's layout, the paper's numbers beside ours), a PNG plot beside each axis table (<table>.png; figure3.png when
 the number of merged models was swept), and jobs.md (every job with its costs). The sweep runs this itself when it
 ends. `--replot DIR` redraws the plots in DIR from its tables' CSV files alone.
@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiments", nargs="*", help="experiment names (default: every folder under --runs)")
     ap.add_argument("--runs", default="multirun", help="sweep root (hydra.sweep.dir's parent)")
-    ap.add_argument("--out", default="results", help="tables root")
+    ap.add_argument(
+        "--out", default="outputs/tables", help="tables root (results: the committed reference tables)"
+    )
     ap.add_argument("--replot", metavar="DIR", help="redraw the axis plots in DIR from its <table>.csv files")
     args = ap.parse_args(argv)
     if args.replot:

@@ -4,8 +4,9 @@ obim.merging is the merging library (checkpoints, selection, saliency, the metho
 obim.bench is the benchmark harness on top of it (plan, job stages, caches, evaluation, tracking, reporting, the
 toy zoo). The library imports nothing from the harness. This package re-exports the library's API."""
 
-# first: OpenMP reads OMP_WAIT_POLICY once, when torch loads
-from .merging import threads as _threads  # noqa: F401  (for its side effect, before torch loads)
+# first: torch, MKL and OpenMP read these settings once, when torch loads
+from .merging import determinism as _determinism  # noqa: F401  (CPU kernels pinned: the same bytes on any x86-64)
+from .merging import threads as _threads  # noqa: F401  (OMP_WAIT_POLICY, for its side effect)
 from .merging.config import MergeConfig, load_config
 from .merging.errors import ObimError
 from .merging.merge import MergeResult, merge

@@ -74,12 +74,13 @@ def test_the_preflight_reads_the_real_cluster(slurm_cluster, tmp_path):
 
 def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_zoo, tmp_path):
     """issue 25, item 2: three toy jobs (OBIM's saliency statistics among them) sent to Slurm by hydra/launcher=slurm,
-    each its own Slurm job, give the scores and the table a local sweep gives (separate caches, the same zoo)."""
+    each its own Slurm job, give the scores, the table and the W&B runs' results tables a local sweep gives (separate
+    caches, the same zoo)."""
     from conftest import run_sweep, sweep_env
 
     c = slurm_cluster
     common = ["method=ta,ties,obim", "experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
-    common += ["tracking=none", "progress=false"]
+    common += ["progress=false"]  # W&B offline (sweep_env): each job's run logged on the node that ran it
     request = [f"hydra.launcher.partition={c.partition}", "hydra.launcher.gpus_per_node=0"]
     request += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=20"]
     out = {}
@@ -90,8 +91,11 @@ def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_z
         proc = run_sweep(args, env, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         recs = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/result.json")}
-        out[where] = (recs, (results / "toy_sft" / "table1.md").read_text())
-    (slurm, slurm_table), (local, local_table) = out["slurm"], out["local"]
+        # each job's W&B run: its results table (scores of the merge and of each model), named by content hash
+        media = "wandb/offline-run-*/files/media/**/*.json"
+        logged = {job: {t.name: json.loads(t.read_text()) for t in (runs / job).glob(media)} for job in recs}
+        out[where] = (recs, (results / "toy_sft" / "table1.md").read_text(), logged)
+    (slurm, slurm_table, slurm_wandb), (local, local_table, local_wandb) = out["slurm"], out["local"]
     assert sorted(slurm) == sorted(local) and len(slurm) == 3
     for job, rec in slurm.items():
         assert rec["scores"] == local[job]["scores"], job
@@ -99,6 +103,8 @@ def test_the_toy_sweep_through_slurm_equals_the_local_one(slurm_cluster, quick_z
             n: v["scores"] for n, v in local[job]["individual"].items()
         }
     assert slurm_table == local_table
+    assert all(len(tables) == 1 for tables in slurm_wandb.values()), slurm_wandb
+    assert slurm_wandb == local_wandb
     # each job ran as a Slurm job, recorded in accounting
     done = c.run("sacct", "-X", "-n", "-P", "-o", "JobName,State").stdout.split()
     assert sum(line.endswith("|COMPLETED") for line in done) >= 3, done

@@ -31,6 +31,7 @@ from .stages import (
     merge_stage,
     saliency_stage,
     where_is,
+    zoo_is_current,
 )
 
 
@@ -133,12 +134,14 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
         if record is None:
             raise ValueError("a dry run writes plan.json: it needs a record")
         return dry_run(plan, record.dir, check_inputs=rt.dry_run != "plan", fetch=rt.dry_run == "fetch")
-    if plan.zoo and not (Path(plan.zoo) / "zoo.json").is_file():
+    if plan.zoo and not zoo_is_current(plan):
         from .evaluation import announce_code_execution, code_allowed
 
         if code_allowed(plan.allow_code):  # the zoo's own evaluation runs code first: said here, on the console
             announce_code_execution(list(plan.tasks), reporter.note)
-        reporter.status("building the toy zoo (first use)", "zoo")
+        first = not (Path(plan.zoo) / "zoo.json").is_file()
+        why = "first use" if first else "a new recipe, or other CPU kernels"
+        reporter.status(f"{'building' if first else 'rebuilding'} the toy zoo ({why})", "zoo")
     ensure_zoo(plan, rt.progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
     inputs = input_fingerprints(plan)
     if record is not None:

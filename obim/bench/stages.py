@@ -76,11 +76,11 @@ class Evaluated:
 
 def saliency_path(cache: Path, name: str, path: str, texts: list[str], v: dict, device: str) -> Path:
     """Where the model's hdiag file for these validation texts lives in the cache (whether or not it is there)."""
+    from obim.merging.determinism import kernel_tag
     from obim.merging.saliency import STATS_VERSION
 
-    key = digest(
-        [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], device, f"hdiag-v{STATS_VERSION}"]
-    )
+    ident = [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], kernel_tag(device)]
+    key = digest([*ident, f"hdiag-v{STATS_VERSION}"])
     return cache / "saliency" / f"{name}-{key}.safetensors"
 
 
@@ -170,6 +170,8 @@ def cached_eval(
     score left empty is filled from the saved outputs once a judge is configured."""
     import lm_eval
 
+    from obim.merging.determinism import kernel_tag
+
     from .evaluation import SCORING_VERSION, evaluate_model, tasks_digest
     from .judge import JUDGED, judge_configured, run_judge
 
@@ -178,7 +180,7 @@ def cached_eval(
             model_fingerprint(model_dir),
             tasks,
             ev,
-            device,
+            kernel_tag(device),
             tasks_digest(tasks),
             lm_eval.__version__ if hasattr(lm_eval, "__version__") else "",
             SCORING_VERSION,
@@ -257,13 +259,26 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
 
+def _zoo_recipe(plan: JobPlan) -> dict:
+    from .zoo import RECIPE, quick_recipe
+
+    return quick_recipe() if plan.zoo_recipe == "quick" else RECIPE
+
+
+def zoo_is_current(plan: JobPlan) -> bool:
+    """Whether the plan's zoo is built, by its recipe, under the CPU kernels in force (else ensure_zoo builds it)."""
+    from .zoo import is_current
+
+    return bool(plan.zoo) and is_current(plan.zoo, _zoo_recipe(plan))
+
+
 def ensure_zoo(plan: JobPlan, progress: bool) -> None:
-    """The toy zoo the plan's models live in, built on first use (a new recipe rebuilds it)."""
+    """The toy zoo the plan's models live in, built on first use (a new recipe, or other CPU kernels, rebuild it)."""
     if not plan.zoo:
         return
-    from .zoo import RECIPE, build, quick_recipe
+    from .zoo import build
 
-    recipe = quick_recipe() if plan.zoo_recipe == "quick" else RECIPE
+    recipe = _zoo_recipe(plan)
     with locked(Path(plan.zoo).parent / f".{Path(plan.zoo).name}"):
         build(
             plan.zoo, recipe=recipe, evaluate=plan.zoo_recipe != "quick", progress=progress, allow_code=plan.allow_code

@@ -82,7 +82,7 @@ def sweep_steps(out: Path, presets: list[str], limit: int, extra: list[str], exp
     dry run, then the run."""
     steps = []
     for p in presets:
-        argv = [sys.executable, str(experiments / "sweep.py"), "-m", f"+paper={p}", *extra]
+        argv = [sys.executable, str(experiments / "sweep.py"), "-m", f"+paper={p}", "results_dir=results", *extra]
         d = out / "multirun" / experiment_of(p)
         # the dry run without eval.limit: what a real run of the preset costs, counted on the mirror's datasets,
         # whose evaluated splits have the real row counts (obim.bench.rehearsal.data)
@@ -101,6 +101,7 @@ def search_steps(out: Path, exps: list[str], trials: int, limit: int, experiment
             f"search.trials={trials}",
             f"search.startup_trials={trials}",
             f"eval.limit={limit}",
+            "results_dir=results",
         ]
         steps.append(Step(f"search {e}", argv, out / "multirun" / e / "search"))
     return steps

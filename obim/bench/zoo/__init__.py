@@ -76,6 +76,18 @@ def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def is_current(root: str | Path, recipe: dict) -> bool:
+    """Whether `root` holds a complete zoo of this recipe built under the CPU kernels in force now (the same recipe
+    trained under other kernels is another zoo: obim.merging.determinism)."""
+    from obim.merging.determinism import cpu_kernels
+
+    stamp = Path(root) / "zoo.json"
+    if not stamp.is_file():
+        return False
+    built = json.loads(stamp.read_text())
+    return built.get("recipe_hash") == recipe_hash(recipe) and built.get("cpu_kernels") == cpu_kernels()
+
+
 def default_dir() -> Path:
     from ..cache import user_cache_root
 
@@ -181,8 +193,7 @@ def build(
     recipe = recipe or RECIPE
     root = Path(out) if out else default_dir()
     h = recipe_hash(recipe)
-    stamp = root / "zoo.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("recipe_hash") == h:
+    if is_current(root, recipe):
         return root
     t0 = time.perf_counter()
     # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
@@ -195,6 +206,20 @@ def build(
     if table:
         log(table)
     return root
+
+
+def weights_fingerprint(root: Path) -> str:
+    """sha256 over every model's weights in the zoo (relative path and bytes, in path order): equal only for
+    byte-identical zoos."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(root).glob("*/*/*.safetensors")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _build_into(
@@ -299,9 +324,15 @@ def _build_into(
         table += "\n" + code_note(code) + "\n"
         (tmp / "zoo.md").write_text(table)
     total = time.perf_counter() - t0
+    from obim.merging.determinism import cpu_kernels
+
     stamp_tmp = {
         "recipe_hash": h,
         "recipe": recipe,
+        # what a built zoo is compared by (a reference's, another machine's): its weights, and the kernels they came
+        # from (obim.merging.determinism)
+        "fingerprint": weights_fingerprint(tmp),
+        "cpu_kernels": cpu_kernels(),
         "train_seconds": round(train_s, 1),
         "total_seconds": round(total, 1),
         "timings": {k: round(v, 1) for k, v in timings.items()},
