@@ -2,8 +2,8 @@
 
 Every method of `search.methods` tuned with the same budget (`search.trials`, TPE with the sampler seed
 `search.seed`) on the experiment's dev tasks, its best trial then scored on the test benchmarks; writes
-results/<experiment>/table1_tuned.md|csv and the studies' plots. Overrides are the sweep's (experiment=, eval.*,
-tracking=...) and search.*, e.g.
+<results_dir>/<experiment>/table1_tuned.md|csv (results_dir: outputs/tables) and the studies' plots. Overrides are
+the sweep's (experiment=, eval.*, tracking=...) and search.*, e.g.
 
     python experiments/search.py search.trials=6 search.methods=[ta,ties,obim]
     python experiments/search.py experiment=llama2_13b_sft eval=vllm

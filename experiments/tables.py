@@ -21,9 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiments", nargs="*", help="experiment names (default: every folder under --runs)")
     ap.add_argument("--runs", default="multirun", help="sweep root (hydra.sweep.dir's parent)")
-    ap.add_argument(
-        "--out", default="outputs/tables", help="tables root (results: the committed reference tables)"
-    )
+    ap.add_argument("--out", default="outputs/tables", help="tables root (results: the committed reference tables)")
     ap.add_argument("--replot", metavar="DIR", help="redraw the axis plots in DIR from its <table>.csv files")
     args = ap.parse_args(argv)
     if args.replot:

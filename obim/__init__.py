@@ -5,7 +5,7 @@ obim.bench is the benchmark harness on top of it (plan, job stages, caches, eval
 toy zoo). The library imports nothing from the harness. This package re-exports the library's API."""
 
 # first: torch, MKL and OpenMP read these settings once, when torch loads
-from .merging import determinism as _determinism  # noqa: F401  (CPU kernels pinned: the same bytes on any x86-64)
+from .merging import determinism as _determinism  # noqa: F401  (CPU kernels pinned: obim.merging.determinism)
 from .merging import threads as _threads  # noqa: F401  (OMP_WAIT_POLICY, for its side effect)
 from .merging.config import MergeConfig, load_config
 from .merging.errors import ObimError

@@ -131,3 +131,57 @@ def test_a_task_edit_redoes_the_jobs_that_evaluate_it(tmp_path, monkeypatch):
     with open(root / "toy_gsm8k.yaml", "a") as f:
         f.write("\n# edited\n")
     assert sft.hash() != before[0] and pt.hash() == before[1]  # toy_pt does not evaluate toy_gsm8k
+
+
+# ------------------------------------------------------------------------------------------------ standard errors
+
+
+def test_a_scores_standard_error_is_lm_evals_own_in_points():
+    from obim.bench.evaluation import task_items, task_score, task_stderr
+
+    out = {
+        "results": {"t": {"alias": "t", "acc,none": 0.75, "acc_stderr,none": 0.0625, "acc_norm,none": 0.5}},
+        "n-samples": {"t": {"original": 40, "effective": 16}},
+    }
+    assert task_score(out, "t") == 75.0
+    assert task_stderr(out, "t") == pytest.approx(6.25)  # the chosen metric's stderr, not another's
+    assert task_items(out, "t") == 16  # after eval.limit
+    out["results"]["t"]["acc_stderr,none"] = "N/A"  # lm-eval's mark where it computed none
+    assert task_stderr(out, "t") is None
+
+
+def test_a_group_scored_as_its_subtasks_mean_combines_their_errors():
+    from obim.bench.evaluation import task_items, task_score, task_stderr
+
+    out = {
+        "results": {
+            "a": {"acc,none": 0.5, "acc_stderr,none": 0.03},
+            "b": {"acc,none": 0.7, "acc_stderr,none": 0.04},
+            "g": {"alias": "g"},  # a group that aggregates no metric itself
+        },
+        "group_subtasks": {"g": ["a", "b"]},
+        "n-samples": {"a": {"effective": 10}, "b": {"effective": 30}},
+    }
+    assert task_score(out, "g") == pytest.approx(60.0)
+    assert task_stderr(out, "g") == pytest.approx(100 * (0.03**2 + 0.04**2) ** 0.5 / 2)  # 2.5 points
+    assert task_items(out, "g") == 40
+
+
+def test_the_binomial_error_matches_lm_evals_mean_stderr_on_zero_one_items():
+    from lm_eval.api.metrics import mean_stderr
+
+    from obim.bench.evaluation import binomial_stderr
+
+    items = [1, 0, 0, 1, 1, 1, 0, 1]
+    assert binomial_stderr(100 * sum(items) / len(items), len(items)) == pytest.approx(100 * mean_stderr(items))
+    assert binomial_stderr(None, 8) is None and binomial_stderr(50.0, 1) is None
+
+
+def test_the_averages_error_is_the_root_sum_of_squares_over_k():
+    from obim.bench.stages import Evaluated, avg_stderr
+
+    assert avg_stderr([3.0, 4.0]) == pytest.approx(2.5)  # sqrt(9 + 16) / 2
+    assert avg_stderr([3.0, None]) is None and avg_stderr([]) is None
+    ev = Evaluated({"a": 50.0, "b": 70.0}, 60.0, 1.0, False, stderr={"a": 3.0, "b": 4.0}, n={"a": 10, "b": 10})
+    assert ev.avg_stderr == pytest.approx(2.5)
+    assert Evaluated({"a": None}, None, 1.0, False, stderr={"a": None}).avg_stderr is None

@@ -19,7 +19,7 @@ from conftest import run_sweep, sweep_env
 
 QUICK = ["experiment.zoo_recipe=quick", "eval.limit=2", "eval.allow_code=true"]
 JOB_LINE = re.compile(
-    r"^\[(\d+)/(\d+)\] method=(\w+): avg (\S+) \| alpaca_eval=\S+ mmlu=\S+ gsm8k=\S+ math=\S+ "
+    r"^\[(\d+)/(\d+)\] method=(\w+): avg (\S+) ± \d+\.\d \| alpaca_eval=\S+ mmlu=\S+ gsm8k=\S+ math=\S+ "
     r"humaneval=\S+ mbpp=\S+ \| merge \d+\.\d s.*, eval \d+\.\d s"
 )
 
@@ -180,7 +180,15 @@ def test_live_console_counts_cached_jobs_at_once_and_estimates_the_rest(tmp_path
     emit(
         inbox,
         "end",
-        outcome={**base, "status": "done", "name": "b", "overrides": jobs[1], "seconds": 70.0, "stages": {"zoo": 60.0}},
+        outcome={
+            **base,
+            "status": "done",
+            "name": "b",
+            "overrides": jobs[1],
+            "seconds": 70.0,
+            "stages": {"zoo": 60.0},
+            "avg_stderr": 3.25,
+        },
     )
     emit(
         inbox,
@@ -197,7 +205,7 @@ def test_live_console_counts_cached_jobs_at_once_and_estimates_the_rest(tmp_path
     live.poll()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[1/4] method=ta: avg 50.0 | mmlu=50.0 | merge 0.1 s, eval 2.0 s; cached result")
-    assert lines[1].startswith("[2/4] method=ties: avg 50.0 | mmlu=50.0 | merge 0.1 s, eval 2.0 s")
+    assert lines[1].startswith("[2/4] method=ties: avg 50.0 ± 3.2 | mmlu=50.0 | merge 0.1 s, eval 2.0 s")
     e = err.getvalue().splitlines()
     assert len(e) == 2 and e[0].startswith("warning: weights not used (x; more in runs/b/sweep.log)")
     assert e[1].startswith("[3/4] method=obim: sweep: error: RuntimeError: boom (log: runs/x/sweep.log)")

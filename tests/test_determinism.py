@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from obim.merging.determinism import PINS, pin_cpu_kernels
+from obim.merging.determinism import MKL_CBWR_AVX2_STRICT, pin_cpu_kernels, unpinned_env
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 AVX512 = AVX2.replace("avx2", "avx2 avx512f avx512bw")
@@ -19,14 +19,18 @@ AVX512 = AVX2.replace("avx2", "avx2 avx512f avx512bw")
 def test_the_pins_are_set_where_the_user_set_nothing():
     env: dict[str, str] = {}
     assert pin_cpu_kernels(env, "x86_64", AVX512)
-    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    assert env == PINS
+    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "OBIM_CPU_KERNELS": "pinned"}
+    # a child process inherits them (told by OBIM_CPU_KERNELS=pinned); vLLM's child gets them taken away
+    assert pin_cpu_kernels(dict(env), "x86_64", AVX512)
+    assert unpinned_env({**env, "PATH": "/bin"}) == {"PATH": "/bin"}
+    mine = {"ATEN_CPU_CAPABILITY": "avx2", "PATH": "/bin"}
+    assert unpinned_env(mine) == mine  # the user's own: left as they are
 
 
 def test_the_users_own_settings_win_and_are_reported_as_not_pinned():
     env = {"ATEN_CPU_CAPABILITY": "avx512"}
     assert not pin_cpu_kernels(env, "x86_64", AVX512)
-    assert env["ATEN_CPU_CAPABILITY"] == "avx512" and env["MKL_CBWR"] == "AVX2,STRICT"
+    assert env == {"ATEN_CPU_CAPABILITY": "avx512"}  # the kernels are the user's: none of the others is set
 
 
 @pytest.mark.parametrize(
@@ -49,12 +53,17 @@ def test_this_process_runs_pinned_kernels():
 
     if not pin_cpu_kernels(dict(os.environ)):
         pytest.skip("no AVX2 on this CPU, or OBIM_CPU_KERNELS=native: nothing pinned")
+    from obim.merging.determinism import cpu_kernels
+
     assert torch.backends.cpu.get_cpu_capability() == "AVX2"
     assert os.environ["MKL_CBWR"] == "AVX2,STRICT"
+    k = cpu_kernels()
+    if k["vendor"] == "GenuineIntel":  # MKL honours the request on Intel CPUs only; MKL says which it runs
+        assert k["mkl_cbwr"] == hex(MKL_CBWR_AVX2_STRICT)
 
 
 def _zoo_build(out, threads: int, native: bool = False) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in PINS and k != "OBIM_CPU_KERNELS"}
+    env = unpinned_env(dict(os.environ))
     env.update({"OBIM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     if native:
         env["OBIM_CPU_KERNELS"] = "native"
@@ -70,39 +79,32 @@ def test_the_quick_zoo_is_the_same_bytes_at_any_thread_count(tmp_path):
     """Built at 1 and at 3 threads (torch's and MKL's), pinned: one fingerprint. Without MKL's strict mode the two
     differ (measured: MKL's reduction order follows its thread count), and with the machine's own kernels an
     AVX-512 machine builds other weights than an AVX2 one."""
-    if not pin_cpu_kernels({k: v for k, v in os.environ.items() if k not in PINS}):
+    if not pin_cpu_kernels(unpinned_env(dict(os.environ))):
         pytest.skip("no AVX2 on this CPU: nothing pinned, nothing promised")
     one, three = _zoo_build(tmp_path / "one", 1), _zoo_build(tmp_path / "three", 3)
-    assert (
-        one["cpu_kernels"]
-        == three["cpu_kernels"]
-        == {
-            "torch": "AVX2",
-            "MKL_CBWR": "AVX2,STRICT",
-            "ONEDNN_MAX_CPU_ISA": "AVX2",
-        }
-    )
+    assert one["cpu_kernels"] == {
+        "torch": "AVX2",
+        "mkl_cbwr": three["cpu_kernels"]["mkl_cbwr"],
+        "vendor": three["cpu_kernels"]["vendor"],
+    }
     assert len(one["fingerprint"]) == 64 and one["fingerprint"] == three["fingerprint"]
     native = _zoo_build(tmp_path / "native", 1, native=True)
     if native["cpu_kernels"]["torch"] != "AVX2":  # this machine has better kernels than the pinned ones
         assert native["fingerprint"] != one["fingerprint"]  # which is why they are pinned
 
 
-def test_a_zoo_built_under_other_kernels_is_not_reused(tmp_path):
-    """The same recipe trained under other CPU kernels is another zoo: build() rebuilds it (as for a new recipe)."""
+def test_a_zoo_built_under_other_kernels_is_kept_and_the_caches_key_on_the_kernels(tmp_path):
+    """A zoo records the kernels it was built under; one of other kernels is reused, never replaced under running
+    jobs; statistics and scores are cached under the kernels of the process that makes them."""
     from obim.bench.zoo import is_current, quick_recipe, recipe_hash
     from obim.merging.determinism import cpu_kernels, kernel_tag
 
-    stamp = {"recipe_hash": recipe_hash(quick_recipe()), "cpu_kernels": cpu_kernels()}
+    stamp = {"recipe_hash": recipe_hash(quick_recipe()), "cpu_kernels": {**cpu_kernels(), "torch": "AVX512"}}
     (tmp_path / "zoo.json").write_text(json.dumps(stamp))
     assert is_current(tmp_path, quick_recipe())
-    for other in ({**cpu_kernels(), "torch": "AVX512"}, None):  # other kernels; a zoo from before they were recorded
-        (tmp_path / "zoo.json").write_text(json.dumps({**stamp, "cpu_kernels": other}))
-        assert not is_current(tmp_path, quick_recipe())
-    # statistics and scores are cached under the kernels too
     assert kernel_tag("cuda:0") == "cuda:0"
     k = cpu_kernels()
-    assert kernel_tag("cpu") == f"cpu:{k['torch']}:{k['MKL_CBWR'] or '-'}:{k['ONEDNN_MAX_CPU_ISA'] or '-'}"
+    assert kernel_tag("cpu") == f"cpu:{k['torch']}:{k['mkl_cbwr'] or '-'}:{k['vendor'] or '-'}"
 
 
 def test_saliency_statistics_are_cached_under_the_kernels(tmp_path, monkeypatch):
@@ -113,5 +115,5 @@ def test_saliency_statistics_are_cached_under_the_kernels(tmp_path, monkeypatch)
     v = {"max_length": 8, "batch_size": 2}
     here = saliency_path(tmp_path, "m", str(tmp_path), ["a"], v, "cpu")
     assert saliency_path(tmp_path, "m", str(tmp_path), ["a"], v, "cpu") == here
-    monkeypatch.setattr(det, "cpu_kernels", lambda: {"torch": "AVX512", "MKL_CBWR": None, "ONEDNN_MAX_CPU_ISA": None})
+    monkeypatch.setattr(det, "cpu_kernels", lambda: {"torch": "AVX512", "mkl_cbwr": "0x1", "vendor": "GenuineIntel"})
     assert saliency_path(tmp_path, "m", str(tmp_path), ["a"], v, "cpu") != here

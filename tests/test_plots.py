@@ -127,7 +127,8 @@ def test_tables_and_plots_go_to_the_active_wandb_run(tmp_path, monkeypatch):
     assert {k for k in data if k.startswith("figures/")} == {f"figures/{p.stem}" for p in written if p.suffix == ".png"}
     assert data["figures/table5"] == ("image", str(tmp_path / "out" / "table5.png"))
     kind, columns, rows = data["tables/table5"]
-    assert columns == ["samples", "gsm8k", "math", "avg", "paper_gsm8k", "paper_math", "paper_avg"]
+    se = ["gsm8k_se", "math_se", "avg_se"]
+    assert columns == ["samples", "gsm8k", "math", "avg", *se, "paper_gsm8k", "paper_math", "paper_avg"]
     assert kind == "table" and [r[0] for r in rows] == ["10", "50", "100", "200"]
     stub.run = None  # no active run: nothing logged
     write_tables(runs, tmp_path / "out2")

@@ -26,6 +26,9 @@ RESULT_KEYS = {
     "inputs",
     "scores",
     "avg",
+    "stderr",
+    "n",
+    "avg_stderr",
     "outputs",
     "individual",
     "saliency_s",
@@ -147,9 +150,19 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
         results[method] = r
         assert set(r["scores"]) == set(TASKS) and all(0 <= v <= 100 for v in r["scores"].values())
         assert r["avg"] == pytest.approx(sum(r["scores"].values()) / len(TASKS))
+        # each score with its standard error: every toy item scores 0 or 1, so lm-eval's mean_stderr is the
+        # binomial sqrt(p (1 - p) / (n - 1)) over the items evaluated (eval.limit of them)
+        from obim.bench.evaluation import binomial_stderr
+
+        assert set(r["stderr"]) == set(r["n"]) == set(TASKS) and set(r["n"].values()) == {2}
+        for t in TASKS:
+            assert r["stderr"][t] == pytest.approx(binomial_stderr(r["scores"][t], 2), abs=1e-6), t
+        se = [r["stderr"][t] for t in TASKS]
+        assert r["avg_stderr"] == pytest.approx(sum(x * x for x in se) ** 0.5 / len(TASKS))
+        assert set(r["individual"]["math"]["stderr"]) == set(TASKS)
         assert set(r["individual"]) == {"base", "lm", "math", "code"}
         # each figure in one place, and what the stages measured: a first run computes everything
-        assert r["schema"] == 2 and r["plan"]["method"] == method and r["config"]["method"]["name"] == method
+        assert r["schema"] == 3 and r["plan"]["method"] == method and r["config"]["method"]["name"] == method
         assert set(r) == RESULT_KEYS
         assert r["cached"] == {"saliency": False if method == "obim" else None, "merge": False, "eval": False}
         assert r["merge_s"] > 0 and r["eval_s"] > 0 and r["peak_rss_mb"] > 100  # torch alone holds more
@@ -173,7 +186,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("; cached result") == 1  # ta from its result.json; obim redone
     redone = json.loads((obim_job / "result.json").read_text())
-    assert redone["schema"] == 2 and redone["cached"] == {"saliency": True, "merge": True, "eval": True}
+    assert redone["schema"] == 3 and redone["cached"] == {"saliency": True, "merge": True, "eval": True}
     assert redone["scores"] == results["obim"]["scores"]
 
     # new weights at the same path (a retrained expert, a zoo rebuilt by a new recipe): no job reuses its result

@@ -34,6 +34,7 @@ def result(
     individual=None,
     mtime=None,
     inputs=None,
+    stderr=None,
 ) -> dict:
     """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
     composed config), made-up scores in the plan's task order; individual: {model: scores}."""
@@ -44,9 +45,10 @@ def result(
     cfg = compose(*ov, f"experiment.zoo={ZOO}")
     plan = plan_job(cfg, ov)
 
-    def ev(s: list[float]) -> Evaluated:
+    def ev(s: list[float], se: list[float] | None = None) -> Evaluated:
         named = dict(zip(plan.tasks, s, strict=True))
-        return Evaluated(scores=named, avg=score_avg(named), eval_s=3.0, cached=False)
+        errors = dict(zip(plan.tasks, se, strict=True)) if se else {}
+        return Evaluated(scores=named, avg=score_avg(named), eval_s=3.0, cached=False, stderr=errors)
 
     sal = {
         n: Saliency(
@@ -60,7 +62,7 @@ def result(
         inputs=inputs or {},
         saliency=sal,
         merged=Merged(dir="merged", cached=False, merge_s=2.0, tensors=10, bytes=1000),
-        evaluated=ev(scores),
+        evaluated=ev(scores, stderr),
         individual={n: ev(s) for n, s in (individual or {}).items()},
         cost={"params_b": 0.001, "gpus": 0, "gpu_name": None, "hessian_s_per_sample": 0.005},
         peak_rss_mb=100.0,
@@ -296,7 +298,7 @@ def test_results_of_an_older_layout_are_refused(tmp_path):
     r = result(runs, "method=ta", "ta", [1, 2, 3, 4, 5, 6])
     (runs / "old" / "result.json").parent.mkdir()
     (runs / "old" / "result.json").write_text(json.dumps({**r, "schema": 1}))
-    with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 2; rerun"):
+    with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 3; rerun"):
         load_results(runs)
 
 
@@ -342,3 +344,26 @@ def test_jobs_of_different_inputs_are_not_mixed_in_one_table(tmp_path):
     result(tmp_path / "c", "method=ta", "ta", six, inputs=same)
     result(tmp_path / "c", "pt-ta", "ta", [50.0] * 3, setting="pt", inputs={"base": "p0", "ckpt-1": "k1"})
     assert len(load_results(tmp_path / "c")) == 2
+
+
+def test_each_cell_carries_its_standard_error(tmp_path):
+    """Markdown shows ours ± se, the CSV a <column>_se beside each column; the average's se is sqrt(sum se^2) / k;
+    the CSV reads back with them (the plots' path)."""
+    from obim.bench.report.plots import table_from_csv
+
+    runs, out = tmp_path / "runs", tmp_path / "tables"
+    result(runs, "method=ta", "ta", [10, 20, 30, 40, 50, 60], stderr=[1, 2, 2, 4, 0, 0], mtime=1_000)
+    result(runs, "method=obim", "obim", [1, 2, 3, 4, 5, 6], mtime=2_000)  # no errors known: cells stay bare
+    write_tables(runs, out)
+    md = next(out.rglob("table1.md")).read_text()
+    t1 = rows(md)
+    avg_se = (1 + 4 + 4 + 16) ** 0.5 / 6  # 0.83
+    assert t1["TA"][0] == "10.00 ± 1.00 (78.93)" and t1["TA"][-1] == f"35.00 ± {avg_se:.2f} (41.07)"
+    assert t1["OBIM"][0] == "1.00 (81.23)" and "± its standard error" in md
+    csv_path = next(out.rglob("table1.csv"))
+    head = csv_path.read_text().splitlines()[0].split(",")
+    cols = ["alpaca_eval", "mmlu", "gsm8k", "math", "humaneval", "mbpp", "avg"]
+    assert head == ["model", *cols, *(f"{c}_se" for c in cols), *(f"paper_{c}" for c in cols)]
+    back = table_from_csv(csv_path, "table1")
+    assert back.columns == cols and back.se["TA"]["avg"] == pytest.approx(avg_se, abs=1e-4)
+    assert back.se["OBIM"]["avg"] is None

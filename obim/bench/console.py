@@ -95,7 +95,8 @@ def job_line(o: dict, label: str) -> str:
             f"merge {_num(o.get('merge_s'))} s{' (cached)' if c.get('merge') else ''}, "
             f"eval {_num(o.get('eval_s'))} s{' (cached)' if c.get('eval') else ''}"
         )
-    return f"{label}: avg {_num(o.get('avg'))} | {scores} | {timing}"
+    se = o.get("avg_stderr")
+    return f"{label}: avg {_num(o.get('avg'))}{'' if se is None else f' ± {se:.1f}'} | {scores} | {timing}"
 
 
 def text_table(t: Table) -> str:

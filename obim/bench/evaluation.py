@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -21,7 +22,8 @@ from obim.merging.errors import ObimError
 METRICS = ("exact_match", "pass@1", "pass_at_1", "acc", "acc_norm", "rouge2")
 # bump when how a score is read or computed here changes (the metric chosen, the code sandbox's verdicts): cached
 # evaluations are keyed by it; a task's own files key its evaluations (tasks_digest)
-SCORING_VERSION = 2  # 2: programs run with code_eval's globals (__name__ is not __main__)
+# 2: programs run with code_eval's globals (__name__ is not __main__); 3: each score's standard error and item count
+SCORING_VERSION = 3
 
 
 def tasks_dir() -> str:
@@ -145,20 +147,33 @@ def task_manager():
     return TaskManager(include_path=tasks_dir())
 
 
-def primary_score(result: dict) -> float:
-    """The task's main metric from an lm-eval result entry ('exact_match,none', 'pass@1,none', 'acc,none')."""
+def primary_metric(result: dict) -> str:
+    """The key of the task's main metric in an lm-eval result entry ('exact_match,none', 'pass@1,none', 'acc,none')."""
     for m in METRICS:
         for key, v in result.items():
             if key.split(",")[0] == m and isinstance(v, (int, float)):
-                return float(v)
+                return key
     raise KeyError(f"no known metric in {sorted(result)}")
+
+
+def primary_score(result: dict) -> float:
+    """The task's main metric from an lm-eval result entry."""
+    return float(result[primary_metric(result)])
+
+
+def primary_stderr(result: dict) -> float | None:
+    """The standard error lm-eval computed beside the main metric ('acc_stderr,none'); None where it gave none
+    ('N/A': a metric without a stderr function, or bootstrap iterations turned off)."""
+    name, _, filt = primary_metric(result).partition(",")
+    v = result.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def task_score(out: dict, task: str) -> float:
     """A task's or group's score in percent from simple_evaluate's output. A group that aggregates no metric
     itself (japanese_leaderboard) scores the mean of its subtasks' scores, as its leaderboard averages them."""
     try:
-        return 100.0 * primary_score(out["results"].get(task) or out.get("groups", {}).get(task) or {})
+        return 100.0 * primary_score(_entry(out, task))
     except KeyError:
         subtasks = (out.get("group_subtasks") or {}).get(task)
         if not subtasks:
@@ -166,6 +181,37 @@ def task_score(out: dict, task: str) -> float:
                 f"lm-eval task {task}: no score among its metrics {sorted(out['results'].get(task) or {})}"
             ) from None
         return sum(task_score(out, t) for t in subtasks) / len(subtasks)
+
+
+def _entry(out: dict, task: str) -> dict:
+    return out["results"].get(task) or out.get("groups", {}).get(task) or {}
+
+
+def task_stderr(out: dict, task: str) -> float | None:
+    """The standard error of task_score (percent points): lm-eval's own; for a group scored as the mean of its
+    subtasks, sqrt(sum se_i^2) / k (subtasks on disjoint items); None where lm-eval gave none."""
+    try:
+        se = primary_stderr(_entry(out, task))
+    except KeyError:
+        subtasks = (out.get("group_subtasks") or {}).get(task) or []
+        parts = [task_stderr(out, t) for t in subtasks]
+        if not parts or any(p is None for p in parts):
+            return None
+        return math.sqrt(sum(p * p for p in parts if p is not None)) / len(parts)
+    return None if se is None else 100.0 * se
+
+
+def task_items(out: dict, task: str) -> int | None:
+    """How many items the task's score is over (lm-eval's effective sample count, after `limit`); a group's, the sum
+    over its subtasks."""
+    n = (out.get("n-samples") or {}).get(task)
+    if n is not None:
+        return int(n.get("effective", n.get("original", 0)))
+    subtasks = (out.get("group_subtasks") or {}).get(task)
+    if not subtasks:
+        return None
+    counts = [task_items(out, t) for t in subtasks]
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
 def model_args_string(model_dir: str | Path, model_args: dict[str, Any] | str | None) -> str:
@@ -304,7 +350,12 @@ def _leaves(index: dict, name: str, seen: set[str]):
         yield entry.cfg or {}
 
 
-def evaluate_model(
+def evaluate_model(model_dir: str | Path, tasks: list[str], **kwargs: Any) -> dict[str, float | None]:
+    """{task: score in percent} of one model directory (measure_model's scores)."""
+    return measure_model(model_dir, tasks, **kwargs)["scores"]
+
+
+def measure_model(
     model_dir: str | Path,
     tasks: list[str],
     *,
@@ -317,8 +368,9 @@ def evaluate_model(
     outputs_dir: str | Path | None = None,
     allow_code: bool = False,
     say: Callable[..., None] = _stderr,
-) -> dict[str, float | None]:
-    """{task: score in percent} of one model directory, through lm-eval's own model classes (loaded once).
+) -> dict[str, dict[str, Any]]:
+    """One model directory through lm-eval's own model classes (loaded once): {"scores": {task: percent},
+    "stderr": {task: percent points, None where lm-eval gave none}, "n": {task: items scored}}.
 
     `num_fewshot` sets a task's shots (others keep their YAML's). Judged tasks (AlpacaEval) score None unless a
     judge is configured; their outputs go to `outputs_dir`. `vllm` runs in a child process: vLLM spawns workers and
@@ -348,7 +400,7 @@ def evaluate_model(
     return _run(req)
 
 
-def _run(r: dict) -> dict[str, float | None]:
+def _run(r: dict) -> dict[str, dict[str, Any]]:
     import lm_eval
     from lm_eval.api.registry import get_model
 
@@ -362,6 +414,8 @@ def _run(r: dict) -> dict[str, float | None]:
     for t in r["tasks"]:
         groups.setdefault(r["num_fewshot"].get(t), []).append(t)
     scores: dict[str, float | None] = {}
+    stderr: dict[str, float | None] = {}
+    items: dict[str, int | None] = {}
     allow = bool(r.get("allow_code"))
     before = os.environ.get("HF_ALLOW_CODE_EVAL")
     if allow:  # code_eval and obim's toy scorers read it; for this evaluation only
@@ -379,24 +433,44 @@ def _run(r: dict) -> dict[str, float | None]:
                 log_samples=any(t in JUDGED for t in group),
             )
             for t in group:
+                items[t] = task_items(out, t)
                 if t in JUDGED:
                     scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
+                    stderr[t] = binomial_stderr(scores[t], items[t])
                 else:
-                    scores[t] = task_score(out, t)
+                    scores[t], stderr[t] = task_score(out, t), task_stderr(out, t)
     finally:
         if before is None:
             os.environ.pop("HF_ALLOW_CODE_EVAL", None)
         else:
             os.environ["HF_ALLOW_CODE_EVAL"] = before
-    return {t: scores[t] for t in r["tasks"]}
+    return {
+        "scores": {t: scores[t] for t in r["tasks"]},
+        "stderr": {t: stderr[t] for t in r["tasks"]},
+        "n": {t: items[t] for t in r["tasks"]},
+    }
 
 
-def _evaluate_in_child(req: dict) -> dict[str, float | None]:
+def binomial_stderr(score: float | None, n: int | None) -> float | None:
+    """A rate's standard error in percent points, as lm-eval's mean_stderr gives it for 0/1 items (the sample
+    standard deviation over sqrt(n)): sqrt(p (1 - p) / (n - 1)); None without a score or with fewer than 2 items."""
+    if score is None or n is None or n < 2:
+        return None
+    p = score / 100.0
+    return 100.0 * math.sqrt(p * (1 - p) / (n - 1))
+
+
+def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="obim-eval-") as tmp:
         path, res = Path(tmp) / "request.json", Path(tmp) / "scores.json"
         path.write_text(json.dumps({**req, "out": str(res)}))
         # the child opts in to code execution through req["allow_code"], not an inherited variable
-        env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu")}
+        from obim.merging.determinism import unpinned_env
+
+        env = {
+            **unpinned_env(dict(os.environ)),  # vLLM's CPU backend: its own kernels (bf16 fails under the AVX2 pin)
+            "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu"),
+        }
         # its own process group: vLLM's engine and workers are its children, and the child leaves by os._exit
         # (below), so they would outlive it holding their memory; the group is ended when the child is done
         proc = subprocess.Popen(

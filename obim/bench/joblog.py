@@ -222,6 +222,7 @@ class JobSession:
             "skipped" if result.get("skipped") else "done",
             experiment=result["plan"]["experiment"],
             avg=result.get("avg"),
+            avg_stderr=result.get("avg_stderr"),
             scores={names.get(t, t): result["scores"][t] for t in result["plan"]["tasks"]},
             merge_s=result.get("merge_s"),
             eval_s=result.get("eval_s"),

@@ -140,8 +140,7 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
         if code_allowed(plan.allow_code):  # the zoo's own evaluation runs code first: said here, on the console
             announce_code_execution(list(plan.tasks), reporter.note)
         first = not (Path(plan.zoo) / "zoo.json").is_file()
-        why = "first use" if first else "a new recipe, or other CPU kernels"
-        reporter.status(f"{'building' if first else 'rebuilding'} the toy zoo ({why})", "zoo")
+        reporter.status("building the toy zoo (first use)" if first else "rebuilding the toy zoo (a new recipe)", "zoo")
     ensure_zoo(plan, rt.progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
     inputs = input_fingerprints(plan)
     if record is not None:

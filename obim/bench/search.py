@@ -7,7 +7,7 @@ the experiment's dev tasks (`dev_benchmarks`, obim.bench.dev.plan_dev: checked d
 from the saliency samples), run by the sweep's own pipeline (obim.bench.pipeline, through the caches); its value is
 their mean score. When a study has its trials, its best trial's overrides make a sweep job (the sweep's config,
 the test benchmarks), run by the same pipeline into <search dir>/<method>/best/ (result.json, as a sweep writes it),
-and the tuned table is written beside the untuned Table 1 (results/<experiment>/table1_tuned.md|csv) with each
+and the tuned table is written beside the untuned Table 1 (<results_dir>/<experiment>/table1_tuned.md|csv) with each
 study's optimisation history and parameter importances (PNG).
 
 Studies live in an Optuna journal file in the search directory (multirun/<experiment>/search/study.log): a search

@@ -9,11 +9,12 @@ The package's version is in no key: a release changes no cached result by itself
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +26,9 @@ from .plan import JobPlan
 if TYPE_CHECKING:
     from obim.merging.config import MergeConfig
 
-RESULT_SCHEMA = 2  # result.json's layout (docs/sweep.md "Sweep results"); older files are refused, not half-read
+# result.json's layout (docs/sweep.md "Sweep results"); older files are refused, not half-read. 3: stderr, n,
+# avg_stderr
+RESULT_SCHEMA = 3
 
 
 class Reporter(Protocol):
@@ -72,6 +75,13 @@ class Evaluated:
     eval_s: float
     cached: bool
     outputs: dict[str, str] | None = None  # saved generations of judged benchmarks
+    stderr: dict[str, float | None] = field(default_factory=dict)  # percent points; None: lm-eval gave none
+    n: dict[str, int | None] = field(default_factory=dict)  # items each score is over
+
+    @property
+    def avg_stderr(self) -> float | None:
+        """The average's standard error: sqrt(sum se_i^2) / k, the benchmarks being on disjoint items."""
+        return avg_stderr([self.stderr.get(t) for t in self.scores]) if self.avg is not None else None
 
 
 def saliency_path(cache: Path, name: str, path: str, texts: list[str], v: dict, device: str) -> Path:
@@ -150,6 +160,13 @@ def cached_merge(cache: Path, cfg: MergeConfig, device: str, progress: bool) -> 
     return {"dir": str(out), "cached": True, **info}
 
 
+def avg_stderr(errors: list[float | None]) -> float | None:
+    """The standard error of a mean of k independent scores: sqrt(sum se_i^2) / k; None when one is unknown."""
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors if e is not None)) / len(errors)
+
+
 def score_avg(scores: dict[str, float | None]) -> float | None:
     """The mean over every benchmark; None when one is missing (an unjudged AlpacaEval): never a partial mean
     standing in for the paper's average."""
@@ -172,7 +189,7 @@ def cached_eval(
 
     from obim.merging.determinism import kernel_tag
 
-    from .evaluation import SCORING_VERSION, evaluate_model, tasks_digest
+    from .evaluation import SCORING_VERSION, measure_model, tasks_digest
     from .judge import JUDGED, judge_configured, run_judge
 
     key = digest(
@@ -199,7 +216,7 @@ def cached_eval(
             return {**hit, "cached": True}
         t0 = time.perf_counter()
         outputs = cache / "evals" / key
-        scores = evaluate_model(
+        measured = measure_model(
             model_dir,
             tasks,
             backend=ev["backend"],
@@ -212,10 +229,13 @@ def cached_eval(
             allow_code=allow_code,
             say=(reporter or Quiet()).note,
         )
+        scores = measured["scores"]
         rec = {
             "model": model_dir,
             "scores": scores,
             "avg": score_avg(scores),
+            "stderr": measured["stderr"],
+            "n": measured["n"],
             "eval_s": round(time.perf_counter() - t0, 3),
         }
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
@@ -266,14 +286,14 @@ def _zoo_recipe(plan: JobPlan) -> dict:
 
 
 def zoo_is_current(plan: JobPlan) -> bool:
-    """Whether the plan's zoo is built, by its recipe, under the CPU kernels in force (else ensure_zoo builds it)."""
+    """Whether the plan's zoo is built by its recipe (else ensure_zoo builds it)."""
     from .zoo import is_current
 
     return bool(plan.zoo) and is_current(plan.zoo, _zoo_recipe(plan))
 
 
 def ensure_zoo(plan: JobPlan, progress: bool) -> None:
-    """The toy zoo the plan's models live in, built on first use (a new recipe, or other CPU kernels, rebuild it)."""
+    """The toy zoo the plan's models live in, built on first use (a new recipe rebuilds it)."""
     if not plan.zoo:
         return
     from .zoo import build
@@ -398,7 +418,13 @@ def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter
 
 def _evaluated(rec: dict) -> Evaluated:
     return Evaluated(
-        scores=rec["scores"], avg=rec["avg"], eval_s=rec["eval_s"], cached=rec["cached"], outputs=rec.get("outputs")
+        scores=rec["scores"],
+        avg=rec["avg"],
+        eval_s=rec["eval_s"],
+        cached=rec["cached"],
+        outputs=rec.get("outputs"),
+        stderr=rec.get("stderr") or {},
+        n=rec.get("n") or {},
     )
 
 
@@ -451,9 +477,21 @@ class JobResult:
             "inputs": self.inputs,
             "scores": {t: ev.scores[t] for t in self.plan.tasks},
             "avg": ev.avg,
+            # each score's standard error (percent points; None where lm-eval gave none) and its item count
+            "stderr": {t: ev.stderr.get(t) for t in self.plan.tasks},
+            "n": {t: ev.n.get(t) for t in self.plan.tasks},
+            "avg_stderr": ev.avg_stderr,
             "outputs": ev.outputs,
             "individual": {
-                n: {"scores": e.scores, "avg": e.avg, "eval_s": e.eval_s} for n, e in self.individual.items()
+                n: {
+                    "scores": e.scores,
+                    "avg": e.avg,
+                    "eval_s": e.eval_s,
+                    "stderr": e.stderr,
+                    "n": e.n,
+                    "avg_stderr": e.avg_stderr,
+                }
+                for n, e in self.individual.items()
             },
             "saliency_s": round(sum(s.seconds for s in self.saliency.values()), 3),
             "merge_s": self.merged.merge_s,

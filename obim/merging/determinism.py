@@ -1,16 +1,18 @@
-"""The same bytes on every x86-64 machine: torch, MKL and oneDNN pinned to one CPU kernel family before torch loads.
+"""The same bytes on other x86-64 machines: torch's and MKL's CPU kernels pinned to AVX2 before torch loads.
 
 torch dispatches its CPU kernels by the best instruction set it finds (AVX-512 here, AVX2 elsewhere), and MKL picks
 its code path and its reduction order by instruction set and thread count: one zoo recipe and seed gave other
 weights on an AVX-512 machine than on an AVX2 one, and (measured on the quick zoo) other bytes at 1 and 2 threads.
-Pinned to AVX2 (`ATEN_CPU_CAPABILITY=avx2`, `MKL_CBWR=AVX2,STRICT`, `ONEDNN_MAX_CPU_ISA=AVX2`), training, saliency
-and merges give the same bytes on any x86-64 machine with AVX2 or better, whatever its thread count. Not covered:
-other architectures (arm64), CPUs without AVX2, and GPUs (CUDA kernels differ by device and library version).
+Pinned (`ATEN_CPU_CAPABILITY=avx2`, `MKL_CBWR=AVX2,STRICT`), the quick zoo is the same bytes at 1 and 3 threads and
+an AVX-512 machine builds what an AVX2 one does. What is not covered: MKL honours `MKL_CBWR=AVX2` on Intel CPUs only
+(elsewhere it keeps its own choice, recorded as such); torch's own parallel reductions over large tensors still
+split by thread count; other architectures (arm64), CPUs without AVX2, GPUs, and vLLM (its child process runs
+unpinned). The cost: fp32 matrix products on AVX2 kernels, measured +10% on the quick zoo's training here.
 
 The pins are environment variables read once, when torch (and MKL) load: `pin_cpu_kernels()` runs when this module
-is imported, which the obim package does first; it sets only what the user has not set, and nothing once torch is
-loaded. `OBIM_CPU_KERNELS=native` keeps the machine's best kernels (faster where AVX-512 helps; bytes then depend on
-the machine)."""
+is imported, which the obim package does first; it sets nothing where the user set any of them, or once torch is
+loaded (with a warning: the kernels in force are recorded either way). `OBIM_CPU_KERNELS=native` keeps the
+machine's best kernels (bytes then depend on the machine)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+# mkl_cbwr_get's answer with MKL_CBWR=AVX2,STRICT in force (MKL_CBWR_AVX2 | MKL_CBWR_STRICT); 1 is MKL's own choice
+MKL_CBWR_AVX2_STRICT = 0x1000A
 
 
 def _has_avx2(cpuinfo: str | None = None) -> bool:
@@ -36,39 +40,86 @@ def _has_avx2(cpuinfo: str | None = None) -> bool:
 def pin_cpu_kernels(
     environ: MutableMapping[str, str] | None = None, machine: str | None = None, cpuinfo: str | None = None
 ) -> bool:
-    """Sets the pins the environment does not set yet, while torch is not loaded, on an x86-64 CPU with AVX2, unless
-    OBIM_CPU_KERNELS=native; returns whether it set or found them in force."""
+    """Sets the pins while torch is not loaded, on an x86-64 CPU with AVX2, unless OBIM_CPU_KERNELS=native or the
+    user set any of them; returns whether they are in force (or will be)."""
     env = os.environ if environ is None else environ
-    if env.get("OBIM_CPU_KERNELS", "").strip().lower() == "native":
+    mode = env.get("OBIM_CPU_KERNELS", "").strip().lower()
+    if mode == "native":
         return False
+    if mode == "pinned":  # set by obim in a parent process: inherited
+        return all(env.get(k) == v for k, v in PINS.items())
     if (machine or platform.machine()).lower() not in ("x86_64", "amd64") or not _has_avx2(cpuinfo):
         return False
+    if any(k in env for k in PINS):  # the user's own kernel settings: all of them theirs
+        return all(env.get(k) == v for k, v in PINS.items())
     if "torch" in sys.modules and environ is None:
-        return all(env.get(k) == v for k, v in PINS.items())  # too late to set: say whether they hold
-    for k, v in PINS.items():
-        env.setdefault(k, v)
-    return all(env.get(k) == v for k, v in PINS.items())
+        import warnings
+
+        warnings.warn(
+            "obim: torch was imported before obim, so its CPU kernels are not pinned (obim.merging.determinism): "
+            "a zoo or statistics made here may differ in their last bits from another machine's",
+            stacklevel=3,
+        )
+        return False
+    env.update(PINS)
+    env["OBIM_CPU_KERNELS"] = "pinned"  # what a child that must not run pinned (vLLM) looks for
+    return True
+
+
+def unpinned_env(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` without the pins obim set (for vLLM's child: its CPU backend runs its own kernels, unpinned)."""
+    if environ.get("OBIM_CPU_KERNELS") != "pinned":
+        return dict(environ)
+    return {k: v for k, v in environ.items() if k not in PINS and k != "OBIM_CPU_KERNELS"}
+
+
+def _mkl_cbwr() -> int | None:
+    """MKL's conditional-numerical-reproducibility mode in force, as the library reports it (mkl_cbwr_get(ALL)),
+    not as the environment asked: on a CPU where MKL ignores the request it says so. None without MKL."""
+    import ctypes
+
+    import torch
+
+    for lib in ("libtorch_cpu.so", "libmkl_rt.so", "libmkl_rt.so.2"):
+        try:
+            fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / lib) if lib.startswith("libtorch") else lib)
+            get = fn.mkl_serv_cbwr_get if hasattr(fn, "mkl_serv_cbwr_get") else fn.mkl_cbwr_get
+        except (OSError, AttributeError):
+            continue
+        get.restype = ctypes.c_int
+        return int(get(-1))
+    return None
+
+
+def _vendor() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
+    return line.partition(":")[2].strip() or None
 
 
 def cpu_kernels() -> dict[str, str | None]:
-    """The CPU kernels in force in this process (recorded with what they computed): torch's dispatch level and the
-    MKL and oneDNN settings it loaded with."""
+    """The CPU kernels in force in this process (recorded with what they computed): torch's dispatch level, MKL's
+    reproducibility mode as MKL reports it (hex), and the CPU's vendor."""
     import torch
 
+    cbwr = _mkl_cbwr()
     return {
         "torch": torch.backends.cpu.get_cpu_capability(),
-        "MKL_CBWR": os.environ.get("MKL_CBWR"),
-        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "mkl_cbwr": None if cbwr is None else hex(cbwr),
+        "vendor": _vendor(),
     }
 
 
 def kernel_tag(device: str) -> str:
     """What a computation's bytes depend on beyond its inputs, for cache keys: the device, and on the CPU the kernels
-    in force (a zoo, statistics or scores made under other kernels are other results)."""
+    in force (statistics or scores made under other kernels are other results)."""
     if not device.startswith("cpu"):
         return device
     k = cpu_kernels()
-    return f"{device}:{k['torch']}:{k['MKL_CBWR'] or '-'}:{k['ONEDNN_MAX_CPU_ISA'] or '-'}"
+    return f"{device}:{k['torch']}:{k['mkl_cbwr'] or '-'}:{k['vendor'] or '-'}"
 
 
 pin_cpu_kernels()

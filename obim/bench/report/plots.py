@@ -168,12 +168,13 @@ def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Tabl
     """A table written by write_tables read back (ours and the paper's numbers): plots without the results."""
     rows = list(csv.reader(Path(path).read_text().splitlines()))
     head = rows[0]
-    cols = [c for c in head[1:] if not c.startswith("paper_")]
+    cols = [c for c in head[1:] if not c.startswith("paper_") and not c.endswith("_se")]
     t = Table(name or Path(path).stem, title or Path(path).stem, cols, lead=head[0])
     for r in rows[1:]:
         cell = dict(zip(head, r, strict=True))
         paper = [_number(cell.get(f"paper_{c}", "")) for c in cols]
-        t.rows.append((r[0], {c: _number(cell[c]) for c in cols}, paper if any(v is not None for v in paper) else None))
+        se = {c: _number(cell.get(f"{c}_se", "")) for c in cols}
+        t.add(r[0], {c: _number(cell[c]) for c in cols}, paper if any(v is not None for v in paper) else None, se)
     return t
 
 

@@ -41,12 +41,30 @@ class Table:
     rows: list[tuple[str, dict[str, float | None], list | None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lead: str = "model"  # the first column's header
+    se: dict[str, dict[str, float | None]] = field(default_factory=dict)  # row label -> column -> standard error
+
+    def add(
+        self,
+        label: str,
+        ours: dict[str, float | None],
+        paper: list | None,
+        se: dict[str, float | None] | None = None,
+    ) -> None:
+        self.rows.append((label, ours, paper))
+        if se is not None:
+            self.se[label] = se
+
+    def _se(self, label: str, column: str) -> float | None:
+        return (self.se.get(label) or {}).get(column)
 
     def markdown(self) -> str:
+        errors = any(v is not None for row in self.se.values() for v in row.values())
         out = [
             f"# {self.title}",
             "",
-            "Each cell: ours (the paper's, where it reports one).",
+            "Each cell: ours"
+            + (" ± its standard error (lm-eval's, over the items evaluated)" if errors else "")
+            + " (the paper's, where it reports one).",
             "",
             f"| {self.lead} | " + " | ".join(self.columns) + " |",
             "|---|" + "---:|" * len(self.columns),
@@ -54,8 +72,8 @@ class Table:
         for label, ours, paper in self.rows:
             cells = []
             for i, c in enumerate(self.columns):
-                v = ours.get(c)
-                s = "—" if v is None else f"{v:.2f}"
+                v, e = ours.get(c), self._se(label, c)
+                s = "—" if v is None else f"{v:.2f}" + (f" ± {e:.2f}" if e is not None else "")
                 p = paper[i] if paper is not None and i < len(paper) else None
                 cells.append(s + (f" ({p:.2f})" if p is not None else ""))
             out.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -65,13 +83,16 @@ class Table:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow([self.lead, *self.columns, *(f"paper_{c}" for c in self.columns)])
+        cols = self.columns
+        w.writerow([self.lead, *cols, *(f"{c}_se" for c in cols), *(f"paper_{c}" for c in cols)])
         for label, ours, paper in self.rows:
             paper = list(paper or [])
+            errors = [self._se(label, c) for c in self.columns]
             w.writerow(
                 [
                     label,
                     *("" if ours.get(c) is None else f"{ours[c]:.4f}" for c in self.columns),
+                    *("" if e is None else f"{e:.4f}" for e in errors),
                     *("" if i >= len(paper) or paper[i] is None else paper[i] for i in range(len(self.columns))),
                 ]
             )
@@ -85,6 +106,7 @@ class Scores:
     scores: dict[str, float | None]
     avg: float | None
     eval_s: float
+    stderr: dict[str, float | None] = field(default_factory=dict)  # percent points; None: not computed
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,8 @@ class JobRecord:
     inputs: dict[str, str]  # model name -> weights fingerprint
     scores: dict[str, float | None]  # the merged model's, by lm-eval task in the plan's order
     avg: float | None
+    stderr: dict[str, float | None]  # each score's standard error (percent points)
+    n: dict[str, int | None]  # the items each score is over
     outputs: dict[str, str] | None
     individual: dict[str, Scores]  # the base's and each expert's, where the plan evaluates them
     saliency_s: float
@@ -154,8 +178,12 @@ class JobRecord:
             inputs=d["inputs"],
             scores=d["scores"],
             avg=d["avg"],
+            stderr=d["stderr"],
+            n=d["n"],
             outputs=d["outputs"],
-            individual={n: Scores(e["scores"], e["avg"], e["eval_s"]) for n, e in d["individual"].items()},
+            individual={
+                n: Scores(e["scores"], e["avg"], e["eval_s"], e.get("stderr") or {}) for n, e in d["individual"].items()
+            },
             saliency_s=d["saliency_s"],
             merge_s=d["merge_s"],
             eval_s=d["eval_s"],

@@ -15,7 +15,7 @@ from typing import Any
 from obim.merging.methods import METHODS
 
 from ..plan import axis_of
-from ..stages import score_avg
+from ..stages import avg_stderr, score_avg
 from .results import (
     MODEL_LABELS,
     JobRecord,
@@ -49,6 +49,18 @@ def _result_row(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
     return _row(r.scores, r.plan.benchmarks, columns)
 
 
+def _se_row(stderr: dict[str, float | None], benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
+    """Each column's standard error (as _row names them), and the average's: sqrt(sum se^2) / k."""
+    named = {benchmarks.get(t, t): v for t, v in stderr.items()}
+    row = {c: named.get(c) for c in columns if c != "avg"}
+    row["avg"] = avg_stderr(list(row.values()))
+    return row
+
+
+def _result_se(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
+    return _se_row(r.stderr, r.plan.benchmarks, columns)
+
+
 def _latest(results: list[JobRecord], pred: Callable[[JobRecord], bool]) -> JobRecord | None:
     hit = [r for r in results if pred(r)]
     return hit[-1] if hit else None
@@ -78,11 +90,13 @@ def _main_table(
                 if model == "base" and setting == "sft":
                     continue  # the paper's Table 1 lists the experts only
                 label, cited = ("base", PT_BASE_LABEL) if model == "base" else (MODEL_LABELS.get(model, model),) * 2
-                t.rows.append((label, _row(ind[model].scores, bench, cols), _paper_row(paper, name, cited)))
+                s = ind[model]
+                cited_row = _paper_row(paper, name, cited)
+                t.add(label, _row(s.scores, bench, cols), cited_row, _se_row(s.stderr, bench, cols))
     for m in methods:
         r = _latest(main, lambda r, m=m: r.plan.method == m)
         if r is not None:
-            t.rows.append((method_label(m), _result_row(r, cols), _paper_row(paper, name, method_label(m))))
+            t.add(method_label(m), _result_row(r, cols), _paper_row(paper, name, method_label(m)), _result_se(r, cols))
     if not any(r.plan.method in methods for r in main):
         return None
     ex = main[-1].plan
@@ -110,7 +124,7 @@ def _axis_table(
     t = Table(name, title, paper[name]["columns"], lead=lead)
     for key in sorted(seen):
         (_, label, cited), r = seen[key]
-        t.rows.append((label, _result_row(r, t.columns), cited))
+        t.add(label, _result_row(r, t.columns), cited, _result_se(r, t.columns))
     return t
 
 
@@ -232,7 +246,8 @@ def grid_table(results: list[JobRecord]) -> Table | None:
     cols = main if main and set(named) <= set(main) else [*named, "avg"]  # the paper's column order
     t = Table("grid", "Retention and parameter grid", cols, lead="method, setting")
     for m, setting in sorted(seen, key=key):
-        t.rows.append((f"{method_label(m)}, {setting}", _result_row(seen[(m, setting)], cols), None))
+        r = seen[(m, setting)]
+        t.add(f"{method_label(m)}, {setting}", _result_row(r, cols), None, _result_se(r, cols))
     return t
 
 
