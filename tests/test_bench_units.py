@@ -167,16 +167,6 @@ def test_a_group_scored_as_its_subtasks_mean_combines_their_errors():
     assert task_items(out, "g") == 40
 
 
-def test_the_binomial_error_matches_lm_evals_mean_stderr_on_zero_one_items():
-    from lm_eval.api.metrics import mean_stderr
-
-    from obim.bench.evaluation import binomial_stderr
-
-    items = [1, 0, 0, 1, 1, 1, 0, 1]
-    assert binomial_stderr(100 * sum(items) / len(items), len(items)) == pytest.approx(100 * mean_stderr(items))
-    assert binomial_stderr(None, 8) is None and binomial_stderr(50.0, 1) is None
-
-
 def test_the_averages_error_is_the_root_sum_of_squares_over_k():
     from obim.bench.stages import Evaluated, avg_stderr
 

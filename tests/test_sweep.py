@@ -150,9 +150,12 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
         results[method] = r
         assert set(r["scores"]) == set(TASKS) and all(0 <= v <= 100 for v in r["scores"].values())
         assert r["avg"] == pytest.approx(sum(r["scores"].values()) / len(TASKS))
+
         # each score with its standard error: every toy item scores 0 or 1, so lm-eval's mean_stderr is the
         # binomial sqrt(p (1 - p) / (n - 1)) over the items evaluated (eval.limit of them)
-        from obim.bench.evaluation import binomial_stderr
+        def binomial_stderr(score: float, n: int) -> float:
+            p = score / 100
+            return 100 * (p * (1 - p) / (n - 1)) ** 0.5
 
         assert set(r["stderr"]) == set(r["n"]) == set(TASKS) and set(r["n"].values()) == {2}
         for t in TASKS:

@@ -434,9 +434,9 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
             )
             for t in group:
                 items[t] = task_items(out, t)
-                if t in JUDGED:
+                if t in JUDGED:  # the judge's own standard error (a fitted, draws-as-half rate) is not read yet
                     scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
-                    stderr[t] = binomial_stderr(scores[t], items[t])
+                    stderr[t] = None
                 else:
                     scores[t], stderr[t] = task_score(out, t), task_stderr(out, t)
     finally:
@@ -449,15 +449,6 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
         "stderr": {t: stderr[t] for t in r["tasks"]},
         "n": {t: items[t] for t in r["tasks"]},
     }
-
-
-def binomial_stderr(score: float | None, n: int | None) -> float | None:
-    """A rate's standard error in percent points, as lm-eval's mean_stderr gives it for 0/1 items (the sample
-    standard deviation over sqrt(n)): sqrt(p (1 - p) / (n - 1)); None without a score or with fewer than 2 items."""
-    if score is None or n is None or n < 2:
-        return None
-    p = score / 100.0
-    return 100.0 * math.sqrt(p * (1 - p) / (n - 1))
 
 
 def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:

@@ -168,7 +168,8 @@ def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Tabl
     """A table written by write_tables read back (ours and the paper's numbers): plots without the results."""
     rows = list(csv.reader(Path(path).read_text().splitlines()))
     head = rows[0]
-    cols = [c for c in head[1:] if not c.startswith("paper_") and not c.endswith("_se")]
+    named = set(head[1:])
+    cols = [c for c in head[1:] if not c.startswith("paper_") and not (c.endswith("_se") and c[:-3] in named)]
     t = Table(name or Path(path).stem, title or Path(path).stem, cols, lead=head[0])
     for r in rows[1:]:
         cell = dict(zip(head, r, strict=True))

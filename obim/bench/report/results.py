@@ -63,7 +63,7 @@ class Table:
             f"# {self.title}",
             "",
             "Each cell: ours"
-            + (" ± its standard error (lm-eval's, over the items evaluated)" if errors else "")
+            + (" ± its standard error (over the items evaluated; none for a judged score)" if errors else "")
             + " (the paper's, where it reports one).",
             "",
             f"| {self.lead} | " + " | ".join(self.columns) + " |",
