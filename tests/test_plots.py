@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_tables import result
 
-from obim.bench.report.plots import axis_figure, replot
+from obim.bench.report.plots import axis_figure, plot_data, replot
 from obim.bench.report.results import load_results
 from obim.bench.report.tables import build_tables
 from obim.bench.report.write import write_tables
@@ -22,11 +22,13 @@ AXIS_TABLES = {"table4", "table5", "table6", "grid"}
 
 
 def sweep_results(runs: Path) -> None:
-    """Tables 4, 5, 6 and 11 and a retention/density grid, every score distinct."""
+    """Tables 4, 5, 6 and 11 and a retention/density grid, every score distinct (the validation-source jobs with
+    standard errors)."""
     s = iter(range(1, 1000))
     sc = lambda: [float(next(s)) for _ in range(6)]  # noqa: E731  (a one-line local helper)
-    for src in ("math", "code", "math_code"):
-        result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"])
+    for k, src in enumerate(("math", "code", "math_code")):
+        se = [0.5 + k, 1.0, 1.5, 2.0, 2.5, 3.0]
+        result(runs, f"src-{src}", "obim", sc(), overrides=[f"validation={src}"], stderr=se)
     for size in (10, 50, 200):
         result(runs, f"size-{size}", "obim", sc(), overrides=["validation=math", f"validation.size={size}"])
     result(runs, "rotation", "obim", sc(), overrides=["order=rotation"])
@@ -41,11 +43,16 @@ def sweep_results(runs: Path) -> None:
 
 def plotted(fig) -> list[dict]:
     """What each panel of a figure draws: {title, x labels or values, {series: [y]}}."""
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
     out = []
     for ax in fig.axes:
-        series = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-        series.update({c.get_label(): [p.get_height() for p in c] for c in ax.containers})
-        xs = [list(line.get_xdata()) for line in ax.get_lines()]
+        drawn = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.get_label() != "_nolegend_"]
+        # (a bar's error bars are a container of their own, unlabelled)
+        series = {c.get_label(): list(c.lines[0].get_ydata()) for c in drawn}
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        series.update({c.get_label(): [p.get_height() for p in c] for c in bars})
+        xs = [list(c.lines[0].get_xdata()) for c in drawn]
         out.append(
             {
                 "title": ax.get_title(),
@@ -101,6 +108,12 @@ def test_a_plot_beside_each_axis_table_draws_the_tables_numbers(tmp_path):
         for c in t.columns:  # the CSV's numbers, ours and the paper's, are the plotted ones
             assert same([float(r[c]) for r in rows], ours["series"][c]), (name, c)
             assert same([float(r[f"paper_{c}"]) if r[f"paper_{c}"] else None for r in rows], paper["series"][c])
+            # and ours carry their standard errors as error bars
+            errors = plot_data(t)["panels"][0]["errors"][c]
+            assert errors == [float(r[f"{c}_se"]) if r[f"{c}_se"] else None for r in rows], (name, c)
+    # the validation-source jobs carry errors (2.0 on math), the others none
+    errors = plot_data(tables["table4"])["panels"][0]["errors"]["math"]
+    assert {e for e in errors if e is not None} == {2.0} and None in errors
 
     # the same table gives the same bytes; the CSV alone redraws them
     again = tmp_path / "again"

@@ -31,22 +31,28 @@ def _number(s: str) -> float | None:
 
 
 def plot_data(t: Table) -> dict[str, Any]:
-    """What the plot of table `t` shows: {xlabel, numeric, panels: [{title, x, series: {column: [y per x]}}]}.
-    Ours in one panel (one per method for a grid), the paper's beside where it reports numbers."""
+    """What the plot of table `t` shows: {xlabel, numeric, panels: [{title, x, series: {column: [y per x]},
+    errors: {column: [standard error per x, None where unknown]}}]}. Ours in one panel (one per method for a grid),
+    with error bars; the paper's beside where it reports numbers."""
+
+    def se(label: str, c: str) -> float | None:
+        return (t.se.get(label) or {}).get(c)
+
     if t.name == "grid":
         # rows "OBIM, retention=0.3": a panel per method, x the swept value (numeric when one key is swept)
         groups: dict[str, list] = {}
         for label, ours, _ in t.rows:
             method, _, setting = label.partition(", ")
-            groups.setdefault(method, []).append((setting, ours))
-        keys = {s.partition("=")[0] for rows in groups.values() for s, _ in rows}
-        values = [_number(s.partition("=")[2]) for rows in groups.values() for s, _ in rows]
+            groups.setdefault(method, []).append((setting, ours, label))
+        keys = {s.partition("=")[0] for rows in groups.values() for s, _, _ in rows}
+        values = [_number(s.partition("=")[2]) for rows in groups.values() for s, _, _ in rows]
         numeric = len(keys) == 1 and all(v is not None for v in values)
         panels = [
             {
                 "title": method,
-                "x": [_number(s.partition("=")[2]) if numeric else s for s, _ in rows],
-                "series": {c: [o.get(c) for _, o in rows] for c in t.columns},
+                "x": [_number(s.partition("=")[2]) if numeric else s for s, _, _ in rows],
+                "series": {c: [o.get(c) for _, o, _ in rows] for c in t.columns},
+                "errors": {c: [se(label, c) for _, _, label in rows] for c in t.columns},
             }
             for method, rows in groups.items()
         ]
@@ -54,7 +60,14 @@ def plot_data(t: Table) -> dict[str, Any]:
     xs = [_number(label) for label, _, _ in t.rows]
     numeric = all(x is not None for x in xs)
     x = xs if numeric else [label for label, _, _ in t.rows]
-    panels = [{"title": "ours", "x": x, "series": {c: [o.get(c) for _, o, _ in t.rows] for c in t.columns}}]
+    panels = [
+        {
+            "title": "ours",
+            "x": x,
+            "series": {c: [o.get(c) for _, o, _ in t.rows] for c in t.columns},
+            "errors": {c: [se(label, c) for label, _, _ in t.rows] for c in t.columns},
+        }
+    ]
     paper = {c: [p[i] if p is not None and i < len(p) else None for _, _, p in t.rows] for i, c in enumerate(t.columns)}
     if any(v is not None for ys in paper.values() for v in ys):
         panels.append({"title": "paper (Llama-2-13B)", "x": x, "series": paper})
@@ -73,14 +86,18 @@ def axis_figure(t: Table):
     fig, axes = plt.subplots(1, n, figsize=((4.5 if d["numeric"] else 5.5) * n, 3.8), squeeze=False)
     for ax, p in zip(axes[0], d["panels"], strict=True):
         ys = {c: [math.nan if v is None else v for v in vs] for c, vs in p["series"].items()}
+        # error bars of one standard error where known (none for the paper's numbers)
+        errs = {c: [0.0 if v is None else v for v in vs] for c, vs in (p.get("errors") or {}).items()}
         if d["numeric"]:
             for c, y in ys.items():  # avg solid and black, the benchmarks dashed
-                ax.plot(p["x"], y, "o-" if c == "avg" else "o--", label=c, **({"color": "black"} if c == "avg" else {}))
+                style = {"color": "black"} if c == "avg" else {}
+                ax.errorbar(p["x"], y, yerr=errs.get(c), fmt="o-" if c == "avg" else "o--", label=c, capsize=2, **style)
             ax.set_xticks(sorted(set(p["x"])))
         else:
             width = 0.8 / max(1, len(ys))
             for i, (c, y) in enumerate(ys.items()):
-                ax.bar([j + (i - (len(ys) - 1) / 2) * width for j in range(len(y))], y, width, label=c)
+                xs = [j + (i - (len(ys) - 1) / 2) * width for j in range(len(y))]
+                ax.bar(xs, y, width, yerr=errs.get(c), capsize=2, label=c)
             ticks = [str(v).replace(" (", "\n(").translate(str.maketrans("", "", "[]'")) for v in p["x"]]
             ax.set_xticks(range(len(p["x"])), ticks, fontsize=7)
         top = max([v for y in ys.values() for v in y if not math.isnan(v)] + [0])
