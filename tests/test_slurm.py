@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from obim.bench.slurm import GONE
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
@@ -174,7 +176,7 @@ def test_a_cancelled_job_fails_the_sweep_naming_it_and_a_rerun_reuses_the_rest(
     code, out, err = finish(proc)
     print(f"accounting={accounting}: scancel to the sweep's exit {time.monotonic() - t0:.1f} s")
     assert code == 1, err[-3000:]
-    pattern = rf"method=ta: sweep: error: Slurm job {job}: (CANCELLED|{slurm_gone()} \(CANCELLED\)): cancelled"
+    pattern = rf"method=ta: sweep: error: Slurm job {job}: (CANCELLED|{GONE} \(CANCELLED\)): cancelled"
     assert re.search(pattern, err), err[-3000:]
     assert "(1 run, 1 failed)" in err
     assert [p.parent.name.split(",")[-1] for p in runs.glob("*/result.json")] == ["method=ties"]
@@ -182,12 +184,6 @@ def test_a_cancelled_job_fails_the_sweep_naming_it_and_a_rerun_reuses_the_rest(
         code, out, err = finish(start_sweep(c, ["method=ta,ties"], quick_zoo, cache, runs))
         assert code == 0, err[-3000:]
         assert "(1 run, 1 cached)" in out, out[-2000:]
-
-
-def slurm_gone() -> str:
-    from obim.bench.slurm import GONE
-
-    return GONE
 
 
 @pytest.mark.parametrize("accounting", [True, False], ids=["accounting", "no-accounting"])
@@ -205,7 +201,7 @@ def test_a_job_over_its_memory_fails_the_sweep_naming_the_cause(request, account
     code, _out, err = finish(proc)
     print(f"accounting={accounting}: memory kill, sweep over in {time.monotonic() - t0:.1f} s")
     assert code == 1, err[-3000:]
-    states = "FAILED" if accounting else f"(FAILED|{slurm_gone()})"
+    states = "FAILED" if accounting else f"(FAILED|{GONE})"
     pattern = rf"Slurm job \d+: {states} \(OUT_OF_MEMORY\): killed for using more memory than it asked for"
     assert re.search(pattern, err), err[-3000:]
 

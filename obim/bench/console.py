@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 from obim.merging.errors import ObimError
 
-from .joblog import captured, emit, events_dir
+from .joblog import captured, emit, events_dir, failed_outcome
 
 if TYPE_CHECKING:  # the report is loaded only when a sweep ends
     from .report.results import Table
@@ -295,14 +295,8 @@ def _outcome(job_return: Any) -> dict:
     if job_return.status == JobStatus.COMPLETED and isinstance(job_return._return_value, dict):
         return job_return._return_value
     exc = job_return._return_value
-    return {
-        "status": "failed",
-        "name": str(job_return.task_name or ""),
-        "overrides": list(job_return.overrides or []),
-        "log": "",
-        "seconds": 0,
-        "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
-    }
+    name, overrides = str(job_return.task_name or ""), list(job_return.overrides or [])
+    return failed_outcome(name, overrides, f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 class SweepConsole(Callback):

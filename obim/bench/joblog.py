@@ -58,6 +58,13 @@ def emit(channel: Path | None, kind: str, **data: Any) -> None:
         pass
 
 
+def failed_outcome(name: str, overrides: list[str], error: str, log: str = "", **fields: Any) -> dict[str, Any]:
+    """A failed job's record for the console, made outside the job's own session (it raised before reporting, or
+    Slurm ended it): the fields JobSession.outcome gives, with no time measured."""
+    record = {"status": "failed", "name": name, "overrides": overrides, "log": log, "seconds": 0, "error": error}
+    return {**record, **fields}
+
+
 def is_noise(text: str) -> bool:
     return any(p.search(text) for p in NOISE)
 

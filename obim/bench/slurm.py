@@ -300,15 +300,10 @@ def lost_outcome(job: Any, state: str, overrides: list[str], name: str, requeues
     why = WHY.get(cause, f"ended in state {cause} without a result")
     if cause == "TIMEOUT":
         why += f", after up to {requeues} requeue{'s' * (requeues != 1)} through submitit's checkpointing)"
-    return {
-        "status": "failed",
-        "name": name,
-        "overrides": overrides,
-        "log": str(log),
-        "seconds": 0,
-        "error": f"Slurm job {job.job_id}: {state}{f' ({cause})' if cause != state else ''}: {why}",
-        "slurm_job": str(job.job_id),
-    }
+    from .joblog import failed_outcome
+
+    error = f"Slurm job {job.job_id}: {state}{f' ({cause})' if cause != state else ''}: {why}"
+    return failed_outcome(name, overrides, error, str(log), slurm_job=str(job.job_id))
 
 
 def _exception_line(text: str) -> str:

@@ -16,6 +16,7 @@ machine's best kernels (bytes then depend on the machine)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -103,6 +104,12 @@ def _vendor() -> str | None:
 def cpu_kernels() -> dict[str, str | None]:
     """The CPU kernels in force in this process (recorded with what they computed): torch's dispatch level, MKL's
     reproducibility mode as MKL reports it (hex), and the CPU's vendor."""
+    return dict(_cpu_kernels())
+
+
+@functools.cache
+def _cpu_kernels() -> dict[str, str | None]:
+    # fixed when torch loads: read once (cache keys ask on every statistics file and evaluation)
     import torch
 
     cbwr = _mkl_cbwr()

@@ -37,11 +37,17 @@ SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math",
 # -------------------------------------------------------------------------------------------------- rows
 
 
-def _row(scores: dict[str, float | None], benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
-    """A table row: each paper column's score (benchmarks: lm-eval task -> column), and their average."""
+def _row(
+    scores: dict[str, float | None],
+    benchmarks: dict[str, str],
+    columns: list[str],
+    avg: Callable[[dict[str, float | None]], float | None] = score_avg,
+) -> dict[str, float | None]:
+    """A table row: each paper column's value (benchmarks: lm-eval task -> column), and `avg` of them (the mean of
+    scores; for standard errors, stderr_row's)."""
     named = {benchmarks.get(t, t): v for t, v in scores.items()}
     row = {c: named.get(c) for c in columns if c != "avg"}
-    row["avg"] = score_avg(row)
+    row["avg"] = avg(row)
     return row
 
 
@@ -50,11 +56,8 @@ def _result_row(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
 
 
 def _se_row(stderr: dict[str, float | None], benchmarks: dict[str, str], columns: list[str]) -> dict[str, float | None]:
-    """Each column's standard error (as _row names them), and the average's: sqrt(sum se^2) / k."""
-    named = {benchmarks.get(t, t): v for t, v in stderr.items()}
-    row = {c: named.get(c) for c in columns if c != "avg"}
-    row["avg"] = avg_stderr(list(row.values()))
-    return row
+    """Each column's standard error, and the average's: sqrt(sum se^2) / k."""
+    return _row(stderr, benchmarks, columns, lambda row: avg_stderr(list(row.values())))
 
 
 def _result_se(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
