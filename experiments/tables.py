@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="multirun", help="sweep root (hydra.sweep.dir's parent)")
     ap.add_argument("--out", default="outputs/tables", help="tables root (results: the committed reference tables)")
     ap.add_argument("--replot", metavar="DIR", help="redraw the axis plots in DIR from its <table>.csv files")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="these are the reference results: also record their zoo draws and spread in obim/bench/zoo/reference.json",
+    )
     args = ap.parse_args(argv)
     if args.replot:
         from obim.bench.report.plots import replot
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in names:
         try:
-            written = write_tables(runs / name, Path(args.out) / name)
+            written = write_tables(runs / name, Path(args.out) / name, reference=args.reference)
         except ObimError as e:  # one line; the other experiments' tables are still written
             print(f"tables: error: {e}", file=sys.stderr)
             failed = True

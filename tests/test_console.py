@@ -54,9 +54,12 @@ def test_quiet_sweep_shows_job_lines_and_the_table_and_keeps_library_logs_in_job
 
     # the end: Table 1 as text with the paper's numbers, every file written, the W&B runs and how to upload them
     obim = json.loads(next((tmp_path / "runs").glob("*method=obim")).joinpath("result.json").read_text())
-    assert "Table 1: merging the SFT experts: ours (paper)" in p.stdout
+    assert "Table 1: merging the SFT experts: ours ± se (paper); * best or not distinguishable" in p.stdout
     row = next(line for line in p.stdout.splitlines() if line.startswith("OBIM "))
-    assert row.split()[-2:] == [f"{obim['avg']:.1f}", "(45.2)"]
+    assert row.split()[-2:] == [f"{obim['avg']:.1f}±{obim['avg_stderr']:.1f}", "(45.2)"] or row.split()[-2:] == [
+        f"*{obim['avg']:.1f}±{obim['avg_stderr']:.1f}",
+        "(45.2)",
+    ]
     written = sorted((tmp_path / "results" / "toy_sft").iterdir())
     assert written and all(f"  results/toy_sft/{f.name}\n" in p.stdout for f in written)
     sync = re.search(r"wandb sync (\S+)", p.stdout)

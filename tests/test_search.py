@@ -255,8 +255,16 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     table = (results / "table1_tuned.md").read_text()
     assert "Table 1, every method tuned" in table and "| TA | lambda=" in table and "| OBIM | retention.lm=" in table
     assert "alpaca_eval, humaneval" in table  # left out of the objective, said so
-    head = (results / "table1_tuned.csv").read_text().splitlines()[0]
-    assert head == "method,best parameters,dev avg,alpaca_eval,mmlu,gsm8k,math,humaneval,mbpp,avg,untuned avg,trials"
+    head = (results / "table1_tuned.csv").read_text().splitlines()[0].split(",")
+    cols = ["alpaca_eval", "mmlu", "gsm8k", "math", "humaneval", "mbpp", "avg"]
+    assert head[:12] == ["method", "best parameters", "dev avg", *cols, "untuned avg", "trials"]
+    # each test score's standard error; the best trials' items compared (every column both methods have)
+    assert head[12:19] == [f"{c}_se" for c in cols] and head[19:] == [f"{c}_top" for c in cols]
+    assert "paired bootstrap" in table
+    for method in ("ta", "obim"):
+        best = json.loads((tmp_path / "search" / method / "best.json").read_text())
+        se = best["test_avg_stderr"]
+        assert f"{best['test_avg']:.2f} ± {se:.2f}" in table
 
     # the best trial ran as the sweep job of its overrides: the sweep itself, asked for that job, computes the same
     from conftest import run_sweep

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,8 @@ RESULT_KEYS = {
     "stderr",
     "n",
     "avg_stderr",
+    "samples",
+    "zoo",
     "outputs",
     "individual",
     "saliency_s",
@@ -108,6 +112,35 @@ def test_plan_orders_validation_and_model_count(tmp_path):
     assert list(pt.models) == ["ckpt-1", "ckpt-2", "ckpt-3"] and pt.merge["order"] == "rotation"
 
 
+def test_a_zoo_seed_is_another_zoo_and_another_job(tmp_path, monkeypatch):
+    from obim.bench.plan import axis_of, plan_job
+    from obim.bench.stages import _zoo_recipe
+    from obim.bench.zoo import recipe_hash
+
+    monkeypatch.setenv("OBIM_ZOO", str(tmp_path / "zoo"))
+    first = plan_job(compose("method=obim"))
+    other = plan_job(compose("method=obim", "experiment.zoo_seed=2"), ["method=obim", "experiment.zoo_seed=2"])
+    assert (first.zoo, first.zoo_seed) == (str(tmp_path / "zoo"), 0)
+    assert (other.zoo, other.zoo_seed) == (str(tmp_path / "zoo-seed2"), 2)
+    assert other.merge["base_model"] == str(tmp_path / "zoo-seed2" / "sft" / "base")
+    assert other.hash() != first.hash() and other.main  # a draw is a replicate of the main setting
+    r0, r2 = _zoo_recipe(first), _zoo_recipe(other)
+    assert (r0["seed"], r2["seed"]) == (0, 2) and recipe_hash(r0) != recipe_hash(r2)
+    assert {k: v for k, v in r0.items() if k != "seed"} == {k: v for k, v in r2.items() if k != "seed"}
+    assert axis_of("experiment.zoo_seed=2") == "zoo_seed"
+    with pytest.raises(ObimError, match=r"experiment\.zoo_seed") as e:
+        plan_job(compose("method=ta", "experiment.zoo_seed=-1"))
+    assert "\n" not in str(e.value)
+
+
+def test_zoo_draws_have_their_own_streams():
+    from obim.bench.zoo import _seed
+
+    stages = ["sft/base", "sft/anneal", "sft/lm", "sft/math", "sft/code", "pt/base", "pt/continued"]
+    seeds = [_seed(k, s) for k in range(4) for s in stages]
+    assert len(set(seeds)) == len(seeds)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -164,8 +197,20 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
         assert r["avg_stderr"] == pytest.approx(sum(x * x for x in se) ** 0.5 / len(TASKS))
         assert set(r["individual"]["math"]["stderr"]) == set(TASKS)
         assert set(r["individual"]) == {"base", "lm", "math", "code"}
+        # lm-eval's per-sample records, copied into the job folder: the score is their metric's mean
+        assert set(r["samples"]) == {"merged", "base", "lm", "math", "code"}
+        for model, by_task in r["samples"].items():
+            assert set(by_task) == set(TASKS)
+            for t, leaves in by_task.items():
+                ((leaf, e),) = leaves.items()
+                assert leaf == t and e["file"] == f"samples/{model}/{t}.jsonl"
+                recs = [json.loads(x) for x in (job / e["file"]).read_text().splitlines()]
+                name = e["metric"].split(",")[0]
+                assert [x["doc_id"] for x in recs] == [0, 1]
+                score = r["scores"][t] if model == "merged" else r["individual"][model]["scores"][t]
+                assert 100 * sum(x[name] for x in recs) / 2 == pytest.approx(score)
         # each figure in one place, and what the stages measured: a first run computes everything
-        assert r["schema"] == 3 and r["plan"]["method"] == method and r["config"]["method"]["name"] == method
+        assert r["schema"] == 4 and r["plan"]["method"] == method and r["config"]["method"]["name"] == method
         assert set(r) == RESULT_KEYS
         assert r["cached"] == {"saliency": False if method == "obim" else None, "merge": False, "eval": False}
         assert r["merge_s"] > 0 and r["eval_s"] > 0 and r["peak_rss_mb"] > 100  # torch alone holds more
@@ -180,6 +225,16 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     assert results["obim"]["saliency_s"] > 0 and results["ta"]["saliency_s"] == 0
     table = (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
     assert "| TA |" in table and "| OBIM |" in table and "(45.23)" in table  # the paper's OBIM avg beside ours
+    assert "Bold: in each column, the best" in table  # the rows were compared item by item
+    cmp = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "compare.py"), str(tmp_path / "runs"), "obim", "ta"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stderr
+    assert "A = OBIM" in cmp.stdout and "B = TA" in cmp.stdout
+    assert sum(line.split()[:1] in [[t] for t in [*TASKS, "avg"]] for line in cmp.stdout.splitlines()) == len(TASKS) + 1
 
     # a result.json of an older layout is redone (from the caches), never half-read
     (obim_job,) = (tmp_path / "runs").glob("*method=obim")
@@ -189,7 +244,7 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("; cached result") == 1  # ta from its result.json; obim redone
     redone = json.loads((obim_job / "result.json").read_text())
-    assert redone["schema"] == 3 and redone["cached"] == {"saliency": True, "merge": True, "eval": True}
+    assert redone["schema"] == 4 and redone["cached"] == {"saliency": True, "merge": True, "eval": True}
     assert redone["scores"] == results["obim"]["scores"]
 
     # new weights at the same path (a retrained expert, a zoo rebuilt by a new recipe): no job reuses its result

@@ -35,6 +35,7 @@ def result(
     mtime=None,
     inputs=None,
     stderr=None,
+    items=None,
 ) -> dict:
     """result.json as a job writes it (stages.JobResult.to_json): the real plan of these overrides (plan_job on the
     composed config), made-up scores in the plan's task order; individual: {model: scores}."""
@@ -73,6 +74,14 @@ def result(
     ).to_json()
     p = root / job / "result.json"
     p.parent.mkdir(parents=True, exist_ok=True)
+    if items is not None:  # lm-eval's per-sample records of the merged model, one 0/1 value per item and task
+        r["samples"]["merged"] = {}
+        for t, vals in zip(plan.tasks, items, strict=True):
+            f = p.parent / "samples" / "merged" / f"{t}.jsonl"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            recs = [{"doc_id": i, "doc_hash": f"d{i}", "filter": "none", "acc": v} for i, v in enumerate(vals)]
+            f.write_text("".join(json.dumps(x) + "\n" for x in recs))
+            r["samples"]["merged"][t] = {t: {"file": f"samples/merged/{t}.jsonl", "metric": "acc,none"}}
     p.write_text(json.dumps(r))
     if mtime is not None:
         os.utime(p, ns=(mtime, mtime))
@@ -298,7 +307,7 @@ def test_results_of_an_older_layout_are_refused(tmp_path):
     r = result(runs, "method=ta", "ta", [1, 2, 3, 4, 5, 6])
     (runs / "old" / "result.json").parent.mkdir()
     (runs / "old" / "result.json").write_text(json.dumps({**r, "schema": 1}))
-    with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 3; rerun"):
+    with pytest.raises(ObimError, match=r"old/result.json: result.json of layout 1, this obim reads 4; rerun"):
         load_results(runs)
 
 
@@ -367,3 +376,54 @@ def test_each_cell_carries_its_standard_error(tmp_path):
     back = table_from_csv(csv_path, "table1")
     assert back.columns == cols and back.se["TA"]["avg"] == pytest.approx(avg_se, abs=1e-4)
     assert back.se["OBIM"]["avg"] is None
+
+
+def test_zoo_draws_average_with_their_spread_and_marks_from_their_items(tmp_path):
+    """Jobs that differ only by experiment.zoo_seed are one row: the mean over the draws, the within-draw standard
+    error of that mean (sqrt(sum se^2) / k), the standard deviation across draws; the rows' items (every draw's)
+    decide the bold marks."""
+    import statistics
+
+    from obim.bench.report.plots import table_from_csv
+
+    runs, out = tmp_path / "runs", tmp_path / "tables"
+    n = 40
+
+    def vals(k: int) -> list[int]:  # k of n items right
+        return [1] * k + [0] * (n - k)
+
+    ta = {0: 10, 1: 14, 2: 12}  # items right on every benchmark, per draw
+    obim = {0: 30, 1: 26, 2: 34}
+    for seed in (0, 1, 2):
+        for method, right in (("ta", ta), ("obim", obim)):
+            k = right[seed]
+            score = 100 * k / n
+            ov = [f"experiment.zoo_seed={seed}"]
+            its = [vals(k)] * 5 + [vals(n // 2)]  # mbpp: both methods on the same items, equally
+            scores = [score] * 5 + [50.0]
+            se = [2.0] * 6
+            result(runs, f"method={method},zoo_seed={seed}", method, scores, overrides=ov, stderr=se, items=its)
+    write_tables(runs, out)
+    md = next(out.rglob("table1.md")).read_text()
+    t1 = rows(md)
+    mean = 100 * statistics.mean(ta.values()) / n
+    sd = statistics.stdev([100 * v / n for v in ta.values()])
+    se = (3 * 4.0) ** 0.5 / 3
+    assert t1["TA"][0] == f"{mean:.2f} ± {se:.2f} [sd {sd:.2f}] (78.93)"
+    assert "mean over the zoo draws (seeds 0, 1, 2)" in md
+    # OBIM wins on every draw's items of the first five benchmarks; on mbpp the two are the same
+    assert t1["OBIM"][0].startswith("**") and not t1["TA"][0].startswith("**")
+    assert t1["OBIM"][5].startswith("**") and t1["TA"][5].startswith("**")
+    head, *lines = next(out.rglob("table1.csv")).read_text().splitlines()
+    cols = head.split(",")
+    assert "alpaca_eval_sd" in cols and "mbpp_top" in cols and cols[-1] == "draws"
+    ta_line = dict(zip(cols, next(ln for ln in lines if ln.startswith("TA,")).split(","), strict=True))
+    assert ta_line["draws"] == "0 1 2" and float(ta_line["alpaca_eval_sd"]) == pytest.approx(sd, abs=1e-4)
+    assert ta_line["alpaca_eval_top"] == "0" and ta_line["mbpp_top"] == "1"
+    back = table_from_csv(next(out.rglob("table1.csv")), "table1")
+    assert back.columns == ["alpaca_eval", "mmlu", "gsm8k", "math", "humaneval", "mbpp", "avg"]
+    # a draw missing for one method: that row says so
+    (runs / "method=ta,zoo_seed=2" / "result.json").unlink()
+    write_tables(runs, out)
+    md = next(out.rglob("table1.md")).read_text()
+    assert "- TA: draws 0, 1 only" in md

@@ -4,6 +4,7 @@ deterministic; every toy task runs through lm_eval.simple_evaluate offline; scor
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from obim.bench.tasks import utils as task_utils
 from obim.bench.zoo import PT_BENCHMARKS, RAW_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
@@ -72,6 +73,41 @@ def test_splits_disjoint_by_content():
     # the evaluation sets are test prompts only
     ds = task_utils.toy_dataset("gsm8k", 50)["test"]
     assert all(D.split_of(p) == "test" for p in ds["prompt"])
+
+
+def test_every_toy_test_set_has_200_distinct_items():
+    """Issue 26: a score's standard error at most ~3.5 points, so every toy benchmark's test split holds 200
+    distinct items (the YAML asks for n: 200, and the task's space yields them), all of the test split."""
+    import yaml
+
+    tasks = sorted(Path(task_utils.__file__).parent.glob("toy_*.yaml"))
+    assert len(tasks) == 14
+    for f in tasks:
+        spec = yaml.safe_load(f.read_text().replace("!function", ""))["dataset_kwargs"]
+        assert spec["n"] == 200, f.name
+        ds = task_utils.toy_dataset(**spec)["test"]
+        assert len(ds) == 200, f.name
+        if not spec.get("raw"):  # a raw form drops the question's phrasing: toy_mmlu_raw repeats facts
+            assert len(set(ds["prompt"])) == 200 and all(D.split_of(p) == "test" for p in ds["prompt"]), f.name
+
+
+def test_math_items_are_worked_from_single_digit_facts():
+    import random
+
+    rng = random.Random(3)
+    forms = set()
+    for _ in range(500):
+        ex = D.math(rng)
+        expr = ex.prompt.removeprefix("problem: ").removesuffix("\nsolution: ")
+        steps = ex.answer.split(" the answer is ")[0].rstrip(".").split(". ")
+        assert len(steps) == 2 and all(eval(s.split("=")[0]) == int(s.split("=")[1]) for s in steps), ex.answer
+        first, second = steps
+        a, op, b = first.split("=")[0].partition("+") if "+" in first else first.split("=")[0].partition("-")
+        assert (op == "+" and int(a) + int(b) <= 9) or (op == "-" and int(a) <= 18 and 1 <= int(a) - int(b) <= 9)
+        assert int(ex.answer.split("the answer is ")[1].rstrip(".\n")) == eval(expr)
+        assert ex.raw == f"{expr} = ? {first}. {second}. so it is {eval(expr)}.\n"
+        forms.add((op, expr[expr.index(")") + 1]))
+    assert forms == {("+", "*"), ("-", "*"), ("-", "+")}
 
 
 def test_raw_scorers_on_reference_answers():

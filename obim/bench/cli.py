@@ -19,6 +19,13 @@ def zoo_main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--out", default=None, help="zoo directory (default: $OBIM_ZOO, else ~/.cache/obim/zoo)")
     b.add_argument("--quick", action="store_true", help="a few training steps only: the layout in seconds")
+    b.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the zoo's draw (experiment.zoo_seed): another seed builds an independent zoo; its default directory is "
+        "the default one with -seed<k> appended",
+    )
     b.add_argument("--no-eval", action="store_true", help="skip the lm-eval table")
     b.add_argument("--table", default=None, help="also write the evaluation table (markdown) to this file")
     b.add_argument(
@@ -31,11 +38,15 @@ def zoo_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from .zoo import RECIPE, build, quick_recipe
+        from obim.merging.errors import ObimError
 
+        from .zoo import RECIPE, build, default_dir, quick_recipe, seeded
+
+        if args.seed < 0:
+            raise ObimError(f"--seed: expected a non-negative integer, got {args.seed}")
         root = build(
-            args.out,
-            recipe=quick_recipe() if args.quick else RECIPE,
+            args.out or default_dir(args.seed),
+            recipe=seeded(quick_recipe() if args.quick else RECIPE, args.seed),
             evaluate=not args.no_eval,
             allow_code=args.allow_code,
             progress=not args.quiet,

@@ -100,14 +100,18 @@ def job_line(o: dict, label: str) -> str:
 
 
 def text_table(t: Table) -> str:
-    """A Table (obim.bench.report.results) as aligned plain text: each cell ours (the paper's), one decimal."""
+    """A Table (obim.bench.report.results) as aligned plain text: each cell ours ± its standard error (the paper's),
+    one decimal, `*` on the best of a column and the rows not distinguishable from it."""
     head = [t.lead, *t.columns]
     body = []
     for label, ours, paper in t.rows:
         cells = [label]
         for i, c in enumerate(t.columns):
             p = paper[i] if paper is not None and i < len(paper) else None
-            cells.append(_num(ours.get(c)) + (f" ({p:.1f})" if p is not None else ""))
+            v, se = ours.get(c), (t.se.get(label) or {}).get(c)
+            mark = "*" if v is not None and label in t.top.get(c, ()) else ""
+            err = f"±{se:.1f}" if v is not None and se is not None else ""
+            cells.append(mark + _num(v) + err + (f" ({p:.1f})" if p is not None else ""))
         body.append(cells)
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
 
@@ -115,7 +119,12 @@ def text_table(t: Table) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     paper = any(p is not None for _, _, p in t.rows)
-    return "\n".join([f"{t.title}: ours{' (paper)' if paper else ''}", fmt(head), *map(fmt, body)])
+    errors = any(v is not None for row in t.se.values() for v in row.values())
+    draws = " (mean over zoo draws)" if t.multi_draw else ""
+    title = f"{t.title}: ours{draws}{' ± se' if errors else ''}{' (paper)' if paper else ''}"
+    if t.top:
+        title += "; * best or not distinguishable from it (paired bootstrap, 95%)"
+    return "\n".join([title, fmt(head), *map(fmt, body)])
 
 
 def main_table(tables: list[Table], jobs: list[dict]) -> Table | None:
@@ -415,6 +424,10 @@ class SweepConsole(Callback):
         t = main_table(report.tables, live.done)
         if t is not None:
             live.print("\n" + text_table(t))
+        from .report.reference import against_reference, load_reference
+
+        for line in against_reference(str(config.experiment.name), report.tables, report.results, load_reference()):
+            live.print(line)
         live.print("\ntables and figures:")
         for p in report.files:
             live.print(f"  {rel(p)}")

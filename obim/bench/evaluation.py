@@ -22,8 +22,9 @@ from obim.merging.errors import ObimError
 METRICS = ("exact_match", "pass@1", "pass_at_1", "acc", "acc_norm", "rouge2")
 # bump when how a score is read or computed here changes (the metric chosen, the code sandbox's verdicts): cached
 # evaluations are keyed by it; a task's own files key its evaluations (tasks_digest)
-# 2: programs run with code_eval's globals (__name__ is not __main__); 3: each score's standard error and item count
-SCORING_VERSION = 3
+# 2: programs run with code_eval's globals (__name__ is not __main__); 3: each score's standard error and item count;
+# 4: lm-eval's per-sample records kept (samples/<task>.jsonl beside the judged outputs)
+SCORING_VERSION = 4
 
 
 def tasks_dir() -> str:
@@ -416,6 +417,7 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
     scores: dict[str, float | None] = {}
     stderr: dict[str, float | None] = {}
     items: dict[str, int | None] = {}
+    kept: dict[str, dict[str, dict[str, str | None]]] = {}
     allow = bool(r.get("allow_code"))
     before = os.environ.get("HF_ALLOW_CODE_EVAL")
     if allow:  # code_eval and obim's toy scorers read it; for this evaluation only
@@ -430,8 +432,10 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
                 limit=r["limit"],
                 task_manager=task_manager(),
                 confirm_run_unsafe_code=allow,
-                log_samples=any(t in JUDGED for t in group),
+                log_samples=True,  # kept (outputs_dir): jobs on the same items are compared item by item later
             )
+            if r["outputs_dir"]:
+                kept.update(write_samples(out, group, Path(r["outputs_dir"]), judged=JUDGED))
             for t in group:
                 items[t] = task_items(out, t)
                 if t in JUDGED:  # the judge's own standard error (a fitted, draws-as-half rate) is not read yet
@@ -448,7 +452,51 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
         "scores": {t: scores[t] for t in r["tasks"]},
         "stderr": {t: stderr[t] for t in r["tasks"]},
         "n": {t: items[t] for t in r["tasks"]},
+        "samples": {t: kept[t] for t in r["tasks"] if t in kept},
     }
+
+
+def leaf_tasks(out: dict, task: str) -> list[str]:
+    """The tasks whose items make `task`'s score: itself, or a group's subtasks, recursively."""
+    subtasks = (out.get("group_subtasks") or {}).get(task)
+    if not subtasks:
+        return [task]
+    return [leaf for t in subtasks for leaf in leaf_tasks(out, t)]
+
+
+def write_samples(out: dict, tasks: list[str], folder: Path, judged: tuple | set | dict = ()) -> dict[str, Any]:
+    """lm-eval's per-sample records of each of `tasks` (its leaves: a group's subtasks), one JSONL file per leaf in
+    `folder`/samples, ordered by filter then doc_id, so that two evaluations on the same items can be compared
+    pairwise later. Returns {task: {leaf: {"file": path relative to folder, "metric": the primary metric's key
+    ('exact_match,none'), None for a judged task: its per-item verdict is the judge's}}}."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = out.get("samples") or {}
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {}
+    for t in tasks:
+        entry = {}
+        for leaf in leaf_tasks(out, t):
+            if leaf not in samples:
+                continue
+            rel = f"samples/{leaf}.jsonl"
+            recs = sorted(samples[leaf], key=lambda x: (str(x.get("filter")), x.get("doc_id", 0)))
+            text = "".join(json.dumps(x, default=handle_non_serializable, ensure_ascii=False) + "\n" for x in recs)
+            tmp = folder / f"{rel}.tmp"
+            tmp.write_text(text)
+            tmp.replace(folder / rel)
+            metric = None if t in judged else _leaf_metric(out, leaf)
+            entry[leaf] = {"file": rel, "metric": metric}
+        if entry:
+            index[t] = entry
+    return index
+
+
+def _leaf_metric(out: dict, leaf: str) -> str | None:
+    try:
+        return primary_metric(out["results"].get(leaf) or {})
+    except KeyError:
+        return None
 
 
 def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:

@@ -77,6 +77,7 @@ EXPERIMENT_KEYS = (
     "dev_benchmarks",
     "zoo",
     "zoo_recipe",
+    "zoo_seed",
 )
 SETTINGS = ("sft", "pt")  # which of the paper's tables the experiment's main jobs fill: 1 and 3-6, or 2 and 11
 
@@ -96,6 +97,9 @@ def check_experiment(exp: Any) -> None:
         raise ObimError(f"experiment.setting: expected one of {', '.join(SETTINGS)}, got {exp['setting']!r}")
     if exp.get("zoo_recipe", "full") not in ("full", "quick"):
         raise ObimError(f"experiment.zoo_recipe: expected full or quick, got {exp['zoo_recipe']!r}")
+    seed = exp.get("zoo_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ObimError(f"experiment.zoo_seed: expected a non-negative integer (a zoo draw), got {seed!r}")
 
 
 def benchmarks_of(exp: dict) -> tuple[dict[str, str], dict[str, int]]:

@@ -28,10 +28,12 @@ from .stages import (
     input_fingerprints,
     input_paths,
     judge_pending,
+    keep_samples,
     merge_stage,
     saliency_stage,
     where_is,
     zoo_is_current,
+    zoo_record,
 )
 
 
@@ -119,6 +121,7 @@ def compute(plan: JobPlan, reporter: Reporter, inputs: dict[str, str], job: str 
         device=rt.device,
         merged_kept=rt.keep_merged,
         job=job,
+        zoo=zoo_record(plan),
     )
 
 
@@ -153,6 +156,7 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
         return result
     from .tracking import log_job
 
+    keep_samples(result, record.dir)
     reporter.status("logging the result", "log")
     result["wandb_dir"] = log_job(rt.tracking, record.dir, record.name or record.dir.name, result)
     write_json(record.dir / "result.json", result)

@@ -44,6 +44,15 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("obim"):
         OmegaConf.register_new_resolver("obim", obim_resolver)
+
+    def zoo_resolver(seed: Any) -> str:
+        from .zoo import default_dir
+
+        # a bad seed is named by check_experiment, in one line (an error raised here comes wrapped in OmegaConf's)
+        return str(default_dir(seed if isinstance(seed, int) else 0))
+
+    if not OmegaConf.has_resolver("obim_zoo"):
+        OmegaConf.register_new_resolver("obim_zoo", zoo_resolver)
     if not OmegaConf.has_resolver("obim_dirname"):
         OmegaConf.register_new_resolver("obim_dirname", job_dirname)
 
@@ -83,6 +92,8 @@ NEUTRAL = {
     "paper",
 }
 NEUTRAL_GROUPS = {"eval", "tracking", "hydra"}
+# the toy zoo's draw (experiment.zoo_seed): an axis of replicates, not of settings; tables average over it
+DRAWS = "zoo_seed"
 
 
 def axis_of(override: str) -> str | None:
@@ -93,6 +104,8 @@ def axis_of(override: str) -> str | None:
         return None
     if key.startswith("experiment.models.") and key.endswith(".retention"):
         return "retention"
+    if key == "experiment.zoo_seed":
+        return DRAWS
     # which models and where the data lives (a local copy of a hub model, your checkpoints) is not an axis
     if (
         key in ("experiment.base", "experiment.checkpoints")
@@ -218,6 +231,7 @@ class JobPlan:
     overrides: tuple[str, ...] = ()
     zoo: str | None = None
     zoo_recipe: str = "full"
+    zoo_seed: int = 0  # the zoo's draw
     seed: int = 0
     allow_code: bool = False
     objective: str = "test"  # "dev": the search's objective, the experiment's dev tasks in place of its benchmarks
@@ -242,6 +256,7 @@ class JobPlan:
             "overrides": list(self.overrides),
             "zoo": self.zoo,
             "zoo_recipe": self.zoo_recipe,
+            "zoo_seed": self.zoo_seed,
             "seed": self.seed,
             "allow_code": self.allow_code,
         }
@@ -274,6 +289,7 @@ class JobPlan:
             overrides=tuple(d["overrides"]),
             zoo=d["zoo"],
             zoo_recipe=d["zoo_recipe"],
+            zoo_seed=d["zoo_seed"],
             seed=d["seed"],
             allow_code=d["allow_code"],
             objective=d.get("objective", "test"),
@@ -439,10 +455,11 @@ def plan_job(cfg: Any, overrides: list[str] | None = None, objective: str = "tes
         benchmarks=dict(benchmarks),
         eval=EvalPlan(**evp),
         individual=individual,
-        main=all(axis_of(o) is None for o in (overrides or [])),
+        main=all(axis_of(o) in (None, DRAWS) for o in (overrides or [])),
         overrides=canonical_overrides(overrides or []),
         zoo=exp.get("zoo"),
         zoo_recipe=exp.get("zoo_recipe", "full"),
+        zoo_seed=int(exp.get("zoo_seed") or 0) if exp.get("zoo") else 0,
         seed=int(c["seed"]),
         allow_code=allow_code,
         objective=objective,

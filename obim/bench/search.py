@@ -330,6 +330,9 @@ def test_best(s: Search, method: str, study: Any) -> dict:
         "dev_avg": best.value,
         "test_scores": {plan.benchmarks[t]: v for t, v in res["scores"].items()},
         "test_avg": res["avg"],
+        "test_stderr": {plan.benchmarks[t]: v for t, v in res["stderr"].items()},
+        "test_avg_stderr": res["avg_stderr"],
+        "result": str(s.out / method / "best" / "result.json"),  # its per-sample records: the table's marks
         "sampler_seed": int(s.opts["seed"]),
         "budget": int(s.opts["trials"]),
     }

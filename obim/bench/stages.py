@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from obim.merging.config import MergeConfig
 
 # result.json's layout (docs/sweep.md "Sweep results"); older files are refused, not half-read. 3: stderr, n,
-# avg_stderr
-RESULT_SCHEMA = 3
+# avg_stderr; 4: samples (lm-eval's per-sample records, kept in the job folder)
+RESULT_SCHEMA = 4
 
 
 class Reporter(Protocol):
@@ -77,6 +77,8 @@ class Evaluated:
     outputs: dict[str, str] | None = None  # saved generations of judged benchmarks
     stderr: dict[str, float | None] = field(default_factory=dict)  # percent points; None: lm-eval gave none
     n: dict[str, int | None] = field(default_factory=dict)  # items each score is over
+    # lm-eval's per-sample records: task -> leaf task -> {"file": JSONL path, "metric": primary metric key or None}
+    samples: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def avg_stderr(self) -> float | None:
@@ -204,6 +206,7 @@ def cached_eval(
         ]
     )
     out = cache / "evals" / f"{key}.json"
+    outputs = cache / "evals" / key  # judged outputs and lm-eval's per-sample records
     with locked(out):
         hit = read_json(out)
         if hit is not None:
@@ -213,9 +216,8 @@ def cached_eval(
                     hit["scores"][t] = run_judge(Path(hit["outputs"][t]))
                 hit["avg"] = score_avg(hit["scores"])
                 write_json(out, hit)
-            return {**hit, "cached": True}
+            return {**hit, "cached": True, "samples": _located(hit.get("samples") or {}, outputs)}
         t0 = time.perf_counter()
-        outputs = cache / "evals" / key
         measured = measure_model(
             model_dir,
             tasks,
@@ -236,13 +238,19 @@ def cached_eval(
             "avg": score_avg(scores),
             "stderr": measured["stderr"],
             "n": measured["n"],
+            "samples": measured.get("samples") or {},  # relative to the outputs folder
             "eval_s": round(time.perf_counter() - t0, 3),
         }
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
         if judged:
             rec["outputs"] = judged
         write_json(out, rec)
-    return {**rec, "cached": False}
+    return {**rec, "cached": False, "samples": _located(rec.get("samples") or {}, outputs)}
+
+
+def _located(samples: dict, folder: Path) -> dict:
+    """A samples index with each file's path made absolute (from `folder`)."""
+    return {t: {leaf: {**e, "file": str(folder / e["file"])} for leaf, e in d.items()} for t, d in samples.items()}
 
 
 class PeakMemory:
@@ -280,9 +288,19 @@ class PeakMemory:
 
 
 def _zoo_recipe(plan: JobPlan) -> dict:
-    from .zoo import RECIPE, quick_recipe
+    from .zoo import RECIPE, quick_recipe, seeded
 
-    return quick_recipe() if plan.zoo_recipe == "quick" else RECIPE
+    return seeded(quick_recipe() if plan.zoo_recipe == "quick" else RECIPE, plan.zoo_seed)
+
+
+def zoo_record(plan: JobPlan) -> dict[str, Any] | None:
+    """The zoo a toy job ran on, as its zoo.json names it (None: no zoo): the tables name their draws by it and
+    the console compares it with the reference's."""
+    if not plan.zoo:
+        return None
+    stamp = read_json(Path(plan.zoo) / "zoo.json") or {}
+    keep = ("recipe_hash", "fingerprint", "cpu_kernels")
+    return {"seed": plan.zoo_seed, **{k: stamp.get(k) for k in keep}}
 
 
 def zoo_is_current(plan: JobPlan) -> bool:
@@ -425,6 +443,7 @@ def _evaluated(rec: dict) -> Evaluated:
         outputs=rec.get("outputs"),
         stderr=rec.get("stderr") or {},
         n=rec.get("n") or {},
+        samples=rec.get("samples") or {},
     )
 
 
@@ -462,6 +481,7 @@ class JobResult:
     device: str
     merged_kept: bool
     job: str
+    zoo: dict[str, Any] | None = None  # the toy zoo's draw: {seed, recipe_hash, fingerprint, cpu_kernels}
 
     def to_json(self) -> dict[str, Any]:
         from obim.merging.version import obim_version
@@ -482,6 +502,9 @@ class JobResult:
             "n": {t: ev.n.get(t) for t in self.plan.tasks},
             "avg_stderr": ev.avg_stderr,
             "outputs": ev.outputs,
+            # model ("merged", or an individual's name) -> task -> leaf task -> {file, metric}: lm-eval's per-sample
+            # records (the evaluation cache's; run_job copies them into the job folder)
+            "samples": {"merged": ev.samples, **{n: e.samples for n, e in self.individual.items()}},
             "individual": {
                 n: {
                     "scores": e.scores,
@@ -507,4 +530,21 @@ class JobResult:
                 "eval": ev.cached,
             },
             "merged_dir": self.merged.dir if self.merged_kept else None,
+            "zoo": self.zoo,
         }
+
+
+def keep_samples(result: dict[str, Any], job_dir: Path) -> None:
+    """Copy a result's per-sample records into its job folder (samples/<model>/<leaf task>.jsonl; each written
+    whole, then renamed) and point result["samples"] at them, relative to the folder: the job's items stay
+    comparable after the caches are cleared."""
+    for model, tasks in (result.get("samples") or {}).items():
+        for entries in tasks.values():
+            for leaf, e in entries.items():
+                rel = Path("samples") / model / f"{leaf}.jsonl"
+                dst = job_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(dst.name + ".tmp")
+                shutil.copyfile(e["file"], tmp)
+                tmp.replace(dst)
+                e["file"] = str(rel)

@@ -186,7 +186,8 @@ def table_from_csv(path: Path, name: str | None = None, title: str = "") -> Tabl
     rows = list(csv.reader(Path(path).read_text().splitlines()))
     head = rows[0]
     named = set(head[1:])
-    cols = [c for c in head[1:] if not c.startswith("paper_") and not (c.endswith("_se") and c[:-3] in named)]
+    extra = [c for c in head[1:] if any(c.endswith(x) and c[: -len(x)] in named for x in ("_se", "_sd", "_top"))]
+    cols = [c for c in head[1:] if not c.startswith("paper_") and c not in [*extra, "draws"]]
     t = Table(name or Path(path).stem, title or Path(path).stem, cols, lead=head[0])
     for r in rows[1:]:
         cell = dict(zip(head, r, strict=True))

@@ -18,7 +18,7 @@ import yaml
 from obim.merging.errors import ObimError
 from obim.merging.methods import METHODS
 
-from ..plan import JobPlan, axis_of
+from ..plan import DRAWS, JobPlan, axis_of
 from ..stages import RESULT_SCHEMA, Saliency
 
 MODEL_LABELS = {"lm": "LM", "math": "Math", "code": "Code"}
@@ -42,6 +42,17 @@ class Table:
     notes: list[str] = field(default_factory=list)
     lead: str = "model"  # the first column's header
     se: dict[str, dict[str, float | None]] = field(default_factory=dict)  # row label -> column -> standard error
+    # row label -> column -> its items (obim.bench.report.paired.Items; None: none kept): the rows compared
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # column -> the best row and the rows not distinguishable from it; the rows tested (paired.mark_top)
+    top: dict[str, set[str]] = field(default_factory=dict)
+    tested: dict[str, set[str]] = field(default_factory=dict)
+    # row label -> column -> the standard deviation across zoo draws (rows of two draws or more); the draws' seeds
+    sd: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    draws: dict[str, list[int]] = field(default_factory=dict)
+    # row label -> draw -> column -> that draw's value (what the claims compare across draws)
+    per_draw: dict[str, dict[int, dict[str, float | None]]] = field(default_factory=dict)
+    zoos: dict[int, str | None] = field(default_factory=dict)  # the toy zoo draws the rows came from: fingerprint
 
     def add(
         self,
@@ -49,22 +60,39 @@ class Table:
         ours: dict[str, float | None],
         paper: list | None,
         se: dict[str, float | None] | None = None,
+        items: dict[str, Any] | None = None,
+        sd: dict[str, float | None] | None = None,
+        draws: list[int] | None = None,
     ) -> None:
         self.rows.append((label, ours, paper))
         if se is not None:
             self.se[label] = se
+        if items is not None:
+            self.items[label] = items
+        if sd is not None:
+            self.sd[label] = sd
+        if draws is not None:
+            self.draws[label] = list(draws)
+
+    @property
+    def multi_draw(self) -> bool:
+        return any(len(d) > 1 for d in self.draws.values())
 
     def _se(self, label: str, column: str) -> float | None:
         return (self.se.get(label) or {}).get(column)
 
     def markdown(self) -> str:
         errors = any(v is not None for row in self.se.values() for v in row.values())
+        seeds = sorted({s for d in self.draws.values() for s in d})
+        over = f"the mean over the zoo draws (seeds {', '.join(map(str, seeds))}) of " if self.multi_draw else ""
         out = [
             f"# {self.title}",
             "",
-            "Each cell: ours"
+            f"Each cell: {over}ours"
             + (" ± its standard error (over the items evaluated; none for a judged score)" if errors else "")
-            + " (the paper's, where it reports one).",
+            + (" [sd: the standard deviation across the draws]" if self.multi_draw else "")
+            + " (the paper's, where it reports one)."
+            + (f" Bold: {self._top_legend()}." if self.top else ""),
             "",
             f"| {self.lead} | " + " | ".join(self.columns) + " |",
             "|---|" + "---:|" * len(self.columns),
@@ -74,17 +102,54 @@ class Table:
             for i, c in enumerate(self.columns):
                 v, e = ours.get(c), self._se(label, c)
                 s = "—" if v is None else f"{v:.2f}" + (f" ± {e:.2f}" if e is not None else "")
+                sd = (self.sd.get(label) or {}).get(c)
+                if v is not None and sd is not None:
+                    s += f" [sd {sd:.2f}]"
+                if v is not None and label in self.top.get(c, ()):
+                    s = f"**{s}**"
                 p = paper[i] if paper is not None and i < len(paper) else None
                 cells.append(s + (f" ({p:.2f})" if p is not None else ""))
             out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out += [""] + [f"- {n}" for n in self.notes] + ([""] if self.notes else [])
+        notes = list(self.notes)
+        if self.zoos:
+            named = [f"seed {k}: {(fp or 'unrecorded')[:16]}" for k, fp in sorted(self.zoos.items())]
+            notes.append(f"toy zoo draw{'s' * (len(named) > 1)} (weights fingerprint): {'; '.join(named)}")
+        if self.multi_draw:
+            notes += [f"{label}: draws {', '.join(map(str, d))} only" for label, d in self.draws.items() if d != seeds]
+        out += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
         return "\n".join(out)
+
+    def _top_legend(self) -> str:
+        from .paired import legend
+
+        return (
+            "in each column, the best of the rows compared (those with per-sample records) and every row not "
+            f"distinguishable from it: {legend()}"
+        )
+
+    def _top_cell(self, label: str, column: str) -> str:
+        """CSV: 1 in the column's top group, 0 tested and outside it, empty when not tested."""
+        if label not in self.tested.get(column, ()):
+            return ""
+        return "1" if label in self.top[column] else "0"
 
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         cols = self.columns
-        w.writerow([self.lead, *cols, *(f"{c}_se" for c in cols), *(f"paper_{c}" for c in cols)])
+        tops = [c for c in cols if c in self.tested]
+        sds = cols if self.multi_draw else []
+        w.writerow(
+            [
+                self.lead,
+                *cols,
+                *(f"{c}_se" for c in cols),
+                *(f"{c}_sd" for c in sds),
+                *(f"{c}_top" for c in tops),
+                *(f"paper_{c}" for c in cols),
+                *(["draws"] if sds else []),
+            ]
+        )
         for label, ours, paper in self.rows:
             paper = list(paper or [])
             errors = [self._se(label, c) for c in self.columns]
@@ -93,7 +158,10 @@ class Table:
                     label,
                     *("" if ours.get(c) is None else f"{ours[c]:.4f}" for c in self.columns),
                     *("" if e is None else f"{e:.4f}" for e in errors),
+                    *("" if (v := (self.sd.get(label) or {}).get(c)) is None else f"{v:.4f}" for c in sds),
+                    *(self._top_cell(label, c) for c in tops),
                     *("" if i >= len(paper) or paper[i] is None else paper[i] for i in range(len(self.columns))),
+                    *([" ".join(map(str, self.draws.get(label, [])))] if sds else []),
                 ]
             )
         return buf.getvalue()
@@ -144,6 +212,9 @@ class JobRecord:
     stderr: dict[str, float | None]  # each score's standard error (percent points)
     n: dict[str, int | None]  # the items each score is over
     outputs: dict[str, str] | None
+    # lm-eval's per-sample records: model ("merged" or an individual) -> task -> leaf -> {file, metric}; a file's
+    # path is relative to the job folder (absolute for a search trial's, in the evaluation cache)
+    samples: dict[str, dict[str, dict[str, dict[str, Any]]]]
     individual: dict[str, Scores]  # the base's and each expert's, where the plan evaluates them
     saliency_s: float
     merge_s: float
@@ -156,6 +227,7 @@ class JobRecord:
     cached: Cached
     merged_dir: str | None
     wandb_dir: str | None  # set by the sweep's tracking
+    zoo: dict[str, Any] | None  # the toy zoo's draw: seed, recipe_hash, fingerprint, cpu_kernels
     # the order as asked for (the config's `order` group): the plan keeps only the list it resolves to
     order_kind: str | None
     order_model: str | None
@@ -181,6 +253,7 @@ class JobRecord:
             stderr=d["stderr"],
             n=d["n"],
             outputs=d["outputs"],
+            samples=d["samples"],
             individual={
                 n: Scores(e["scores"], e["avg"], e["eval_s"], e.get("stderr") or {}) for n, e in d["individual"].items()
             },
@@ -195,6 +268,7 @@ class JobRecord:
             cached=Cached(d["cached"]["saliency"], d["cached"]["merge"], d["cached"]["eval"]),
             merged_dir=d["merged_dir"],
             wandb_dir=d.get("wandb_dir"),
+            zoo=d["zoo"],
             order_kind=order.get("kind"),
             order_model=order.get("model"),
         )
@@ -260,8 +334,8 @@ def _path(r: JobRecord, name: str) -> str:
 
 
 def varies_only(r: JobRecord, axes: set[str]) -> bool:
-    """Whether the job's overrides vary no sweep axis but `axes`."""
-    return {a for a in map(axis_of, r.plan.overrides) if a is not None} <= axes
+    """Whether the job's overrides vary no sweep axis but `axes` (and the zoo's draw, whose jobs are replicates)."""
+    return {a for a in map(axis_of, r.plan.overrides) if a is not None} <= axes | {DRAWS}
 
 
 def count_job(r: JobRecord) -> bool:

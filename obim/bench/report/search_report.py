@@ -69,7 +69,7 @@ def tuned_table(
 
     untuned = _untuned(results)
     head = ["method", "best parameters", "dev avg", *columns, "avg", "untuned avg", "trials"]
-    rows = []
+    rows, errors = [], []
     for r in records:
         label = method_label(r["method"])
         params = " ".join(f"{k}={v:g}" for k, v in r["params"].items())
@@ -84,9 +84,24 @@ def tuned_table(
                 r["trials"],
             ]
         )
+        se = r.get("test_stderr") or {}
+        errors.append([se.get(c) for c in columns] + [r.get("test_avg_stderr")])
+    top = _marks(records, [*columns, "avg"])
+    first = 3  # the first test column
 
     def cell(v: Any) -> str:
         return "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    def test_cell(row: list, i: int, j: int) -> str:
+        v, se = row[first + j], errors[i][j]
+        text = cell(v) + ("" if v is None or se is None else f" ± {se:.2f}")
+        col = [*columns, "avg"][j]
+        return f"**{text}**" if v is not None and row[0] in top.get(col, ()) else text
+
+    def md_row(i: int, row: list) -> str:
+        n = len(columns) + 1
+        cells = [cell(v) for v in row[:first]] + [test_cell(row, i, j) for j in range(n)]
+        return "| " + " | ".join(cells + [cell(v) for v in row[first + n :]]) + " |"
 
     md = [
         f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})",
@@ -94,12 +109,14 @@ def tuned_table(
         f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
         f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
         "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
-        "default parameters (table1.md / table3.md).",
+        "default parameters (table1.md / table3.md). A test score ± its standard error"
+        + (f"; bold: {_legend()}" if top else "")
+        + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|---|---|" + "---:|" * (len(head) - 2),
     ]
-    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    md += [md_row(i, row) for i, row in enumerate(rows)]
     notes = (
         [
             f"Left out of the objective (no dev data, as in the real setting): {', '.join(left_out)}; their test "
@@ -115,7 +132,42 @@ def tuned_table(
     md += [""] + [f"- {n}" for n in notes] + [""]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(head)
-    for row in rows:
-        w.writerow(["" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for v in row])
+    test_cols = [*columns, "avg"]
+    w.writerow([*head, *(f"{c}_se" for c in test_cols), *(f"{c}_top" for c in test_cols if c in top)])
+    for i, row in enumerate(rows):
+        w.writerow(
+            [
+                *("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for v in row),
+                *("" if e is None else f"{e:.4f}" for e in errors[i]),
+                *(("1" if row[0] in top[c] else "0") for c in test_cols if c in top),
+            ]
+        )
     return "\n".join(md), buf.getvalue()
+
+
+def _legend() -> str:
+    from .paired import legend
+
+    return f"the best of a column and every method not distinguishable from it: {legend()}"
+
+
+def _marks(records: list[dict], columns: list[str]) -> dict[str, set[str]]:
+    """Each column's best tuned method and those not distinguishable from it, from the best trials' per-sample
+    records (paired.mark_top); a column some method lacks them for is left unmarked."""
+    import json
+
+    from .paired import mark_top
+    from .results import JobRecord, Table, method_label
+    from .tables import _result_items
+
+    t = Table("tuned", "tuned", columns)
+    for r in records:
+        p = Path(r.get("result") or "")
+        if not p.is_file():
+            continue
+        job = JobRecord.from_json(json.loads(p.read_text()), p)
+        label = method_label(r["method"])
+        named = {job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}
+        t.add(label, {**named, "avg": job.avg}, None, None, _result_items(job, columns))
+    mark_top(t)
+    return {c: t.top[c] for c in t.top if t.tested.get(c) == set(t.items)}

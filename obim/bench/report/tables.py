@@ -9,6 +9,7 @@ retentions or method parameters. Methods are named by the registry's labels (obi
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from obim.merging.methods import METHODS
 
 from ..plan import axis_of
 from ..stages import avg_stderr, score_avg
+from .paired import Items, mark_top, record_items
 from .results import (
     MODEL_LABELS,
     JobRecord,
@@ -60,13 +62,62 @@ def _se_row(stderr: dict[str, float | None], benchmarks: dict[str, str], columns
     return _row(stderr, benchmarks, columns, lambda row: avg_stderr(list(row.values())))
 
 
-def _result_se(r: JobRecord, columns: list[str]) -> dict[str, float | None]:
-    return _se_row(r.stderr, r.plan.benchmarks, columns)
+def _result_items(r: JobRecord, columns: list[str], model: str = "merged") -> dict[str, Items | None]:
+    """Each column's per-item values of one of the job's models (None where none were kept): what mark_top tests."""
+    scores = r.scores if model == "merged" else r.individual[model].scores
+    named = {r.plan.benchmarks.get(t, t): t for t in scores}
+    return {c: record_items(r, model, named[c]) if c in named else None for c in columns if c != "avg"}
 
 
-def _latest(results: list[JobRecord], pred: Callable[[JobRecord], bool]) -> JobRecord | None:
-    hit = [r for r in results if pred(r)]
-    return hit[-1] if hit else None
+def _by_draw(records: list[JobRecord]) -> list[JobRecord]:
+    """The latest of `records` (oldest first) for each zoo draw, in the draws' order."""
+    latest = {r.plan.zoo_seed: r for r in records}
+    return [latest[k] for k in sorted(latest)]
+
+
+def _add(
+    t: Table, label: str, draws: list[JobRecord], cited: list | None, model: str = "merged", compare: bool = True
+) -> None:
+    """A row from one job per zoo draw: the mean over the draws, its within-draw standard error (sqrt(sum se^2) / k),
+    the standard deviation across draws (two draws or more) and, with `compare`, the items mark_top tests (the draws'
+    items side by side: the mean of the draws' scores)."""
+    cols = t.columns
+    rows, ses, items = [], [], []
+    for r in draws:
+        s = (r.scores, r.stderr) if model == "merged" else (r.individual[model].scores, r.individual[model].stderr)
+        rows.append(_row(s[0], r.plan.benchmarks, cols))
+        ses.append(_se_row(s[1], r.plan.benchmarks, cols))
+        items.append(_result_items(r, cols, model) if compare else {})
+    k = len(draws)
+
+    def mean(vals: list[float | None]) -> float | None:
+        return None if any(v is None for v in vals) else sum(v for v in vals if v is not None) / k
+
+    ours = {c: mean([row[c] for row in rows]) for c in cols}
+    se = {c: avg_stderr([e[c] for e in ses]) for c in cols}
+    sd = None
+    if k > 1:
+        sd = {c: None if ours[c] is None else statistics.stdev([row[c] or 0.0 for row in rows]) for c in cols}
+    pooled = {c: _pooled([it.get(c) for it in items], [r.plan.zoo_seed for r in draws]) for c in cols if c != "avg"}
+    t.add(label, ours, cited, se, pooled if compare else None, sd=sd, draws=[r.plan.zoo_seed for r in draws])
+    t.per_draw[label] = {r.plan.zoo_seed: row for r, row in zip(draws, rows, strict=True)}
+    t.zoos.update({r.zoo["seed"]: r.zoo.get("fingerprint") for r in draws if r.zoo})
+
+
+def _pooled(items: list[Items | None], seeds: list[int]) -> Items | None:
+    """Several draws' items of one benchmark as one: each draw's leaves kept apart, scored as the mean of the draws'
+    scores (a draw's group scored over all its items cannot be: None)."""
+    if any(it is None for it in items):
+        return None
+    got = [it for it in items if it is not None]
+    if len(got) == 1:
+        return got[0]
+    if any(len(it.leaves) > 1 and it.weighting != "leaves" for it in got):
+        return None
+    return Items(
+        {f"{leaf}@draw{seed}": v for it, seed in zip(got, seeds, strict=True) for leaf, v in it.leaves.items()},
+        "leaves",
+    )
 
 
 def _paper_row(paper: dict, table: str, label: str) -> list | None:
@@ -83,23 +134,20 @@ def _main_table(
     main = [r for r in results if r.plan.setting == setting and r.plan.main]
     if not main:
         return None
-    bench = main[-1].plan.benchmarks
     t = Table(name, title, cols)
     if individuals:
-        ref = _latest(main, lambda r: bool(r.individual))
-        if ref is not None:
-            ind = ref.individual
-            for model in [m for m in ["base", *ref.plan.models] if m in ind]:  # the base order
+        refs = _by_draw([r for r in main if r.individual])
+        if refs:
+            ref = refs[-1]
+            for model in [m for m in ["base", *ref.plan.models] if all(m in r.individual for r in refs)]:
                 if model == "base" and setting == "sft":
                     continue  # the paper's Table 1 lists the experts only
                 label, cited = ("base", PT_BASE_LABEL) if model == "base" else (MODEL_LABELS.get(model, model),) * 2
-                s = ind[model]
-                cited_row = _paper_row(paper, name, cited)
-                t.add(label, _row(s.scores, bench, cols), cited_row, _se_row(s.stderr, bench, cols))
+                _add(t, label, refs, _paper_row(paper, name, cited), model, compare=False)
     for m in methods:
-        r = _latest(main, lambda r, m=m: r.plan.method == m)
-        if r is not None:
-            t.add(method_label(m), _result_row(r, cols), _paper_row(paper, name, method_label(m)), _result_se(r, cols))
+        draws = _by_draw([r for r in main if r.plan.method == m])
+        if draws:
+            _add(t, method_label(m), draws, _paper_row(paper, name, method_label(m)))
     if not any(r.plan.method in methods for r in main):
         return None
     ex = main[-1].plan
@@ -118,16 +166,16 @@ def _axis_table(
     paper: dict,
     describe: Callable[[JobRecord], Row | None],
 ) -> Table:
-    """A table over one sweep axis: a row per setting (`describe`'s sort key), the latest result of each."""
-    seen: dict[Any, tuple[Row, JobRecord]] = {}
+    """A table over one sweep axis: a row per setting (`describe`'s sort key), the latest result of each draw."""
+    seen: dict[Any, tuple[Row, list[JobRecord]]] = {}
     for r in results:
         d = describe(r)
         if d is not None:
-            seen[d[0]] = (d, r)
+            seen[d[0]] = (d, [*seen.get(d[0], (d, []))[1], r])
     t = Table(name, title, paper[name]["columns"], lead=lead)
     for key in sorted(seen):
-        (_, label, cited), r = seen[key]
-        t.add(label, _result_row(r, t.columns), cited, _result_se(r, t.columns))
+        (_, label, cited), rs = seen[key]
+        _add(t, label, _by_draw(rs), cited)
     return t
 
 
@@ -227,12 +275,12 @@ GRID_PREFIXES = ("method.parameters.", "method.per_model.", "experiment.models."
 def grid_table(results: list[JobRecord]) -> Table | None:
     """Retention and parameter grids: jobs that vary only retentions or the method's parameters, a row per
     (method, setting), latest result each; the paper reports no such table."""
-    seen: dict[tuple[str, str], JobRecord] = {}
+    seen: dict[tuple[str, str], list[JobRecord]] = {}
     for r in results:
         grid = [o.lstrip("+~") for o in r.plan.overrides if axis_of(o) in ("retention", "method")]
         if grid and varies_only(r, {"retention", "method"}):
             setting = " ".join(sorted(next((o[len(p) :] for p in GRID_PREFIXES if o.startswith(p)), o) for o in grid))
-            seen[(r.plan.method, setting)] = r
+            seen.setdefault((r.plan.method, setting), []).append(r)
     if not seen:
         return None
     order = list(METHODS)
@@ -242,15 +290,14 @@ def grid_table(results: list[JobRecord]) -> Table | None:
         num = v.replace(".", "", 1).isdigit()
         return (order.index(k[0]) if k[0] in order else len(order), k[0], not num, float(v) if num else 0.0, k[1])
 
-    last = list(seen.values())[-1].plan
+    last = list(seen.values())[-1][-1].plan
     named = list(dict.fromkeys(last.benchmarks.values()))
     setting_table = {"sft": "table1", "pt": "table2"}.get(last.setting or "", "")
     main = (paper_tables().get(setting_table) or {}).get("columns")
     cols = main if main and set(named) <= set(main) else [*named, "avg"]  # the paper's column order
     t = Table("grid", "Retention and parameter grid", cols, lead="method, setting")
     for m, setting in sorted(seen, key=key):
-        r = seen[(m, setting)]
-        t.add(f"{method_label(m)}, {setting}", _result_row(r, cols), None, _result_se(r, cols))
+        _add(t, f"{method_label(m)}, {setting}", _by_draw(seen[(m, setting)]), None)
     return t
 
 
@@ -271,4 +318,7 @@ def build_tables(results: list[JobRecord]) -> list[Table]:
         table11(results, paper),
         grid_table(results),
     ]
-    return [t for t in found if t is not None]
+    tables = [t for t in found if t is not None]
+    for t in tables:
+        mark_top(t)
+    return tables

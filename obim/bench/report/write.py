@@ -14,7 +14,7 @@ from obim.merging.staging import atomic_write_file
 
 from .costs import jobs_table, table10
 from .plots import figure3, write_plots
-from .results import Table, load_results
+from .results import JobRecord, Table, load_results
 from .tables import build_tables
 
 
@@ -25,6 +25,7 @@ class Report:
     tables: list[Table]
     figures: list[Path]
     files: list[Path]
+    results: list[JobRecord]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -34,7 +35,8 @@ def _write(path: Path, text: str) -> Path:
 
 def write_report(runs: str | Path, out: str | Path) -> Report | None:
     """Every result under `runs` into `out`: <table>.md|csv, a PNG plot beside each axis table (<table>.png,
-    figure3.png for Table 11), table10.md and jobs.md. None, and nothing written, when `runs` holds no result.
+    figure3.png for Table 11), claims.md (the paper's claims judged), table10.md and jobs.md. None, and nothing
+    written, when `runs` holds no result.
     Nothing is logged here: log_report does that."""
     results = load_results(runs)
     if not results:
@@ -49,11 +51,17 @@ def write_report(runs: str | Path, out: str | Path) -> Report | None:
     fig = figure3(results, out)
     figures += [fig] if fig else []
     files += figures
+    from .claims import build_claims
+    from .results import paper_tables
+
+    claims = build_claims(tables, results[-1].plan.setting, paper_tables())
+    if claims:
+        files.append(_write(out / "claims.md", claims))
     t10 = table10(results)
     if t10:
         files.append(_write(out / "table10.md", t10))
     files.append(_write(out / "jobs.md", jobs_table(results)))
-    return Report(tables, figures, files)
+    return Report(tables, figures, files, results)
 
 
 def log_report(report: Report) -> bool:
@@ -73,10 +81,16 @@ def log_report(report: Report) -> bool:
     return True
 
 
-def write_tables(runs: str | Path, out: str | Path) -> list[Path]:
-    """write_report, then log_report to the active W&B run, if any; every file written ([] when no result)."""
+def write_tables(runs: str | Path, out: str | Path, reference: bool = False) -> list[Path]:
+    """write_report, then log_report to the active W&B run, if any; every file written ([] when no result).
+    `reference`: the reference results, whose draws and spread obim/bench/zoo/reference.json records too."""
     report = write_report(runs, out)
     if report is None:
         return []
     log_report(report)
+    if reference:
+        from .reference import reference_entry, write_reference
+
+        entry = reference_entry(report.tables, report.results)
+        return [*report.files, write_reference(report.results[-1].plan.experiment, entry)]
     return report.files

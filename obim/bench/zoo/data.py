@@ -1,7 +1,8 @@
 """Synthetic tasks of the toy zoo, generated deterministically from a seed.
 
-Every example belongs to one split by a hash of its prompt (80% train, 10% dev, 10% test), so splits never share
-an example whatever seed or sample size is asked for; train and dev feed training and saliency validation sets,
+Every example belongs to one split by a hash of its prompt (70% train, 10% dev, 20% test), so splits never share
+an example whatever seed or sample size is asked for; every task's space holds at least 200 test items (a score's
+standard error at most ~3.5 points); train and dev feed training and saliency validation sets,
 test feeds evaluation only. What a tiny model can learn in minutes are compositions of small memorised facts
 written out step by step (see shared/notes/measurements.md), so the tasks are built that way.
 
@@ -29,7 +30,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!+-*/%=()<>#_'\"\n"
 
 def split_of(key: str) -> str:
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % 100
-    return "train" if h < 80 else "dev" if h < 90 else "test"
+    return "train" if h < 70 else "dev" if h < 80 else "test"
 
 
 @dataclass
@@ -111,7 +112,7 @@ class KnowledgeBase:
     values: dict[str, list[str]]
 
     @classmethod
-    def make(cls, seed: int = 1234, n_entities: int = 24) -> KnowledgeBase:
+    def make(cls, seed: int = 1234, n_entities: int = 48) -> KnowledgeBase:
         rng = random.Random(seed)
         values = {
             "color": ["red", "blue", "green", "pink", "gray", "gold", "white", "black"],
@@ -143,15 +144,25 @@ class KnowledgeBase:
 
 KB = KnowledgeBase.make()
 QUESTIONS = {"color": "which color does {e} like?", "food": "what does {e} eat?", "city": "where does {e} live?"}
+MMLU_STYLES = [
+    "question: {q}\nanswer:",
+    "q: {q}\na:",
+    "tell me: {q}\nanswer:",
+    "quiz: {q}\nanswer:",
+    "{q}\nanswer:",
+    "question: {q}\na:",
+    "quiz: {q}\na:",
+    "tell me: {q}\na:",
+    "{q}\na:",
+    "q: {q}\nanswer:",
+]
 
 
 def mmlu(rng: random.Random) -> Example:
     entity, attr = rng.choice(sorted(KB.facts))
-    style = rng.randint(0, 4)  # phrasings vary so questions, not only facts, are held out
+    style = rng.randrange(len(MMLU_STYLES))  # phrasings vary so questions, not only facts, are held out
     q = QUESTIONS[attr].format(e=entity)
-    prompt = ["question: {q}\nanswer:", "q: {q}\na:", "tell me: {q}\nanswer:", "quiz: {q}\nanswer:", "{q}\nanswer:"][
-        style
-    ].format(q=q)
+    prompt = MMLU_STYLES[style].format(q=q)
     right = KB.facts[(entity, attr)]
     wrong = rng.sample([v for v in KB.values[attr] if v != right], 3)
     choices = [" " + c for c in sorted([right, *wrong])]
@@ -185,16 +196,27 @@ def gsm8k(rng: random.Random) -> Example:
 
 
 def math(rng: random.Random) -> Example:
-    a = rng.randint(1, 8)
-    b = rng.randint(1, 9 - a)
-    c = rng.randint(2, 9)
-    prompt = f"problem: ({a}+{b})*{c}\nsolution: "
-    chain = f"{a}+{b}={a + b}. {a + b}*{c}={(a + b) * c}."
+    """Two steps, each one of the base's single-digit facts (arithmetic_fact): (a+b)*c, (a-b)*c or (a-b)+c."""
+    form = rng.choice("+*-")
+    if form == "+":  # (a+b)*c, a+b <= 9
+        a = rng.randint(1, 8)
+        b = rng.randint(1, 9 - a)
+        c = rng.randint(2, 9)
+        expr, first, s = f"({a}+{b})*{c}", f"{a}+{b}", a + b
+    else:  # (a-b)*c or (a-b)+c: a <= 18, a-b in 1..9
+        d = rng.randint(1, 9)
+        b = rng.randint(1, min(9, 18 - d))
+        a = d + b
+        c = rng.randint(2, 9) if form == "*" else rng.randint(1, 9)
+        expr, first, s = (f"({a}-{b})*{c}" if form == "*" else f"({a}-{b})+{c}"), f"{a}-{b}", d
+    op = "+" if form == "-" else "*"
+    n = s * c if op == "*" else s + c
+    chain = f"{first}={s}. {s}{op}{c}={n}."
     return Example(
-        prompt,
-        f"{chain} the answer is {(a + b) * c}.\n",
-        raw_prompt=f"({a}+{b})*{c} = ? ",
-        raw_answer=f"{chain} so it is {(a + b) * c}.\n",
+        f"problem: {expr}\nsolution: ",
+        f"{chain} the answer is {n}.\n",
+        raw_prompt=f"{expr} = ? ",
+        raw_answer=f"{chain} so it is {n}.\n",
     )
 
 
@@ -222,6 +244,10 @@ CODE_OPS: list[tuple[str, str, Callable[[int, int], object]]] = [
 ]
 
 
+CODE_NAMES = ["f", "g", "h", "calc", "op", "fn", "fun", "func", "compute", "apply", "step", "run"]
+CODE_NAMES += ["make", "get", "val", "res", "out", "ans", "conv", "proc", "calc2", "fx", "gx", "hx"]
+
+
 def _raw_code(desc: str, expr: str, name: str, test: str) -> tuple[str, str]:
     """A plain Python function under a comment, with two of its asserts (as code in pretraining text)."""
     asserts = "".join(line.strip().replace("candidate", name) + "\n" for line in test.splitlines()[1:3])
@@ -231,7 +257,7 @@ def _raw_code(desc: str, expr: str, name: str, test: str) -> tuple[str, str]:
 def _code_case(rng: random.Random) -> tuple[str, str, str, str]:
     desc, expr, ref = rng.choice(CODE_OPS)
     n = rng.randint(2, 9)
-    name = rng.choice(["f", "g", "h", "calc", "op", "fn"])
+    name = rng.choice(CODE_NAMES)
     xs = [0, 1, 3, 5, 8, 10, 13]
     test = "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {ref(x, n)!r}\n" for x in xs)
     return desc.format(n=n), expr.format(n=n), name, test

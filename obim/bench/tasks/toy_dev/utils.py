@@ -1,5 +1,5 @@
 """The toy dev tasks' dataset and scorers: the same generators and scorers as the toy test tasks (../utils.py), drawn
-from the `dev` split (obim.bench.zoo.data splits every example 80/10/10 train/dev/test by a hash of its prompt).
+from the `dev` split (obim.bench.zoo.data splits every example 70/10/20 train/dev/test by a hash of its prompt).
 
 They live in a folder of their own beside the test tasks; the evaluation cache keys each task by its own files
 (obim.bench.evaluation.tasks_digest).

@@ -1,0 +1,151 @@
+"""Two evaluations of a sweep compared item by item (`python experiments/compare.py RUNS A B`): per benchmark and
+for the average, each side's score, the difference and its paired-bootstrap interval (obim.bench.report.paired).
+
+A side is named by a method (the latest job of the experiment's main setting that ran it: `obim`, `ties` or the
+registry's label `TIES`), a job (its folder, or its name under the sweep: `3`), or a model the jobs evaluated on
+their own (`base`, an expert's name: `math`), optionally from a given job (`math@3`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from obim.merging.errors import ObimError
+from obim.merging.methods import METHODS
+
+from .paired import LEVEL, RESAMPLES, SEED, Difference, Items, paired_difference, record_items
+from .results import JobRecord, load_results, method_label
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a job and which of its models ("merged" or an individual's name)."""
+
+    name: str
+    record: JobRecord
+    model: str
+
+    def score(self, task: str) -> float | None:
+        r = self.record
+        return r.scores.get(task) if self.model == "merged" else r.individual[self.model].scores.get(task)
+
+    def items(self, task: str) -> Items | None:
+        return record_items(self.record, self.model, task)
+
+    def where(self, root: Path) -> str:
+        d = self.record.path.parent
+        where = str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
+        return where + ("" if self.model == "merged" else f", model {self.model}")
+
+
+def _method(spec: str) -> str | None:
+    by_label = {m.pretty_name.lower(): k for k, m in METHODS.items()}
+    return spec if spec in METHODS else by_label.get(spec.lower())
+
+
+def resolve(results: list[JobRecord], spec: str, root: Path) -> Side:
+    """The job (and model) a command-line name stands for (module docstring); an ObimError naming what exists."""
+    model, _, job = spec.partition("@")
+    pool = results
+    if job:
+        pool = [r for r in results if _job_matches(r, job, root)]
+        if not pool:
+            raise ObimError(f"{spec}: no job {job!r} under {root}")
+    if not job:
+        by_job = [r for r in results if _job_matches(r, spec, root)]
+        if by_job:
+            return Side(spec, by_job[-1], "merged")
+    method = _method(model)
+    if method is not None:
+        hit = [r for r in pool if r.plan.method == method and (job or r.plan.main)]
+        if hit:
+            return Side(method_label(method), hit[-1], "merged")
+    hit = [r for r in pool if model in r.individual]
+    if hit:
+        return Side(model, hit[-1], model)
+    methods = sorted({r.plan.method for r in results if r.plan.main})
+    models = sorted({m for r in results for m in r.individual})
+    raise ObimError(
+        f"{spec}: not a job, a method of the main setting ({', '.join(methods) or 'none'}) or an evaluated model "
+        f"({', '.join(models) or 'none'}) under {root}"
+    )
+
+
+def _job_matches(r: JobRecord, name: str, root: Path) -> bool:
+    d = r.path.parent
+    if r.job == name or d.name == name:
+        return True
+    p = Path(name)
+    return (p if p.is_absolute() else root / p).resolve() == d.resolve() or (Path.cwd() / p).resolve() == d.resolve()
+
+
+@dataclass(frozen=True)
+class Line:
+    benchmark: str
+    a: float | None
+    b: float | None
+    diff: Difference | None
+    why: str = ""  # why no difference was computed
+
+
+def compare(a: Side, b: Side, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> list[Line]:
+    """Per benchmark both sides evaluated, then the average over those benchmarks."""
+    tasks = [t for t in a.record.plan.tasks if t in b.record.plan.tasks]
+    if not tasks:
+        raise ObimError(f"{a.name} and {b.name} share no benchmark")
+    lines, pairs = [], []
+    for t in tasks:
+        ia, ib = a.items(t), b.items(t)
+        why, diff = "", None
+        if ia is None or ib is None:
+            side = a.name if ia is None else b.name
+            why = f"no per-sample records of {side} (judged, or a job from before obim kept them)"
+        else:
+            try:
+                diff = paired_difference([ia], [ib], resamples, seed, level)
+                pairs.append((ia, ib))
+            except ObimError as e:
+                why = str(e)
+        lines.append(Line(t, a.score(t), b.score(t), diff, why))
+    avg_a, avg_b = _mean([ln.a for ln in lines]), _mean([ln.b for ln in lines])
+    if len(pairs) == len(tasks):
+        d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs], resamples, seed, level)
+        lines.append(Line("avg", avg_a, avg_b, d))
+    else:
+        lines.append(Line("avg", avg_a, avg_b, None, "a benchmark above was not compared"))
+    return lines
+
+
+def _mean(vals: list[float | None]) -> float | None:
+    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None) / len(vals)
+
+
+def render(a: Side, b: Side, lines: list[Line], root: Path, resamples: int, seed: int, level: float) -> str:
+    def num(v: float | None) -> str:
+        return "—" if v is None else f"{v:.2f}"
+
+    out = [
+        f"A = {a.name} ({a.where(root)})",
+        f"B = {b.name} ({b.where(root)})",
+        f"A - B in points, paired bootstrap over the shared items ({resamples:,} resamples, seed {seed}, "
+        f"{level:.0%} interval); * : the interval excludes 0",
+        "",
+        f"{'lm-eval task':<16} {'A':>8} {'B':>8} {'A - B':>8}  {'interval':<20} {'items':>6}",
+    ]
+    for ln in lines:
+        if ln.diff is None:
+            out.append(f"{ln.benchmark:<16} {num(ln.a):>8} {num(ln.b):>8} {'—':>8}  {ln.why}")
+            continue
+        d = ln.diff
+        ci = f"[{d.lo:+.2f}, {d.hi:+.2f}]" + (" *" if d.distinguishable else "")
+        out.append(f"{ln.benchmark:<16} {num(ln.a):>8} {num(ln.b):>8} {d.diff:>+8.2f}  {ci:<20} {d.n:>6}")
+    return "\n".join(out)
+
+
+def main(runs: str | Path, a: str, b: str, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> str:
+    root = Path(runs)
+    results = load_results(root)
+    if not results:
+        raise ObimError(f"{root}: no result.json found")
+    sa, sb = resolve(results, a, root), resolve(results, b, root)
+    return render(sa, sb, compare(sa, sb, resamples, seed, level), root, resamples, seed, level)
