@@ -116,3 +116,53 @@ def test_marks_the_best_and_those_not_distinguishable_from_it():
     head, *lines = t.csv().splitlines()
     assert head.split(",")[7:10] == ["x_top", "y_top", "avg_top"]
     assert [ln.split(",")[7:10] for ln in lines] == [["1", "1", "1"], ["1", "1", "1"], ["0", "1", "0"], ["", "", ""]]
+
+
+def test_a_score_both_weightings_give_follows_the_other_side(tmp_path):
+    # leaves of 2 and 6 items all right: 100 by either weighting; the other model's 50 only by the leaves' means
+    full = read_items({"a": write(tmp_path, "a1", [1, 1]), "b": write(tmp_path, "b1", [1] * 6)}, tmp_path, 100.0)
+    half = read_items({"a": write(tmp_path, "a2", [1, 1]), "b": write(tmp_path, "b2", [0] * 6)}, tmp_path, 50.0)
+    assert full.weighting == "either" and half.weighting == "leaves"
+    d = paired_difference([full], [half])
+    assert d.diff == pytest.approx(50.0) and d.distinguishable  # the mean of the leaves' differences: (0 + 100) / 2
+
+
+def test_keep_samples_trims_records_and_skips_lost_files(tmp_path):
+    from obim.bench.stages import keep_samples
+
+    src = tmp_path / "cache" / "t.jsonl"
+    src.parent.mkdir()
+    rec = {"doc_id": 0, "doc": {"q": "x" * 1000}, "arguments": ["p" * 1000], "resps": [["r"]], "filter": "none"}
+    rec |= {"doc_hash": "d", "prompt_hash": "p", "target_hash": "t", "target": "4", "filtered_resps": ["4"]}
+    rec |= {"metrics": ["acc"], "acc": 1.0}
+    src.write_text(json.dumps(rec) + "\n")
+    result = {"samples": {"merged": {"t": {"t": {"file": str(src), "metric": "acc,none"}}}}}
+    result["samples"]["base"] = {"t": {"t": {"file": str(tmp_path / "gone.jsonl"), "metric": "acc,none"}}}
+    keep_samples(result, tmp_path / "job")
+    assert result["samples"]["merged"]["t"]["t"]["file"] == "samples/merged/t.jsonl"
+    kept = json.loads((tmp_path / "job" / "samples" / "merged" / "t.jsonl").read_text())
+    assert kept == {k: v for k, v in rec.items() if k not in ("doc", "arguments", "resps")}
+    assert result["samples"]["base"] == {"t": {}}  # its cache file is gone: left out, not a crash
+    assert read_items({"t": {"file": "samples/merged/t.jsonl", "metric": "acc,none"}}, tmp_path / "job", 100.0)
+
+
+def test_compare_takes_the_other_sides_job_and_draw(tmp_path):
+    from test_tables import result
+
+    from obim.bench.report.compare import main
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        for method, right in (("ta", 10), ("obim", 30)):
+            ind = {"math": [100.0 * 5 / 40] * 6} if method == "obim" else None
+            items = [[1] * right + [0] * (40 - right)] * 6
+            ov = [f"experiment.zoo_seed={seed}"]
+            result(
+                runs, f"{method},{seed}", method, [100.0 * right / 40] * 6, overrides=ov, items=items, individual=ind
+            )
+    out = main(runs, "obim@obim,1", "ta")
+    lines = out.splitlines()
+    assert lines[0] == "A = OBIM (obim,1, zoo draw 1)" and lines[1] == "B = TA (ta,1, zoo draw 1)"
+    assert "+50.00" in out  # every benchmark: 30 right against 10 of 40
+    with pytest.raises(ObimError, match="not a job, a method"):
+        main(runs, "obim", "nothing")

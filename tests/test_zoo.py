@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from obim.bench.tasks import utils as task_utils
 from obim.bench.zoo import PT_BENCHMARKS, RAW_BENCHMARKS, SFT_BENCHMARKS, build, quick_recipe, recipe_hash
 from obim.bench.zoo import data as D
@@ -184,3 +186,27 @@ def test_cli_prints_the_directory_last(quick_zoo, capsys):
 
     assert zoo_main(["build", "--out", str(quick_zoo), "--quick", "--no-eval", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(quick_zoo)
+
+
+def test_a_draw_never_replaces_another_draws_zoo(tmp_path):
+    from obim.bench.zoo import seeded
+    from obim.merging.errors import ObimError
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    stamp = {"recipe_hash": "old", "recipe": {**quick_recipe(), "seed": 0}}
+    (zoo / "zoo.json").write_text(json.dumps(stamp))
+    (zoo / "weights").write_text("draw 0's")
+    with pytest.raises(ObimError, match="holds the toy zoo of draw 0; draw 1 would replace it"):
+        build(zoo, recipe=seeded(quick_recipe(), 1), evaluate=False, progress=False, log=lambda s: None)
+    assert (zoo / "weights").read_text() == "draw 0's" and json.loads((zoo / "zoo.json").read_text()) == stamp
+
+
+def test_a_zoo_seed_needs_a_zoo(tmp_path):
+    from conftest import compose
+
+    from obim.bench.plan import plan_job
+    from obim.merging.errors import ObimError
+
+    with pytest.raises(ObimError, match="has no toy zoo to draw"):
+        plan_job(compose("experiment=llama2_13b_sft", "method=ta", "+experiment.zoo_seed=1", "dry_run=plan"))

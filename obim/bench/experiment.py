@@ -100,6 +100,8 @@ def check_experiment(exp: Any) -> None:
     seed = exp.get("zoo_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ObimError(f"experiment.zoo_seed: expected a non-negative integer (a zoo draw), got {seed!r}")
+    if seed and not exp.get("zoo"):
+        raise ObimError(f"experiment.zoo_seed: experiment {exp['name']} has no toy zoo to draw (its models are given)")
 
 
 def benchmarks_of(exp: dict) -> tuple[dict[str, str], dict[str, int]]:

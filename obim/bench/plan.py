@@ -51,6 +51,8 @@ def _register_resolvers() -> None:
         # a bad seed is named by check_experiment, in one line (an error raised here comes wrapped in OmegaConf's)
         return str(default_dir(seed if isinstance(seed, int) else 0))
 
+    if not OmegaConf.has_resolver("obim_draw"):  # a folder's suffix for a zoo draw other than the default
+        OmegaConf.register_new_resolver("obim_draw", lambda seed: f"-seed{seed}" if seed else "")
     if not OmegaConf.has_resolver("obim_zoo"):
         OmegaConf.register_new_resolver("obim_zoo", zoo_resolver)
     if not OmegaConf.has_resolver("obim_dirname"):

@@ -149,6 +149,11 @@ class Search:
         return str(self.cfg.experiment.name)
 
     @property
+    def draw(self) -> int:
+        """The toy zoo's draw the studies run on (0 for experiments without a zoo)."""
+        return int(self.cfg.experiment.get("zoo_seed") or 0)
+
+    @property
     def opts(self) -> dict:
         return plain(self.cfg.search)
 
@@ -232,7 +237,7 @@ def run_trial(
             plain(s.cfg.tracking),
             s.out / method / f"trial-{trial.number}",
             f"{method}-trial-{trial.number}",
-            study_name(s.experiment, method),
+            study_name(s.experiment, method, s.draw),
             {
                 "method": method,
                 "trial": trial.number,
@@ -250,8 +255,9 @@ def run_trial(
     return res["avg"], {"used": used, **info}
 
 
-def study_name(experiment: str, method: str) -> str:
-    return f"{experiment}-{method}"
+def study_name(experiment: str, method: str, draw: int = 0) -> str:
+    """A study's name: one per experiment, method and zoo draw (a study of another draw is never resumed)."""
+    return f"{experiment}-{method}" + (f"-seed{draw}" if draw else "")
 
 
 def run_study(s: Search, method: str) -> Any:
@@ -269,7 +275,7 @@ def run_study(s: Search, method: str) -> Any:
 
     im = get_method(method).retention_param == "retention"
     storage = s.storage()
-    name = study_name(s.experiment, method)
+    name = study_name(s.experiment, method, s.draw)
     done = (TrialState.COMPLETE, TrialState.PRUNED)
     finished = 0
     if name in optuna.get_all_study_names(storage):
@@ -311,7 +317,7 @@ def test_best(s: Search, method: str, study: Any) -> dict:
     # where it runs, not what it computes (the plan hash leaves these out): the search's own settings, and its W&B
     # run in the study's group rather than among the sweep's jobs
     run = [f"{k}={v}" for k, v in (("keep_merged", bool(s.cfg.keep_merged)), ("progress", bool(s.cfg.progress)))]
-    run += [f"++tracking.group={study_name(s.experiment, method)}"]
+    run += [f"++tracking.group={study_name(s.experiment, method, s.draw)}"]
     run = [o for o in run if o.split("=", 1)[0].lstrip("+") not in keys]
     plan = plan_job(compose([*ov, *run], primary="sweep"), ov)
     with s.quiet():
@@ -332,7 +338,7 @@ def test_best(s: Search, method: str, study: Any) -> dict:
         "test_avg": res["avg"],
         "test_stderr": {plan.benchmarks[t]: v for t, v in res["stderr"].items()},
         "test_avg_stderr": res["avg_stderr"],
-        "result": str(s.out / method / "best" / "result.json"),  # its per-sample records: the table's marks
+        "result": str((s.out / method / "best" / "result.json").resolve()),  # its per-sample records: the marks
         "sampler_seed": int(s.opts["seed"]),
         "budget": int(s.opts["trials"]),
     }

@@ -9,6 +9,7 @@ The package's version is in no key: a release changes no cached result by itself
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import sys
@@ -535,16 +536,35 @@ class JobResult:
 
 
 def keep_samples(result: dict[str, Any], job_dir: Path) -> None:
-    """Copy a result's per-sample records into its job folder (samples/<model>/<leaf task>.jsonl; each written
-    whole, then renamed) and point result["samples"] at them, relative to the folder: the job's items stay
-    comparable after the caches are cleared."""
+    """A result's per-sample records into its job folder (samples/<model>/<leaf task>.jsonl; each written whole,
+    then renamed), result["samples"] pointing at them, relative to the folder: the job's items stay comparable
+    after the caches are cleared. Each record as lm-eval logged it less its document, prompts and raw responses
+    (a real MMLU's 5-shot prompts are ~100 MB a model; the evaluation cache keeps them whole): the item's ids and
+    hashes, target, filtered answer and metric values. A record file gone from the cache is left out (that job's
+    items are then not compared)."""
     for model, tasks in (result.get("samples") or {}).items():
         for entries in tasks.values():
-            for leaf, e in entries.items():
+            for leaf in list(entries):
+                e = entries[leaf]
+                src = Path(e["file"])
+                if not src.is_absolute():  # already in a job folder (a record read back)
+                    continue
+                if not src.is_file():
+                    del entries[leaf]
+                    continue
                 rel = Path("samples") / model / f"{leaf}.jsonl"
                 dst = job_dir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(dst.name + ".tmp")
-                shutil.copyfile(e["file"], tmp)
+                with src.open() as fin, tmp.open("w") as fout:
+                    for line in fin:
+                        fout.write(json.dumps(_trimmed(json.loads(line)), ensure_ascii=False) + "\n")
                 tmp.replace(dst)
                 e["file"] = str(rel)
+
+
+_KEPT = ("doc_id", "doc_hash", "prompt_hash", "target_hash", "filter", "metrics", "target", "filtered_resps")
+
+
+def _trimmed(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec[k] for k in (*_KEPT, *rec.get("metrics", ())) if k in rec}

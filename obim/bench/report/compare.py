@@ -3,7 +3,8 @@ for the average, each side's score, the difference and its paired-bootstrap inte
 
 A side is named by a method (the latest job of the experiment's main setting that ran it: `obim`, `ties` or the
 registry's label `TIES`), a job (its folder, or its name under the sweep: `3`), or a model the jobs evaluated on
-their own (`base`, an expert's name: `math`), optionally from a given job (`math@3`)."""
+their own (`base`, an expert's name: `math`), optionally from a given job (`math@3`). The second side follows the
+first: the same zoo draw, and a model evaluated on its own from the first side's job."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class Side:
     def where(self, root: Path) -> str:
         d = self.record.path.parent
         where = str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
-        return where + ("" if self.model == "merged" else f", model {self.model}")
+        where += "" if self.model == "merged" else f", model {self.model}"
+        return where + (f", zoo draw {self.record.plan.zoo_seed}" if self.record.plan.zoo else "")
 
 
 def _method(spec: str) -> str | None:
@@ -43,24 +45,28 @@ def _method(spec: str) -> str | None:
     return spec if spec in METHODS else by_label.get(spec.lower())
 
 
-def resolve(results: list[JobRecord], spec: str, root: Path) -> Side:
-    """The job (and model) a command-line name stands for (module docstring); an ObimError naming what exists."""
+def resolve(results: list[JobRecord], spec: str, root: Path, like: Side | None = None) -> Side:
+    """The job (and model) a command-line name stands for (module docstring); an ObimError naming what exists.
+    `like`: the other side, already resolved: a model evaluated on its own is taken from that side's job when it
+    has it, and a method from the same zoo draw, so that both sides are on the same items and the same draw."""
     model, _, job = spec.partition("@")
     pool = results
     if job:
         pool = [r for r in results if _job_matches(r, job, root)]
         if not pool:
             raise ObimError(f"{spec}: no job {job!r} under {root}")
-    if not job:
+    else:
         by_job = [r for r in results if _job_matches(r, spec, root)]
         if by_job:
             return Side(spec, by_job[-1], "merged")
     method = _method(model)
     if method is not None:
-        hit = [r for r in pool if r.plan.method == method and (job or r.plan.main)]
+        hit = _prefer([r for r in pool if r.plan.method == method and (job or r.plan.main)], like)
         if hit:
             return Side(method_label(method), hit[-1], "merged")
-    hit = [r for r in pool if model in r.individual]
+    if like is not None and not job and model in like.record.individual:
+        return Side(model, like.record, model)
+    hit = _prefer([r for r in pool if model in r.individual and (job or r.plan.main)], like)
     if hit:
         return Side(model, hit[-1], model)
     methods = sorted({r.plan.method for r in results if r.plan.main})
@@ -69,6 +75,23 @@ def resolve(results: list[JobRecord], spec: str, root: Path) -> Side:
         f"{spec}: not a job, a method of the main setting ({', '.join(methods) or 'none'}) or an evaluated model "
         f"({', '.join(models) or 'none'}) under {root}"
     )
+
+
+def _prefer(records: list[JobRecord], like: Side | None) -> list[JobRecord]:
+    """Those of the other side's zoo draw when there are some (else the default draw's, else all)."""
+    draw = like.record.plan.zoo_seed if like is not None else 0
+    same = [r for r in records if r.plan.zoo_seed == draw]
+    return same or records
+
+
+def _resolve_pair(results: list[JobRecord], a: str, b: str, root: Path) -> tuple[Side, Side]:
+    """Both sides: a job named outright first, so that the other side follows its draw and job."""
+    first_is_job = any(_job_matches(r, a.partition("@")[0], root) for r in results) or "@" in a
+    if not first_is_job and (any(_job_matches(r, b.partition("@")[0], root) for r in results) or "@" in b):
+        sb = resolve(results, b, root)
+        return resolve(results, a, root, sb), sb
+    sa = resolve(results, a, root)
+    return sa, resolve(results, b, root, sa)
 
 
 def _job_matches(r: JobRecord, name: str, root: Path) -> bool:
@@ -147,5 +170,5 @@ def main(runs: str | Path, a: str, b: str, resamples: int = RESAMPLES, seed: int
     results = load_results(root)
     if not results:
         raise ObimError(f"{root}: no result.json found")
-    sa, sb = resolve(results, a, root), resolve(results, b, root)
+    sa, sb = _resolve_pair(results, a, b, root)
     return render(sa, sb, compare(sa, sb, resamples, seed, level), root, resamples, seed, level)

@@ -30,7 +30,8 @@ _TOLERANCE = 1e-6  # percent points between the recorded score and the one rebui
 @dataclass(frozen=True)
 class Items:
     """One benchmark's per-item values of one evaluated model: leaf task -> (doc_id, doc_hash) -> value (0-1),
-    and how the leaves make the score ("items": the mean over all items; "leaves": the mean of the leaves' means)."""
+    and how the leaves make the score ("items": the mean over all items; "leaves": the mean of the leaves' means;
+    "either": both gave the recorded score, the other side of a comparison decides)."""
 
     leaves: dict[str, dict[tuple[Any, str], float]]
     weighting: str
@@ -46,7 +47,7 @@ class Items:
 
 
 def _combine(values: dict[str, np.ndarray], weighting: str) -> float:
-    if weighting == "items":
+    if weighting in ("items", "either"):
         return float(np.concatenate(list(values.values())).mean())
     return float(np.mean([v.mean() for v in values.values()]))
 
@@ -85,11 +86,15 @@ def read_items(entries: dict[str, dict[str, Any]], base: Path, score: float | No
         if not vals:
             return None
         leaves[leaf] = vals
-    for weighting in ("items", "leaves") if len(leaves) > 1 else ("items",):
-        items = Items(leaves, weighting)
-        if abs(items.score() - score) <= _TOLERANCE * max(1.0, abs(score)):
-            return items
-    return None
+    fits = [
+        w
+        for w in (("items", "leaves") if len(leaves) > 1 else ("items",))
+        if abs(Items(leaves, w).score() - score) <= _TOLERANCE * max(1.0, abs(score))
+    ]
+    if not fits:
+        return None
+    # both fit (0%, 100%, or equal subtask means): either, decided by the other side of a comparison
+    return Items(leaves, fits[0] if len(fits) == 1 else "either")
 
 
 def record_items(record, model: str, task: str) -> Items | None:
@@ -116,7 +121,7 @@ class Difference:
 
 def _aligned(a: Items, b: Items) -> dict[str, np.ndarray]:
     """Per leaf, a's values minus b's on the same items; an ObimError when the two were not on the same items."""
-    if set(a.leaves) != set(b.leaves) or a.weighting != b.weighting:
+    if set(a.leaves) != set(b.leaves) or {a.weighting, b.weighting} - {"either"} not in ({"items"}, {"leaves"}, set()):
         raise ObimError(f"different tasks: {sorted(a.leaves)} vs {sorted(b.leaves)}")
     out = {}
     for leaf in sorted(a.leaves):
@@ -128,6 +133,10 @@ def _aligned(a: Items, b: Items) -> dict[str, np.ndarray]:
     return out
 
 
+def _weighting(a: Items, b: Items) -> str:
+    return next((w for w in (a.weighting, b.weighting) if w != "either"), "items")
+
+
 def paired_difference(
     a: list[Items], b: list[Items], resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
 ) -> Difference:
@@ -135,7 +144,7 @@ def paired_difference(
     percent points, with a paired bootstrap's `level` percentile interval."""
     if len(a) != len(b) or not a:
         raise ObimError("compare the same benchmarks on both sides")
-    cols = [(_aligned(x, y), x.weighting) for x, y in zip(a, b, strict=True)]
+    cols = [(_aligned(x, y), _weighting(x, y)) for x, y in zip(a, b, strict=True)]
     point = float(np.mean([_combine(d, w) for d, w in cols]))
     rng = np.random.default_rng(seed)
     boot = np.zeros(resamples, dtype=np.float64)
@@ -148,7 +157,7 @@ def paired_difference(
                 idx = rng.integers(0, len(v), size=(m, len(v)))
                 means.append(v[idx].mean(axis=1))
                 sizes.append(len(v))
-            if weighting == "items":
+            if weighting in ("items", "either"):
                 total += np.average(np.stack(means), axis=0, weights=np.array(sizes, dtype=np.float64))
             else:
                 total += np.mean(np.stack(means), axis=0)

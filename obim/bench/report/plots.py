@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .results import JobRecord, Table, best_single, by_count, method_label, paper_tables
+from .results import JobRecord, Table, best_single, by_count, mean_avg, method_label, paper_tables
 
 # table -> the x axis of its plot (Table 11's is Figure 3)
 AXES = {
@@ -136,14 +136,14 @@ def figure3_data(results: list[JobRecord]) -> dict[str, Any] | None:
     ours: dict[str, list] = {}
     for m in ("obim", "dare"):
         xs = [n for n in counts if (n, m) in seen]
-        ours[method_label(m)] = [xs, [seen[(n, m)].avg for n in xs]]
+        ours[method_label(m)] = [xs, [mean_avg(seen[(n, m)]) for n in xs]]
     best = {n: best_single(seen.get((n, "obim")) or seen.get((n, "dare"))) for n in counts}
     ours["best single model"] = [[n for n in counts if best[n]], [best[n][1] for n in counts if best[n]]]
     paper = paper_tables()["table11"]["rows"]
     pc = sorted(int(k) for k in paper)
     return {
         "counts": counts,
-        "experiment": next(iter(seen.values())).plan.experiment,
+        "experiment": next(iter(seen.values()))[-1].plan.experiment,
         "ours": ours,
         "paper": {m: [pc, [paper[str(n)][m][-1] for n in pc]] for m in ("OBIM", "DARE")},
     }

@@ -310,10 +310,10 @@ def _check_same_inputs(results: list[JobRecord], root: str | Path) -> None:
     """One table compares jobs on the same models: results whose inputs differ under one name (a run with other
     checkpoints or a retrained expert at the same job directories, beside jobs of the earlier run) are refused
     rather than mixed."""
-    seen: dict[tuple[str, str], tuple[str, JobRecord]] = {}
+    seen: dict[tuple[str, int, str], tuple[str, JobRecord]] = {}
     for r in results:
         for name, fp in r.inputs.items():
-            key = (r.plan.experiment, name)
+            key = (r.plan.experiment, r.plan.zoo_seed, name)  # each zoo draw has its own models
             if key in seen and seen[key][0] != fp:
                 (was, other), path = seen[key], _path(r, name)
                 raise ObimError(
@@ -343,15 +343,32 @@ def count_job(r: JobRecord) -> bool:
     return r.plan.setting == "pt" and r.plan.method in ("obim", "dare") and varies_only(r, {"n_models"})
 
 
-def by_count(results: list[JobRecord]) -> dict[tuple[int, str], JobRecord]:
+def by_count(results: list[JobRecord]) -> dict[tuple[int, str], list[JobRecord]]:
     """The post-pretraining OBIM and DARE jobs that vary only the number of models, by (models merged with the
-    base counted, as the paper counts them; method), the latest of each."""
-    return {(r.plan.n_models + 1, r.plan.method): r for r in results if count_job(r)}
+    base counted, as the paper counts them; method): the latest of each zoo draw, in the draws' order."""
+    latest: dict[tuple[int, str], dict[int, JobRecord]] = {}
+    for r in results:
+        if count_job(r):
+            latest.setdefault((r.plan.n_models + 1, r.plan.method), {})[r.plan.zoo_seed] = r
+    return {k: [v[d] for d in sorted(v)] for k, v in latest.items()}
 
 
-def best_single(r: JobRecord | None) -> tuple[str, float] | None:
-    """The job's best individual model by average (an unscored one, e.g. unjudged, is left out)."""
-    ind = {k: v.avg for k, v in (r.individual if r else {}).items() if v.avg is not None}
+def mean_avg(records: list[JobRecord]) -> float | None:
+    """The mean over the draws of the jobs' averages (None when one is missing)."""
+    vals = [r.avg for r in records]
+    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None) / len(vals)
+
+
+def best_single(records: list[JobRecord] | None) -> tuple[str, float] | None:
+    """The best individual model by average, over the draws' jobs (the mean of each model's averages; an unscored
+    one, e.g. unjudged, is left out)."""
+    records = records or []
+    names = set.intersection(*(set(r.individual) for r in records)) if records else set()
+    ind = {}
+    for k in names:
+        vals = [r.individual[k].avg for r in records]
+        if all(v is not None for v in vals):
+            ind[k] = sum(v for v in vals if v is not None) / len(vals)
     if not ind:
         return None
     name = max(ind, key=ind.__getitem__)

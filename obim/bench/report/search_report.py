@@ -169,5 +169,7 @@ def _marks(records: list[dict], columns: list[str]) -> dict[str, set[str]]:
         label = method_label(r["method"])
         named = {job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}
         t.add(label, {**named, "avg": job.avg}, None, None, _result_items(job, columns))
+    if len(t.items) < len(records):  # a method without its records: no column's best can be named
+        return {}
     mark_top(t)
     return {c: t.top[c] for c in t.top if t.tested.get(c) == set(t.items)}

@@ -78,9 +78,11 @@ def _by_draw(records: list[JobRecord]) -> list[JobRecord]:
 def _add(
     t: Table, label: str, draws: list[JobRecord], cited: list | None, model: str = "merged", compare: bool = True
 ) -> None:
-    """A row from one job per zoo draw: the mean over the draws, its within-draw standard error (sqrt(sum se^2) / k),
-    the standard deviation across draws (two draws or more) and, with `compare`, the items mark_top tests (the draws'
-    items side by side: the mean of the draws' scores)."""
+    """A row from one job per zoo draw: the mean over the draws, the item noise's standard error of that mean, the
+    standard deviation across draws (two draws or more) and, with `compare`, the items mark_top tests (each item's
+    value averaged over the draws). Every draw is scored on the same test items, so their item noise is shared, not
+    independent: the standard error is the mean of the draws' (the bound for fully shared noise), and the
+    bootstrap resamples items, not draws x items."""
     cols = t.columns
     rows, ses, items = [], [], []
     for r in draws:
@@ -94,29 +96,33 @@ def _add(
         return None if any(v is None for v in vals) else sum(v for v in vals if v is not None) / k
 
     ours = {c: mean([row[c] for row in rows]) for c in cols}
-    se = {c: avg_stderr([e[c] for e in ses]) for c in cols}
+    se = {c: mean([e[c] for e in ses]) for c in cols}
     sd = None
     if k > 1:
         sd = {c: None if ours[c] is None else statistics.stdev([row[c] or 0.0 for row in rows]) for c in cols}
-    pooled = {c: _pooled([it.get(c) for it in items], [r.plan.zoo_seed for r in draws]) for c in cols if c != "avg"}
+    pooled = {c: _pooled([it.get(c) for it in items]) for c in cols if c != "avg"}
     t.add(label, ours, cited, se, pooled if compare else None, sd=sd, draws=[r.plan.zoo_seed for r in draws])
     t.per_draw[label] = {r.plan.zoo_seed: row for r, row in zip(draws, rows, strict=True)}
     t.zoos.update({r.zoo["seed"]: r.zoo.get("fingerprint") for r in draws if r.zoo})
 
 
-def _pooled(items: list[Items | None], seeds: list[int]) -> Items | None:
-    """Several draws' items of one benchmark as one: each draw's leaves kept apart, scored as the mean of the draws'
-    scores (a draw's group scored over all its items cannot be: None)."""
+def _pooled(items: list[Items | None]) -> Items | None:
+    """Several draws' items of one benchmark as one: each item's value averaged over the draws (their mean score),
+    so that a resample of the items moves every draw's value of an item together; None unless every draw has the
+    same items."""
     if any(it is None for it in items):
         return None
     got = [it for it in items if it is not None]
+    first = got[0]
     if len(got) == 1:
-        return got[0]
-    if any(len(it.leaves) > 1 and it.weighting != "leaves" for it in got):
+        return first
+    if any(it.leaves.keys() != first.leaves.keys() or it.weighting != first.weighting for it in got):
+        return None
+    if any(it.leaves[leaf].keys() != first.leaves[leaf].keys() for it in got for leaf in first.leaves):
         return None
     return Items(
-        {f"{leaf}@draw{seed}": v for it, seed in zip(got, seeds, strict=True) for leaf, v in it.leaves.items()},
-        "leaves",
+        {leaf: {k: sum(it.leaves[leaf][k] for it in got) / len(got) for k in v} for leaf, v in first.leaves.items()},
+        first.weighting,
     )
 
 

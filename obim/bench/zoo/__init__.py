@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from obim.merging.errors import ObimError
 from obim.merging.staging import staged_output
 
 from . import data as D
@@ -82,6 +83,13 @@ def is_current(root: str | Path, recipe: dict) -> bool:
     under running jobs (`zoo.json` records its kernels and weight fingerprint, to compare with a reference's)."""
     stamp = Path(root) / "zoo.json"
     return stamp.is_file() and json.loads(stamp.read_text()).get("recipe_hash") == recipe_hash(recipe)
+
+
+def _read_stamp(root: Path) -> dict:
+    try:
+        return json.loads((root / "zoo.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def default_dir(seed: int = 0) -> Path:
@@ -206,6 +214,12 @@ def build(
     h = recipe_hash(recipe)
     if is_current(root, recipe):
         return root
+    held = (_read_stamp(root).get("recipe") or {}).get("seed")
+    if held is not None and held != recipe["seed"]:  # a new recipe replaces its own draw only, never another's
+        raise ObimError(
+            f"{root} holds the toy zoo of draw {held}; draw {recipe['seed']} would replace it: build it in its own "
+            "folder (experiment.zoo / --out, or leave them at their defaults: <zoo>-seed<k>)"
+        )
     t0 = time.perf_counter()
     # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
     with staged_output(root, overwrite=True, marker="zoo.json") as tmp:
