@@ -25,6 +25,7 @@ SWEEPS = [  # (experiment, the sweep's own overrides): the default sweep, then e
     ("toy_sft", ["+paper=table5"]),
     ("toy_sft", ["+paper=table6"]),
     ("toy_pt", []),
+    ("toy_pt", ["+paper=table2"]),  # Breadcrumbs
     ("toy_pt", ["+paper=table11"]),
 ]
 
