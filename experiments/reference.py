@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             timings.append((f"search, draw {d}", run(cmd, env)))
     cmd = [py, "experiments/tables.py", "--reference", "--runs", str(root / "multirun"), "--out", args.out]
     run(cmd, env)
+    if args.search:  # after the untuned tables: their averages are the tuned table's `untuned avg`
+        sys.path.insert(0, str(REPO))
+        from obim.bench.report.search_report import tuned_over_draws
+
+        dirs = [root / "search" / str(d) / "study" for d in draws]
+        for p in tuned_over_draws(dirs, REPO / args.out / "toy_sft"):
+            print(p)
     zoo_md = [
         "# The toy zoo's draws",
         "",

@@ -339,8 +339,10 @@ def test_best(s: Search, method: str, study: Any) -> dict:
         "test_stderr": {plan.benchmarks[t]: v for t, v in res["stderr"].items()},
         "test_avg_stderr": res["avg_stderr"],
         "result": str((s.out / method / "best" / "result.json").resolve()),  # its per-sample records: the marks
+        "zoo_seed": s.draw,
         "sampler_seed": int(s.opts["seed"]),
         "budget": int(s.opts["trials"]),
+        "startup_trials": int(s.opts["startup_trials"]),
     }
     write_json(s.out / method / "best.json", rec)
     return rec

@@ -64,59 +64,65 @@ def tuned_table(
     records: list[dict], results: Path, columns: list[str], left_out: list[str], opts: dict
 ) -> tuple[str, str]:
     """'Table 1, every method tuned' as markdown and CSV: each method's best parameters, its dev avg, its test
-    scores and avg, and its avg in the untuned Table 1 beside."""
+    scores and avg, and its avg in the untuned Table 1 beside. Records of several zoo draws (`zoo_seed`; one study
+    per method and draw) make one row per method: the means over the draws, ± the mean of their standard errors
+    (the draws share their test items), [sd] across the draws, and each draw's parameters listed below."""
     from .results import method_label
 
     untuned = _untuned(results)
-    head = ["method", "best parameters", "dev avg", *columns, "avg", "untuned avg", "trials"]
-    rows, errors = [], []
+    test_cols = [*columns, "avg"]
+    by_method: dict[str, list[dict]] = {}
     for r in records:
-        label = method_label(r["method"])
-        params = " ".join(f"{k}={v:g}" for k, v in r["params"].items())
-        rows.append(
-            [
-                label,
-                params,
-                r["dev_avg"],
-                *[r["test_scores"].get(c) for c in columns],
-                r["test_avg"],
-                untuned.get(label),
-                r["trials"],
-            ]
+        by_method.setdefault(r["method"], []).append(r)
+    draws = sorted({int(r.get("zoo_seed") or 0) for r in records})
+    multi = len(draws) > 1
+    head = ["method", "best parameters", "dev avg", *columns, "avg", "untuned avg", "trials"]
+    rows, errors, sds = [], [], []
+    for method, recs in by_method.items():
+        recs = sorted(recs, key=lambda r: int(r.get("zoo_seed") or 0))
+        label = method_label(method)
+        params = " ".join(f"{k}={v:g}" for k, v in recs[0]["params"].items()) if not multi else "per draw (below)"
+        tests = [[r["test_scores"].get(c) for c in columns] + [r["test_avg"]] for r in recs]
+        ses = [[(r.get("test_stderr") or {}).get(c) for c in columns] + [r.get("test_avg_stderr")] for r in recs]
+        trials = recs[0]["trials"] if not multi else " ".join(str(r["trials"]) for r in recs)
+        rows.append([label, params, _mean([r["dev_avg"] for r in recs]), *_means(tests), untuned.get(label), trials])
+        errors.append(_means(ses))
+        sds.append(
+            [_sd([t[j] for t in tests]) for j in range(len(test_cols))] if len(recs) > 1 else [None] * len(test_cols)
         )
-        se = r.get("test_stderr") or {}
-        errors.append([se.get(c) for c in columns] + [r.get("test_avg_stderr")])
-    top = _marks(records, [*columns, "avg"])
+    top = _marks(records, test_cols)
     first = 3  # the first test column
 
     def cell(v: Any) -> str:
         return "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
-    def test_cell(row: list, i: int, j: int) -> str:
-        v, se = row[first + j], errors[i][j]
+    def test_cell(i: int, j: int) -> str:
+        v, se, sd = rows[i][first + j], errors[i][j], sds[i][j] if j < len(sds[i]) else None
         text = cell(v) + ("" if v is None or se is None else f" ± {se:.2f}")
-        col = [*columns, "avg"][j]
-        return f"**{text}**" if v is not None and row[0] in top.get(col, ()) else text
+        text += "" if v is None or sd is None else f" [sd {sd:.2f}]"
+        return f"**{text}**" if v is not None and rows[i][0] in top.get(test_cols[j], ()) else text
 
-    def md_row(i: int, row: list) -> str:
-        n = len(columns) + 1
-        cells = [cell(v) for v in row[:first]] + [test_cell(row, i, j) for j in range(n)]
+    def md_row(i: int) -> str:
+        row, n = rows[i], len(test_cols)
+        cells = [cell(v) for v in row[:first]] + [test_cell(i, j) for j in range(n)]
         return "| " + " | ".join(cells + [cell(v) for v in row[first + n :]]) + " |"
 
+    over = f"the mean over the zoo draws {', '.join(map(str, draws))} of " if multi else ""
     md = [
         f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})",
         "",
         f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
         f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
         "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
-        "default parameters (table1.md / table3.md). A test score ± its standard error"
+        f"default parameters (table1.md / table3.md). Each cell: {over}a test score ± its standard error"
+        + (" [sd across the draws], one study per method and draw" if multi else "")
         + (f"; bold: {_legend()}" if top else "")
         + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|---|---|" + "---:|" * (len(head) - 2),
     ]
-    md += [md_row(i, row) for i, row in enumerate(rows)]
+    md += [md_row(i) for i in range(len(rows))]
     notes = (
         [
             f"Left out of the objective (no dev data, as in the real setting): {', '.join(left_out)}; their test "
@@ -129,20 +135,52 @@ def tuned_table(
         "IM retentions (obim, ties_im) drawn summing over 1 are scaled down to sum 1: the parameters shown "
         "are those merged."
     )
+    if multi:
+        for method, recs in by_method.items():
+            per = "; ".join(
+                f"draw {r.get('zoo_seed') or 0}: " + " ".join(f"{k}={v:g}" for k, v in r["params"].items())
+                for r in sorted(recs, key=lambda r: int(r.get("zoo_seed") or 0))
+            )
+            notes.append(f"{method_label(method)} best parameters: {per}")
     md += [""] + [f"- {n}" for n in notes] + [""]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    test_cols = [*columns, "avg"]
-    w.writerow([*head, *(f"{c}_se" for c in test_cols), *(f"{c}_top" for c in test_cols if c in top)])
+    sd_cols = test_cols if multi else []
+    w.writerow(
+        [
+            *head,
+            *(f"{c}_se" for c in test_cols),
+            *(f"{c}_sd" for c in sd_cols),
+            *(f"{c}_top" for c in test_cols if c in top),
+            *(["draws"] if multi else []),
+        ]
+    )
+    recs_of = list(by_method.values())
     for i, row in enumerate(rows):
         w.writerow(
             [
                 *("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for v in row),
                 *("" if e is None else f"{e:.4f}" for e in errors[i]),
+                *("" if v is None else f"{v:.4f}" for v in (sds[i] if multi else [])),
                 *(("1" if row[0] in top[c] else "0") for c in test_cols if c in top),
+                *([" ".join(str(d) for d in sorted(int(r.get("zoo_seed") or 0) for r in recs_of[i]))] if multi else []),
             ]
         )
     return "\n".join(md), buf.getvalue()
+
+
+def _mean(vals: list[Any]) -> float | None:
+    return None if not vals or any(v is None for v in vals) else float(sum(vals) / len(vals))
+
+
+def _means(rows: list[list[Any]]) -> list[float | None]:
+    return [_mean([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+
+def _sd(vals: list[Any]) -> float | None:
+    import statistics
+
+    return None if len(vals) < 2 or any(v is None for v in vals) else statistics.stdev(vals)
 
 
 def _legend() -> str:
@@ -153,23 +191,56 @@ def _legend() -> str:
 
 def _marks(records: list[dict], columns: list[str]) -> dict[str, set[str]]:
     """Each column's best tuned method and those not distinguishable from it, from the best trials' per-sample
-    records (paired.mark_top); a column some method lacks them for is left unmarked."""
+    records (paired.mark_top; several draws' items averaged item by item, as the tables do); a column some method
+    lacks them for is left unmarked."""
     import json
 
     from .paired import mark_top
     from .results import JobRecord, Table, method_label
-    from .tables import _result_items
+    from .tables import _pooled, _result_items
 
     t = Table("tuned", "tuned", columns)
+    by_method: dict[str, list[JobRecord]] = {}
     for r in records:
         p = Path(r.get("result") or "")
         if not p.is_file():
-            continue
-        job = JobRecord.from_json(json.loads(p.read_text()), p)
-        label = method_label(r["method"])
-        named = {job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}
-        t.add(label, {**named, "avg": job.avg}, None, None, _result_items(job, columns))
-    if len(t.items) < len(records):  # a method without its records: no column's best can be named
-        return {}
+            return {}  # a method without its records: no column's best can be named
+        by_method.setdefault(r["method"], []).append(JobRecord.from_json(json.loads(p.read_text()), p))
+    for method, jobs in by_method.items():
+        items = [_result_items(job, columns) for job in jobs]
+        pooled = {c: _pooled([it.get(c) for it in items]) for c in columns if c != "avg"}
+        scores = {
+            c: _mean([{job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}.get(c) for job in jobs])
+            for c in columns
+            if c != "avg"
+        }
+        t.add(method_label(method), {**scores, "avg": _mean([job.avg for job in jobs])}, None, None, pooled)
     mark_top(t)
     return {c: t.top[c] for c in t.top if t.tested.get(c) == set(t.items)}
+
+
+def tuned_over_draws(search_dirs: list[Path], out: Path) -> list[Path]:
+    """The tuned Table 1 of several searches (one per zoo draw: each search dir's search.json), written to
+    `out`/table1_tuned.md|csv beside the untuned tables there (their averages are the untuned column)."""
+    import json
+
+    from obim.merging.staging import atomic_write_file
+
+    from .results import paper_tables
+
+    records = [r for d in search_dirs for r in json.loads((Path(d) / "search.json").read_text())["records"]]
+    if not records:
+        return []
+    named = set(records[0]["test_scores"])
+    columns = [c for c in paper_tables()["table1"]["columns"] if c in named] + sorted(
+        named - set(paper_tables()["table1"]["columns"])
+    )
+    left_out = [c for c in columns if c not in records[0]["dev_scores"]]
+    r0 = records[0]
+    opts = {"seed": r0["sampler_seed"], "trials": r0["budget"], "startup_trials": r0.get("startup_trials", 5)}
+    md, csv_text = tuned_table(records, out, columns, left_out, opts)
+    written = []
+    for name, text in (("table1_tuned.md", md), ("table1_tuned.csv", csv_text)):
+        atomic_write_file(out / name, lambda tmp, text=text: tmp.write_text(text))
+        written.append(out / name)
+    return written
