@@ -25,7 +25,8 @@ from obim.merging.errors import ObimError
 
 def cfg(zoo, method="obim", **kw):
     models = []
-    for name, r in [("lm", 0.4), ("math", 0.45), ("code", 0.1)]:
+    cap = METHODS[method].max_models if method in METHODS else None  # slerp: 2
+    for name, r in [("lm", 0.4), ("math", 0.45), ("code", 0.1)][:cap]:
         m = {"name": name, "path": str(zoo[name]), "retention": r}
         models.append(m)
     c = {"method": method, "base_model": str(zoo["base"]), "models": models, "seed": 0}

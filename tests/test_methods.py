@@ -306,3 +306,50 @@ def test_ties_obm_many_zero_deltas_large_tensors():
     assert kept.min() >= (ds["a"].square() * h)[out == 0].max()
     out3 = run("ties_obm", ds, params={"density": 0.2}, hdiag=dict.fromkeys(ds, h))
     assert out3.shape == (300, 300) and int((out3 != 0).sum()) > 18_000
+
+
+def slerp_reference(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Shoemake's formula in float64 numpy-free maths: the angle between the flattened directions."""
+    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
+    cos = float(a @ b / (a.norm() * b.norm()))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * a + t * b).reshape(v0.shape)
+    om = math.acos(cos)
+    return ((math.sin((1 - t) * om) * a + math.sin(t * om) * b) / math.sin(om)).reshape(v0.shape)
+
+
+def test_slerp_base_and_one_model():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    delta = torch.randn(6, 5, generator=g)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        got = run("slerp", {"m": delta}, base=base, params={"t": t})
+        torch.testing.assert_close(got, slerp_reference(t, base, base + delta).float(), rtol=1e-5, atol=1e-5)
+    # the endpoints exactly, and lambda scales the step from the base
+    torch.testing.assert_close(run("slerp", {"m": delta}, base=base, params={"t": 1.0}), base + delta)
+    torch.testing.assert_close(run("slerp", {"m": delta}, base=base, params={"t": 0.0}), base)
+    half = run("slerp", {"m": delta}, base=base, params={"t": 0.5, "lambda": 0.5})
+    torch.testing.assert_close(half, base + 0.5 * (slerp_reference(0.5, base, base + delta).float() - base))
+
+
+def test_slerp_angle_cases():
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])  # orthogonal: the quarter circle's arc
+    got = run("slerp", {"a": e0, "b": e1}, params={"t": 0.5})
+    s = math.sin(math.pi / 4) / math.sin(math.pi / 2)  # sin(Ω/2)/sin Ω at Ω = 90°
+    torch.testing.assert_close(got, torch.tensor([s, 2 * s]))
+    par = torch.tensor([1.0, 2.0, 3.0])
+    got = run("slerp", {"a": par, "b": 3 * par}, params={"t": 0.25})  # parallel: linear
+    torch.testing.assert_close(got, 0.75 * par + 0.25 * 3 * par)
+    anti = run("slerp", {"a": par, "b": -par}, params={"t": 0.5})  # antiparallel: linear (no defined arc)
+    torch.testing.assert_close(anti, torch.zeros(3))
+    zero = run("slerp", {"a": torch.zeros(3), "b": par}, params={"t": 0.5})  # a zero endpoint: linear
+    torch.testing.assert_close(zero, 0.5 * par)
+
+
+def test_slerp_refuses_more_than_two_models():
+    from obim.merging.errors import ObimError
+
+    d = torch.ones(2, 2)
+    with pytest.raises(ObimError, match=r"slerp interpolates two endpoints .* got 3 models \(a, b, c\)") as e:
+        run("slerp", {"a": d, "b": d, "c": d})
+    assert "\n" not in str(e.value)

@@ -67,8 +67,9 @@ def test_every_method_config_is_valid_for_its_registered_method(tmp_path):
         if name == "dare":
             expected["combine"] = "ties"
         assert conf["name"] == name and conf["parameters"] == expected
-        plan = plan_job(compose(f"method={name}", f"experiment.zoo={tmp_path}"), [f"method={name}"])
-        assert plan.method == name and plan.main and plan.merge["parameters"] == expected
+        ov = [f"method={name}"] + ([f"n_models={method.max_models}"] if method.max_models else [])  # slerp: 2
+        plan = plan_job(compose(*ov, f"experiment.zoo={tmp_path}"), ov)
+        assert plan.method == name and plan.main == (not method.max_models) and plan.merge["parameters"] == expected
 
 
 def test_plan_orders_validation_and_model_count(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .context import Param, Sparse, TensorContext, number_in, one_of
@@ -13,6 +15,8 @@ class Combiner:
 
     params: tuple[Param, ...] = ()
     uses_order = False
+    uses_base = False  # needs the base's weights themselves (ctx.base), not only the task vectors
+    max_models: int | None = None  # the most models it combines (None: any number)
     version = 1  # bump when the combination changes: cached merges of every method using it are recomputed
 
     def code_version(self) -> str:
@@ -136,3 +140,46 @@ class WeightedMean(Combiner):
             num.addcmul_(s.score, s.delta)
             den += s.score
         return num.div_(den.clamp_(min=1e-12))
+
+
+DOT_THRESHOLD = 0.9995  # |cos| above which two endpoints count as parallel: linear interpolation
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical linear interpolation of two tensors taken as single vectors (Shoemake 1985): the angle Ω between
+    their directions, then sin((1-t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1; linear, (1-t)·v0 + t·v1, where the
+    directions are (anti)parallel (|cos Ω| > DOT_THRESHOLD) or a vector is zero. Norms and the cosine in float64."""
+    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
+    na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
+    cos = (a / na).dot(b / nb).clamp(-1.0, 1.0).item() if na > eps and nb > eps else 1.0
+    if abs(cos) > DOT_THRESHOLD:
+        c0, c1 = 1.0 - t, t
+    else:
+        omega = math.acos(cos)
+        c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return (v0 * c0).add_(v1, alpha=c1)
+
+
+class Slerp(Combiner):
+    """SLERP between two endpoints: the base and one model (mergekit's), or two models. δM = slerp(t, θa, θb) - θ0,
+    so that θ0 + λ·δM is the interpolation at λ = 1."""
+
+    uses_base = True
+    max_models = 2
+    params = (
+        Param("t", 0.5, number_in(0.0, 1.0), doc="0: the first endpoint (the base, or the first model); 1: the second"),
+    )
+
+    def validate(self, params, models):
+        if len(models) > 2:
+            return (
+                f"slerp interpolates two endpoints (the base and one model, or two models), got {len(models)} "
+                f"models ({', '.join(models)})"
+            )
+        return None
+
+    def __call__(self, sparse, ctx):
+        base = ctx.base
+        assert base is not None  # the driver passes it: uses_base
+        ends = [base, base + sparse[0].delta] if len(sparse) == 1 else [base + s.delta for s in sparse]
+        return slerp(ctx.param("t"), *ends).sub_(base)

@@ -74,6 +74,7 @@ class TensorContext:
     order: list[int]  # IM order for this tensor (indices into models)
     hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
     device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable: one shared default is safe)
+    base: torch.Tensor | None = None  # the base's float32 tensor, for a combiner that declares `uses_base` only
     _draws: dict[int, int] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:

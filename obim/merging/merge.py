@@ -218,8 +218,9 @@ def merge_tensor(
             raise ObimError(f"tensor {plan.name}: task vector of model '{spec.name}' has NaN or Inf entries")
         deltas.append(d)
     tensors.clear()
-    del b  # the base is re-read from its (smaller) stored dtype at the end
     method = cfg.method
+    base_f32 = b if method.combiner.uses_base else None
+    del b  # the base is re-read from its (smaller) stored dtype at the end (kept only for a combiner that needs it)
     ctx = TensorContext(
         name=plan.name,
         models=cfg.names,
@@ -228,11 +229,13 @@ def merge_tensor(
         order=tensor_order(cfg, plan.name),
         hdiag=[h.get(plan.name) if h else None for h in hdiags],
         device=device,
+        base=base_f32,
     )
     sparse = method.sparsifier(deltas, ctx)
     del deltas
     merged = method.combiner(sparse, ctx)
-    del sparse
+    del sparse, base_f32
+    ctx.base = None
     merged.mul_(ctx.param("lambda")).add_((base_t[:rows] if rows is not None else base_t).to(device))
     if rows is not None:
         full = torch.empty(plan.out_shape, dtype=torch.float32, device=device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .combiners import Choice, Combiner, Consensus, DisjointMean, IterativeMerging, Sum, WeightedMean
+from .combiners import Choice, Combiner, Consensus, DisjointMean, IterativeMerging, Slerp, Sum, WeightedMean
 from .context import Param, number_in
 from .errors import ObimError
 from .saliency import magnitude, saliency
@@ -29,6 +29,11 @@ class Method:
         """What a merge of this method computes besides its config: the declared versions of the method and its
         parts (a cached merge is reused only under the same ones; a change elsewhere invalidates nothing)."""
         return f"{self.name}@{self.version}/{self.sparsifier.code_version()}/{self.combiner.code_version()}"
+
+    @property
+    def max_models(self) -> int | None:
+        """The most models a merge of this method takes (None: any number)."""
+        return self.combiner.max_models
 
     @property
     def pretty_name(self) -> str:
@@ -156,5 +161,15 @@ register(
         doc="ablation: magnitude + iterative merging",
         label="TIES+IM",
         reference_url="https://arxiv.org/abs/2502.12217",
+    )
+)
+register(
+    Method(
+        "slerp",
+        Keep(),
+        Slerp(),
+        doc="SLERP: spherical interpolation of the base and one model, or of two models",
+        label="SLERP",
+        reference_url="https://doi.org/10.1145/325165.325242",
     )
 )
