@@ -353,3 +353,49 @@ def test_slerp_refuses_more_than_two_models():
     with pytest.raises(ObimError, match=r"slerp interpolates two endpoints .* got 3 models \(a, b, c\)") as e:
         run("slerp", {"a": d, "b": d, "c": d})
     assert "\n" not in str(e.value)
+
+
+def tsv_reference(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M in float64 numpy: each task's top r/T singular triplets, U and V concatenated and replaced by their
+    polar factors (the nearest orthonormal matrices), recombined with the singular values."""
+    import numpy as np
+
+    ds = [d.double().numpy() for d in deltas]
+    k = min(ds[0].shape) // len(ds)
+    svds = [np.linalg.svd(d, full_matrices=False) for d in ds]
+    u = np.concatenate([s[0][:, :k] for s in svds], axis=1)
+    sv = np.concatenate([s[1][:k] for s in svds])
+    v = np.concatenate([s[2][:k] for s in svds], axis=0)
+
+    def polar(a):
+        p, _, q = np.linalg.svd(a, full_matrices=False)
+        return p @ q
+
+    return torch.from_numpy(polar(u) @ np.diag(sv) @ polar(v)).float()
+
+
+def test_tsv_matches_an_independent_computation():
+    g = torch.Generator().manual_seed(3)
+    deltas = {n: torch.randn(8, 6, generator=g) for n in ("a", "b", "c")}
+    got = run("tsv", deltas)
+    torch.testing.assert_close(got, tsv_reference(list(deltas.values())), rtol=1e-4, atol=1e-5)
+    # lambda scales it; a vector (not a matrix) is the mean
+    torch.testing.assert_close(run("tsv", deltas, params={"lambda": 0.5}), 0.5 * got)
+    vecs = {n: torch.randn(5, generator=g) for n in ("a", "b")}
+    torch.testing.assert_close(run("tsv", vecs, name="model.norm.weight"), (vecs["a"] + vecs["b"]) / 2)
+
+
+def test_tsv_hand_cases():
+    g = torch.Generator().manual_seed(4)
+    one = torch.randn(5, 4, generator=g)
+    torch.testing.assert_close(run("tsv", {"a": one}), one, rtol=1e-4, atol=1e-5)  # one task: itself
+    # two rank-1 tasks on orthogonal rows and columns, one triplet kept each (rank 2 / 2 tasks): already
+    # orthonormal together, so their sum
+    a = torch.zeros(4, 2)
+    a[0, 0] = 3.0
+    b = torch.zeros(4, 2)
+    b[2, 1] = -2.0
+    torch.testing.assert_close(run("tsv", {"a": a, "b": b}), a + b, rtol=1e-5, atol=1e-6)
+    # more models than singular directions: nothing kept for each
+    tiny = {n: torch.randn(2, 9, generator=g) for n in ("a", "b", "c")}
+    assert torch.equal(run("tsv", tiny), torch.zeros(2, 9))

@@ -183,3 +183,30 @@ class Slerp(Combiner):
         assert base is not None  # the driver passes it: uses_base
         ends = [base, base + sparse[0].delta] if len(sparse) == 1 else [base + s.delta for s in sparse]
         return slerp(ctx.param("t"), *ends).sub_(base)
+
+
+class TaskSingularVectors(Combiner):
+    """TSV-M (task singular vectors): per matrix, each task vector's top 1/T singular triplets, their left and right
+    singular vectors made orthonormal together (the nearest orthonormal matrices, from an SVD of each
+    concatenation), recombined with their singular values; a tensor that is not a matrix: the mean."""
+
+    def __call__(self, sparse, ctx):
+        deltas = [s.delta for s in sparse]
+        if deltas[0].dim() != 2:
+            return _sum(deltas).div_(len(deltas))
+        k = min(deltas[0].shape) // len(deltas)
+        if k == 0:  # fewer singular directions than models: nothing can be kept for each
+            return torch.zeros_like(deltas[0])
+        us, ss, vs = [], [], []
+        for d in deltas:
+            u, s, vh = torch.linalg.svd(d, full_matrices=False)
+            us.append(u[:, :k])
+            ss.append(s[:k])
+            vs.append(vh[:k])
+        u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=0)
+        del us, vs
+        p, _, qh = torch.linalg.svd(u_cat, full_matrices=False)  # U⊥ = P Qᵀ: the orthonormal matrix nearest U_cat
+        u_orth = p @ qh
+        p, _, qh = torch.linalg.svd(v_cat, full_matrices=False)
+        v_orth = p @ qh
+        return (u_orth * s_cat) @ v_orth

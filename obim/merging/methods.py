@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .combiners import Choice, Combiner, Consensus, DisjointMean, IterativeMerging, Slerp, Sum, WeightedMean
+from .combiners import (
+    Choice,
+    Combiner,
+    Consensus,
+    DisjointMean,
+    IterativeMerging,
+    Slerp,
+    Sum,
+    TaskSingularVectors,
+    WeightedMean,
+)
 from .context import Param, number_in
 from .errors import ObimError
 from .saliency import magnitude, saliency
@@ -171,5 +181,15 @@ register(
         doc="SLERP: spherical interpolation of the base and one model, or of two models",
         label="SLERP",
         reference_url="https://doi.org/10.1145/325165.325242",
+    )
+)
+register(
+    Method(
+        "tsv",
+        Keep(),
+        TaskSingularVectors(),
+        doc="TSV-M: task singular vectors, orthogonalised across tasks",
+        label="TSV-M",
+        reference_url="https://arxiv.org/abs/2412.00081",
     )
 )
