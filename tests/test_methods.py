@@ -399,3 +399,43 @@ def test_tsv_hand_cases():
     # more models than singular directions: nothing kept for each
     tiny = {n: torch.randn(2, 9, generator=g) for n in ("a", "b", "c")}
     assert torch.equal(run("tsv", tiny), torch.zeros(2, 9))
+
+
+def sce_reference(deltas: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """SCE in float64 numpy from the FuseChat definition (select by variance, weights by mean square, erase)."""
+    import numpy as np
+
+    d = np.stack([x.double().numpy().reshape(-1) for x in deltas])
+    if tau < 1:
+        var = d.var(axis=0)
+        k = int(np.count_nonzero(var) * tau)
+        order = sorted(range(var.size), key=lambda j: (-var[j], j))  # ties to the lowest index
+        mask = np.zeros(var.size)
+        mask[order[:k]] = 1
+        d = d * mask
+    w = (d**2).mean(axis=1)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(d), 1 / len(d))
+    sign = np.where(d.sum(axis=0) >= 0, 1.0, -1.0)
+    keep = (np.sign(d) == sign).astype(float)
+    den = (w[:, None] * keep).sum(axis=0)
+    num = (w[:, None] * keep * d).sum(axis=0)
+    out = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    return torch.from_numpy(out.reshape(deltas[0].shape)).float()
+
+
+def test_sce_hand_computed():
+    a, b = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([3.0, -2.0, -1.0])
+    # weights 2 / (2 + 14/3) = 0.3 and 0.7; signs +, + (a tie: 0 -> +), -; b's -2 erased in entry 1
+    torch.testing.assert_close(run("sce", {"a": a, "b": b}), torch.tensor([2.4, 2.0, -1.0]))
+    # select_topk: only the entry of largest variance kept (entry 1: 2 vs -2), in both models
+    got = run("sce", {"a": a, "b": b}, params={"select_topk": 0.5})  # 2 varying entries x 0.5 = 1
+    torch.testing.assert_close(got, torch.tensor([0.0, 2.0, 0.0]))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_sce_matches_an_independent_computation(tau):
+    g = torch.Generator().manual_seed(5)
+    deltas = {n: torch.randn(7, 9, generator=g) for n in ("a", "b", "c")}
+    deltas["c"][0, :3] = 0.0  # zeros never vote or count
+    got = run("sce", deltas, params={"select_topk": tau})
+    torch.testing.assert_close(got, sce_reference(list(deltas.values()), tau), rtol=1e-5, atol=1e-6)

@@ -210,3 +210,18 @@ class TaskSingularVectors(Combiner):
         p, _, qh = torch.linalg.svd(v_cat, full_matrices=False)
         v_orth = p @ qh
         return (u_orth * s_cat) @ v_orth
+
+
+class SignWeightedMean(Combiner):
+    """SCE's erase and merge: elect a sign per entry (sign of Σt δt, 0 -> +1), erase the entries of other signs
+    (and zeros), then δM = Σt wt·δt / Σt wt over the entries kept, wt the model weights in `score`; 0 where no
+    model keeps the entry."""
+
+    def __call__(self, sparse, ctx):
+        sign = _sum(s.delta for s in sparse).sign_().add_(0.5).sign_()  # sign(Σ), with 0 -> +1
+        num, den = torch.zeros_like(sign), torch.zeros_like(sign)
+        for s in sparse:
+            keep = s.delta.mul(sign).clamp_(min=0).sign_()  # 1.0 where δ agrees with the elected sign
+            num.addcmul_(s.delta, keep, value=float(s.score))
+            den.add_(keep, alpha=float(s.score))
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)

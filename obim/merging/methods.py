@@ -11,6 +11,7 @@ from .combiners import (
     Consensus,
     DisjointMean,
     IterativeMerging,
+    SignWeightedMean,
     Slerp,
     Sum,
     TaskSingularVectors,
@@ -19,7 +20,17 @@ from .combiners import (
 from .context import Param, number_in
 from .errors import ObimError
 from .saliency import magnitude, saliency
-from .sparsifiers import Breadcrumbs, Keep, MagPrune, PCBBalance, RandomDrop, Rank, Sparsifier, TopK
+from .sparsifiers import (
+    Breadcrumbs,
+    Keep,
+    MagPrune,
+    PCBBalance,
+    RandomDrop,
+    Rank,
+    Sparsifier,
+    TopK,
+    VarianceSelect,
+)
 
 
 @dataclass(frozen=True)
@@ -191,5 +202,15 @@ register(
         doc="TSV-M: task singular vectors, orthogonalised across tasks",
         label="TSV-M",
         reference_url="https://arxiv.org/abs/2412.00081",
+    )
+)
+register(
+    Method(
+        "sce",
+        VarianceSelect(),
+        SignWeightedMean(),
+        doc="SCE: select by variance, calculate weights, erase sign conflicts (FuseChat; mergekit's sce)",
+        label="SCE",
+        reference_url="https://arxiv.org/abs/2408.07990",
     )
 )

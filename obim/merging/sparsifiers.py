@@ -171,3 +171,32 @@ class PCBBalance(Sparsifier):
             weight = _norm_(bal.clamp_(min=floor))
             out.append(Sparse(a.mul_(torch.sign(d)), weight))  # the clipped δ
         return out
+
+
+class VarianceSelect(Sparsifier):
+    """SCE's select and calculate: keep, in every model, the entries where the task vectors vary most across the
+    models (the top int(select_topk · m) by variance, m the entries of nonzero variance; ties to the lowest index),
+    and weigh each model by its kept entries' mean square, normalised to sum 1 over the models (equal weights when
+    every kept entry is 0). The weight is the Sparse score (a 0-d tensor)."""
+
+    params = (Param("select_topk", 1.0, number_in(0.0, 1.0), doc="fraction of the varying entries kept"),)
+
+    def __call__(self, deltas, ctx):
+        tau = ctx.param("select_topk")
+        if tau < 1:
+            mean = deltas[0].clone()
+            for d in deltas[1:]:
+                mean += d
+            mean /= len(deltas)
+            var = torch.zeros_like(mean)
+            for d in deltas:
+                var.add_(torch.sub(d, mean).square_())
+            var /= len(deltas)  # population variance, per entry
+            k = int(int(torch.count_nonzero(var)) * tau)
+            mask = topk_mask(var, k, deltas[0].dtype)
+            for d in deltas:
+                d.mul_(mask)
+        weights = torch.stack([d.double().square().mean() for d in deltas])
+        total = float(weights.sum())
+        weights = weights / total if total > 0 else torch.full_like(weights, 1.0 / len(deltas))
+        return [Sparse(d, w.to(d.dtype)) for d, w in zip(deltas, weights, strict=True)]
