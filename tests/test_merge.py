@@ -323,3 +323,15 @@ def test_python_api_is_the_cli_path(zoo, tmp_path):
     with safe_open(str(tmp_path / "api" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert sys.modules["obim.merging.merge"]  # the console script imported the same driver
+
+
+def test_plans_know_the_models_depth(zoo):
+    from obim.merging.checkpoint import open_checkpoint
+    from obim.merging.config import load_config
+    from obim.merging.merge import block_index, plan_merge
+
+    c = load_config(cfg(zoo, "lines"))
+    base = open_checkpoint(str(zoo["base"]))
+    plans = plan_merge(c, base, [open_checkpoint(m.path) for m in c.models])
+    layers = json.loads((Path(zoo["base"]) / "config.json").read_text())["num_hidden_layers"]
+    assert {block_index(p.name) for p in plans} == {None, *range(layers)} and {p.n_blocks for p in plans} == {layers}

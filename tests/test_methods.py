@@ -26,6 +26,7 @@ def run(
     hdiag=None,
     name=LINEAR,
     seed=0,
+    n_blocks=0,
 ):
     """Merge `deltas` (model name -> task vector) onto `base` with one method, through the driver's per-tensor path."""
     names = list(deltas)
@@ -50,7 +51,7 @@ def run(
         }
     )
     hd = [{name: hdiag[n]} if hdiag and n in hdiag else {} for n in names]
-    plan = TensorPlan(name, torch.float32, tuple(shape))
+    plan = TensorPlan(name, torch.float32, tuple(shape), n_blocks=n_blocks)
     return merge_tensor(cfg, plan, [base] + [base + deltas[n] for n in names], hd, torch.device("cpu"))
 
 
@@ -439,3 +440,31 @@ def test_sce_matches_an_independent_computation(tau):
     deltas["c"][0, :3] = 0.0  # zeros never vote or count
     got = run("sce", deltas, params={"select_topk": tau})
     torch.testing.assert_close(got, sce_reference(list(deltas.values()), tau), rtol=1e-5, atol=1e-6)
+
+
+def test_lines_scales_the_sum_by_depth():
+    g = torch.Generator().manual_seed(6)
+    deltas = {n: torch.randn(4, 3, generator=g) for n in ("a", "b")}
+    total = deltas["a"] + deltas["b"]
+    for block, want in ((0, 0.5), (2, 0.5 + 0.9 * 2 / 3), (3, 0.5 + 0.9)):  # alpha = 1/T = 0.5 under a sum
+        name = f"model.layers.{block}.mlp.up_proj.weight"
+        got = run("lines", deltas, name=name, n_blocks=4, params={"beta": 0.9})
+        torch.testing.assert_close(got, want * total)
+    outside = run("lines", deltas, name="model.norm.weight", n_blocks=4, params={"beta": 0.9})
+    torch.testing.assert_close(outside, 0.5 * total)  # alpha outside the blocks
+    fixed = run("lines", deltas, name="model.layers.3.self_attn.q_proj.weight", n_blocks=4, params={"alpha": 0.2})
+    torch.testing.assert_close(fixed, (0.2 + 0.5) * total)  # beta's default 0.5
+
+
+def test_ties_lines_alpha_is_the_norm_ratio_over_the_models():
+    g = torch.Generator().manual_seed(7)
+    deltas = {n: torch.randn(6, 5, generator=g) for n in ("a", "b", "c")}
+    ties = run("ties", {k: v.clone() for k, v in deltas.items()}, params={"density": 0.5})
+    trimmed = []
+    for d in deltas.values():
+        k = int(0.5 * d.numel())
+        thr = d.abs().reshape(-1).sort(descending=True).values[k - 1]
+        trimmed.append(torch.where(d.abs() >= thr, d, 0.0))
+    alpha = torch.linalg.vector_norm(sum(trimmed)).item() / (3 * torch.linalg.vector_norm(ties).item())
+    got = run("ties_lines", deltas, name="model.layers.1.mlp.down_proj.weight", n_blocks=3, params={"density": 0.5})
+    torch.testing.assert_close(got, (alpha + 0.5 * 0.5) * ties)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .checks import optional
 from .context import Param, Sparse, TensorContext, number_in, one_of
 from .selection import kth_largest, topk_mask
 
@@ -225,3 +226,35 @@ class SignWeightedMean(Combiner):
             num.addcmul_(s.delta, keep, value=float(s.score))
             den.add_(keep, alpha=float(s.score))
         return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)
+
+
+class LayerScaled(Combiner):
+    """LiNeS: another combiner's δM scaled by depth, alpha + beta * l / (B - 1) in decoder block l of B (0-based),
+    alpha outside the blocks. alpha by default |Σt δt| / (T |δM|) over the tensor (the paper's rule, 1/T under a
+    sum, with the tensor's norms where the paper takes the whole model's)."""
+
+    def __init__(self, inner: Combiner):
+        self.inner = inner
+        self.uses_order, self.uses_base, self.max_models = inner.uses_order, inner.uses_base, inner.max_models
+        self.params = (
+            *inner.params,
+            Param("alpha", None, optional(number_in(-1e9, 1e9)), doc="the shallowest scale (null: the paper's rule)"),
+            Param("beta", 0.5, number_in(-1e9, 1e9), doc="the deepest block's scale minus alpha"),
+        )
+
+    def code_version(self) -> str:
+        return f"LayerScaled@{self.version}[{self.inner.code_version()}]"
+
+    def validate(self, params, models):
+        return self.inner.validate(params, models)
+
+    def __call__(self, sparse, ctx):
+        alpha = ctx.param("alpha")
+        summed = torch.linalg.vector_norm(_sum(s.delta for s in sparse)).item() if alpha is None else 0.0
+        n = len(sparse)
+        merged = self.inner(sparse, ctx)
+        if alpha is None:
+            norm = torch.linalg.vector_norm(merged).item()
+            alpha = summed / (n * norm) if norm > 0 else 1.0 / n
+        depth = 0.0 if ctx.block is None or ctx.n_blocks < 2 else ctx.block / (ctx.n_blocks - 1)
+        return merged.mul_(alpha if ctx.block is None else alpha + ctx.param("beta") * depth)

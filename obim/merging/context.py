@@ -75,6 +75,8 @@ class TensorContext:
     hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
     device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable: one shared default is safe)
     base: torch.Tensor | None = None  # the base's float32 tensor, for a combiner that declares `uses_base` only
+    block: int | None = None  # the decoder block this tensor is in (None: outside the blocks)
+    n_blocks: int = 0  # the model's decoder blocks
     _draws: dict[int, int] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:

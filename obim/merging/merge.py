@@ -10,7 +10,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class TensorPlan:
     out_dtype: torch.dtype
     out_shape: tuple[int, ...]
     shared_rows: int | None = None  # set for vocabulary tensors whose row counts differ
+    n_blocks: int = 0  # the decoder blocks of the model (the tensor's block: block_index(name)); for depth rules
 
 
 def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> list[TensorPlan]:
@@ -122,7 +123,9 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
         floating = info.dtype.is_floating_point
         dtype = out_dtype_override if (floating and out_dtype_override) else info.dtype
         plans.append(TensorPlan(info.name, dtype, tuple(shape), shared))
-    return plans
+    blocks = [b for b in map(block_index, base.tensors) if b is not None]
+    n_blocks = max(blocks) + 1 if blocks else 0
+    return [replace(p, n_blocks=n_blocks) for p in plans]
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -230,6 +233,8 @@ def merge_tensor(
         hdiag=[h.get(plan.name) if h else None for h in hdiags],
         device=device,
         base=base_f32,
+        block=block_index(plan.name),
+        n_blocks=plan.n_blocks,
     )
     sparse = method.sparsifier(deltas, ctx)
     del deltas

@@ -11,6 +11,7 @@ from .combiners import (
     Consensus,
     DisjointMean,
     IterativeMerging,
+    LayerScaled,
     SignWeightedMean,
     Slerp,
     Sum,
@@ -212,5 +213,25 @@ register(
         doc="SCE: select by variance, calculate weights, erase sign conflicts (FuseChat; mergekit's sce)",
         label="SCE",
         reference_url="https://arxiv.org/abs/2408.07990",
+    )
+)
+register(
+    Method(
+        "lines",
+        Keep(),
+        LayerScaled(Sum()),
+        doc="LiNeS over task arithmetic: the summed task vector scaled up with depth",
+        label="TA+LiNeS",
+        reference_url="https://arxiv.org/abs/2410.17146",
+    )
+)
+register(
+    Method(
+        "ties_lines",
+        TopK(magnitude, density=0.2),
+        LayerScaled(DisjointMean()),
+        doc="LiNeS over TIES: the disjoint mean scaled up with depth",
+        label="TIES+LiNeS",
+        reference_url="https://arxiv.org/abs/2410.17146",
     )
 )
