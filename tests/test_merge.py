@@ -335,3 +335,25 @@ def test_plans_know_the_models_depth(zoo):
     plans = plan_merge(c, base, [open_checkpoint(m.path) for m in c.models])
     layers = json.loads((Path(zoo["base"]) / "config.json").read_text())["num_hidden_layers"]
     assert {block_index(p.name) for p in plans} == {None, *range(layers)} and {p.n_blocks for p in plans} == {layers}
+
+
+def test_every_merged_folder_has_a_hub_model_card(zoo, tmp_path):
+    """README.md in the Hub's model-card form: front matter huggingface_hub parses (library, tags, the merge as the
+    relation; only Hub ids as base_model, never a local path), the method and models, the resolved config."""
+    from huggingface_hub import ModelCard
+
+    from obim.merging.card import hub_id
+
+    merge(cfg(zoo, "ties"), tmp_path / "m", progress=False)
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["tags"] == ["merge", "obim", "ties"]
+    assert "base_model" not in data  # the inputs are local folders
+    assert "**TIES** (`ties`, https://arxiv.org/abs/2306.01708)" in card.text
+    assert f"- math: `{zoo['math']}` (density=0.2" in card.text
+    assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0]) == yaml.safe_load(
+        (tmp_path / "m" / "obim_merge.yaml").read_text()
+    )
+    # Hub ids are named as the merge's base models
+    assert hub_id("meta-llama/Llama-2-13b-hf") == "meta-llama/Llama-2-13b-hf" and hub_id(str(zoo["base"])) is None
+    assert hub_id("not a/hub id") is None

@@ -30,7 +30,7 @@ from .version import obim_version
 
 # bump when the driver's output changes for the same config (streaming, vocab rows, dtypes, files written): cached
 # merges of every method are keyed by it; a method's own change bumps the method's version instead
-DRIVER_VERSION = 1
+DRIVER_VERSION = 2  # 2: README.md (the model card) in every merged folder
 BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -269,9 +269,13 @@ def _write_aux(
     for fname in TOKENIZER_FILES:
         if (tok_ck.dir / fname).exists():
             shutil.copyfile(tok_ck.dir / fname, tmp / fname)
+    resolved = _absolute_paths(cfg.to_dict())
     text = f"# written by obim {obim_version()}: the resolved merge config (local paths made absolute)\n"
-    text += yaml.safe_dump(_absolute_paths(cfg.to_dict()), sort_keys=False, default_flow_style=False)
+    text += yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
     (tmp / "obim_merge.yaml").write_text(text)
+    from .card import model_card
+
+    (tmp / "README.md").write_text(model_card(cfg, resolved))  # the Hub's model card
 
 
 def _local(p: str) -> str:
