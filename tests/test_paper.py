@@ -530,3 +530,10 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
         )
     assert p.validation["math"].data["gsm8k"]["path"] == f"{tmp_path}/data/gsm8k/dev.jsonl"
     assert q.validation["lm"].data["alpaca"]["split"] == "train"  # named in the experiment
+
+
+@pytest.mark.slow
+def test_preset_table1_plus_real(tmp_path):
+    plans = dry_run(tmp_path, "+paper=table1_plus")
+    assert {p["method"] for p in plans.values()} == BASELINES | {"tsv", "sce", "lines", "ties_lines"}
+    assert {p["experiment"] for p in plans.values()} == {"llama2_13b_sft"} and all(p["main"] for p in plans.values())

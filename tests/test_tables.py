@@ -437,3 +437,14 @@ def test_zoo_draws_average_with_their_spread_and_marks_from_their_items(tmp_path
     write_tables(runs, out)
     md = next(out.rglob("table1.md")).read_text()
     assert "- TA: draws 0, 1 only" in md
+
+
+def test_table1_plus_puts_the_methods_beyond_the_paper_beside_its_own(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "tables"
+    for i, method in enumerate(("ta", "obim", "tsv", "sce", "lines")):
+        result(runs, f"method={method}", method, [10.0 * (i + 1)] * 6)
+    write_tables(runs, out)
+    plus = rows(next(out.rglob("table1_plus.md")).read_text())
+    assert list(plus) == ["TA", "OBIM", "TSV-M", "SCE", "TA+LiNeS"]
+    assert plus["TA"][-1] == "10.00 (41.07)" and plus["TSV-M"][-1] == "30.00"  # the paper's number where it has one
+    assert "TSV-M" not in rows(next(out.rglob("table1.md")).read_text())  # Table 1 keeps the paper's methods

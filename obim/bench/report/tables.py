@@ -33,6 +33,8 @@ from .results import (
 PT_BASE_LABEL = "Qwen2-7B"  # the paper's name of Table 2's base row
 TABLE1_METHODS = ["ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"]
 TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
+# beyond the paper (+paper=table1_plus): Table 1's methods and these, in one table
+EXTRA_METHODS = ["tsv", "sce", "lines", "ties_lines"]
 SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
 
 
@@ -159,6 +161,24 @@ def _main_table(
     ex = main[-1].plan
     t.notes.append(f"experiment {ex.experiment}; models {', '.join(ex.models)}; order {ex.merge_config.order}")
     return t
+
+
+def _plus_table(results: list[JobRecord], paper: dict) -> Table | None:
+    """Table 1 with the methods beyond the paper (+paper=table1_plus), when one of them ran: the paper's numbers
+    beside its own methods' rows only."""
+    main = [r for r in results if r.plan.setting == "sft" and r.plan.main]
+    if not any(r.plan.method in EXTRA_METHODS for r in main):
+        return None
+    spec = {**paper, "table1_plus": paper["table1"]}
+    return _main_table(
+        "table1_plus",
+        "Table 1 and the methods beyond the paper",
+        results,
+        "sft",
+        [*TABLE1_METHODS, *EXTRA_METHODS],
+        spec,
+        True,
+    )
 
 
 Row = tuple[Any, str, "list | None"]  # (sort key, label, the paper's row)
@@ -315,6 +335,7 @@ def build_tables(results: list[JobRecord]) -> list[Table]:
         _main_table(
             "table3", "Table 3: ablation (intra-model x inter-model)", results, "sft", TABLE3_METHODS, paper, False
         ),
+        _plus_table(results, paper),
         table4(results, paper),
         table5(results, paper),
         table6(results, paper),
