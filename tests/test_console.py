@@ -260,3 +260,32 @@ def test_expected_library_notices_are_noise_and_problems_are_not():
         "num_fewshot of mmlu is larger than the fewshot split",
     ):
         assert not is_noise(text), text
+
+
+def test_zoo_status_lines_without_a_terminal_are_spaced(monkeypatch, tmp_path):
+    """CI logs, nohup, Slurm: a zoo build's status as a line at each stage change and every 30 s within one, not
+    at every update."""
+    import io
+
+    from obim.bench import console
+
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    live = console.Live(tmp_path, None, verbose=False, out=out, err=io.StringIO())
+    for t, text in [
+        (100, "building the toy zoo (first use)"),
+        (101, "zoo 1/8: the SFT base, step 0/1500"),
+        (103, "zoo 1/8: the SFT base, step 10/1500, ~4:57 left in it"),
+        (140, "zoo 1/8: the SFT base, step 130/1500, ~4:10 left in it"),
+        (150, "zoo 1/8: the SFT base, step 170/1500, ~4:00 left in it"),
+        (151, "zoo 2/8: the SFT base's anneal, step 0/300"),
+    ]:
+        now[0] = t
+        live.handle({"kind": "status", "stage": "zoo", "text": text, "name": "job"})
+    assert out.getvalue().splitlines() == [
+        "job: building the toy zoo (first use)",
+        "job: zoo 1/8: the SFT base, step 0/1500",
+        "job: zoo 1/8: the SFT base, step 130/1500, ~4:10 left in it",
+        "job: zoo 2/8: the SFT base's anneal, step 0/300",
+    ]

@@ -210,3 +210,32 @@ def test_a_zoo_seed_needs_a_zoo(tmp_path):
 
     with pytest.raises(ObimError, match="has no toy zoo to draw"):
         plan_job(compose("experiment=llama2_13b_sft", "method=ta", "+experiment.zoo_seed=1", "dry_run=plan"))
+
+
+def test_zoo_progress_says_stage_step_and_time_left():
+    from obim.bench.zoo import ZooProgress
+
+    said, now = [], [0.0]
+    p = ZooProgress(said.append, 8, every_s=2.0, clock=lambda: now[0])
+    p.begin("sft/math", 150)
+    for step, t in ((1, 0.5), (30, 1.5), (60, 3.0), (61, 3.1), (150, 9.0)):
+        now[0] = t
+        p.step(step, 150)
+    p.begin("evaluation of the models and the merges")
+    assert said == [
+        "zoo 1/8: the math expert, step 0/150",
+        "zoo 1/8: the math expert, step 60/150, ~0:04 left in it",  # 3 s for 60 steps: 90 more in 4.5 s
+        "zoo 1/8: the math expert, step 150/150, ~0:00 left in it",  # the last step always
+        "zoo 2/8: evaluation of the models and the merges",
+    ]
+
+
+@pytest.mark.slow
+def test_a_build_reports_every_stage(tmp_path):
+    said: list[str] = []
+    build(
+        tmp_path / "zoo", recipe=quick_recipe(), evaluate=False, progress=False, log=lambda s: None, status=said.append
+    )
+    firsts = [s for s in said if s.endswith(" step 0/" + s.rsplit("/", 1)[-1])]
+    assert [s.split(":")[0] for s in firsts] == [f"zoo {i}/7" for i in range(1, 8)]
+    assert said[0] == "zoo 1/7: the SFT base, step 0/8" and "continued pretraining" in firsts[-1]

@@ -148,6 +148,9 @@ def main_table(tables: list[Table], jobs: list[dict]) -> Table | None:
     return next((by_name[n] for n in want if n in by_name), tables[0] if tables else None)
 
 
+ZOO_EVERY_S = 30.0  # a zoo build's status line, without a terminal: at most this often within one stage
+
+
 class Live:
     """The console in the sweep's main process: reads the jobs' events, keeps the bar, prints the job lines."""
 
@@ -177,6 +180,7 @@ class Live:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = ""
+        self._zoo_said: dict[str, tuple[str, float]] = {}  # job -> (the zoo stage last said, when)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="obim-console", daemon=True)
@@ -221,8 +225,8 @@ class Live:
         kind = ev.get("kind")
         if kind in ("start", "status"):
             self.now[self.label(ev)] = ev.get("text", "starting")
-            if ev.get("stage") == "zoo" and not self.tty:  # minutes without a job line: say why
-                self.print(f"{self.label(ev)}: {ev['text']}")
+            if ev.get("stage") == "zoo" and not self.tty:  # minutes without a job line: say why, now and then
+                self._zoo_line(self.label(ev), str(ev["text"]))
         elif kind == "note":  # set-up every job reports (the code sandbox's layers): once per sweep
             if ev.get("text") not in self.noted:
                 self.noted.add(ev.get("text"))
@@ -243,6 +247,15 @@ class Live:
             head = f"[{len(self.done)}/{self.total}]" if self.total else f"[{len(self.done)}]"
             tail = "" if self.tty else self._progress(short=True)
             self.print(f"{head} {job_line(o, self.label(o))}{tail}", err=o["status"] == "failed")
+
+    def _zoo_line(self, label: str, text: str, every_s: float = ZOO_EVERY_S) -> None:
+        """Without a redrawn bar (CI logs, nohup, Slurm): a zoo build's status as a line when its stage changes
+        (the text before the first comma) and every `every_s` seconds within one."""
+        stage, now = text.split(",")[0], time.monotonic()
+        last = self._zoo_said.get(label)
+        if last is None or last[0] != stage or now - last[1] >= every_s:
+            self._zoo_said[label] = (stage, now)
+            self.print(f"{label}: {text}")
 
     def eta(self) -> float | None:
         """Seconds left: the time per job so far (jobs that ran, the zoo build and cached jobs left out) times the

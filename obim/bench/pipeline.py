@@ -144,7 +144,8 @@ def run_job(plan: JobPlan, reporter: Reporter | None = None, record: Record | No
             announce_code_execution(list(plan.tasks), reporter.note)
         first = not (Path(plan.zoo) / "zoo.json").is_file()
         reporter.status("building the toy zoo (first use)" if first else "rebuilding the toy zoo (a new recipe)", "zoo")
-    ensure_zoo(plan, rt.progress)  # first: a zoo rebuilt for a new recipe changes the inputs below
+    # first: a zoo rebuilt for a new recipe changes the inputs below
+    ensure_zoo(plan, rt.progress, lambda text: reporter.status(text, "zoo"))
     inputs = input_fingerprints(plan)
     if record is not None:
         prev = previous_result(record.dir, plan.hash(), inputs)

@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -311,8 +312,9 @@ def zoo_is_current(plan: JobPlan) -> bool:
     return bool(plan.zoo) and is_current(plan.zoo, _zoo_recipe(plan))
 
 
-def ensure_zoo(plan: JobPlan, progress: bool) -> None:
-    """The toy zoo the plan's models live in, built on first use (a new recipe rebuilds it)."""
+def ensure_zoo(plan: JobPlan, progress: bool, status: Callable[[str], None] | None = None) -> None:
+    """The toy zoo the plan's models live in, built on first use (a new recipe rebuilds it); `status` hears its
+    stages and steps (the job's console line)."""
     if not plan.zoo:
         return
     from .zoo import build
@@ -320,7 +322,12 @@ def ensure_zoo(plan: JobPlan, progress: bool) -> None:
     recipe = _zoo_recipe(plan)
     with locked(Path(plan.zoo).parent / f".{Path(plan.zoo).name}"):
         build(
-            plan.zoo, recipe=recipe, evaluate=plan.zoo_recipe != "quick", progress=progress, allow_code=plan.allow_code
+            plan.zoo,
+            recipe=recipe,
+            evaluate=plan.zoo_recipe != "quick",
+            progress=progress,
+            allow_code=plan.allow_code,
+            status=status,
         )
 
 

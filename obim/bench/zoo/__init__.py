@@ -197,6 +197,44 @@ def _write_validation(root: Path, size: int, seed: int) -> None:
             p.write_text("".join(json.dumps({"text": lang.sentence(rng)}) + "\n" for _ in range(size)))
 
 
+STAGE_LABELS = {
+    "sft/base": "the SFT base",
+    "sft/anneal": "the SFT base's anneal",
+    "sft/lm": "the LM expert",
+    "sft/math": "the math expert",
+    "sft/code": "the code expert",
+    "pt/base": "the PT base",
+    "pt/continued": "continued pretraining (the checkpoints)",
+}
+
+
+class ZooProgress:
+    """What a build is doing, said through `status` (a job's console line): its stage, the step and the stage's
+    time left, at most every `every_s` seconds within a stage and at once when a stage starts."""
+
+    def __init__(self, status: Callable[[str], None] | None, stages: int, every_s: float = 2.0, clock=time.monotonic):
+        self.status, self.stages, self.every_s, self.clock = status, stages, every_s, clock
+        self.index, self.name, self.t0, self.last = 0, "", 0.0, float("-inf")
+
+    def begin(self, name: str, steps: int | None = None) -> None:
+        self.index += 1
+        self.name, self.t0, self.last = name, self.clock(), float("-inf")
+        self.step(0, steps)
+
+    def step(self, done: int, steps: int | None) -> None:
+        now = self.clock()
+        if self.status is None or (done and now - self.last < self.every_s and done != steps):
+            return
+        self.last = now
+        text = f"zoo {self.index}/{self.stages}: {STAGE_LABELS.get(self.name, self.name)}"
+        if steps:
+            text += f", step {done}/{steps}"
+            if done:
+                left = (now - self.t0) / done * (steps - done)
+                text += f", ~{int(left // 60)}:{int(left % 60):02d} left in it"
+        self.status(text)
+
+
 def build(
     out: str | Path | None = None,
     *,
@@ -205,10 +243,12 @@ def build(
     progress: bool = True,
     log: Callable[[str], None] = print,
     allow_code: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> Path:
     """Build the zoo into `out` (default: $OBIM_ZOO or ~/.cache/obim/zoo), or reuse it when complete with the same
     recipe. Returns the directory. Its table scores the code benchmarks only when code execution is opted in
-    (`allow_code` or HF_ALLOW_CODE_EVAL=1); otherwise they are left empty."""
+    (`allow_code` or HF_ALLOW_CODE_EVAL=1); otherwise they are left empty. `status`: told the build's stage, step
+    and time left (ZooProgress), for a console that has no progress bar of its own."""
     recipe = recipe or RECIPE
     root = Path(out) if out else default_dir()
     h = recipe_hash(recipe)
@@ -223,7 +263,8 @@ def build(
     t0 = time.perf_counter()
     # staged beside the zoo, renamed when complete; replaces only a zoo (zoo.json), never another folder
     with staged_output(root, overwrite=True, marker="zoo.json") as tmp:
-        total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0, allow_code)
+        done = ZooProgress(status, len(STAGE_LABELS) + bool(evaluate))
+        total, train_s, timings, table = _build_into(tmp, recipe, h, evaluate, progress, t0, allow_code, done)
     log(
         f"built the toy zoo in {total:.0f} s (training {train_s:.0f} s): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
@@ -248,10 +289,31 @@ def weights_fingerprint(root: Path) -> str:
 
 
 def _build_into(
-    tmp: Path, recipe: dict, h: str, evaluate: bool, progress: bool, t0: float, allow_code: bool
+    tmp: Path,
+    recipe: dict,
+    h: str,
+    evaluate: bool,
+    progress: bool,
+    t0: float,
+    allow_code: bool,
+    done: ZooProgress | None = None,
 ) -> tuple[float, float, dict[str, float], str]:
     from .tiny import ModelShape
-    from .train import new_model, save, train
+    from .train import new_model, save
+    from .train import train as train_steps
+
+    done = done or ZooProgress(None, 0)
+
+    def train(model, batches, steps, *, desc, on_step=None, **kw):
+        """One stage: the training, its progress said (ZooProgress) beside the stage's own step hook."""
+        done.begin(desc, steps)
+
+        def hook(step: int) -> None:
+            done.step(step, steps)
+            if on_step is not None:
+                on_step(step)
+
+        return train_steps(model, batches, steps, desc=desc, on_step=hook, **kw)
 
     seed, batch = recipe["seed"], recipe["batch"]
     shape = ModelShape(**recipe["shape"])
@@ -338,6 +400,7 @@ def _build_into(
     train_s = time.perf_counter() - t0
     table = ""
     if evaluate:
+        done.begin("evaluation of the models and the merges")
         scores = evaluate_zoo(tmp, progress=progress, allow_code=allow_code)
         table = zoo_table(scores)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
