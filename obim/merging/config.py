@@ -125,6 +125,10 @@ def _check_param(method: Method, key: str, value: Any, where: str) -> None:
 def load_config(src: Any) -> MergeConfig:
     """Parse a merge config (a YAML path, a dict or an OmegaConf DictConfig) and resolve every parameter."""
     raw = _as_plain(src)
+    if isinstance(raw, dict) and "merge_method" in raw:  # a mergekit config: the methods both tools define
+        from .mergekit import from_mergekit
+
+        raw = from_mergekit(raw, str(src) if isinstance(src, (str, Path)) else "mergekit config")
     unknown = set(raw) - set(TOP_KEYS)
     if unknown:
         raise ObimError(
