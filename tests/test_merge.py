@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from obim import METHODS, merge
 from obim.merging.checkpoint import open_checkpoint
 from obim.merging.cli import merge_main
+from obim.merging.config import load_config
 from obim.merging.errors import ObimError
 
 
@@ -337,23 +338,65 @@ def test_plans_know_the_models_depth(zoo):
     assert {block_index(p.name) for p in plans} == {None, *range(layers)} and {p.n_blocks for p in plans} == {layers}
 
 
-def test_every_merged_folder_has_a_hub_model_card(zoo, tmp_path):
+def test_every_merged_folder_has_a_hub_model_card(zoo, tmp_path, monkeypatch):
     """README.md in the Hub's model-card form: front matter huggingface_hub parses (library, tags, the merge as the
-    relation; only Hub ids as base_model, never a local path), the method and models, the resolved config."""
+    relation; only Hub ids as base_model, never a local path), the method and models by name (no local path in the
+    card: it is meant for upload), the resolved config; the same card again from obim_merge.yaml."""
     from huggingface_hub import ModelCard
 
     from obim.merging.card import hub_id
 
-    merge(cfg(zoo, "ties"), tmp_path / "m", progress=False)
+    monkeypatch.chdir(zoo["base"].parent)  # relative paths in the config, as a user writes them
+    c = cfg({k: Path(v.name) for k, v in zoo.items()}, "ties")
+    merge(c, tmp_path / "m", progress=False)
+    text = (tmp_path / "m" / "README.md").read_text()
     card = ModelCard.load(tmp_path / "m" / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["tags"] == ["merge", "obim", "ties"]
     assert "base_model" not in data  # the inputs are local folders
     assert "**TIES** (`ties`, https://arxiv.org/abs/2306.01708)" in card.text
-    assert f"- math: `{zoo['math']}` (density=0.2" in card.text
-    assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0]) == yaml.safe_load(
-        (tmp_path / "m" / "obim_merge.yaml").read_text()
+    assert "- base: `local: base`" in card.text and "- math: `local: math` (density=0.2" in card.text
+    assert str(zoo["base"].parent) not in text  # no local path anywhere
+    fenced = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert fenced["base_model"] == "local: base" and [m["path"] for m in fenced["models"]] == [
+        "local: lm",
+        "local: math",
+        "local: code",
+    ]
+    # obim_merge.yaml (absolute paths) merges to the same folder, card included
+    merge(str(tmp_path / "m" / "obim_merge.yaml"), tmp_path / "again", progress=False)
+    assert digest(tmp_path / "again") == digest(tmp_path / "m")
+    # Hub ids are named as they are, and listed as the merge's base models
+    assert hub_id("meta-llama/Llama-2-13b-hf") == "meta-llama/Llama-2-13b-hf" and hub_id("gpt2") == "gpt2"
+    assert hub_id(str(zoo["base"])) is None and hub_id("not a/hub id") is None
+
+
+def test_lines_needs_two_blocks_at_least(tmp_path):
+    from obim.bench.zoo.tiny import make_llama
+
+    base = make_llama(tmp_path / "base", 0, layers=1)
+    expert = make_llama(tmp_path / "x", 1, layers=1, base=base)
+    c = {"method": "lines", "base_model": str(base), "models": [{"name": "x", "path": str(expert)}]}
+    with pytest.raises(ObimError, match=r"lines scales by depth, but the base .* has 1 decoder block") as e:
+        merge(c, tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_card_names_hub_models_as_its_base_models():
+    from huggingface_hub import ModelCardData
+
+    from obim.merging.card import model_card
+
+    c = load_config(
+        {
+            "method": "ta",
+            "base_model": "meta-llama/Llama-2-13b-hf",
+            "models": [{"name": "lm", "path": "WizardLMTeam/WizardLM-13B-V1.2"}, {"name": "x", "path": "gpt2"}],
+        }
     )
-    # Hub ids are named as the merge's base models
-    assert hub_id("meta-llama/Llama-2-13b-hf") == "meta-llama/Llama-2-13b-hf" and hub_id(str(zoo["base"])) is None
-    assert hub_id("not a/hub id") is None
+    text = model_card(c, c.to_dict())
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == ["meta-llama/Llama-2-13b-hf", "WizardLMTeam/WizardLM-13B-V1.2", "gpt2"]
+    assert front["base_model_relation"] == "merge" and ModelCardData(**front).to_dict()["base_model"][0].startswith(
+        "meta-llama"
+    )

@@ -15,12 +15,29 @@ import yaml
 from .config import MergeConfig
 from .version import obim_version
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # namespace/name, or a legacy name (gpt2)
 
 
 def hub_id(path: str) -> str | None:
-    """`path` when it names a Hub model (namespace/name, not a local folder), else None."""
+    """`path` when it names a Hub model (namespace/name or a legacy name, not a local folder), else None."""
     return path if HUB_ID.match(path) and not os.path.lexists(Path(path).expanduser()) else None
+
+
+def shown(path: str) -> str:
+    """How the card names an input: a Hub id as it is; a local file or folder by its name only (the card is
+    meant for upload: no home directory or machine layout in it; obim_merge.yaml keeps the full paths)."""
+    return path if hub_id(path) else f"local: {Path(path).expanduser().resolve().name}"
+
+
+def _redacted(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d, base_model=shown(d["base_model"]), models=[dict(m) for m in d["models"]])
+    for m in d["models"]:
+        m["path"] = shown(m["path"])
+        if m.get("hdiag") is not None:
+            m["hdiag"] = shown(m["hdiag"])
+        if m.get("validation") is not None:
+            m["validation"] = dict(m["validation"], data=shown(m["validation"]["data"]))
+    return d
 
 
 def model_card(cfg: MergeConfig, resolved: dict[str, Any]) -> str:
@@ -49,11 +66,11 @@ def model_card(cfg: MergeConfig, resolved: dict[str, Any]) -> str:
         "",
         "## Models",
         "",
-        f"- base: `{cfg.base_model}`",
+        f"- base: `{shown(cfg.base_model)}`",
     ]
     for m in cfg.models:
         extra = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(m.params.items())]
-        lines.append(f"- {m.name}: `{m.path}`" + (f" ({', '.join(extra)})" if extra else ""))
+        lines.append(f"- {m.name}: `{shown(m.path)}`" + (f" ({', '.join(extra)})" if extra else ""))
     if method.combiner.uses_order:
         order = cfg.order if isinstance(cfg.order, str) else " > ".join(cfg.order)
         lines += ["", f"Merge order (iterative merging): {order}."]
@@ -64,18 +81,18 @@ def model_card(cfg: MergeConfig, resolved: dict[str, Any]) -> str:
         for m in saliency:
             if m.validation is not None:
                 v = m.validation
-                lines.append(f"- {m.name}: computed on `{v.data}` ({v.size} samples, max length {v.max_length})")
+                lines.append(f"- {m.name}: computed on `{shown(v.data)}` ({v.size} samples, max length {v.max_length})")
             else:
-                lines.append(f"- {m.name}: `{m.hdiag}`")
+                lines.append(f"- {m.name}: `{shown(str(m.hdiag))}`")
     lines += [
         "",
         "## Merge config",
         "",
-        "The resolved config (also in `obim_merge.yaml`); `obim-merge obim_merge.yaml OUT` merges it again to the same "
-        "bytes.",
+        "The resolved config, local paths shortened to their names; `obim_merge.yaml` beside this card holds it "
+        "with the full paths, and `obim-merge obim_merge.yaml OUT` merges it again to the same bytes.",
         "",
         "```yaml",
-        yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False).strip(),
+        yaml.safe_dump(_redacted(resolved), sort_keys=False, default_flow_style=False).strip(),
         "```",
         "",
     ]

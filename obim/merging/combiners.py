@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import contextmanager
 
 import torch
 
 from .checks import optional
 from .context import Param, Sparse, TensorContext, number_in, one_of
+from .errors import ObimError
 from .selection import kth_largest, topk_mask
 
 
@@ -17,6 +20,8 @@ class Combiner:
     params: tuple[Param, ...] = ()
     uses_order = False
     uses_base = False  # needs the base's weights themselves (ctx.base), not only the task vectors
+    uses_task_sum = False  # needs |Σt δt|₁ of the task vectors as they were read (ctx.task_sum_l1), before sparsifying
+    needs_blocks = False  # needs the model's decoder blocks (two at least) in its tensor names
     max_models: int | None = None  # the most models it combines (None: any number)
     version = 1  # bump when the combination changes: cached merges of every method using it are recomputed
 
@@ -144,26 +149,50 @@ class WeightedMean(Combiner):
 
 
 DOT_THRESHOLD = 0.9995  # |cos| above which two endpoints count as parallel: linear interpolation
+_CHUNK = 1 << 20  # entries per float64 chunk of the norms and dot products (no float64 copy of a whole tensor)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical linear interpolation of two tensors taken as single vectors (Shoemake 1985): the angle Ω between
-    their directions, then sin((1-t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1; linear, (1-t)·v0 + t·v1, where the
-    directions are (anti)parallel (|cos Ω| > DOT_THRESHOLD) or a vector is zero. Norms and the cosine in float64."""
-    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
-    na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
-    cos = (a / na).dot(b / nb).clamp(-1.0, 1.0).item() if na > eps and nb > eps else 1.0
+def _stats(a0: torch.Tensor, da: torch.Tensor | None, b0: torch.Tensor, db: torch.Tensor | None) -> tuple[float, ...]:
+    """(|a|², |b|², a·b) in float64 by chunks, for a = a0 + da and b = b0 + db (None: no delta), never building a
+    or b whole."""
+    fa, fb = a0.reshape(-1), b0.reshape(-1)
+    ga = da.reshape(-1) if da is not None else None
+    gb = db.reshape(-1) if db is not None else None
+    aa = bb = ab = 0.0
+    for i in range(0, fa.numel(), _CHUNK):
+        a = fa[i : i + _CHUNK].double()
+        if ga is not None:
+            a += ga[i : i + _CHUNK]
+        b = fb[i : i + _CHUNK].double()
+        if gb is not None:
+            b += gb[i : i + _CHUNK]
+        aa, bb, ab = aa + float(a.dot(a)), bb + float(b.dot(b)), ab + float(a.dot(b))
+    return aa, bb, ab
+
+
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) of slerp = c0·a + c1·b for |a|² = aa, |b|² = bb, a·b = ab (Shoemake 1985): Ω the angle between
+    the directions, c0 = sin((1-t)Ω)/sin Ω, c1 = sin(tΩ)/sin Ω; linear, (1-t, t), where the directions are
+    (anti)parallel (|cos Ω| > DOT_THRESHOLD). A zero vector (norm <= eps) has no direction: cos Ω = 0, as in
+    mergekit."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    cos = max(-1.0, min(1.0, ab / (na * nb))) if na > eps and nb > eps else 0.0
     if abs(cos) > DOT_THRESHOLD:
-        c0, c1 = 1.0 - t, t
-    else:
-        omega = math.acos(cos)
-        c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+        return 1.0 - t, t
+    omega = math.acos(cos)
+    return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical linear interpolation of two tensors taken as single vectors (slerp_coefficients)."""
+    c0, c1 = slerp_coefficients(t, *_stats(v0, None, v1, None))
     return (v0 * c0).add_(v1, alpha=c1)
 
 
 class Slerp(Combiner):
     """SLERP between two endpoints: the base and one model (mergekit's), or two models. δM = slerp(t, θa, θb) - θ0,
-    so that θ0 + λ·δM is the interpolation at λ = 1."""
+    so that θ0 + λ·δM is the interpolation at λ = 1; computed as (c0 + c1 - 1)·θ0 + c0·δa + c1·δb, never building
+    the endpoints."""
 
     uses_base = True
     max_models = 2
@@ -181,15 +210,35 @@ class Slerp(Combiner):
 
     def __call__(self, sparse, ctx):
         base = ctx.base
-        assert base is not None  # the driver passes it: uses_base
-        ends = [base, base + sparse[0].delta] if len(sparse) == 1 else [base + s.delta for s in sparse]
-        return slerp(ctx.param("t"), *ends).sub_(base)
+        if base is None:
+            raise ObimError(f"tensor {ctx.name}: slerp needs the base's weights (a combiner with uses_base)")
+        da = None if len(sparse) == 1 else sparse[0].delta
+        db = sparse[-1].delta
+        c0, c1 = slerp_coefficients(ctx.param("t"), *_stats(base, da, base, db))
+        out = base * (c0 + c1 - 1.0)
+        if da is not None:
+            out.add_(da, alpha=c0)
+        return out.add_(db, alpha=c1)
+
+
+@contextmanager
+def _one_thread():
+    """LAPACK's SVD reduces in an order that depends on its thread count: one thread, so the same inputs give the
+    same bytes on any machine (on CPU; the thread count as it was afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class TaskSingularVectors(Combiner):
-    """TSV-M (task singular vectors): per matrix, each task vector's top 1/T singular triplets, their left and right
-    singular vectors made orthonormal together (the nearest orthonormal matrices, from an SVD of each
-    concatenation), recombined with their singular values; a tensor that is not a matrix: the mean."""
+    """TSV-M (task singular vectors): per matrix, each task vector's top 1/T singular triplets (those of its
+    numerical rank only: a direction of singular value ~0 is arbitrary, and would rotate the other tasks'),
+    their left and right singular vectors made orthonormal together (the nearest orthonormal matrices, from an SVD
+    of each concatenation), recombined with their singular values; a tensor that is not a matrix: the mean. The
+    SVDs run on one CPU thread (deterministic bytes)."""
 
     def __call__(self, sparse, ctx):
         deltas = [s.delta for s in sparse]
@@ -198,18 +247,24 @@ class TaskSingularVectors(Combiner):
         k = min(deltas[0].shape) // len(deltas)
         if k == 0:  # fewer singular directions than models: nothing can be kept for each
             return torch.zeros_like(deltas[0])
+        tol = max(deltas[0].shape) * torch.finfo(torch.float32).eps
         us, ss, vs = [], [], []
-        for d in deltas:
-            u, s, vh = torch.linalg.svd(d, full_matrices=False)
-            us.append(u[:, :k])
-            ss.append(s[:k])
-            vs.append(vh[:k])
-        u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=0)
-        del us, vs
-        p, _, qh = torch.linalg.svd(u_cat, full_matrices=False)  # U⊥ = P Qᵀ: the orthonormal matrix nearest U_cat
-        u_orth = p @ qh
-        p, _, qh = torch.linalg.svd(v_cat, full_matrices=False)
-        v_orth = p @ qh
+        with _one_thread() if deltas[0].device.type == "cpu" else contextlib.nullcontext():
+            for d in deltas:
+                u, s, vh = torch.linalg.svd(d, full_matrices=False)
+                kt = min(k, int((s > tol * s[0]).sum())) if s[0] > 0 else 0
+                us.append(u[:, :kt].clone())
+                ss.append(s[:kt].clone())
+                vs.append(vh[:kt].clone())
+                del u, s, vh
+            if not sum(x.numel() for x in ss):
+                return torch.zeros_like(deltas[0])
+            u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=0)
+            del us, vs
+            p, _, qh = torch.linalg.svd(u_cat, full_matrices=False)  # U⊥ = P Qᵀ: the orthonormal matrix nearest
+            u_orth = p @ qh
+            p, _, qh = torch.linalg.svd(v_cat, full_matrices=False)
+            v_orth = p @ qh
         return (u_orth * s_cat) @ v_orth
 
 
@@ -230,8 +285,12 @@ class SignWeightedMean(Combiner):
 
 class LayerScaled(Combiner):
     """LiNeS: another combiner's δM scaled by depth, alpha + beta * l / (B - 1) in decoder block l of B (0-based),
-    alpha outside the blocks. alpha by default |Σt δt| / (T |δM|) over the tensor (the paper's rule, 1/T under a
-    sum, with the tensor's norms where the paper takes the whole model's)."""
+    alpha outside the blocks. alpha by default |Σt δt|₁ / (T |δM|₁), the task vectors as read (before any
+    sparsifier), in float64: the authors' rule (1/T under a sum), with the tensor's norms where they take the whole
+    model's."""
+
+    uses_task_sum = True
+    needs_blocks = True
 
     def __init__(self, inner: Combiner):
         self.inner = inner
@@ -250,11 +309,10 @@ class LayerScaled(Combiner):
 
     def __call__(self, sparse, ctx):
         alpha = ctx.param("alpha")
-        summed = torch.linalg.vector_norm(_sum(s.delta for s in sparse)).item() if alpha is None else 0.0
         n = len(sparse)
         merged = self.inner(sparse, ctx)
         if alpha is None:
-            norm = torch.linalg.vector_norm(merged).item()
-            alpha = summed / (n * norm) if norm > 0 else 1.0 / n
+            norm = float(torch.linalg.vector_norm(merged, ord=1, dtype=torch.float64))
+            alpha = ctx.task_sum_l1 / (n * norm) if norm > 0 else 1.0 / n
         depth = 0.0 if ctx.block is None or ctx.n_blocks < 2 else ctx.block / (ctx.n_blocks - 1)
         return merged.mul_(alpha if ctx.block is None else alpha + ctx.param("beta") * depth)

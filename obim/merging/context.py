@@ -77,6 +77,7 @@ class TensorContext:
     base: torch.Tensor | None = None  # the base's float32 tensor, for a combiner that declares `uses_base` only
     block: int | None = None  # the decoder block this tensor is in (None: outside the blocks)
     n_blocks: int = 0  # the model's decoder blocks
+    task_sum_l1: float = 0.0  # |Σt δt|₁ of the task vectors as read, for a combiner with `uses_task_sum` only
     _draws: dict[int, int] = field(default_factory=dict)
 
     def param(self, key: str) -> Any:

@@ -30,7 +30,7 @@ from .version import obim_version
 
 # bump when the driver's output changes for the same config (streaming, vocab rows, dtypes, files written): cached
 # merges of every method are keyed by it; a method's own change bumps the method's version instead
-DRIVER_VERSION = 2  # 2: README.md (the model card) in every merged folder
+DRIVER_VERSION = 1
 BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -125,6 +125,11 @@ def plan_merge(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint]) -> 
         plans.append(TensorPlan(info.name, dtype, tuple(shape), shared))
     blocks = [b for b in map(block_index, base.tensors) if b is not None]
     n_blocks = max(blocks) + 1 if blocks else 0
+    if cfg.method.combiner.needs_blocks and n_blocks < 2:
+        raise ObimError(
+            f"method {cfg.method.name} scales by depth, but the base ({base.dir}) has {n_blocks} decoder block(s) "
+            "in its tensor names (layers.N, h.N, blocks.N): it needs two or more"
+        )
     return [replace(p, n_blocks=n_blocks) for p in plans]
 
 
@@ -236,6 +241,8 @@ def merge_tensor(
         block=block_index(plan.name),
         n_blocks=plan.n_blocks,
     )
+    if method.combiner.uses_task_sum:  # before the sparsifier, which may trim the deltas in place
+        ctx.task_sum_l1 = float(torch.linalg.vector_norm(_sum_of(deltas), ord=1, dtype=torch.float64))
     sparse = method.sparsifier(deltas, ctx)
     del deltas
     merged = method.combiner(sparse, ctx)
@@ -248,6 +255,13 @@ def merge_tensor(
         _extra_rows(full, rows, extra_sources)
         merged = full
     return merged.to(plan.out_dtype).cpu()
+
+
+def _sum_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out += t
+    return out
 
 
 def _write_aux(

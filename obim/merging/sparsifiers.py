@@ -181,6 +181,11 @@ class VarianceSelect(Sparsifier):
 
     params = (Param("select_topk", 1.0, number_in(0.0, 1.0), doc="fraction of the varying entries kept"),)
 
+    def validate(self, params, models):
+        if len(models) == 1 and params[0]["select_topk"] < 1:  # one model varies nowhere: nothing would be kept
+            return "sce with one model: select_topk below 1 keeps nothing (no entry varies across one model)"
+        return None
+
     def __call__(self, deltas, ctx):
         tau = ctx.param("select_topk")
         if tau < 1:
@@ -196,7 +201,10 @@ class VarianceSelect(Sparsifier):
             mask = topk_mask(var, k, deltas[0].dtype)
             for d in deltas:
                 d.mul_(mask)
-        weights = torch.stack([d.double().square().mean() for d in deltas])
+        weights = torch.tensor(
+            [float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 / max(d.numel(), 1) for d in deltas],
+            dtype=torch.float64,
+        )
         total = float(weights.sum())
         weights = weights / total if total > 0 else torch.full_like(weights, 1.0 / len(deltas))
         return [Sparse(d, w.to(d.dtype)) for d, w in zip(deltas, weights, strict=True)]
