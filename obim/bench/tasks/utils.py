@@ -14,7 +14,7 @@ import re
 EVAL_SEED = 2026
 
 
-def toy_dataset(task: str, n: int = 100, raw: bool = False, **_):
+def toy_dataset(task: str, n: int = 200, raw: bool = False, **_):
     """A DatasetDict with the `test` split of a toy task (lm-eval's custom_dataset hook); `raw`: the same items in
     raw form (the toy_*_raw tasks)."""
     import datasets
