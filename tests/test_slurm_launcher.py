@@ -264,6 +264,30 @@ def test_the_wait_names_the_exception_a_job_raised_outside_its_own_handling(tmp_
     assert out.return_value["error"] == "Slurm job 3: omegaconf.errors.ConfigKeyError: Key 'nope' is not in struct"
 
 
+def test_a_time_limit_signal_before_the_jobs_own_handling_is_still_said_in_obims_terms(tmp_path, monkeypatch):
+    """Under submitit's 120 s signal delay a short limit signals at once: the UncompletedJobError may land before the
+    job's own try (while it imports), and comes back as a failed JobReturn; the sweep fails that job with the same
+    line, without a traceback."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    job = _job(tmp_path, "4")
+    job.paths.result_pickle.write_bytes(b"")
+    exc = UncompletedJobError("Job not requeued because: timed-out too many times.")
+    job.results = lambda: [JobReturn(overrides=["m"], status=JobStatus.FAILED, _return_value=exc)]
+    monkeypatch.setattr(slurm, "job_states", lambda ids: {})
+    (out,) = slurm.wait([job], ["m"], [["m"]], tmp_path / "sweep", 0, watch=slurm.Watch(0, 0), sleep_s=0)
+    assert out.status == JobStatus.COMPLETED and out.return_value["status"] == "failed"
+    assert out.return_value["error"] == slurm.job_error(exc) and "time limit reached" in out.return_value["error"]
+    # another exception a job's return carries stays the sweeper's to raise
+    other = [JobReturn(overrides=["m"], status=JobStatus.FAILED, _return_value=ValueError("x"))]
+    job2 = _job(tmp_path, "5")
+    job2.paths.result_pickle.write_bytes(b"")
+    job2.results = lambda: other
+    (out2,) = slurm.wait([job2], ["m"], [["m"]], tmp_path / "sweep", 0, watch=slurm.Watch(0, 0), sleep_s=0)
+    assert out2.status == JobStatus.FAILED
+
+
 def test_the_watch_backs_off_to_its_maximum(monkeypatch):
     import time
 

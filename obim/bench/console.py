@@ -316,9 +316,11 @@ def _outcome(job_return: Any) -> dict:
 
     if job_return.status == JobStatus.COMPLETED and isinstance(job_return._return_value, dict):
         return job_return._return_value
+    from .slurm import job_error
+
     exc = job_return._return_value
     name, overrides = str(job_return.task_name or ""), list(job_return.overrides or [])
-    return failed_outcome(name, overrides, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return failed_outcome(name, overrides, job_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 class SweepConsole(Callback):

@@ -414,7 +414,16 @@ def wait(
             if _has_result(job):
                 try:
                     returns[i] = job.results()[0]
-                    del pending[i]
+                    exc = returns[i]._return_value if returns[i].status == JobStatus.FAILED else None
+                    if exc is not None and job_error(exc):
+                        # submitit's time-limit signal landed before the job's own error handling began (it is
+                        # sent at once when the limit is under its 120 s delay): the same line the job would print
+                        from .joblog import failed_outcome
+
+                        why = str(job_error(exc))
+                        lost(i, failed_outcome(names[i], overrides[i], why, str(job.paths.stderr)))
+                    else:
+                        del pending[i]
                 except Exception as e:  # raised outside the job's own error handling, or an unreadable result
                     o = lost_outcome(job, "FAILED", overrides[i], names[i], requeues)
                     lost(i, {**o, "error": f"Slurm job {job.job_id}: {_exception_line(str(e))}"})
