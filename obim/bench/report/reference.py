@@ -93,6 +93,7 @@ def against_reference(
         if inside or outside:
             n = inside + len(outside)
             line = f"{t.name} averages: {inside} of {n} inside the reference's mean ± {SPREAD:g} sd across its draws"
-            lines.append(line + (f"; outside: {', '.join(outside)}" if outside else ""))
+            shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+            lines.append(line + (f"; outside: {shown}" if outside else ""))
         break  # the main table only: the first one the reference covers
     return lines
