@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .config import MergeConfig
+from .config import MergeConfig, map_paths
 from .version import obim_version
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # namespace/name, or a legacy name (gpt2)
@@ -30,14 +30,7 @@ def shown(path: str) -> str:
 
 
 def _redacted(d: dict[str, Any]) -> dict[str, Any]:
-    d = dict(d, base_model=shown(d["base_model"]), models=[dict(m) for m in d["models"]])
-    for m in d["models"]:
-        m["path"] = shown(m["path"])
-        if m.get("hdiag") is not None:
-            m["hdiag"] = shown(m["hdiag"])
-        if m.get("validation") is not None:
-            m["validation"] = dict(m["validation"], data=shown(m["validation"]["data"]))
-    return d
+    return map_paths(d, shown)
 
 
 def model_card(cfg: MergeConfig, resolved: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,19 @@ def _check_param(method: Method, key: str, value: Any, where: str) -> None:
     err = p.check(value)
     if err:
         raise ObimError(f"{where}: parameter `{key}` of method {method.name} {err}")
+
+
+def map_paths(d: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A merge config dict (MergeConfig.to_dict's layout) with `fn` applied to every file or model path in it: the
+    base, each model's path, hdiag file and validation data."""
+    d = dict(d, base_model=fn(d["base_model"]), models=[dict(m) for m in d["models"]])
+    for m in d["models"]:
+        m["path"] = fn(m["path"])
+        if m.get("hdiag") is not None:
+            m["hdiag"] = fn(m["hdiag"])
+        if m.get("validation") is not None:
+            m["validation"] = dict(m["validation"], data=fn(m["validation"]["data"]))
+    return d
 
 
 def load_config(src: Any) -> MergeConfig:

@@ -20,7 +20,7 @@ import yaml
 from .architectures import is_vocab_tensor
 from .checkpoint import TOKENIZER_FILES, Checkpoint, ShardedWriter, open_checkpoint, plan_shards
 from .checks import device_check, require
-from .config import MergeConfig, load_config
+from .config import MergeConfig, load_config, map_paths
 from .context import TensorContext
 from .errors import ObimError
 from .saliency import check_hdiag, compute_hdiag, load_hdiag
@@ -299,14 +299,7 @@ def _local(p: str) -> str:
 
 
 def _absolute_paths(d: dict[str, Any]) -> dict[str, Any]:
-    d = dict(d, base_model=_local(d["base_model"]), models=[dict(m) for m in d["models"]])
-    for m in d["models"]:
-        m["path"] = _local(m["path"])
-        if m.get("hdiag") is not None:
-            m["hdiag"] = _local(m["hdiag"])
-        if m.get("validation") is not None:
-            m["validation"] = dict(m["validation"], data=_local(m["validation"]["data"]))
-    return d
+    return map_paths(d, _local)
 
 
 def _rel(f: Path, d: Path) -> str:

@@ -114,7 +114,7 @@ def from_mergekit(raw: dict, source: str = "mergekit config") -> dict:
     return out
 
 
-def _param(source: str, name: str, wide: dict, per: list[dict], default: Any = None) -> list[Any]:
+def _param(name: str, wide: dict, per: list[dict], default: Any = None) -> list[Any]:
     return [p.get(name, wide.get(name, default)) for p in per]
 
 
@@ -151,7 +151,7 @@ def _ta(source, others, names, wide, base, paths, params):
     _check_keys(source, "task_arithmetic", wide, per, {"weight", "normalize", "lambda", "rescale"})
     if wide.get("rescale"):
         raise ObimError(f"{source}: rescale: true: task_arithmetic does not sparsify, so obim has nothing to rescale")
-    w = _one_weight(source, "task_arithmetic", _param(source, "weight", wide, per, 1.0))
+    w = _one_weight(source, "task_arithmetic", _param("weight", wide, per, 1.0))
     lam = float(wide.get("lambda", 1.0))
     scale = 1.0 / len(others) if wide.get("normalize", False) else w  # normalize: / sum of the (equal) weights
     return {"method": "ta", "models": _models(names, others), "parameters": {"lambda": lam * scale}}
@@ -159,7 +159,7 @@ def _ta(source, others, names, wide, base, paths, params):
 
 def _linear(source, others, names, wide, base, paths, params):
     _check_keys(source, "linear", wide, params, {"weight", "normalize"})
-    _one_weight(source, "linear", _param(source, "weight", wide, params, 1.0))
+    _one_weight(source, "linear", _param("weight", wide, params, 1.0))
     if not wide.get("normalize", True):
         raise ObimError(f"{source}: linear with normalize: false sums the models' weights; obim merges task vectors")
     # sum_t w theta_t / (n w) over the n listed models = base + sum over the others of delta_t / n
@@ -173,8 +173,8 @@ def _ties(source, others, names, wide, base, paths, params):
         raise ObimError(f"{source}: ties with normalize: false sums the agreeing entries; obim's ties averages them")
     if wide.get("rescale", False):
         raise ObimError(f"{source}: ties with rescale: true rescales to the L1 norm; obim's ties does not rescale")
-    _one_weight(source, "ties", _param(source, "weight", wide, per, 1.0))  # equal weights cancel in the mean
-    density = [float(d) for d in _param(source, "density", wide, per, 1.0)]
+    _one_weight(source, "ties", _param("weight", wide, per, 1.0))  # equal weights cancel in the mean
+    density = [float(d) for d in _param("density", wide, per, 1.0)]
     return {
         "method": "ties",
         "models": _models(names, others, density=density),
