@@ -15,7 +15,7 @@ from obim.merging.errors import ObimError
 from obim.merging.methods import METHODS
 
 from .paired import LEVEL, RESAMPLES, SEED, Difference, Items, paired_difference, record_items
-from .results import JobRecord, load_results, method_label
+from .results import JobRecord, load_results, mean_or_none, method_label
 
 
 @dataclass(frozen=True)
@@ -130,17 +130,13 @@ def compare(a: Side, b: Side, resamples: int = RESAMPLES, seed: int = SEED, leve
             except ObimError as e:
                 why = str(e)
         lines.append(Line(t, a.score(t), b.score(t), diff, why))
-    avg_a, avg_b = _mean([ln.a for ln in lines]), _mean([ln.b for ln in lines])
+    avg_a, avg_b = mean_or_none([ln.a for ln in lines]), mean_or_none([ln.b for ln in lines])
     if len(pairs) == len(tasks):
         d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs], resamples, seed, level)
         lines.append(Line("avg", avg_a, avg_b, d))
     else:
         lines.append(Line("avg", avg_a, avg_b, None, "a benchmark above was not compared"))
     return lines
-
-
-def _mean(vals: list[float | None]) -> float | None:
-    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None) / len(vals)
 
 
 def render(a: Side, b: Side, lines: list[Line], root: Path, resamples: int, seed: int, level: float) -> str:

@@ -353,10 +353,14 @@ def by_count(results: list[JobRecord]) -> dict[tuple[int, str], list[JobRecord]]
     return {k: [v[d] for d in sorted(v)] for k, v in latest.items()}
 
 
+def mean_or_none(vals: list[Any]) -> float | None:
+    """The mean of `vals`; None when there is none or one is missing (never a partial mean)."""
+    return None if not vals or any(v is None for v in vals) else float(sum(vals) / len(vals))
+
+
 def mean_avg(records: list[JobRecord]) -> float | None:
     """The mean over the draws of the jobs' averages (None when one is missing)."""
-    vals = [r.avg for r in records]
-    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None) / len(vals)
+    return mean_or_none([r.avg for r in records])
 
 
 def best_single(records: list[JobRecord] | None) -> tuple[str, float] | None:

@@ -11,6 +11,8 @@ from typing import Any
 
 from obim.merging.staging import atomic_write_file
 
+from .results import mean_or_none
+
 
 def save_plots(study: Any, out: Path, method: str) -> list[Path]:
     """The study's optimisation history and parameter importances as PNGs; importances need two finished trials
@@ -85,7 +87,9 @@ def tuned_table(
         tests = [[r["test_scores"].get(c) for c in columns] + [r["test_avg"]] for r in recs]
         ses = [[(r.get("test_stderr") or {}).get(c) for c in columns] + [r.get("test_avg_stderr")] for r in recs]
         trials = recs[0]["trials"] if not multi else " ".join(str(r["trials"]) for r in recs)
-        rows.append([label, params, _mean([r["dev_avg"] for r in recs]), *_means(tests), untuned.get(label), trials])
+        rows.append(
+            [label, params, mean_or_none([r["dev_avg"] for r in recs]), *_means(tests), untuned.get(label), trials]
+        )
         errors.append(_means(ses))
         sds.append(
             [_sd([t[j] for t in tests]) for j in range(len(test_cols))] if len(recs) > 1 else [None] * len(test_cols)
@@ -169,12 +173,8 @@ def tuned_table(
     return "\n".join(md), buf.getvalue()
 
 
-def _mean(vals: list[Any]) -> float | None:
-    return None if not vals or any(v is None for v in vals) else float(sum(vals) / len(vals))
-
-
 def _means(rows: list[list[Any]]) -> list[float | None]:
-    return [_mean([r[j] for r in rows]) for j in range(len(rows[0]))]
+    return [mean_or_none([r[j] for r in rows]) for j in range(len(rows[0]))]
 
 
 def _sd(vals: list[Any]) -> float | None:
@@ -210,11 +210,11 @@ def _marks(records: list[dict], columns: list[str]) -> dict[str, set[str]]:
         items = [_result_items(job, columns) for job in jobs]
         pooled = {c: _pooled([it.get(c) for it in items]) for c in columns if c != "avg"}
         scores = {
-            c: _mean([{job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}.get(c) for job in jobs])
+            c: mean_or_none([{job.plan.benchmarks.get(k, k): v for k, v in job.scores.items()}.get(c) for job in jobs])
             for c in columns
             if c != "avg"
         }
-        t.add(method_label(method), {**scores, "avg": _mean([job.avg for job in jobs])}, None, None, pooled)
+        t.add(method_label(method), {**scores, "avg": mean_or_none([job.avg for job in jobs])}, None, None, pooled)
     mark_top(t)
     return {c: t.top[c] for c in t.top if t.tested.get(c) == set(t.items)}
 

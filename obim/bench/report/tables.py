@@ -25,6 +25,7 @@ from .results import (
     best_single,
     by_count,
     count_job,
+    mean_or_none,
     method_label,
     paper_tables,
     varies_only,
@@ -94,11 +95,8 @@ def _add(
         items.append(_result_items(r, cols, model) if compare else {})
     k = len(draws)
 
-    def mean(vals: list[float | None]) -> float | None:
-        return None if any(v is None for v in vals) else sum(v for v in vals if v is not None) / k
-
-    ours = {c: mean([row[c] for row in rows]) for c in cols}
-    se = {c: mean([e[c] for e in ses]) for c in cols}
+    ours = {c: mean_or_none([row[c] for row in rows]) for c in cols}
+    se = {c: mean_or_none([e[c] for e in ses]) for c in cols}
     sd = None
     if k > 1:
         sd = {c: None if ours[c] is None else statistics.stdev([row[c] or 0.0 for row in rows]) for c in cols}
