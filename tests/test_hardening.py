@@ -63,7 +63,7 @@ def test_non_finite_parameters_refused(zoo, method, param, bad):
     c = cfg(zoo, method, parameters={param: bad})
     if METHODS[method].uses_saliency:
         for m in c["models"]:
-            m["hdiag"] = "unused.safetensors"
+            m[METHODS[method].statistics] = "unused.safetensors"
     one_line_refusal(
         lambda: load_config(c),
         rf"parameters: parameter `{param}` of method {method} must be a "
@@ -74,7 +74,7 @@ def test_non_finite_parameters_refused(zoo, method, param, bad):
         c = cfg(zoo, method, parameters={})
         if METHODS[method].uses_saliency:
             for m in c["models"]:
-                m["hdiag"] = "unused.safetensors"
+                m[METHODS[method].statistics] = "unused.safetensors"
         c["models"][1]["parameters"] = {param: bad}
         one_line_refusal(lambda: load_config(c), rf"models\[1\] \(math\).*`{param}`.*finite")
 

@@ -227,7 +227,7 @@ def test_bad_options(zoo, tmp_path):
     fails(cfg(zoo, "ta", dtype="int8"), out, r"dtype")
     fails(cfg(zoo, "ta", tokenizer_source="other"), out, r"tokenizer_source")
     fails({**cfg(zoo, "ta"), "extra": 1}, out, r"unknown key\(s\) extra")
-    fails(cfg(zoo, "obim"), out, r"needs saliency statistics")
+    fails(cfg(zoo, "obim"), out, r"needs hdiag statistics")
     if not torch.cuda.is_available():
         fails(cfg(zoo, "ta"), out, r"CUDA is not available", device="cuda")
 

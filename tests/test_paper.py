@@ -535,5 +535,6 @@ def test_validation_split_reaches_jsonl_sources(tmp_path):
 @pytest.mark.slow
 def test_preset_table1_plus_real(tmp_path):
     plans = dry_run(tmp_path, "+paper=table1_plus")
-    assert {p["method"] for p in plans.values()} == BASELINES | {"tsv", "sce", "lines", "ties_lines"}
+    extra = {"tsv", "sce", "lines", "ties_lines", "regmean", "fisher"}
+    assert {p["method"] for p in plans.values()} == BASELINES | extra
     assert {p["experiment"] for p in plans.values()} == {"llama2_13b_sft"} and all(p["main"] for p in plans.values())

@@ -87,10 +87,10 @@ def test_out_an_existing_directory_or_foreign_file_refused(model, data, tmp_path
     _refused([str(model), str(tmp_path / "dir"), "--data", str(data), "--quiet"], capsys, "dir", "directory")
     notes = tmp_path / "notes.safetensors"
     notes.write_text("my notes")
-    _refused([str(model), str(notes), "--data", str(data), "--quiet"], capsys, str(notes), "not an hdiag file")
+    _refused([str(model), str(notes), "--data", str(data), "--quiet"], capsys, str(notes), "not a statistics file")
     other = tmp_path / "weights.safetensors"  # safetensors, but not statistics obim wrote
     save_file({"w": torch.zeros(2, 2)}, str(other))
-    _refused([str(model), str(other), "--data", str(data), "--quiet"], capsys, str(other), "not an hdiag file")
+    _refused([str(model), str(other), "--data", str(data), "--quiet"], capsys, str(other), "not a statistics file")
     assert notes.read_text() == "my notes" and set(load_hdiag_raw(other)) == {"w"}
 
 

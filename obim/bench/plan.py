@@ -270,9 +270,11 @@ class JobPlan:
     def from_json(cls, d: dict[str, Any], runtime: Runtime | None = None, config: dict | None = None) -> JobPlan:
         """A plan read back (result.json's `plan`, a dry run's plan.json): the same plan, the same hash."""
         from obim.merging.config import load_config
+        from obim.merging.methods import get_method
 
         saliency = d["validation"]
-        models = [{**m, "hdiag": "(computed)"} if saliency else m for m in d["merge"]["models"]]
+        kind = get_method(d["merge"]["method"]).statistics or "hdiag"
+        models = [{**m, kind: "(computed)"} if saliency else m for m in d["merge"]["models"]]
         probe = {**d["merge"], "models": models}
         return cls(
             experiment=d["experiment"],
@@ -311,23 +313,34 @@ class JobPlan:
         code = [stage_versions(self.merge_config.method), tasks_digest(list(self.tasks)), version("lm_eval")]
         return digest([keep, *code])
 
-    def with_statistics(self, hdiag: dict[str, str]) -> MergeConfig:
+    def with_statistics(self, files: dict[str, str]) -> MergeConfig:
         """The merge config with each saliency model's statistics file: the checked config, not parsed again."""
         cfg = self.merge_config
-        return replace(cfg, models=[replace(m, hdiag=hdiag[m.name]) if m.name in hdiag else m for m in cfg.models])
+        kind = cfg.method.statistics or "hdiag"
+        return replace(
+            cfg,
+            models=[
+                replace(m, statistics={**m.statistics, kind: files[m.name]}) if m.name in files else m
+                for m in cfg.models
+            ],
+        )
 
 
 def stage_versions(method: Any) -> dict[str, Any]:
     """The declared versions of the code a job's result depends on (its plan hash includes them)."""
     from obim.merging.merge import DRIVER_VERSION
     from obim.merging.saliency import STATS_VERSION
+    from obim.merging.statistics import KINDS
 
     from .evaluation import SCORING_VERSION
 
     return {
         "method": method.code_version(),
         "driver": DRIVER_VERSION,
-        "stats": STATS_VERSION,
+        # hdiag's version alone where a method reads hdiag or nothing (the hashes of its jobs stay as they were)
+        "stats": STATS_VERSION
+        if method.statistics in (None, "hdiag")
+        else f"{method.statistics}-v{KINDS[method.statistics].version}",
         "scoring": SCORING_VERSION,
     }
 
@@ -423,7 +436,8 @@ def plan_job(cfg: Any, overrides: list[str] | None = None, objective: str = "tes
     }
     # Checked now, once (unknown parameters, retention sums, orders); saliency models' statistics are computed by
     # the job and put in place by JobPlan.with_statistics
-    probe = {**merge_cfg, "models": [{**m, "hdiag": "(computed)"} if method.uses_saliency else m for m in models]}
+    kind = method.statistics
+    probe = {**merge_cfg, "models": [{**m, kind: "(computed)"} if kind else m for m in models]}
     merge_config = load_config(probe)
 
     ev = c["eval"]

@@ -53,7 +53,7 @@ class Quiet:
 
 @dataclass(frozen=True)
 class Saliency:
-    hdiag: str  # the statistics file
+    hdiag: str  # the statistics file (of the method's kind: hdiag, gram or fisher; the key predates the others)
     cached: bool
     seconds: float  # as measured when it was computed
     samples: int
@@ -88,28 +88,34 @@ class Evaluated:
         return avg_stderr([self.stderr.get(t) for t in self.scores]) if self.avg is not None else None
 
 
-def saliency_path(cache: Path, name: str, path: str, texts: list[str], v: dict, device: str) -> Path:
-    """Where the model's hdiag file for these validation texts lives in the cache (whether or not it is there)."""
+def saliency_path(
+    cache: Path, name: str, path: str, texts: list[str], v: dict, device: str, kind: str = "hdiag"
+) -> Path:
+    """Where the model's statistics file of `kind` for these validation texts lives in the cache (whether or not
+    it is there)."""
     from obim.merging.determinism import kernel_tag
-    from obim.merging.saliency import STATS_VERSION
+    from obim.merging.statistics import KINDS
 
     ident = [model_fingerprint(path), digest(texts), v["max_length"], v["batch_size"], kernel_tag(device)]
-    key = digest([*ident, f"hdiag-v{STATS_VERSION}"])
-    return cache / "saliency" / f"{name}-{key}.safetensors"
+    key = digest([*ident, f"{kind}-v{KINDS[kind].version}"])
+    return cache / "saliency" / f"{name}-{key if kind == 'hdiag' else kind + '-' + key}.safetensors"
 
 
-def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, progress: bool) -> dict[str, Any]:
-    """The model's hdiag file for its validation set: computed once, reused by every job that needs it."""
-    from obim.merging.saliency import compute_hdiag, save_hdiag
+def cached_saliency(
+    cache: Path, name: str, path: str, v: dict, device: str, progress: bool, kind: str = "hdiag"
+) -> dict[str, Any]:
+    """The model's statistics file of `kind` for its validation set: computed once, reused by every job."""
+    from obim.merging.statistics import compute_statistics, save_statistics
 
     from .validation import build_texts
 
     texts = build_texts(v)
-    out = saliency_path(cache, name, path, texts, v, device)
+    out = saliency_path(cache, name, path, texts, v, device, kind)
     with locked(out):
         hit = out.is_file()
         if not hit:
-            hdiag, meta = compute_hdiag(
+            stats, meta = compute_statistics(
+                kind,
                 path,
                 texts,
                 max_length=v["max_length"],
@@ -118,7 +124,7 @@ def cached_saliency(cache: Path, name: str, path: str, v: dict, device: str, pro
                 progress=progress,
                 source="+".join(f"{s}:{n}" for s, n in v["sources"].items()),
             )
-            save_hdiag(hdiag, out, meta)
+            save_statistics(stats, out, meta)
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
@@ -411,7 +417,8 @@ def saliency_stage(plan: JobPlan, reporter: Reporter) -> dict[str, Saliency]:
     out = {}
     for name, path, v in _saliency_inputs(plan):
         reporter.status(f"saliency of {name}", "saliency")
-        out[name] = Saliency(**cached_saliency(rt.cache, name, path, v, rt.device, rt.progress))
+        kind = plan.merge_config.method.statistics or "hdiag"
+        out[name] = Saliency(**cached_saliency(rt.cache, name, path, v, rt.device, rt.progress, kind))
     return out
 
 
@@ -430,8 +437,9 @@ def saliency_paths(plan: JobPlan) -> dict[str, Path]:
 
     rt = plan.runtime
     assert rt is not None
+    kind = plan.merge_config.method.statistics or "hdiag"
     inputs = _saliency_inputs(plan)
-    return {name: saliency_path(rt.cache, name, path, build_texts(v), v, rt.device) for name, path, v in inputs}
+    return {name: saliency_path(rt.cache, name, path, build_texts(v), v, rt.device, kind) for name, path, v in inputs}
 
 
 def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter) -> Merged:

@@ -68,15 +68,16 @@ def model_card(cfg: MergeConfig, resolved: dict[str, Any]) -> str:
         order = cfg.order if isinstance(cfg.order, str) else " > ".join(cfg.order)
         lines += ["", f"Merge order (iterative merging): {order}."]
     lines += ["", f"Seed {cfg.seed} (random draws: DARE, DELLA, the saliency of non-linear tensors)."]
-    saliency = [m for m in cfg.models if m.hdiag is not None or m.validation is not None]
+    kind = method.statistics
+    saliency = [m for m in cfg.models if kind and (kind in m.statistics or m.validation is not None)]
     if saliency:
-        lines += ["", "## Saliency statistics", ""]
+        lines += ["", f"## Statistics ({kind})", ""]
         for m in saliency:
             if m.validation is not None:
                 v = m.validation
                 lines.append(f"- {m.name}: computed on `{shown(v.data)}` ({v.size} samples, max length {v.max_length})")
             else:
-                lines.append(f"- {m.name}: `{shown(str(m.hdiag))}`")
+                lines.append(f"- {m.name}: `{shown(str(m.statistics[str(kind)]))}`")
     lines += [
         "",
         "## Merge config",

@@ -73,10 +73,13 @@ def saliency_main(argv: list[str] | None = None) -> int:
     configure()
     ap = argparse.ArgumentParser(
         prog="obim-saliency",
-        description="Compute OBM saliency statistics (the hdiag file: mean x² per input feature of every nn.Linear).",
+        description="Compute a model's statistics on validation data for a data-aware merge: OBM's hdiag (mean x² per "
+        "input feature of every nn.Linear; the default), RegMean's gram (each nn.Linear's mean input Gram matrix) or "
+        "Fisher merging's fisher (the empirical diagonal Fisher of every parameter).",
     )
     ap.add_argument("model", help="model directory or hub id")
     ap.add_argument("out", help="output .safetensors file")
+    ap.add_argument("--kind", default="hdiag", help="hdiag (obim, ties_obm), gram (regmean) or fisher (fisher)")
     ap.add_argument("--data", required=True, help="JSONL validation file (one sample per line)")
     ap.add_argument("--size", type=int, default=None, help="number of samples (default: all)")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per sample (truncation)")
@@ -92,14 +95,23 @@ def saliency_main(argv: list[str] | None = None) -> int:
 
         from .checkpoint import open_checkpoint, resolve_model_dir
         from .checks import device_check, one_of, require
-        from .saliency import LOAD_DTYPES, check_hdiag, compute_hdiag, describe_unrouted, is_hdiag_file, save_hdiag
+        from .saliency import LOAD_DTYPES, describe_unrouted
         from .staging import check_disjoint
+        from .statistics import (
+            KINDS,
+            InMemory,
+            check_statistics,
+            compute_statistics,
+            is_statistics_file,
+            save_statistics,
+        )
         from .texts import read_texts
 
         # every refusal before the model runs: a bad option or OUT costs nothing
         if args.dtype is not None:
             require("--dtype", args.dtype, one_of(*LOAD_DTYPES))
         require("--device", args.device, device_check)
+        require("--kind", args.kind, one_of(*KINDS))
         out = Path(args.out)
         model_dir = resolve_model_dir(args.model)
         # OUT on the weights, inside the model directory (a new *.safetensors would join its weights) or on --data;
@@ -107,14 +119,15 @@ def saliency_main(argv: list[str] | None = None) -> int:
         files = {f"the model's {f.name}": f for f in sorted(model_dir.iterdir()) if f.is_file()}
         check_disjoint(out, {"the model": model_dir, **files, "the validation data": Path(args.data)})
         if out.is_dir():
-            raise ObimError(f"{out}: exists and is a directory; OUT is the hdiag .safetensors file to write")
-        if os.path.lexists(out) and not is_hdiag_file(out):  # replace only what obim-saliency wrote
+            raise ObimError(f"{out}: exists and is a directory; OUT is the statistics .safetensors file to write")
+        if os.path.lexists(out) and not is_statistics_file(out):  # replace only what obim-saliency wrote
             raise ObimError(
-                f"{out}: exists and is not an hdiag file obim-saliency wrote; remove it yourself or "
+                f"{out}: exists and is not a statistics file obim-saliency wrote; remove it yourself or "
                 "choose another output file"
             )
         texts = read_texts(args.data, args.size, args.text_field)
-        hdiag, meta = compute_hdiag(
+        stats, meta = compute_statistics(
+            args.kind,
             args.model,
             texts,
             max_length=args.max_length,
@@ -125,13 +138,14 @@ def saliency_main(argv: list[str] | None = None) -> int:
             source=args.data,
         )
         # the check a merge runs on this file, now: a file the merge would refuse is not written
-        check_hdiag(hdiag, meta, open_checkpoint(str(model_dir)), f"{out} (not written)")
-        unrouted = json.loads(meta["unrouted"])
+        check_statistics(InMemory(args.kind, stats, meta), open_checkpoint(str(model_dir)), f"{out} (not written)")
+        unrouted = json.loads(meta.get("unrouted", "[]"))
         if unrouted:
             print(f"obim-saliency: warning: {describe_unrouted(unrouted)}", file=sys.stderr)
-        save_hdiag(hdiag, out, meta)  # atomic_write_file: an OSError there is already one line
+        save_statistics(stats, out, meta)  # atomic_write_file: an OSError there is already one line
+        what = "parameters" if args.kind == "fisher" else "linear layers"
         print(
-            f"{len(hdiag)} linear layers, {meta['samples']} samples, {meta['tokens']} tokens, "
+            f"{args.kind}: {len(stats)} {what}, {meta['samples']} samples, {meta['tokens']} tokens, "
             f"{meta['seconds']} s -> {args.out}"
         )
 

@@ -316,3 +316,68 @@ class LayerScaled(Combiner):
             alpha = ctx.task_sum_l1 / (n * norm) if norm > 0 else 1.0 / n
         depth = 0.0 if ctx.block is None or ctx.n_blocks < 2 else ctx.block / (ctx.n_blocks - 1)
         return merged.mul_(alpha if ctx.block is None else alpha + ctx.param("beta") * depth)
+
+
+def _mean(sparse: list[Sparse]) -> torch.Tensor:
+    return _sum(s.delta for s in sparse).div_(len(sparse))
+
+
+class RegressionMean(Combiner):
+    """RegMean (Jin et al., 2212.09849), per linear weight W (out x in, y = W x): the W minimising
+    Σi ‖Xi W_iᵀ - Xi Wᵀ‖², W = (Σi W_i G̃_i)(Σi G̃_i)⁻¹ with G̃ = a·G + (1 - a)·diag(G), G_i model i's mean input
+    Gram matrix. In task vectors (the base's W0 drops out, Σ G̃_i (Σ G̃_i)⁻¹ = I): δM = (Σi δ_i G̃_i)(Σi G̃_i)⁻¹.
+    Tensors without Gram matrices (norms, embeddings) take the simple average, as the paper does. Solved in float64;
+    a singular Σ G̃ (an input feature no model ever saw) takes the pseudo-inverse."""
+
+    params = (Param("alpha", 0.6, number_in(0.0, 1.0), doc="scale of the off-diagonal Gram entries"),)
+
+    def __call__(self, sparse, ctx):
+        grams = ctx.stats
+        if any(g is None for g in grams):  # not a linear weight (or a weight some model's tokens never reached)
+            return _mean(sparse)
+        a = float(ctx.param("alpha"))
+        lhs: torch.Tensor | None = None
+        rhs: torch.Tensor | None = None
+        for s, g in zip(sparse, grams, strict=True):
+            g = g.to(ctx.device, torch.float64)
+            if a != 1.0:
+                d = g.diagonal().clone()
+                g.mul_(a).diagonal().copy_(d)
+            lhs = g if lhs is None else lhs.add_(g)
+            term = s.delta.to(torch.float64) @ g
+            rhs = term if rhs is None else rhs.add_(term)
+            s.delta = None  # each task vector freed once used
+        assert lhs is not None and rhs is not None
+        sol, info = torch.linalg.solve_ex(lhs, rhs.T)  # lhs symmetric: (rhs lhs⁻¹)ᵀ = lhs⁻¹ rhsᵀ
+        if int(info) != 0:
+            sol = torch.linalg.pinv(lhs, hermitian=True) @ rhs.T
+        return sol.T.to(torch.float32).contiguous()
+
+
+class FisherMean(Combiner):
+    """Fisher merging (Matena & Raffel, 2111.09832) of the task vectors: δM = Σi wi·F̂i·δi / Σi wi·F̂i entry by
+    entry, F̂i = Fi/‖Fi‖₂ + ε (each model's Fisher over all its parameters normalised to one scale, ε keeping an
+    entry no model's Fisher reaches at the weighted mean of its task vectors), wi the model's weight."""
+
+    params = (
+        Param("weight", 1.0, number_in(0.0, 1e9), per_model=True, doc="the model's scaling λi"),
+        Param("min_fisher", 1e-6, number_in(0.0, 1.0), doc="ε added to each normalised Fisher entry"),
+    )
+
+    def validate(self, params, models):
+        if not any(p["weight"] > 0 for p in params):
+            return "parameter `weight` of method fisher: at least one model needs a positive weight"
+        return None
+
+    def __call__(self, sparse, ctx):
+        eps = float(ctx.param("min_fisher"))
+        num: torch.Tensor | None = None
+        den: torch.Tensor | None = None
+        for i, s in enumerate(sparse):
+            f = ctx.stats[i]
+            w = (f.to(ctx.device, torch.float32) + eps) if f is not None else torch.ones_like(s.delta)
+            w.mul_(float(ctx.params[i]["weight"]))
+            num = s.delta.mul_(w) if num is None else num.add_(s.delta.mul_(w))
+            den = w if den is None else den.add_(w)
+        assert num is not None and den is not None
+        return num.div_(den.clamp_(min=torch.finfo(torch.float32).tiny))

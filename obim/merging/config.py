@@ -15,7 +15,8 @@ from .safeio import read_yaml_text
 from .texts import ValidationSpec
 
 TOP_KEYS = ("method", "base_model", "models", "parameters", "order", "seed", "dtype", "tokenizer_source", "shard_size")
-MODEL_KEYS = ("name", "path", "retention", "hdiag", "validation", "parameters")
+STAT_KEYS = ("hdiag", "gram", "fisher")  # a model's statistics file, by kind (obim.merging.statistics.KINDS)
+MODEL_KEYS = ("name", "path", "retention", *STAT_KEYS, "validation", "parameters")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -25,9 +26,13 @@ class ModelSpec:
     name: str
     path: str
     params: dict[str, Any]
-    hdiag: str | None = None
+    statistics: dict[str, str] = field(default_factory=dict)  # kind -> its file (hdiag, gram, fisher)
     validation: ValidationSpec | None = None
     retention: float | None = None
+
+    @property
+    def hdiag(self) -> str | None:
+        return self.statistics.get("hdiag")
 
 
 @dataclass
@@ -58,8 +63,7 @@ class MergeConfig:
             d: dict[str, Any] = {"name": m.name, "path": m.path}
             if m.retention is not None:
                 d["retention"] = m.retention
-            if m.hdiag is not None:
-                d["hdiag"] = m.hdiag
+            d.update({k: m.statistics[k] for k in STAT_KEYS if k in m.statistics})
             if m.validation is not None:
                 d["validation"] = dict(vars(m.validation))
             d["parameters"] = {k: v for k, v in m.params.items() if self.parameters.get(k) != v}
@@ -125,12 +129,13 @@ def _check_param(method: Method, key: str, value: Any, where: str) -> None:
 
 def map_paths(d: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
     """A merge config dict (MergeConfig.to_dict's layout) with `fn` applied to every file or model path in it: the
-    base, each model's path, hdiag file and validation data."""
+    base, each model's path, statistics files and validation data."""
     d = dict(d, base_model=fn(d["base_model"]), models=[dict(m) for m in d["models"]])
     for m in d["models"]:
         m["path"] = fn(m["path"])
-        if m.get("hdiag") is not None:
-            m["hdiag"] = fn(m["hdiag"])
+        for k in STAT_KEYS:
+            if m.get(k) is not None:
+                m[k] = fn(m[k])
         if m.get("validation") is not None:
             m["validation"] = dict(m["validation"], data=fn(m["validation"]["data"]))
     return d
@@ -201,7 +206,14 @@ def load_config(src: Any) -> MergeConfig:
         for k in set(own) | ({method.retention_param} if retention is not None and method.retention_param else set()):
             _check_param(method, k, params[k], where)
         validation = ValidationSpec.from_dict(m["validation"], f"{where}.validation") if m.get("validation") else None
-        models.append(ModelSpec(name, str(m["path"]), params, m.get("hdiag"), validation, retention))
+        stats = {k: str(m[k]) for k in STAT_KEYS if m.get(k) is not None}
+        other = [k for k in stats if k != method.statistics]
+        if other and method.statistics:  # another method's statistics: a file meant for another merge
+            raise ObimError(
+                f"{where}: `{other[0]}` holds another kind of statistics than method {method.name} merges with; "
+                f"it reads `{method.statistics}`"
+            )
+        models.append(ModelSpec(name, str(m["path"]), params, stats, validation, retention))
 
     names = [m.name for m in models]
     err = method.validate([m.params for m in models], names)
@@ -237,12 +249,13 @@ def load_config(src: Any) -> MergeConfig:
     if tok != "base" and tok not in names:
         raise ObimError(f"tokenizer_source: expected `base` or a model name ({', '.join(names)}), got {tok!r}")
     seed = int(require("seed", raw.get("seed", 0), number_in(0, 2**63 - 1, integer=True)))
-    if method.uses_saliency:
+    if method.statistics:
         for i, m in enumerate(models):
-            if m.hdiag is None and m.validation is None:
+            if method.statistics not in m.statistics and m.validation is None:
                 raise ObimError(
-                    f"models[{i}] ({m.name}): method {method.name} needs saliency statistics: give "
-                    "`hdiag: FILE.safetensors` (see obim-saliency) or `validation: {data: FILE.jsonl}`"
+                    f"models[{i}] ({m.name}): method {method.name} needs {method.statistics} statistics: give "
+                    f"`{method.statistics}: FILE.safetensors` (see obim-saliency --kind {method.statistics}) or "
+                    "`validation: {data: FILE.jsonl}`"
                 )
     return MergeConfig(
         method,

@@ -72,7 +72,7 @@ class TensorContext:
     params: list[dict[str, Any]]  # resolved parameters, one dict per model (method-wide values included)
     seed: int
     order: list[int]  # IM order for this tensor (indices into models)
-    hdiag: list[torch.Tensor | None]  # per model: the saliency statistics of this tensor (None: not linear)
+    stats: list[torch.Tensor | None]  # per model: its statistics of this tensor (the method's kind; None: none)
     device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable: one shared default is safe)
     base: torch.Tensor | None = None  # the base's float32 tensor, for a combiner that declares `uses_base` only
     block: int | None = None  # the decoder block this tensor is in (None: outside the blocks)

@@ -23,8 +23,8 @@ from .checks import device_check, require
 from .config import MergeConfig, load_config, map_paths
 from .context import TensorContext
 from .errors import ObimError
-from .saliency import check_hdiag, compute_hdiag, load_hdiag
 from .staging import check_disjoint, check_output_dir, staged_output
+from .statistics import InMemory, StatsFile, check_statistics, compute_statistics, open_statistics
 from .texts import read_texts
 from .version import obim_version
 
@@ -137,27 +137,28 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prepare_saliency(
+def prepare_statistics(
     cfg: MergeConfig, models: list[Checkpoint], device: str, progress: bool
-) -> tuple[list[dict[str, torch.Tensor] | None], dict[str, dict[str, str]]]:
-    """Load (and check) or compute each model's hdiag statistics when the method ranks by saliency."""
-    out: list[dict[str, torch.Tensor] | None] = [None] * len(models)
+) -> tuple[list[StatsFile | InMemory | None], dict[str, dict[str, str]]]:
+    """Open (and check) or compute each model's statistics of the kind the method merges with. Files are read a
+    tensor at a time during the merge; statistics computed here (from `validation:`) are held in memory."""
+    kind = cfg.method.statistics
+    out: list[StatsFile | InMemory | None] = [None] * len(models)
     meta: dict[str, dict[str, str]] = {}
-    if not cfg.method.uses_saliency:
+    if kind is None:
         return out, meta
     for i, (spec, ck) in enumerate(zip(cfg.models, models, strict=True)):
-        if spec.hdiag is not None:
-            hd, hm = load_hdiag(spec.hdiag)
-            check_hdiag(hd, hm, ck, spec.hdiag)
-            out[i] = hd
+        if kind in spec.statistics:
+            out[i] = open_statistics(spec.statistics[kind], kind, ck)
         else:
             v = spec.validation
             if v is None:  # load_config rejects this, but a MergeConfig built in code skips its checks
                 raise ObimError(
-                    f"model '{spec.name}': {cfg.method.name} needs saliency statistics (hdiag or validation)"
+                    f"model '{spec.name}': {cfg.method.name} needs {kind} statistics (a file or validation)"
                 )
             texts = read_texts(v.data, v.size, v.text_field)
-            hd, meta[spec.name] = compute_hdiag(
+            stats, meta[spec.name] = compute_statistics(
+                kind,
                 str(ck.dir),
                 texts,
                 max_length=v.max_length,
@@ -167,8 +168,9 @@ def prepare_saliency(
                 progress=progress,
                 source=v.data,
             )
-            check_hdiag(hd, meta[spec.name], ck, f"statistics computed from {v.data}")
-            out[i] = hd
+            mem = InMemory(kind, stats, meta[spec.name])
+            check_statistics(mem, ck, f"statistics computed from {v.data}")
+            out[i] = mem
     return out, meta
 
 
@@ -199,11 +201,12 @@ def merge_tensor(
     cfg: MergeConfig,
     plan: TensorPlan,
     tensors: list[torch.Tensor],
-    hdiags: list[dict[str, torch.Tensor] | None],
+    stats: list[Any],
     device: torch.device,
 ) -> torch.Tensor:
     """Merge one tensor. `tensors` = [base, model 1, ...] as read; the list is consumed (emptied) so that each
-    input is freed as soon as its task vector exists."""
+    input is freed as soon as its task vector exists. `stats`: per model, None or its statistics (anything with
+    `.get(tensor name)`: a StatsFile, a dict)."""
     base_t = tensors[0]
     if not base_t.is_floating_point():
         tensors.clear()
@@ -235,7 +238,7 @@ def merge_tensor(
         params=[m.params for m in cfg.models],
         seed=cfg.seed,
         order=tensor_order(cfg, plan.name),
-        hdiag=[h.get(plan.name) if h else None for h in hdiags],
+        stats=[_stat_rows(h.get(plan.name), rows, method.statistics) if h is not None else None for h in stats],
         device=device,
         base=base_f32,
         block=block_index(plan.name),
@@ -255,6 +258,11 @@ def merge_tensor(
         _extra_rows(full, rows, extra_sources)
         merged = full
     return merged.to(plan.out_dtype).cpu()
+
+
+def _stat_rows(t: torch.Tensor | None, rows: int | None, kind: str | None) -> torch.Tensor | None:
+    """Per-entry statistics (Fisher's) of a vocabulary tensor whose rows differ: the shared rows, as the deltas."""
+    return t[:rows] if t is not None and rows is not None and kind == "fisher" else t
 
 
 def _sum_of(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -314,8 +322,8 @@ def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkp
     for spec, ck in zip(cfg.models, models, strict=True):
         out[f"model '{spec.name}'"] = ck.dir
         out.update({f"file {_rel(f, ck.dir)} of model '{spec.name}'": f for f in ck.files()})
-        if spec.hdiag is not None:
-            out[f"the hdiag file of '{spec.name}'"] = Path(spec.hdiag)
+        for kind, f in spec.statistics.items():
+            out[f"the {kind} file of '{spec.name}'"] = Path(f)
         if spec.validation is not None:
             out[f"the validation data of '{spec.name}'"] = Path(spec.validation.data)
     if isinstance(config, (str, Path)):
@@ -341,7 +349,7 @@ def merge(
     _keep_freed_memory()
 
     t0 = time.perf_counter()
-    hdiags, hmeta = prepare_saliency(cfg, models, device, progress)
+    stats, hmeta = prepare_statistics(cfg, models, device, progress)
     saliency_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -372,7 +380,7 @@ def merge(
             for j, p in enumerate(plans):
                 tensors = pending.result() if pending is not None else read(p)
                 pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
-                writer.write(p.name, merge_tensor(cfg, p, tensors, hdiags, dev))
+                writer.write(p.name, merge_tensor(cfg, p, tensors, stats, dev))
                 bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
             bar.close()
             writer.finish()

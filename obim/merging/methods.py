@@ -10,8 +10,10 @@ from .combiners import (
     Combiner,
     Consensus,
     DisjointMean,
+    FisherMean,
     IterativeMerging,
     LayerScaled,
+    RegressionMean,
     SignWeightedMean,
     Slerp,
     Sum,
@@ -41,7 +43,7 @@ class Method:
     combiner: Combiner
     lam: float = 1.0  # default of `lambda`: θ = θ0 + λ·δM
     retention_param: str | None = None  # the parameter a model's `retention` key sets
-    uses_saliency: bool = False  # needs hdiag statistics (OBM)
+    statistics: str | None = None  # the per-model statistics it merges with (statistics.KINDS): hdiag, gram, fisher
     doc: str = ""
     label: str = ""  # the paper's name of the method (tables, plots); the registry name when empty
     reference_url: str = ""  # the paper that defines it
@@ -51,6 +53,11 @@ class Method:
         """What a merge of this method computes besides its config: the declared versions of the method and its
         parts (a cached merge is reused only under the same ones; a change elsewhere invalidates nothing)."""
         return f"{self.name}@{self.version}/{self.sparsifier.code_version()}/{self.combiner.code_version()}"
+
+    @property
+    def uses_saliency(self) -> bool:
+        """Whether each model needs statistics from validation data (computed, or a file obim-saliency wrote)."""
+        return self.statistics is not None
 
     @property
     def max_models(self) -> int | None:
@@ -156,7 +163,7 @@ register(
         Rank(saliency),
         IterativeMerging(),
         retention_param="retention",
-        uses_saliency=True,
+        statistics="hdiag",
         doc="OBIM: OBM saliency + iterative merging",
         label="OBIM",
         reference_url="https://arxiv.org/abs/2502.12217",
@@ -168,7 +175,7 @@ register(
         TopK(saliency, density=0.2),
         DisjointMean(),
         retention_param="density",
-        uses_saliency=True,
+        statistics="hdiag",
         doc="ablation: OBM saliency + TIES disjoint mean",
         label="TIES+OBM",
         reference_url="https://arxiv.org/abs/2502.12217",
@@ -233,5 +240,27 @@ register(
         doc="LiNeS over TIES: the disjoint mean scaled up with depth",
         label="TIES+LiNeS",
         reference_url="https://arxiv.org/abs/2410.17146",
+    )
+)
+register(
+    Method(
+        "regmean",
+        Keep(),
+        RegressionMean(),
+        statistics="gram",
+        doc="RegMean: each linear layer's least-squares merge from its inputs' Gram matrices; others averaged",
+        label="RegMean",
+        reference_url="https://arxiv.org/abs/2212.09849",
+    )
+)
+register(
+    Method(
+        "fisher",
+        Keep(),
+        FisherMean(),
+        statistics="fisher",
+        doc="Fisher merging: every parameter averaged with each model's diagonal Fisher information as weight",
+        label="Fisher",
+        reference_url="https://arxiv.org/abs/2111.09832",
     )
 )

@@ -38,7 +38,7 @@ def magnitude(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
 
 
 def saliency(delta: torch.Tensor, i: int, ctx: TensorContext) -> torch.Tensor:
-    h = ctx.hdiag[i]
+    h = ctx.stats[i]
     if h is None:
         return ctx.rand(i, delta.shape)
     return delta.square() * h.to(delta.device)
@@ -161,20 +161,6 @@ def describe_unrouted(names: Sequence[str], first: int = 3) -> str:
     )
 
 
-def is_hdiag_file(path: Path) -> bool:
-    """A regular safetensors file whose header says obim-saliency wrote it (a model fingerprint, 1-D tensors): the
-    only existing file obim-saliency replaces."""
-    from .checkpoint import read_safetensors_header
-
-    if not path.is_file():  # a FIFO or device would block or never end
-        return False
-    try:
-        meta, infos = read_safetensors_header(path)
-    except ObimError:
-        return False
-    return "model_fingerprint" in meta and all(len(t.shape) == 1 for t in infos.values())
-
-
 def save_hdiag(hdiag: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.float().contiguous() for k, v in sorted(hdiag.items())}
     atomic_write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -236,8 +222,10 @@ def compute_hdiag(
     dtype: str | None = None,
     progress: bool = True,
     source: str = "",
+    gram: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Run `model` (a directory or hub id) forward over `texts` and return (hdiag, metadata).
+    """Run `model` (a directory or hub id) forward over `texts` and return (hdiag, metadata); with `gram`, each
+    linear layer's full mean input Gram matrix E[x xᵀ] instead of its diagonal (RegMean's statistics).
 
     The model is loaded once, in `dtype` (None: its own), on `device`; statistics accumulate in float64.
     Linear weights no token reached (MoE experts never routed) have no statistics and are listed in
@@ -265,23 +253,14 @@ def compute_hdiag(
             load_dtype=load_dtype,
             progress=progress,
             source=source,
+            gram=gram,
         )
 
 
-def _compute(
-    path: Path,
-    model: str,
-    texts: Sequence[str],
-    fingerprint: str,
-    *,
-    max_length: int,
-    batch_size: int,
-    device: str,
-    load_dtype: torch.dtype | str,
-    progress: bool,
-    source: str,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from tqdm.auto import tqdm
+def open_model(path: Path, device: str, load_dtype: torch.dtype | str):
+    """(model in eval mode, tokenizer padding on the right, the device its inputs go to) of a checked directory:
+    one line naming it on anything transformers raises, and a refusal where the checkpoint lacks a weight of its
+    architecture (transformers would initialise it at random)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device(device)
@@ -314,20 +293,55 @@ def _compute(
         dev = net.get_input_embeddings().weight.device
     else:
         net = load().to(dev)
+    return net, tok, dev
+
+
+def _compute(
+    path: Path,
+    model: str,
+    texts: Sequence[str],
+    fingerprint: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    load_dtype: torch.dtype | str,
+    progress: bool,
+    source: str,
+    gram: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from tqdm.auto import tqdm
+
+    net, tok, dev = open_model(path, device, load_dtype)
 
     sums: dict[str, torch.Tensor] = {}
-    state: dict = {"mask": None, "last": (None, None, 0)}
+    shares: dict[str, str] = {}  # gram: a layer whose input has always been another's (k, v: q's) is stored once
+    state: dict = {"mask": None, "last": (None, None, 0, None)}
 
     def hook_for(wname: str):
         def hook(module, args):
             x = args[0]
-            last_x, acc, n = state["last"]
+            last_x, acc, n, first = state["last"]
             if x is not last_x:  # q/k/v (gate/up) run back to back on one input: square it once
                 sel = x[state["mask"].to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
-                acc, n = sel.double().square().sum(0), sel.shape[0]
-                state["last"] = (x, acc, n)  # holding x keeps the identity test sound
-            if n:  # an expert called with no tokens (some MoE code does) is as unreached as one never called
-                sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
+                if gram:  # float32 sums: a 13B model's float64 Gram matrices would need twice the memory
+                    xs = sel.float()
+                    acc = xs.T @ xs
+                else:
+                    acc = sel.double().square().sum(0)
+                n, first = sel.shape[0], wname
+                state["last"] = (x, acc, n, first)  # holding x keeps the identity test sound
+            if not n:  # an expert called with no tokens (some MoE code does) is as unreached as one never called
+                return
+            if gram:
+                if wname not in sums and shares.get(wname, first) == first and first != wname:
+                    shares[wname] = first  # the same input as `first` in every call so far
+                    return
+                if wname in shares:  # once another input than its partner's: its own sums from the start
+                    raise ObimError(
+                        f"layer {wname}: its input is not always {shares[wname]}'s, which obim's Gram pass assumes"
+                    )
+            sums[wname] = sums[wname] + acc if wname in sums else acc.clone()
 
         return hook
 
@@ -353,17 +367,18 @@ def _compute(
                     max_length=max_length,
                 ).to(dev)
                 mask = enc["attention_mask"].bool()
-                state["mask"], state["last"] = mask, (None, None, 0)
+                state["mask"], state["last"] = mask, (None, None, 0, None)
                 tokens += int(mask.sum())
                 net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
-        state["last"] = (None, None, 0)
+        state["last"] = (None, None, 0, None)
         for h in handles:
             h.remove()
     elapsed = time.perf_counter() - t0
     if tokens == 0:
         raise ObimError(f"validation set {source}: no tokens after tokenization")
     hdiag = {k: (v / tokens).float().cpu() for k, v in sums.items()}
+    reached = set(sums) | set(shares)
     meta = {
         "model": str(model),
         "data": str(source),
@@ -375,7 +390,9 @@ def _compute(
         "model_fingerprint": fingerprint,
         "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
         # weights no token reached (MoE experts never routed): no statistics, and check_hdiag knows why
-        "unrouted": json.dumps(sorted(w for w in linear if w not in sums)),
+        "unrouted": json.dumps(sorted(w for w in linear if w not in reached)),
     }
+    if gram:
+        meta.update(kind="gram", aliases=json.dumps(dict(sorted(shares.items()))))
     del net
     return hdiag, meta

@@ -35,7 +35,7 @@ PT_BASE_LABEL = "Qwen2-7B"  # the paper's name of Table 2's base row
 TABLE1_METHODS = ["ta", "ties", "dare", "della", "tall_mask", "pcb", "breadcrumbs", "obim"]
 TABLE3_METHODS = ["ties", "ties_obm", "ties_im", "obim"]
 # beyond the paper (+paper=table1_plus): Table 1's methods and these, in one table
-EXTRA_METHODS = ["tsv", "sce", "lines", "ties_lines"]
+EXTRA_METHODS = ["tsv", "sce", "lines", "ties_lines", "regmean", "fisher"]
 SOURCE_LABELS = {("gsm8k", "math"): "Math", ("mbpp",): "Code", ("gsm8k", "math", "mbpp"): "Math+Code"}
 
 
