@@ -90,6 +90,19 @@ def test_row_band_mask():
     assert row_band_mask(x, 0, 6).all() and not row_band_mask(x, 2, 2).any()
 
 
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_sorted_at_with_mostly_equal_entries_matches_a_sort(nonneg):
+    """bf16 task vectors: most entries 0 (the bracketed selection's case), the rest a few hundred values."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300_000, generator=g) * 0.01).to(torch.bfloat16).float()
+    x[torch.rand(300_000, generator=g) < 0.6] = 0
+    if nonneg:
+        x = x.abs()
+    want = torch.sort(x).values
+    pos = [0, 30, 150_000, 299_000, 299_969, -1]
+    assert sorted_at(x, pos, nonneg=nonneg) == [float(want[p]) for p in pos]
+
+
 def test_sorted_at_python_indexing():
     x = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
     assert sorted_at(x, [0, 2, -1, 4]) == [1.0, 3.0, 5.0, 5.0]

@@ -262,21 +262,9 @@ def _by_row_rank_torch(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def sorted_at(x: torch.Tensor, positions: list[int], *, nonneg: bool = False) -> list[float]:
-    """Values of sorted(x.flatten()) (ascending) at the given indices (Python semantics: -1 is the last).
-    Successive single selections on the remaining part: numpy's multi-kth partition was 5x slower here."""
+    """Values of sorted(x.flatten()) (ascending) at the given indices (Python semantics: -1 is the last): each the
+    (n - p)-th largest, by kth_largest, which stays fast where most entries share a value (bf16 task vectors are
+    often 60% zeros, where a plain partition took 0.3 s per 3M entries instead of 0.02 s). nonneg: x >= 0."""
     flat = x.reshape(-1)
     n = flat.numel()
-    pos = sorted({p % n for p in positions})
-    if flat.is_cuda:
-        vals = {p: float(torch.kthvalue(flat, p + 1).values) for p in pos}
-    else:
-        part = flat.numpy().view(np.int32) if nonneg else flat.numpy()
-        part = part.copy()
-        vals, done = {}, 0
-        for p in pos:
-            rest = part[done:]
-            rest.partition(p - done)
-            v = rest[p - done]
-            vals[p] = float(np.array(v).view(np.float32)) if nonneg else float(v)
-            done = p
-    return [vals[p % n] for p in positions]
+    return [kth_largest(flat, n - p % n, nonneg=nonneg)[0] for p in positions]
