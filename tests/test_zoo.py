@@ -153,7 +153,9 @@ def test_zoo_table_leaves_unmeasured_code_scores_empty(quick_zoo, monkeypatch):
     from obim.bench.zoo import evaluate_zoo, zoo_table
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    scores = evaluate_zoo(quick_zoo, progress=False, limit=2)
+    steps: list[int] = []
+    scores = evaluate_zoo(quick_zoo, progress=False, limit=2, step=steps.append)
+    assert steps == list(range(1, len(scores) + 1))  # the build's progress: one step per model evaluated
     assert scores["sft/code"]["toy_humaneval"] is None and scores["sft/code"]["toy_mbpp"] is None
     code = ("toy_humaneval", "toy_mbpp", "toy_code_raw")
     assert all(v is not None for k, s in scores.items() for b, v in s.items() if b not in code)

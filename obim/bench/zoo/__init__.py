@@ -400,8 +400,9 @@ def _build_into(
     train_s = time.perf_counter() - t0
     table = ""
     if evaluate:
-        done.begin("evaluation of the models and the merges")
-        scores = evaluate_zoo(tmp, progress=progress, allow_code=allow_code)
+        n_evals = len(SFT_EXPERTS) + 2 + len(list((tmp / "pt").iterdir()))  # the SFT models, raw base, PT models
+        done.begin("evaluation of the models and the merges", n_evals)
+        scores = evaluate_zoo(tmp, progress=progress, allow_code=allow_code, step=lambda i: done.step(i, n_evals))
         table = zoo_table(scores)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
         t1 = time.perf_counter()
@@ -478,10 +479,14 @@ def _report(root: Path, scores: dict, progress: bool, allow_code: bool) -> str:
 
 
 def evaluate_zoo(
-    root: Path, progress: bool = True, limit: int | None = None, allow_code: bool = False
+    root: Path,
+    progress: bool = True,
+    limit: int | None = None,
+    allow_code: bool = False,
+    step: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Scores (percent) of every zoo model on its setting's benchmarks, through lm-eval; the code benchmarks None
-    unless code execution is opted in."""
+    unless code execution is opted in. `step(i)` is told after each of the evaluations (ZooProgress)."""
     from ..evaluation import code_allowed, code_tasks, evaluate_model
 
     skip = [] if code_allowed(allow_code) else code_tasks(SFT_BENCHMARKS)
@@ -490,12 +495,18 @@ def evaluate_zoo(
     for name in ["base", *SFT_EXPERTS]:
         got = evaluate_model(root / "sft" / name, run, limit=limit, allow_code=allow_code)
         scores[f"sft/{name}"] = {b: got.get(b) for b in SFT_BENCHMARKS}
+        if step:
+            step(len(scores))
     # the base on the same items in raw form: competence before SFT, next to its template scores
     raw = [b for b in RAW_BENCHMARKS if code_allowed(allow_code) or b not in code_tasks(RAW_BENCHMARKS)]
     got = evaluate_model(root / "sft" / "base", raw, limit=limit, allow_code=allow_code)
     scores["raw/base"] = {b: got.get(b) for b in RAW_BENCHMARKS}
+    if step:
+        step(len(scores))
     for d in sorted((root / "pt").iterdir(), key=lambda p: (p.name != "base", p.name)):
         scores[f"pt/{d.name}"] = evaluate_model(d, PT_BENCHMARKS, limit=limit)
+        if step:
+            step(len(scores))
     return scores
 
 
