@@ -3,6 +3,8 @@ merge's own `validation:` path give the same file."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors import safe_open
 
@@ -129,3 +131,23 @@ def test_cli_errors_are_one_line(zoo, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "e.jsonl" in err and "empty" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_linear_weights_are_remembered_per_architecture(zoo, tmp_path, monkeypatch):
+    """The meta-device build (transformers' model code imported: seconds per process) runs once per architecture;
+    another config is another architecture."""
+    import shutil
+
+    from obim.merging import saliency
+    from obim.merging.checkpoint import open_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = saliency.expected_hdiag(open_checkpoint(str(zoo["lm"])))
+    assert len(first) == 2 * 7 + 1
+    monkeypatch.setattr(saliency, "_linear_or_shape_rule", lambda ck: ["built again"])
+    assert saliency.expected_hdiag(open_checkpoint(str(zoo["math"]))) == first  # the same architecture
+    other = tmp_path / "other"
+    shutil.copytree(zoo["lm"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    assert saliency.expected_hdiag(open_checkpoint(str(other))) == ["built again"]

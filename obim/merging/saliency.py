@@ -76,10 +76,47 @@ def _linear_weights(net: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     }
 
 
+def _architecture_cache(ckpt: Checkpoint) -> Path | None:
+    """Where the linear weights of this architecture are remembered: keyed by config.json's bytes, the tensor names
+    and transformers' version (building a model on the meta device first imports transformers' model code, ~4 s
+    per process, more than a 271M-parameter merge's own I/O)."""
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        config = (ckpt.dir / "config.json").read_bytes()
+        tv = version("transformers")
+    except (OSError, PackageNotFoundError):
+        return None
+    key = hashlib.sha256(json.dumps([config.hex(), sorted(ckpt.tensors), tv]).encode()).hexdigest()[:32]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obim" / "architectures"
+    return root / f"{key}.json"
+
+
 def expected_hdiag(ckpt: Checkpoint) -> list[str]:
     """The tensors an hdiag file of this model must cover: its linear weights, read from the architecture built
-    on the meta device (no memory, no weights). Where transformers cannot build it, or names its weights
-    otherwise than the checkpoint, every 2-D float weight that is not an embedding / vocabulary matrix."""
+    on the meta device (no memory, no weights), and remembered per architecture (_architecture_cache). Where
+    transformers cannot build it, or names its weights otherwise than the checkpoint, every 2-D float weight that
+    is not an embedding / vocabulary matrix."""
+    cache = _architecture_cache(ckpt)
+    if cache is not None and cache.is_file():
+        try:
+            names = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            names = None
+        if isinstance(names, list) and all(isinstance(n, str) and n in ckpt.tensors for n in names):
+            return names
+    names = _linear_or_shape_rule(ckpt)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_file(cache, lambda tmp: tmp.write_text(json.dumps(names)))
+        except OSError:  # a read-only home: only slower
+            pass
+    return names
+
+
+def _linear_or_shape_rule(ckpt: Checkpoint) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
