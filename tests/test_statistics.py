@@ -83,6 +83,13 @@ def test_regmean_alpha_scales_the_off_diagonal():
     np.testing.assert_allclose(out0.numpy(), want0, rtol=1e-5, atol=1e-6)
 
 
+def test_regmean_leaves_the_statistics_it_is_given_unchanged():
+    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)  # a caller's float64 Gram, shared by both
+    before = G.clone()
+    merge_one("regmean", {"a": torch.ones(3, 2), "b": torch.zeros(3, 2)}, {"a": G, "b": G}, params={"alpha": 0.3})
+    assert torch.equal(G, before)
+
+
 def test_regmean_averages_tensors_without_gram_and_survives_a_dead_feature():
     a, b = torch.tensor([1.0, 2.0, -3.0]), torch.tensor([3.0, 0.0, 1.0])
     out = merge_one("regmean", {"a": a, "b": b}, {}, name="model.norm.weight")
@@ -294,3 +301,81 @@ def test_fisher_of_a_vocabulary_tensor_with_more_rows():
     out = merge_tensor(cfg, plan, [base, a, b], [{name: fa}, {name: fb}], torch.device("cpu"))
     torch.testing.assert_close(out[:3], torch.full((3, 2), (1 + 9) / 4))
     torch.testing.assert_close(out[3], a[3])
+
+
+def test_fisher_of_tied_embeddings_and_a_stray_buffer(tmp_path, val_jsonl):
+    """A tied lm_head the checkpoint omits (save_pretrained's way) is no tensor to cover; a float tensor no parameter
+    holds (an old rotary inv_freq) is listed as no_gradient and merged by the weighted mean."""
+    import shutil
+
+    from conftest import make_llama
+    from safetensors.torch import load_file
+
+    base = make_llama(tmp_path / "base", 0, tie=True)
+    a, b = make_llama(tmp_path / "a", 1, base=base, tie=True), make_llama(tmp_path / "b", 2, base=base, tie=True)
+    stray = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    for d in (base, a, b):
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            meta = f.metadata()
+        t = load_file(str(d / "model.safetensors"))
+        assert "lm_head.weight" not in t
+        t[stray] = torch.rand(8) if d != base else torch.zeros(8)
+        save_file(t, str(d / "model.safetensors"), metadata=meta)
+    files = {}
+    for n, d in (("a", a), ("b", b)):
+        files[n] = tmp_path / f"{n}.fisher.safetensors"
+        assert saliency_main([str(d), str(files[n]), "--kind", "fisher", "--data", str(val_jsonl), "--quiet"]) == 0
+        with safe_open(str(files[n]), "pt") as f:
+            meta = f.metadata()
+            assert json.loads(meta["no_gradient"]) == [stray] and "lm_head.weight" not in f.keys()  # noqa: SIM118
+    cfg = {
+        "method": "fisher",
+        "base_model": str(base),
+        "models": [{"name": n, "path": str(d), "fisher": str(files[n])} for n, d in (("a", a), ("b", b))],
+    }
+    merge(cfg, tmp_path / "out", progress=False)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        got = f.get_tensor(stray)
+    want = (load_file(str(a / "model.safetensors"))[stray] + load_file(str(b / "model.safetensors"))[stray]) / 2
+    torch.testing.assert_close(got, want)
+    shutil.rmtree(tmp_path / "out")
+
+
+def test_bad_aliases_and_norms_are_one_line_refusals(zoo, val_jsonl, tmp_path):
+    from obim.merging.checkpoint import open_checkpoint
+
+    texts = read_texts(val_jsonl, size=3)
+    lm = open_checkpoint(str(zoo["lm"]))
+    gram, gmeta = compute_statistics("gram", str(zoo["lm"]), texts, progress=False)
+    fisher, fmeta = compute_statistics("fisher", str(zoo["lm"]), texts, progress=False)
+    bad = {
+        "a list as alias": ("gram", gram, {**gmeta, "aliases": json.dumps({K: [Q]})}, "`aliases` is not a JSON map"),
+        "down_proj reading q's Gram": (
+            "gram",
+            gram,
+            {**gmeta, "aliases": json.dumps({**json.loads(gmeta["aliases"]), DOWN: Q})},
+            rf"{DOWN} \(an alias of {Q}\) has shape",
+        ),
+        "a norm reading a Gram": (
+            "gram",
+            gram,
+            {**gmeta, "aliases": json.dumps({"model.norm.weight": Q})},
+            r"model.norm.weight \(an alias of",
+        ),
+        "a Fisher alias of another shape": (
+            "fisher",
+            fisher,
+            {**fmeta, "aliases": json.dumps({"lm_head.weight": "model.norm.weight"})},
+            r"lm_head.weight \(an alias of model.norm.weight\) has shape",
+        ),
+        "a NaN norm": ("fisher", fisher, {**fmeta, "norm": "nan"}, "`norm` is not a finite"),
+        "an infinite norm": ("fisher", fisher, {**fmeta, "norm": "inf"}, "`norm` is not a finite"),
+    }
+    for what, (kind, stats, meta, match) in bad.items():
+        p = tmp_path / f"{what}.safetensors"
+        if kind == "gram" and what == "down_proj reading q's Gram":
+            stats = {k: v for k, v in stats.items() if k != DOWN}
+        save_file(stats, str(p), metadata=meta)
+        with pytest.raises(ObimError, match=match) as e:
+            open_statistics(p, kind, lm)
+        assert "\n" not in str(e.value), what

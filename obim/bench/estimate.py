@@ -87,15 +87,18 @@ def saliency_cost(plan: JobPlan, read: bool = True) -> dict[str, dict[str, Any]]
                 tokens = count_tokens(paths[name], texts, v.max_length)
             except Exception as e:  # a missing file, dataset or tokenizer; too few samples in a source
                 why = why(e)
+        kind = plan.merge_config.method.statistics or "hdiag"
         out[name] = {
             "path": paths[name],
+            "kind": kind,
             "samples": samples,
-            "batches": math.ceil(samples / v.batch_size),  # forward passes
+            # forward passes; Fisher's are one forward and one backward pass per sample
+            "batches": samples if kind == "fisher" else math.ceil(samples / v.batch_size),
             "batch_size": v.batch_size,
             "max_length": v.max_length,
             "tokens": tokens,
             "why": why,
-            "key": digest([paths[name], v.to_json()]),  # the same statistics: computed once per sweep
+            "key": digest([paths[name], v.to_json(), kind]),  # the same statistics: computed once per sweep
         }
     return out
 

@@ -142,10 +142,19 @@ def saliency_main(argv: list[str] | None = None) -> int:
         unrouted = json.loads(meta.get("unrouted", "[]"))
         if unrouted:
             print(f"obim-saliency: warning: {describe_unrouted(unrouted)}", file=sys.stderr)
+        lone = json.loads(meta.get("no_gradient", "[]"))
+        if lone:
+            shown = ", ".join(lone[:3]) + (f" and {len(lone) - 3} more" if len(lone) > 3 else "")
+            print(
+                f"obim-saliency: warning: {len(lone)} float tensors of the checkpoint are no parameter of the loaded "
+                f"model (buffers, keys transformers ignores or renames): {shown}; a merge takes their weighted mean",
+                file=sys.stderr,
+            )
         save_statistics(stats, out, meta)  # atomic_write_file: an OSError there is already one line
         what = "parameters" if args.kind == "fisher" else "linear layers"
+        shared = len(json.loads(meta.get("aliases", "{}")))  # stored once with the tensor they share
         print(
-            f"{args.kind}: {len(stats)} {what}, {meta['samples']} samples, {meta['tokens']} tokens, "
+            f"{args.kind}: {len(stats) + shared} {what}, {meta['samples']} samples, {meta['tokens']} tokens, "
             f"{meta['seconds']} s -> {args.out}"
         )
 

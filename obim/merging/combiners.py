@@ -339,7 +339,7 @@ class RegressionMean(Combiner):
         lhs: torch.Tensor | None = None
         rhs: torch.Tensor | None = None
         for s, g in zip(sparse, grams, strict=True):
-            g = g.to(ctx.device, torch.float64)
+            g = g.to(ctx.device, torch.float64, copy=True)  # scaled in place below: never the caller's
             if a != 1.0:
                 d = g.diagonal().clone()
                 g.mul_(a).diagonal().copy_(d)

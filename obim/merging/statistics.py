@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,14 +88,18 @@ class StatsFile:
             aliases = json.loads(self.meta.get("aliases", "{}"))
         except json.JSONDecodeError:
             aliases = None
-        if not isinstance(aliases, dict) or any(v not in self.names for v in aliases.values()):
+        if (
+            not isinstance(aliases, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())
+            or any(v not in self.names for v in aliases.values())
+        ):
             raise ObimError(f"{self.path}: metadata `aliases` is not a JSON map to the file's own tensors")
         self.aliases = aliases
         self.scale = 1.0
         if kind == "fisher":
             norm = _float(self.meta.get("norm"))
-            if norm is None or norm < 0:
-                raise ObimError(f"{self.path}: metadata `norm` is not a non-negative number")
+            if norm is None or not math.isfinite(norm) or norm < 0:
+                raise ObimError(f"{self.path}: metadata `norm` is not a finite non-negative number")
             self.scale = 1.0 / norm if norm > 0 else 1.0
 
     def covered(self) -> set[str]:
@@ -169,29 +174,41 @@ def check_statistics(f: StatsFile | InMemory, ckpt: Checkpoint, source: str) -> 
             f"{source}: {f.kind} statistics were computed for another model ({f.meta.get('model', '?')}, "
             f"fingerprint {want}), not for '{ckpt.spec}' (fingerprint {have})"
         )
-    for name in sorted(f.covered()):
+    for name in sorted(f.covered()):  # a stored tensor, or an alias of one: each in its own weight's shape
         info = ckpt.tensors.get(name)
         if info is None:
             raise ObimError(f"{source}: {f.kind} tensor {name} is not a tensor of model '{ckpt.spec}'")
-        if name not in f.names:
-            continue
-        shape = f.shape(name)
+        real = f.aliases.get(name, name)
+        shape = f.shape(real)
         expect = [info.shape[1], info.shape[1]] if f.kind == "gram" and len(info.shape) == 2 else list(info.shape)
         if (f.kind == "gram" and len(info.shape) != 2) or shape != expect:
+            held = f"{f.kind} tensor {name}" + (f" (an alias of {real})" if real != name else "")
             raise ObimError(
-                f"{source}: {f.kind} tensor {name} has shape {shape}, but the model's weight has shape "
-                f"{list(info.shape)} (expected {expect})"
+                f"{source}: {held} has shape {shape}, but the model's weight has shape {list(info.shape)} "
+                f"(expected {expect})"
             )
     if f.kind == "gram":
         need = [n for n in expected_hdiag(ckpt) if n not in set(unrouted_weights(f.meta, ckpt, source))]
-    else:
-        need = [n for n, t in ckpt.tensors.items() if t.dtype.is_floating_point]
+    else:  # every float tensor but those no parameter of the loaded model holds (no gradient: the weighted mean)
+        skip = set(no_gradient(f.meta, ckpt, source))
+        need = [n for n, t in ckpt.tensors.items() if t.dtype.is_floating_point and n not in skip]
     missing = sorted(n for n in need if n not in f.covered())
     if missing:
         raise ObimError(
             f"{source}: {f.kind} statistics cover {len(f.covered())} tensors of model '{ckpt.spec}'; missing "
             f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
         )
+
+
+def no_gradient(meta: dict[str, str], ckpt: Checkpoint, source: str) -> list[str]:
+    """A Fisher file's checkpoint tensors that no parameter of the loaded model holds (metadata `no_gradient`)."""
+    try:
+        names = json.loads(meta.get("no_gradient", "[]"))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in ckpt.tensors for n in names):
+        raise ObimError(f"{source}: metadata `no_gradient` is not a JSON list of the model's tensor names")
+    return names
 
 
 def save_statistics(stats: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> None:
@@ -206,10 +223,12 @@ def is_statistics_file(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        meta, _ = read_safetensors_header(path)
+        meta, infos = read_safetensors_header(path)
     except ObimError:
         return False
-    return "model_fingerprint" in meta and kind_of(meta) in KINDS
+    kind = kind_of(meta)
+    dims = {"hdiag": {1}, "gram": {2}, "fisher": {1, 2, 3, 4}}.get(kind, set())
+    return "model_fingerprint" in meta and all(len(t.shape) in dims for t in infos.values())
 
 
 # ----------------------------------------------------------------------------------------------- computing
@@ -252,18 +271,27 @@ def compute_fisher(
         raise ObimError("max_length must be at least 2 (a sample needs one token to predict)")
     load_dtype = _dtype(dtype)
     path = resolve_model_dir(model)
-    fingerprint = open_checkpoint(str(path)).fingerprint()
+    ckpt = open_checkpoint(str(path))
+    fingerprint = ckpt.fingerprint()
     with _progress_bars(progress):
         net, tok, dev = open_model(path, device, load_dtype)
+    # one entry per parameter, named as the checkpoint names it: a tied lm_head the checkpoint omits is not
+    # recorded, one it holds is an alias of the embedding (or the other way round)
+    names_of: dict[int, list[str]] = {}
+    by_id: dict[int, torch.nn.Parameter] = {}
+    for n, p in net.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
+        by_id[id(p)] = p
     params: dict[str, torch.nn.Parameter] = {}
     aliases: dict[str, str] = {}
-    by_id: dict[int, str] = {}
-    for n, p in net.named_parameters(remove_duplicate=False):
-        if id(p) in by_id:
-            aliases[n] = by_id[id(p)]
-        else:
-            by_id[id(p)], params[n] = n, p
-            p.requires_grad_(True)
+    for pid, names in names_of.items():
+        held = [n for n in names if n in ckpt.tensors]
+        if held:
+            params[held[0]] = by_id[pid]
+            aliases.update(dict.fromkeys(held[1:], held[0]))
+        else:  # the merge's coverage check names the checkpoint tensors left without statistics
+            params[names[0]] = by_id[pid]
+        by_id[pid].requires_grad_(True)
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     used = tokens = 0
     t0 = time.perf_counter()
@@ -282,7 +310,7 @@ def compute_fisher(
     elapsed = time.perf_counter() - t0
     if used == 0:
         raise ObimError(f"validation set {source}: no sample has two tokens or more after tokenization")
-    fisher = {n: (s / used).cpu() for n, s in sums.items()}
+    fisher = {n: (s / used).cpu() for n, s in sums.items() if n in ckpt.tensors}
     norm = torch.sqrt(sum((f.double().square().sum() for f in fisher.values()), torch.zeros((), dtype=torch.float64)))
     if not torch.isfinite(norm):
         raise ObimError(f"model {model}: its Fisher statistics on {source} are not finite (a loss overflowed?)")
@@ -294,11 +322,20 @@ def compute_fisher(
         "tokens": str(tokens),
         "max_length": str(max_length),
         "seconds": f"{elapsed:.3f}",
-        "seconds_per_sample": f"{elapsed / len(texts):.5f}",
+        "seconds_per_sample": f"{elapsed / used:.5f}",
         "model_fingerprint": fingerprint,
         "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
         "norm": repr(float(norm)),
         "aliases": json.dumps(dict(sorted(aliases.items()))),
+        # float tensors of the checkpoint that are no parameter of the loaded model (a saved buffer such as an old
+        # rotary inv_freq, a key transformers ignores or renames): no gradient, merged by the weighted mean
+        "no_gradient": json.dumps(
+            sorted(
+                n
+                for n, t in ckpt.tensors.items()
+                if t.dtype.is_floating_point and not any(n in names for names in names_of.values())
+            )
+        ),
     }
     del net
     return fisher, meta
