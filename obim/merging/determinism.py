@@ -1,17 +1,13 @@
-"""The same bytes on other x86-64 machines: torch's CPU kernels pinned to AVX2 and MKL's to its COMPATIBLE branch
-before torch loads.
+"""The same bytes on other x86-64 machines: torch's and MKL's CPU kernels pinned to AVX2 before torch loads.
 
 torch dispatches its CPU kernels by the best instruction set it finds (AVX-512 here, AVX2 elsewhere), and MKL picks
 its code path and its reduction order by instruction set and thread count: one zoo recipe and seed gave other
 weights on an AVX-512 machine than on an AVX2 one, and (measured on the quick zoo) other bytes at 1 and 2 threads.
-Pinned (`ATEN_CPU_CAPABILITY=avx2`, `MKL_CBWR=COMPATIBLE,STRICT`), the quick zoo is the same bytes at 1 and 3
-threads and an AVX-512 machine builds what an AVX2 one does. MKL's COMPATIBLE branch is the one its conditional
-numerical reproducibility promises on Intel and non-Intel CPUs alike: `AVX2,STRICT`, pinned until 2026-12-06, is
-honoured on Intel CPUs only, and an AMD EPYC ran MKL's own branch instead (mkl_cbwr 0x10002), so its zoo differed from
-an Intel machine's in every weight (the quick zoo: 23b8f571 there, f344cfbb here; c7a711b4 here under COMPATIBLE).
-What is not covered: torch's own parallel reductions over large tensors still split by thread count; other
-architectures (arm64), CPUs without AVX2, GPUs, and vLLM (its child process runs unpinned). Verified on one AMD
-machine only: that an Intel machine builds the same bytes is MKL's documented promise, not yet our measurement.
+Pinned (`ATEN_CPU_CAPABILITY=avx2`, `MKL_CBWR=AVX2,STRICT`), the quick zoo is the same bytes at 1 and 3 threads and
+an AVX-512 machine builds what an AVX2 one does. What is not covered: MKL honours `MKL_CBWR=AVX2` on Intel CPUs only
+(elsewhere it keeps its own choice, recorded as such); torch's own parallel reductions over large tensors still
+split by thread count; other architectures (arm64), CPUs without AVX2, GPUs, and vLLM (its child process runs
+unpinned). The cost: fp32 matrix products on AVX2 kernels, measured +10% on the quick zoo's training here.
 
 The pins are environment variables read once, when torch (and MKL) load: `pin_cpu_kernels()` runs when this module
 is imported, which the obim package does first; it sets nothing where the user set any of them, or once torch is
@@ -27,9 +23,9 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT"}
-# mkl_cbwr_get's answer with MKL_CBWR=COMPATIBLE,STRICT in force (MKL_CBWR_COMPATIBLE | MKL_CBWR_STRICT)
-MKL_CBWR_COMPATIBLE_STRICT = 0x10003
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+# mkl_cbwr_get's answer with MKL_CBWR=AVX2,STRICT in force (MKL_CBWR_AVX2 | MKL_CBWR_STRICT); 1 is MKL's own choice
+MKL_CBWR_AVX2_STRICT = 0x1000A
 
 
 def _has_avx2(cpuinfo: str | None = None) -> bool:
