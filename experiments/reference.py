@@ -24,6 +24,7 @@ SWEEPS = [  # (experiment, the sweep's own overrides): the default sweep, then e
     ("toy_sft", ["+paper=table4"]),
     ("toy_sft", ["+paper=table5"]),
     ("toy_sft", ["+paper=table6"]),
+    ("toy_sft", ["+paper=table1_plus"]),  # the methods beyond the paper (Table 1's own jobs reused)
     ("toy_pt", []),
     ("toy_pt", ["+paper=table2"]),  # Breadcrumbs
     ("toy_pt", ["+paper=table11"]),

@@ -5,9 +5,13 @@ its code path and its reduction order by instruction set and thread count: one z
 weights on an AVX-512 machine than on an AVX2 one, and (measured on the quick zoo) other bytes at 1 and 2 threads.
 Pinned (`ATEN_CPU_CAPABILITY=avx2`, `MKL_CBWR=AVX2,STRICT`), the quick zoo is the same bytes at 1 and 3 threads and
 an AVX-512 machine builds what an AVX2 one does. What is not covered: MKL honours `MKL_CBWR=AVX2` on Intel CPUs only
-(elsewhere it keeps its own choice, recorded as such); torch's own parallel reductions over large tensors still
-split by thread count; other architectures (arm64), CPUs without AVX2, GPUs, and vLLM (its child process runs
-unpinned). The cost: fp32 matrix products on AVX2 kernels, measured +10% on the quick zoo's training here.
+(elsewhere it keeps its own choice, recorded as such: an AMD EPYC ran mode 0x10002 and built the reference's draw 0
+as ea8822e4 where the Intel machine built 70c1c0b1). `MKL_CBWR=COMPATIBLE,STRICT`, the branch MKL honours on every
+x86-64 CPU, was tried (2026-12-06) and not adopted: its results depend on the thread count (TSV's merge at 1 and 2
+threads, the quick zoo at 1 and 3 threads differ) and the quick zoo's training took 44-54 s against 30 s. Nor are
+torch's own parallel reductions over large tensors, which still split by thread count; other architectures (arm64),
+CPUs without AVX2, GPUs, and vLLM (its child process runs unpinned). The cost: fp32 matrix products on AVX2
+kernels, measured +10% on the quick zoo's training (Intel).
 
 The pins are environment variables read once, when torch (and MKL) load: `pin_cpu_kernels()` runs when this module
 is imported, which the obim package does first; it sets nothing where the user set any of them, or once torch is
