@@ -249,6 +249,23 @@ def _load(what: str, path: Path, load):
         raise ObimError(f"{path}: cannot load the {what} with transformers ({type(e).__name__}: {why})") from None
 
 
+def run_meta(
+    model: str, source: str, samples: int, tokens: int, max_length: int, elapsed: float, fingerprint: str, texts
+) -> dict[str, str]:
+    """What every statistics file records of the run that made it (hdiag, gram, fisher)."""
+    return {
+        "model": str(model),
+        "data": str(source),
+        "samples": str(samples),
+        "tokens": str(tokens),
+        "max_length": str(max_length),
+        "seconds": f"{elapsed:.3f}",
+        "seconds_per_sample": f"{elapsed / samples:.5f}",
+        "model_fingerprint": fingerprint,
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+    }
+
+
 def compute_hdiag(
     model: str,
     texts: Sequence[str],
@@ -417,15 +434,7 @@ def _compute(
     hdiag = {k: (v / tokens).float().cpu() for k, v in sums.items()}
     reached = set(sums) | set(shares)
     meta = {
-        "model": str(model),
-        "data": str(source),
-        "samples": str(len(texts)),
-        "tokens": str(tokens),
-        "max_length": str(max_length),
-        "seconds": f"{elapsed:.3f}",
-        "seconds_per_sample": f"{elapsed / len(texts):.5f}",
-        "model_fingerprint": fingerprint,
-        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+        **run_meta(model, source, len(texts), tokens, max_length, elapsed, fingerprint, texts),
         # weights no token reached (MoE experts never routed): no statistics, and check_hdiag knows why
         "unrouted": json.dumps(sorted(w for w in linear if w not in reached)),
     }

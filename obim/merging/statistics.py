@@ -12,7 +12,6 @@ files are as large as the model or larger: a merge reads them one tensor at a ti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -36,6 +35,7 @@ from .saliency import (
     expected_hdiag,
     load_hdiag,
     open_model,
+    run_meta,
     save_hdiag,
     unrouted_weights,
 )
@@ -316,15 +316,7 @@ def compute_fisher(
         raise ObimError(f"model {model}: its Fisher statistics on {source} are not finite (a loss overflowed?)")
     meta = {
         "kind": "fisher",
-        "model": str(model),
-        "data": str(source),
-        "samples": str(used),
-        "tokens": str(tokens),
-        "max_length": str(max_length),
-        "seconds": f"{elapsed:.3f}",
-        "seconds_per_sample": f"{elapsed / used:.5f}",
-        "model_fingerprint": fingerprint,
-        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+        **run_meta(model, source, used, tokens, max_length, elapsed, fingerprint, texts),
         "norm": repr(float(norm)),
         "aliases": json.dumps(dict(sorted(aliases.items()))),
         # float tensors of the checkpoint that are no parameter of the loaded model (a saved buffer such as an old
