@@ -87,3 +87,25 @@ def test_tuned_over_draws_reads_each_searchs_records(tmp_path):
     assert t["TA"][-2:] == ["20.00", "4 4"] and t["OBIM"][1] == "50.50"  # untuned avg; dev avg over draws 0, 1
     assert "Left out of the objective (no dev data, as in the real setting): alpaca_eval, math, humaneval, mbpp" in md
     assert "4 trials, the first 2 random" in md
+
+
+def test_tuned_over_draws_reads_the_untuned_column_from_the_table_named(tmp_path):
+    """The reference reads the untuned averages of the same draws (table1_plus.csv), not Table 1's."""
+    import json
+
+    from obim.bench.report.search_report import tuned_over_draws
+
+    recs = [record(tmp_path, "ta", 0, 10), record(tmp_path, "tsv", 0, 30)]
+    for r in recs:
+        r |= {"dev_scores": {"mmlu": 1.0}, "sampler_seed": 0, "budget": 4, "startup_trials": 2}
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s0" / "search.json").write_text(json.dumps({"records": recs}))
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "table1.csv").write_text("model,avg\nTA,20.0\n")
+    (out / "table1_plus.csv").write_text("model,avg\nTA,21.5\nTSV-M,44.0\n")
+    md = tuned_over_draws([tmp_path / "s0"], out, ("table1_plus.csv",))[0].read_text()
+    t = rows(md)
+    assert t["TA"][-2] == "21.50" and t["TSV-M"][-2] == "44.00"
+    assert "default parameters (table1_plus.md)" in md
+    assert "default parameters (table1.md / table3.md)" in tuned_over_draws([tmp_path / "s0"], out)[0].read_text()

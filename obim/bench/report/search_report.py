@@ -50,10 +50,13 @@ def save_plots(study: Any, out: Path, method: str) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ the table
 
 
-def _untuned(results: Path) -> dict[str, float]:
-    """Each method's avg in the untuned tables (Table 1, Table 3) written beside, by its label."""
+UNTUNED = ("table3.csv", "table1.csv")  # the untuned tables a tuned table reads beside it; the last one's rows win
+
+
+def _untuned(results: Path, names: tuple[str, ...] = UNTUNED) -> dict[str, float]:
+    """Each method's avg in the untuned tables (by default Table 1, Table 3) written beside, by its label."""
     out: dict[str, float] = {}
-    for name in ("table3.csv", "table1.csv"):  # Table 1's rows win
+    for name in names:
         p = results / name
         if p.is_file():
             for row in csv.DictReader(io.StringIO(p.read_text())):
@@ -63,7 +66,12 @@ def _untuned(results: Path) -> dict[str, float]:
 
 
 def tuned_table(
-    records: list[dict], results: Path, columns: list[str], left_out: list[str], opts: dict
+    records: list[dict],
+    results: Path,
+    columns: list[str],
+    left_out: list[str],
+    opts: dict,
+    untuned_from: tuple[str, ...] = UNTUNED,
 ) -> tuple[str, str]:
     """'Table 1, every method tuned' as markdown and CSV: each method's best parameters, its dev avg, its test
     scores and avg, and its avg in the untuned Table 1 beside. Records of several zoo draws (`zoo_seed`; one study
@@ -71,7 +79,7 @@ def tuned_table(
     (the draws share their test items), [sd] across the draws, and each draw's parameters listed below."""
     from .results import method_label
 
-    untuned = _untuned(results)
+    untuned = _untuned(results, untuned_from)
     test_cols = [*columns, "avg"]
     by_method: dict[str, list[dict]] = {}
     for r in records:
@@ -118,7 +126,7 @@ def tuned_table(
         f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
         f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
         "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
-        f"default parameters (table1.md / table3.md). Each cell: {over}a test score ± its standard error"
+        f"default parameters ({' / '.join(n.replace('.csv', '.md') for n in reversed(untuned_from))}). Each cell: {over}a test score ± its standard error"
         + (" [sd across the draws], one study per method and draw" if multi else "")
         + (f"; bold: {_legend()}" if top else "")
         + ".",
@@ -219,9 +227,10 @@ def _marks(records: list[dict], columns: list[str]) -> dict[str, set[str]]:
     return {c: t.top[c] for c in t.top if t.tested.get(c) == set(t.items)}
 
 
-def tuned_over_draws(search_dirs: list[Path], out: Path) -> list[Path]:
+def tuned_over_draws(search_dirs: list[Path], out: Path, untuned_from: tuple[str, ...] = UNTUNED) -> list[Path]:
     """The tuned Table 1 of several searches (one per zoo draw: each search dir's search.json), written to
-    `out`/table1_tuned.md|csv beside the untuned tables there (their averages are the untuned column)."""
+    `out`/table1_tuned.md|csv beside the untuned tables there (`untuned_from`'s averages are the untuned column:
+    tables of the same draws)."""
     import json
 
     from obim.merging.staging import atomic_write_file
@@ -238,7 +247,7 @@ def tuned_over_draws(search_dirs: list[Path], out: Path) -> list[Path]:
     left_out = [c for c in columns if c not in records[0]["dev_scores"]]
     r0 = records[0]
     opts = {"seed": r0["sampler_seed"], "trials": r0["budget"], "startup_trials": r0.get("startup_trials", 5)}
-    md, csv_text = tuned_table(records, out, columns, left_out, opts)
+    md, csv_text = tuned_table(records, out, columns, left_out, opts, untuned_from)
     written = []
     for name, text in (("table1_tuned.md", md), ("table1_tuned.csv", csv_text)):
         atomic_write_file(out / name, lambda tmp, text=text: tmp.write_text(text))
