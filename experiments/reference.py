@@ -30,8 +30,14 @@ SWEEPS = [  # (experiment, the sweep's own overrides): the default sweep, then e
     ("toy_pt", ["+paper=table2"]),  # Breadcrumbs
     ("toy_pt", ["+paper=table11"]),
 ]
-# the tuned table's methods: table1_plus's, the same budget each
-TUNED = "ta ties dare della tall_mask pcb breadcrumbs obim tsv sce lines ties_lines regmean fisher".split()
+
+
+def tuned_methods() -> list[str]:
+    """The tuned table's methods, the same budget each: `+paper=table1_plus`'s (Table 1's and those beyond it)."""
+    import yaml
+
+    conf = yaml.safe_load((REPO / "conf" / "paper" / "table1_plus.yaml").read_text())
+    return str(conf["hydra"]["sweeper"]["params"]["method"]).split(",")
 
 
 def run(cmd: list[str], env: dict[str, str]) -> float:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.search:
         for d in draws:
             cmd = [py, "experiments/search.py", f"experiment.zoo_seed={d}", f"results_dir={root / 'search' / str(d)}"]
-            cmd += [f"search.dir={root / 'search' / str(d) / 'study'}", f"search.methods=[{','.join(TUNED)}]"]
+            cmd += [f"search.dir={root / 'search' / str(d) / 'study'}", f"search.methods=[{','.join(tuned_methods())}]"]
             timings.append((f"search, draw {d}", run(cmd, env)))
     cmd = [py, "experiments/tables.py", "--reference", "--runs", str(root / "multirun"), "--out", args.out]
     run(cmd, env)

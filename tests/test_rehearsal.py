@@ -128,7 +128,8 @@ def test_rehearsal_of_table1_runs_the_real_path(tmp_path):
 
     out = tmp_path / "rehearsal"
     experiments = Path(__file__).resolve().parents[1] / "experiments"
-    rc = main(["--out", str(out), "--presets", "table1", "--search-trials", "0", "method=ta,obim"], experiments)
+    args = ["--out", str(out), "--presets", "table1", "--search-trials", "0", "method=ta,obim", "keep_merged=true"]
+    rc = main(args, experiments)  # the merged models kept: their vocabulary is checked below
     assert rc == 0, (out / "logs" / "table1.log").read_text()[-3000:]
 
     sweep = out / "multirun" / "llama2_13b_sft"

@@ -270,7 +270,9 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     from conftest import run_sweep
 
     best = json.loads((tmp_path / "search" / "ta" / "best.json").read_text())
-    sweep_args = [a for a in args if not a.startswith("search.")] + ["method=ta", *best["overrides"]]
+    # the sweep writes its merge (keep_merged=true) where the search merged in place: computed again, by the disk path
+    sweep_args = [a for a in args if not a.startswith("search.")]
+    sweep_args += ["method=ta", "keep_merged=true", *best["overrides"]]
     swept = run_sweep([*sweep_args, f"hydra.sweep.dir={tmp_path / 'runs'}"], _env(quick_zoo, tmp_path), tmp_path)
     assert swept.returncode == 0, swept.stderr[-3000:]
     ((job_result,),) = [list((tmp_path / "runs").glob("*/result.json"))]
@@ -279,8 +281,8 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     computed = ("schema", "config_hash", "plan", "inputs", "scores", "avg", "saliency_s", "cost")
     assert {k: by_sweep[k] for k in computed} == {k: by_search[k] for k in computed}
     assert by_sweep["individual"] == by_search["individual"]
-    # the search keeps no merged model (keep_merged: false): the sweep merged and evaluated again, to the same scores
-    assert by_sweep["cached"] == {"saliency": None, "merge": False, "eval": False}
+    # the search kept no merged model (keep_merged: false): the sweep merged and evaluated again, to the same scores
+    assert by_sweep["cached"] == {"saliency": None, "merge": False, "eval": False} and by_sweep["merged_dir"]
     # where they ran differs (the search keeps no merged model, logs in its study's group): never what they computed
     runtime = ("keep_merged", "progress", "tracking")
     assert {k: v for k, v in by_sweep["config"].items() if k not in runtime} == {

@@ -282,7 +282,8 @@ def test_concurrent_jobs_compute_each_cache_entry_once(slurm_cluster, tmp_path):
 
     c = slurm_cluster
     zoo, cache, runs = tmp_path / "zoo", tmp_path / "cache", tmp_path / "runs"
-    args = ["method=obim,ties_obm", "eval.limit=2,3", "hydra.launcher.array_parallelism=4"]
+    # the merges written (keep_merged=true): two jobs of each merge share its cache entry
+    args = ["method=obim,ties_obm", "eval.limit=2,3", "hydra.launcher.array_parallelism=4", "keep_merged=true"]
     code, _out, err = finish(start_sweep(c, args, zoo, cache, runs))
     assert code == 0, err[-3000:]
     recs = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]

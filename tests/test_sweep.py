@@ -224,6 +224,8 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert results["obim"]["saliency_s"] > 0 and results["ta"]["saliency_s"] == 0
+    # merged in place: streamed into the evaluator's weights, never written (keep_merged=false)
+    assert not (tmp_path / "cache" / "merges").exists() and results["ta"]["merged_dir"] is None
     table = (tmp_path / "results" / "toy_sft" / "table1.md").read_text()
     assert "| TA |" in table and "| OBIM |" in table and "(45.23)" in table  # the paper's OBIM avg beside ours
     assert "Bold: in each column, the best" in table  # the rows were compared item by item
@@ -261,8 +263,9 @@ def test_sweep_writes_results_wandb_runs_and_tables_and_resumes(quick_zoo, tmp_p
     inputs = json.loads(next((tmp_path / "runs").glob("*method=ta")).joinpath("result.json").read_text())["inputs"]
     assert set(inputs) == {"base", "lm", "math", "code"} and inputs["math"] != results["ta"]["inputs"]["math"]
 
-    # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge)
-    args3 = [a if not a.startswith("method=") else "method=ties" for a in args]
+    # a job that fails after its merge leaves no result.json; the rerun redoes it (reusing the cached merge: a kept
+    # merge is written, the others are merged in place by their evaluation)
+    args3 = [a if not a.startswith("method=") else "method=ties" for a in args] + ["keep_merged=true"]
     failed = run_sweep(args3, env, tmp_path, fail_after_merge=True)
     assert failed.returncode != 0 and "simulated failure" in failed.stderr
     (ties_dir,) = (tmp_path / "runs").glob("*method=ties")

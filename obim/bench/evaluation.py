@@ -4,6 +4,8 @@ lm-eval knows, with lm-eval's own `hf` or `vllm` model classes."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -351,13 +354,27 @@ def _leaves(index: dict, name: str, seen: set[str]):
         yield entry.cfg or {}
 
 
+@dataclass(frozen=True)
+class InPlace:
+    """A merge evaluated without writing it: its resolved config (what obim.merging.config.load_config reads), and
+    the directories whose architecture and config (the base's) and tokenizer the merged model has. The evaluator
+    is built from `arch_dir` once per process and each such merge is streamed into its weights
+    (obim.merging.merge.MergeStream, one tensor at a time): `hf` copies them into the model, `vllm` reloads them
+    through vLLM's in-place weight loading."""
+
+    config: dict[str, Any]
+    arch_dir: str
+    tokenizer_dir: str
+    merge_device: str = "cpu"
+
+
 def evaluate_model(model_dir: str | Path, tasks: list[str], **kwargs: Any) -> dict[str, float | None]:
     """{task: score in percent} of one model directory (measure_model's scores)."""
     return measure_model(model_dir, tasks, **kwargs)["scores"]
 
 
 def measure_model(
-    model_dir: str | Path,
+    model_dir: str | Path | InPlace,
     tasks: list[str],
     *,
     backend: str = "hf",
@@ -371,7 +388,9 @@ def measure_model(
     say: Callable[..., None] = _stderr,
 ) -> dict[str, dict[str, Any]]:
     """One model directory through lm-eval's own model classes (loaded once): {"scores": {task: percent},
-    "stderr": {task: percent points, None where lm-eval gave none}, "n": {task: items scored}}.
+    "stderr": {task: percent points, None where lm-eval gave none}, "n": {task: items scored}}. An `InPlace` merge
+    is loaded into this process's evaluator of its architecture instead (one per process; for vllm one engine
+    in a child kept for the next merge), and "load_s" says how long merging it into the weights took.
 
     `num_fewshot` sets a task's shots (others keep their YAML's). Judged tasks (AlpacaEval) score None unless a
     judge is configured; their outputs go to `outputs_dir`. `vllm` runs in a child process: vLLM spawns workers and
@@ -382,8 +401,10 @@ def measure_model(
     check_code_opt_in(tasks, allow_code)
     if code_allowed(allow_code):
         announce_code_execution(tasks, say)
+    merge = model_dir if isinstance(model_dir, InPlace) else None
     req = {
-        "model_dir": str(model_dir),
+        "model_dir": merge.arch_dir if merge else str(model_dir),
+        "merge": dataclasses.asdict(merge) if merge else None,
         "tasks": list(tasks),
         "backend": backend,
         "batch_size": batch_size,
@@ -395,22 +416,95 @@ def measure_model(
         "allow_code": code_allowed(allow_code),
     }
     if backend == "vllm":
-        return _evaluate_in_child(req)
+        return _engine_server(req).ask(req) if merge else _evaluate_in_child(req)
     if model_args is None:
         req["model_args"] = {"dtype": "float32"}
     return _run(req)
 
 
-def _run(r: dict) -> dict[str, dict[str, Any]]:
-    import lm_eval
-    from lm_eval.api.registry import get_model
+def _engine_key(r: dict) -> str:
+    """What an evaluator built for one merge can evaluate every other one with: the same backend, architecture
+    directory, tokenizer, options and device."""
+    m = r["merge"]
+    return json.dumps(
+        [r["backend"], m["arch_dir"], m["tokenizer_dir"], r["model_args"], r["batch_size"], r["device"]],
+        sort_keys=True,
+        default=str,
+    )
 
-    from .judge import JUDGED, judge
+
+_ENGINE: dict[str, Any] = {}  # this process's evaluator for in-place merges: at most one (a 13B model's memory)
+
+
+def _lm(r: dict) -> Any:
+    """lm-eval's model object: built from the model directory, or for an in-place merge this process's evaluator
+    of its architecture (built on first use, replaced when another is needed) with the merge loaded into it."""
+    from lm_eval.api.registry import get_model
 
     opts = {"batch_size": r["batch_size"]}
     if r["backend"] == "hf":
         opts["device"] = r["device"]
-    lm = get_model(r["backend"]).create_from_arg_string(model_args_string(r["model_dir"], r["model_args"]), opts)
+    m = r.get("merge")
+    if not m:
+        return get_model(r["backend"]).create_from_arg_string(model_args_string(r["model_dir"], r["model_args"]), opts)
+    key = _engine_key(r)
+    if key not in _ENGINE:
+        _ENGINE.clear()
+        args = model_args_string(m["arch_dir"], r["model_args"])
+        if os.path.realpath(m["tokenizer_dir"]) != os.path.realpath(m["arch_dir"]):
+            args += f",tokenizer={m['tokenizer_dir']}"
+        _ENGINE[key] = get_model(r["backend"]).create_from_arg_string(args, opts)
+    return _ENGINE[key]
+
+
+def load_merge(lm: Any, backend: str, merge: dict[str, Any]) -> float:
+    """Stream the merge `merge` (InPlace as a dict) into lm-eval's model object's weights; the seconds it took."""
+    import time
+
+    from obim.merging.merge import MergeStream
+
+    t0 = time.perf_counter()
+    with MergeStream(merge["config"], merge["merge_device"]) as stream:
+        if backend == "hf":
+            copy_in_place(lm.model, stream)
+        else:  # vLLM's own loader (its names, fused and repacked layouts), then nothing cached from old weights
+            lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(stream)})
+            lm.model.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
+def copy_in_place(model: Any, stream: Any) -> None:
+    """Copy each merged tensor into the transformers model's parameter of the same name. Every name must be one of
+    the model's, and every parameter and persistent buffer set (a tied one through the tensor it shares), or a
+    one-line error before anything is copied."""
+    import torch
+
+    state = model.state_dict()
+    names = [p.name for p in stream.plans]
+    where = f"the {type(model).__name__} evaluated in place (keep_merged=true evaluates it from disk)"
+    for p in stream.plans:
+        if p.name not in state:
+            raise ObimError(f"tensor {p.name}: not a parameter of {where}")
+        if tuple(state[p.name].shape) != tuple(p.out_shape):
+            raise ObimError(f"tensor {p.name}: shape {tuple(p.out_shape)}, {where} has {tuple(state[p.name].shape)}")
+    set_ptrs = {state[n].data_ptr() for n in names}
+    unset = [k for k, v in state.items() if k not in set(names) and v.data_ptr() not in set_ptrs]
+    if unset:
+        raise ObimError(f"tensor {unset[0]} of {where}: the merge has no tensor of that name")
+    with torch.no_grad():
+        for name, t in stream:
+            state[name].copy_(t)
+
+
+def _run(r: dict) -> dict[str, Any]:
+    import lm_eval
+
+    from .judge import JUDGED, judge
+
+    lm = _lm(r)
+    load_s = load_merge(lm, r["backend"], r["merge"]) if r.get("merge") else None
+    # the judge's generator name: an in-place merge's is its outputs folder's (the evaluation's key), not the base's
+    named = f"merge-{Path(r['outputs_dir'] or 'merged').name}" if r.get("merge") else r["model_dir"]
     groups: dict[int | None, list[str]] = {}
     for t in r["tasks"]:
         groups.setdefault(r["num_fewshot"].get(t), []).append(t)
@@ -439,7 +533,7 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
             for t in group:
                 items[t] = task_items(out, t)
                 if t in JUDGED:  # the judge's own standard error (a fitted, draws-as-half rate) is not read yet
-                    scores[t] = judge(t, out["samples"][t], r["model_dir"], r["outputs_dir"])
+                    scores[t] = judge(t, out["samples"][t], named, r["outputs_dir"])
                     stderr[t] = None
                 else:
                     scores[t], stderr[t] = task_score(out, t), task_stderr(out, t)
@@ -453,6 +547,7 @@ def _run(r: dict) -> dict[str, dict[str, Any]]:
         "stderr": {t: stderr[t] for t in r["tasks"]},
         "n": {t: items[t] for t in r["tasks"]},
         "samples": {t: kept[t] for t in r["tasks"] if t in kept},
+        **({"load_s": round(load_s, 3)} if load_s is not None else {}),
     }
 
 
@@ -499,21 +594,29 @@ def _leaf_metric(out: dict, leaf: str) -> str | None:
         return None
 
 
+def _child_env(in_process: bool = False) -> dict[str, str]:
+    """The vLLM child's environment. `in_process`: vLLM's engine core in the child's own process (not a process of
+    its own), so that a merge's tensors reach the model as an iterator, never pickled."""
+    from obim.merging.determinism import unpinned_env
+
+    env = {
+        **unpinned_env(dict(os.environ)),  # vLLM's CPU backend: its own kernels (bf16 fails under the AVX2 pin)
+        "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu"),
+    }
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
 def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="obim-eval-") as tmp:
         path, res = Path(tmp) / "request.json", Path(tmp) / "scores.json"
         path.write_text(json.dumps({**req, "out": str(res)}))
         # the child opts in to code execution through req["allow_code"], not an inherited variable
-        from obim.merging.determinism import unpinned_env
-
-        env = {
-            **unpinned_env(dict(os.environ)),  # vLLM's CPU backend: its own kernels (bf16 fails under the AVX2 pin)
-            "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if _cuda() else "cpu"),
-        }
         # its own process group: vLLM's engine and workers are its children, and the child leaves by os._exit
         # (below), so they would outlive it holding their memory; the group is ended when the child is done
         proc = subprocess.Popen(
-            [sys.executable, "-m", "obim.bench.evaluation", str(path)], env=env, start_new_session=True
+            [sys.executable, "-m", "obim.bench.evaluation", str(path)], env=_child_env(), start_new_session=True
         )
         try:
             rc = proc.wait()
@@ -522,6 +625,133 @@ def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:
         if rc != 0 or not res.is_file():
             raise ObimError(f"vllm evaluation of {req['model_dir']} failed (exit status {rc}; see above)")
         return json.loads(res.read_text())
+
+
+class EngineServer:
+    """A child process keeping one vLLM engine for in-place merges (one architecture, tokenizer and options):
+    each request (a JSON line on its stdin) streams a merge into the engine's weights and evaluates it; the reply
+    comes back as one JSON line on a pipe of its own (vLLM writes on stdout and stderr). Its process group is
+    ended by `close()`, or when this process exits."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        rfd, wfd = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "obim.bench.evaluation", "--serve", str(wfd)],
+            stdin=subprocess.PIPE,
+            env=_child_env(in_process=True),
+            start_new_session=True,
+            pass_fds=(wfd,),
+            text=True,
+        )
+        os.close(wfd)
+        self.replies = os.fdopen(rfd)
+
+    def ask(self, req: dict) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({**req, "log": _log_file()}) + "\n")
+            self.proc.stdin.flush()
+            line = self.replies.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:  # the child ended: its error is on the console above
+            self.close()
+            raise ObimError(
+                f"vllm evaluation of a merge of {req['model_dir']} failed (exit status {self.proc.returncode}; "
+                "see above)"
+            )
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ObimError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        end_process_group(self.proc.pid)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.replies.close()
+        if _SERVER.get("server") is self:
+            _SERVER.clear()
+
+
+_SERVER: dict[str, EngineServer] = {}  # this process's vLLM engine server, at most one
+_AT_EXIT: list[Any] = []
+
+
+def _close_server() -> None:
+    if "server" in _SERVER:
+        _SERVER["server"].close()
+
+
+def free_device(device: str) -> None:
+    """Before this process computes on `device`: a GPU's in-place evaluators (the vLLM engine's child, which holds
+    `gpu_memory_utilization` of it; the hf model) are ended, and built again by the next evaluation. A CPU keeps
+    them (memory there is not reserved)."""
+    if not device.startswith("cuda") or not (_ENGINE or _SERVER):
+        return
+    _close_server()
+    _ENGINE.clear()
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _engine_server(req: dict) -> EngineServer:
+    """The engine server for `req`'s architecture and options: the running one, or a new one (the old one ended:
+    one engine's memory at a time)."""
+    import atexit
+
+    key = _engine_key(req)
+    server = _SERVER.get("server")
+    if server is not None and (server.key != key or server.proc.poll() is not None):
+        server.close()
+        server = None
+    if server is None:
+        if not _AT_EXIT:
+            _AT_EXIT.append(atexit.register(_close_server))
+        server = _SERVER["server"] = EngineServer(key)
+    return server
+
+
+def _log_file() -> str | None:
+    """The regular file this process's stderr goes to (a sweep job's log), if it is one."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def _serve(fd: int) -> None:
+    """The engine server's loop (EngineServer): one request per line of stdin until it closes."""
+    replies = os.fdopen(fd, "w")
+    for line in sys.stdin:
+        r = json.loads(line)
+        if r.get("log"):  # the requesting job's log (a sweep's jobs each have one), not the first job's
+            sys.stdout.flush()
+            sys.stderr.flush()
+            fd = os.open(r["log"], os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        try:
+            reply: dict[str, Any] = _run(r)
+        except ObimError as e:
+            reply = {"error": str(e)}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # vLLM's exit-time teardown can abort (SIGABRT) on CPU
 
 
 def end_process_group(pgid: int, grace_s: float = 10.0) -> None:
@@ -558,4 +788,7 @@ def _child_main(request: str) -> None:
 
 
 if __name__ == "__main__":  # the vllm child process (vLLM spawns workers: the guard is required)
-    _child_main(sys.argv[1])
+    if sys.argv[1] == "--serve":
+        _serve(int(sys.argv[2]))
+    else:
+        _child_main(sys.argv[1])

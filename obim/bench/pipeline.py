@@ -7,7 +7,7 @@ each method's best trial with a record of its own. Neither calls the stages itse
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,9 @@ def compute(plan: JobPlan, reporter: Reporter, inputs: dict[str, str], job: str 
         merged = merge_stage(plan, saliency, reporter)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if rt.device.startswith("cuda") else None
     evaluated, individual = evaluate_stage(plan, merged, reporter)
-    if not rt.keep_merged:
+    if merged.in_place is not None:  # merged by the evaluation (none at all when its scores were cached)
+        merged = replace(merged, merge_s=evaluated.load_s or 0.0, cached=evaluated.cached)
+    elif not rt.keep_merged and merged.dir is not None:
         shutil.rmtree(merged.dir, ignore_errors=True)
     return JobResult(
         config_hash=plan.hash(),

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from obim.merging.errors import ObimError
 
 from .cache import digest, locked, model_fingerprint, read_json, write_json
+from .evaluation import InPlace, free_device
 from .plan import JobPlan
 
 if TYPE_CHECKING:
@@ -63,11 +64,12 @@ class Saliency:
 
 @dataclass(frozen=True)
 class Merged:
-    dir: str
+    dir: str | None  # None: merged in place, into the evaluator's weights (`in_place`), never written
     cached: bool
     merge_s: float
     tensors: int
     bytes: int
+    in_place: MergeConfig | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Evaluated:
     eval_s: float
     cached: bool
     outputs: dict[str, str] | None = None  # saved generations of judged benchmarks
+    load_s: float | None = None  # an in-place merge: the seconds merging it into the evaluator's weights took
     stderr: dict[str, float | None] = field(default_factory=dict)  # percent points; None: lm-eval gave none
     n: dict[str, int | None] = field(default_factory=dict)  # items each score is over
     # lm-eval's per-sample records: task -> leaf task -> {"file": JSONL path, "metric": primary metric key or None}
@@ -114,6 +117,7 @@ def cached_saliency(
     with locked(out):
         hit = out.is_file()
         if not hit:
+            free_device(device)  # an evaluator kept from an earlier job holds the GPU
             stats, meta = compute_statistics(
                 kind,
                 path,
@@ -163,6 +167,7 @@ def cached_merge(cache: Path, cfg: MergeConfig, device: str, progress: bool) -> 
         if info is None:
             if out.exists():
                 shutil.rmtree(out)  # left by a crash between the rename and the stamp
+            free_device(device)
             res = merge(cfg, out, device=device, progress=progress)
             info = {"merge_s": round(res.merge_s, 3), "tensors": res.tensors, "bytes": res.bytes_written}
             write_json(stamp, info)
@@ -186,7 +191,7 @@ def score_avg(scores: dict[str, float | None]) -> float | None:
 
 def cached_eval(
     cache: Path,
-    model_dir: str,
+    model_dir: str | InPlace,
     tasks: list[str],
     ev: dict,
     device: str,
@@ -194,7 +199,9 @@ def cached_eval(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """{task: score} of one model through lm-eval, cached by (weights, tasks, backend and its options). A judged
-    score left empty is filled from the saved outputs once a judge is configured."""
+    score left empty is filled from the saved outputs once a judge is configured. An in-place merge (`InPlace`)
+    is known by its merge's key (merge_key: its inputs' fingerprints and declared versions; merges are
+    deterministic)."""
     import lm_eval
 
     from obim.merging.determinism import kernel_tag
@@ -202,9 +209,15 @@ def cached_eval(
     from .evaluation import SCORING_VERSION, measure_model, tasks_digest
     from .judge import JUDGED, judge_configured, run_judge
 
+    if isinstance(model_dir, InPlace):
+        from obim.merging.config import load_config
+
+        ident, model = "merge:" + merge_key(load_config(model_dir.config)), "in place"
+    else:
+        ident, model = model_fingerprint(model_dir), model_dir
     key = digest(
         [
-            model_fingerprint(model_dir),
+            ident,
             tasks,
             ev,
             kernel_tag(device),
@@ -241,7 +254,7 @@ def cached_eval(
         )
         scores = measured["scores"]
         rec = {
-            "model": model_dir,
+            "model": model,
             "scores": scores,
             "avg": score_avg(scores),
             "stderr": measured["stderr"],
@@ -249,6 +262,8 @@ def cached_eval(
             "samples": measured.get("samples") or {},  # relative to the outputs folder
             "eval_s": round(time.perf_counter() - t0, 3),
         }
+        if "load_s" in measured:
+            rec["load_s"] = measured["load_s"]
         judged = {t: str(outputs / "alpaca_eval_outputs.json") for t in tasks if t in JUDGED}
         if judged:
             rec["outputs"] = judged
@@ -442,11 +457,39 @@ def saliency_paths(plan: JobPlan) -> dict[str, Path]:
     return {name: saliency_path(rt.cache, name, path, build_texts(v), v, rt.device, kind) for name, path, v in inputs}
 
 
+def in_place_refusal(cfg: MergeConfig, model_args: Any) -> tuple[str | None, int, int]:
+    """(why this merge cannot be evaluated in place, None when it can; its tensor count; its bytes), from the
+    inputs' headers: the evaluator is built from the base's directory, so the merged model must have the base's
+    shapes, and its dtype unless the evaluator sets its own; vLLM's workers must share the evaluator's process
+    (no tensor or pipeline parallelism)."""
+    from obim.merging.merge import MergeStream
+
+    with MergeStream(cfg) as stream:
+        tensors, size = len(stream.plans), stream.total_bytes
+        rows = [p.name for p in stream.plans if p.shared_rows is not None]
+    explicit = isinstance(model_args, dict) and model_args.get("dtype") not in (None, "auto")
+    if rows:
+        return f"its vocabulary rows differ from the base's ({rows[0]})", tensors, size
+    for k in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if isinstance(model_args, dict) and int(model_args.get(k) or 1) > 1:
+            return f"eval.model_args.{k}={model_args[k]} runs vLLM's workers in processes of their own", tensors, size
+    if cfg.dtype and not explicit:
+        return f"dtype {cfg.dtype} with the evaluator's dtype left to the model's config", tensors, size
+    return None, tensors, size
+
+
 def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter) -> Merged:
+    """The merged model: written (cached by its key) when the job keeps it or it cannot be evaluated in place;
+    otherwise only planned here, and merged into the evaluator's weights by the evaluation (no disk)."""
     rt = plan.runtime
-    assert rt is not None
-    reporter.status("merge", "merge")
+    assert rt is not None and plan.eval is not None
     cfg = plan.with_statistics({n: s.hdiag for n, s in saliency.items()})
+    if not rt.keep_merged:
+        why, tensors, size = in_place_refusal(cfg, plan.eval.model_args)
+        if why is None:
+            return Merged(dir=None, cached=False, merge_s=0.0, tensors=tensors, bytes=size, in_place=cfg)
+        reporter.note(f"the merged model is written to disk for its evaluation: {why}")
+    reporter.status("merge", "merge")
     return Merged(**cached_merge(rt.cache, cfg, rt.device, rt.progress))
 
 
@@ -455,6 +498,7 @@ def _evaluated(rec: dict) -> Evaluated:
         scores=rec["scores"],
         avg=rec["avg"],
         eval_s=rec["eval_s"],
+        load_s=rec.get("load_s"),
         cached=rec["cached"],
         outputs=rec.get("outputs"),
         stderr=rec.get("stderr") or {},
@@ -468,8 +512,20 @@ def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[E
     rt, ev = plan.runtime, plan.eval
     assert rt is not None and ev is not None
     tasks, evp = list(plan.tasks), ev.to_json()
-    reporter.status("eval of the merged model", "eval")
-    merged_ev = _evaluated(cached_eval(rt.cache, merged.dir, tasks, evp, rt.eval_device, plan.allow_code, reporter))
+    if merged.in_place is not None:
+        from obim.merging.merge import resolved_config
+
+        cfg = merged.in_place
+        tok = cfg.base_model
+        if cfg.tokenizer_source != "base":
+            tok = cfg.models[cfg.names.index(cfg.tokenizer_source)].path
+        model: str | InPlace = InPlace(resolved_config(cfg), cfg.base_model, tok, rt.device)
+        reporter.status("merge and eval of the merged model (in place)", "eval")
+    else:
+        assert merged.dir is not None
+        model = merged.dir
+        reporter.status("eval of the merged model", "eval")
+    merged_ev = _evaluated(cached_eval(rt.cache, model, tasks, evp, rt.eval_device, plan.allow_code, reporter))
     individual = {}
     if plan.individual:
         for name, path in input_paths(plan).items():

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -291,7 +292,7 @@ def _write_aux(
     for fname in TOKENIZER_FILES:
         if (tok_ck.dir / fname).exists():
             shutil.copyfile(tok_ck.dir / fname, tmp / fname)
-    resolved = _absolute_paths(cfg.to_dict())
+    resolved = resolved_config(cfg)
     text = f"# written by obim {obim_version()}: the resolved merge config (local paths made absolute)\n"
     text += yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
     (tmp / "obim_merge.yaml").write_text(text)
@@ -308,6 +309,12 @@ def _local(p: str) -> str:
 
 def _absolute_paths(d: dict[str, Any]) -> dict[str, Any]:
     return map_paths(d, _local)
+
+
+def resolved_config(cfg: MergeConfig) -> dict[str, Any]:
+    """The resolved config with local paths made absolute: what obim_merge.yaml records, loadable from any
+    directory (load_config) to the same merge."""
+    return _absolute_paths(cfg.to_dict())
 
 
 def _rel(f: Path, d: Path) -> str:
@@ -331,68 +338,108 @@ def _inputs(cfg: MergeConfig, config: Any, base: Checkpoint, models: list[Checkp
     return out
 
 
+class MergeStream:
+    """A merge's tensors one name at a time, `(name, merged tensor)` in the planned order, never the whole model in
+    memory: what `merge` writes, and what an evaluator loads in place (obim.bench.evaluation) without writing it.
+    Opening reads the inputs' headers and plans every tensor (shapes, dtypes, vocabulary rows) before anything is
+    computed; `prepare()` then loads or computes the statistics. Close it (or use it as a context manager) to
+    release the inputs."""
+
+    def __init__(self, config: Any, device: str = "cpu") -> None:
+        self.cfg = config if isinstance(config, MergeConfig) else load_config(config)
+        self.device = torch.device(require("--device", device, device_check))
+        self.base = open_checkpoint(self.cfg.base_model)
+        self.models = [open_checkpoint(m.path) for m in self.cfg.models]
+        self.plans = plan_merge(self.cfg, self.base, self.models)
+        self.stats: list[Any] | None = None
+        self.hdiag_meta: dict[str, dict[str, str]] = {}
+        self.saliency_s = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(torch.empty((), dtype=p.out_dtype).element_size() * _numel(p.out_shape) for p in self.plans)
+
+    def prepare(self, progress: bool = False) -> MergeStream:
+        """The statistics the method merges with (read and checked, or computed from validation data)."""
+        if self.stats is None:
+            _keep_freed_memory()
+            t0 = time.perf_counter()
+            self.stats, self.hdiag_meta = prepare_statistics(self.cfg, self.models, str(self.device), progress)
+            self.saliency_s = time.perf_counter() - t0
+        return self
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        stats = self.prepare().stats
+        assert stats is not None
+        plans, base, models = self.plans, self.base, self.models
+
+        def read(p: TensorPlan) -> list[torch.Tensor]:
+            return [base.get(p.name), *(ck.get(p.name) for ck in models)]
+
+        # Prefetch the next tensor while merging this one, unless both are large: two of those in flight would
+        # raise the peak memory, which the largest tensors set.
+        largest = max((_numel(p.out_shape) for p in plans), default=0)
+
+        def prefetch(j: int) -> bool:
+            return j < len(plans) and not (
+                4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
+            )
+
+        with ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
+            pending = pool.submit(read, plans[0]) if plans else None
+            try:
+                for j, p in enumerate(plans):
+                    tensors = pending.result() if pending is not None else read(p)
+                    pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
+                    yield p.name, merge_tensor(self.cfg, p, tensors, stats, self.device)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+
+    def close(self) -> None:
+        for ck in (self.base, *self.models):
+            ck.release()
+
+    def __enter__(self) -> MergeStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def merge(
     config: Any, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False, progress: bool = True
 ) -> MergeResult:
     """Merge per `config` (a YAML path, a dict, a DictConfig or a MergeConfig) into the model directory out_dir."""
     from tqdm.auto import tqdm
 
-    cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
-    dev = torch.device(require("--device", device, device_check))
-    base = open_checkpoint(cfg.base_model)
-    models = [open_checkpoint(m.path) for m in cfg.models]
-    inputs = _inputs(cfg, config, base, models)
-    check_disjoint(out, inputs)
-    check_output_dir(out, overwrite)
-    plans = plan_merge(cfg, base, models)
-    _keep_freed_memory()
+    with MergeStream(config, device) as stream:
+        cfg, base, models, plans = stream.cfg, stream.base, stream.models, stream.plans
+        inputs = _inputs(cfg, config, base, models)
+        check_disjoint(out, inputs)
+        check_output_dir(out, overwrite)
+        stream.prepare(progress)
 
-    t0 = time.perf_counter()
-    stats, hmeta = prepare_statistics(cfg, models, device, progress)
-    saliency_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    shards = plan_shards([(p.name, p.out_dtype, p.out_shape) for p in plans], cfg.shard_size)
-    total = sum(torch.empty((), dtype=p.out_dtype).element_size() * _numel(p.out_shape) for p in plans)
-
-    def read(p: TensorPlan) -> list[torch.Tensor]:
-        return [base.get(p.name), *(ck.get(p.name) for ck in models)]
-
-    # Prefetch the next tensor while merging this one, unless both are large: two of those in flight would raise
-    # the peak memory, which the largest tensors set.
-    largest = max((_numel(p.out_shape) for p in plans), default=0)
-
-    def prefetch(j: int) -> bool:
-        return j < len(plans) and not (
-            4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
-        )
-
-    with (
-        staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp,
-        ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool,
-    ):
-        writer = ShardedWriter(tmp, shards)
-        pending = None
-        try:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {cfg.method.name}", disable=not progress)
-            pending = pool.submit(read, plans[0]) if plans else None
-            for j, p in enumerate(plans):
-                tensors = pending.result() if pending is not None else read(p)
-                pending = pool.submit(read, plans[j + 1]) if prefetch(j + 1) else None
-                writer.write(p.name, merge_tensor(cfg, p, tensors, stats, dev))
-                bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
-            bar.close()
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            if pending is not None:
-                pending.cancel()
-            raise
-        _write_aux(tmp, cfg, base, models, plans)
-    for ck in (base, *models):
-        ck.release()
-    return MergeResult(out, saliency_s, time.perf_counter() - t1, len(plans), total, hmeta)
+        t1 = time.perf_counter()
+        shards = plan_shards([(p.name, p.out_dtype, p.out_shape) for p in plans], cfg.shard_size)
+        total = stream.total_bytes
+        with staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp:
+            writer = ShardedWriter(tmp, shards)
+            try:
+                bar = tqdm(
+                    total=total, unit="B", unit_scale=True, desc=f"merge {cfg.method.name}", disable=not progress
+                )
+                for (name, merged), p in zip(stream, plans, strict=True):
+                    writer.write(name, merged)
+                    bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
+                bar.close()
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            _write_aux(tmp, cfg, base, models, plans)
+    return MergeResult(out, stream.saliency_s, time.perf_counter() - t1, len(plans), total, stream.hdiag_meta)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -119,6 +119,7 @@ def tuned_table(
         cells = [cell(v) for v in row[:first]] + [test_cell(i, j) for j in range(n)]
         return "| " + " | ".join(cells + [cell(v) for v in row[first + n :]]) + " |"
 
+    untuned_names = " / ".join(n.replace(".csv", ".md") for n in reversed(untuned_from))
     over = f"the mean over the zoo draws {', '.join(map(str, draws))} of " if multi else ""
     md = [
         f"# Table 1, every method tuned ({records[0]['experiment'] if records else ''})",
@@ -126,7 +127,7 @@ def tuned_table(
         f"Each method tuned by an Optuna study (TPE, sampler seed {opts['seed']}, {opts['trials']} trials, the first "
         f"{min(opts['startup_trials'], opts['trials'])} random) on the dev tasks' average (`dev avg`); its best trial "
         "then scored on the test benchmarks (the test columns and `avg`). `untuned avg`: the method at its "
-        f"default parameters ({' / '.join(n.replace('.csv', '.md') for n in reversed(untuned_from))}). Each cell: {over}a test score ± its standard error"
+        f"default parameters ({untuned_names}). Each cell: {over}a test score ± its standard error"
         + (" [sd across the draws], one study per method and draw" if multi else "")
         + (f"; bold: {_legend()}" if top else "")
         + ".",
