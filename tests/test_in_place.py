@@ -192,3 +192,66 @@ def test_vllm_load_hands_every_merged_tensor_to_the_reload_then_drops_the_prefix
     got = calls[0][1]
     assert [n for n, _ in got] == [n for n, _ in want]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_a_model_directory_frees_the_gpu_of_kept_evaluators_first(monkeypatch, tmp_path):
+    """The engine kept for merges holds most of a GPU: the base's and experts' evaluations (a new engine each) would
+    not start beside it."""
+    from obim.bench import evaluation
+
+    freed, ran = [], []
+    monkeypatch.setattr(evaluation, "free_device", freed.append)
+    monkeypatch.setattr(evaluation, "_run", lambda r: ran.append(r["model_dir"]) or {"scores": {}})
+    evaluation.measure_model(tmp_path / "m", ["toy_mmlu"], device="cuda:0")
+    assert freed == ["cuda:0"] and ran == [str(tmp_path / "m")]
+    evaluation.measure_model(InPlaceStub := evaluation.InPlace({}, "b", "b"), ["toy_mmlu"], device="cuda:0")
+    assert freed == ["cuda:0"] and ran[-1] == InPlaceStub.arch_dir  # a merge goes into the kept evaluator
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_a_load_that_fails_midway_spoils_a_vllm_engine_only(monkeypatch, backend):
+    """vLLM's layer-wise reload left midway mixes two merges' weights: that engine is dropped (the server child
+    replies and ends); an hf model has every parameter set again by the next merge, so it is kept."""
+    from obim.bench import evaluation
+
+    def fail(*a):
+        raise ObimError("tensor x: task vector of model 'a' has NaN or Inf entries")
+
+    monkeypatch.setattr(evaluation, "_lm", lambda r: evaluation._ENGINE.setdefault("k", object()))
+    monkeypatch.setattr(evaluation, "load_merge", fail)
+    r = {"backend": backend, "merge": {"config": {}}, "model_dir": "b", "outputs_dir": None, "tasks": []}
+    with pytest.raises(ObimError, match="NaN or Inf") as e:
+        evaluation._run(r)
+    assert isinstance(e.value, evaluation.SpoiledEngine) is (backend == "vllm")
+    assert ("k" in evaluation._ENGINE) is (backend == "hf")
+    evaluation._ENGINE.clear()
+
+
+def test_the_engine_server_answers_a_crash_with_one_line_and_ends_at_once(tmp_path):
+    """Closing the server does not wait out the grace period (its exit reaped before its group is ended); a server
+    that crashed on a request is reported in one line and replaced by the next request."""
+    import time
+
+    from obim.bench import evaluation
+
+    server = evaluation.EngineServer("k")
+    t0 = time.perf_counter()
+    server.close(grace_s=60)  # its start-up (imports, a few seconds) and its exit, not the grace period
+    assert time.perf_counter() - t0 < 30 and server.proc.returncode == 0
+    req = {
+        "model_dir": str(tmp_path / "none"),
+        "merge": {"config": {}, "arch_dir": str(tmp_path / "none"), "tokenizer_dir": str(tmp_path / "none")},
+        "tasks": ["toy_mmlu"],
+        "backend": "hf",
+        "batch_size": 1,
+        "limit": 1,
+        "device": "cpu",
+        "model_args": {},
+        "num_fewshot": {},
+        "outputs_dir": None,
+        "allow_code": False,
+    }
+    server = evaluation._SERVER["server"] = evaluation.EngineServer("k")
+    with pytest.raises(ObimError, match=r"^vllm evaluation of a merge of .*none failed \(exit status 1; see above\)$"):
+        server.ask(req)
+    assert "server" not in evaluation._SERVER and server.proc.returncode == 1

@@ -415,6 +415,8 @@ def measure_model(
         "outputs_dir": str(outputs_dir) if outputs_dir else None,
         "allow_code": code_allowed(allow_code),
     }
+    if not merge:  # an evaluator kept for merges holds the GPU a model directory's evaluation needs
+        free_device(device)
     if backend == "vllm":
         return _engine_server(req).ask(req) if merge else _evaluate_in_child(req)
     if model_args is None:
@@ -487,8 +489,8 @@ def copy_in_place(model: Any, stream: Any) -> None:
             raise ObimError(f"tensor {p.name}: not a parameter of {where}")
         if tuple(state[p.name].shape) != tuple(p.out_shape):
             raise ObimError(f"tensor {p.name}: shape {tuple(p.out_shape)}, {where} has {tuple(state[p.name].shape)}")
-    set_ptrs = {state[n].data_ptr() for n in names}
-    unset = [k for k, v in state.items() if k not in set(names) and v.data_ptr() not in set_ptrs]
+    named, set_ptrs = set(names), {state[n].data_ptr() for n in names}
+    unset = [k for k, v in state.items() if k not in named and v.data_ptr() not in set_ptrs]
     if unset:
         raise ObimError(f"tensor {unset[0]} of {where}: the merge has no tensor of that name")
     with torch.no_grad():
@@ -502,7 +504,17 @@ def _run(r: dict) -> dict[str, Any]:
     from .judge import JUDGED, judge
 
     lm = _lm(r)
-    load_s = load_merge(lm, r["backend"], r["merge"]) if r.get("merge") else None
+    load_s = None
+    if r.get("merge"):
+        try:
+            load_s = load_merge(lm, r["backend"], r["merge"])
+        except BaseException as e:
+            if r["backend"] != "vllm":  # hf: the next merge sets every parameter again
+                raise
+            # vLLM's layer-wise reload was left midway (layers on the meta device, partial buffers): this engine
+            # would mix two merges' weights, so it is never used again
+            _ENGINE.clear()
+            raise SpoiledEngine(str(e) if isinstance(e, ObimError) else f"{type(e).__name__}: {e}") from e
     # the judge's generator name: an in-place merge's is its outputs folder's (the evaluation's key), not the base's
     named = f"merge-{Path(r['outputs_dir'] or 'merged').name}" if r.get("merge") else r["model_dir"]
     groups: dict[int | None, list[str]] = {}
@@ -627,6 +639,10 @@ def _evaluate_in_child(req: dict) -> dict[str, dict[str, Any]]:
         return json.loads(res.read_text())
 
 
+class SpoiledEngine(ObimError):
+    """A merge failed while it was being loaded into a vLLM engine: the engine holds a mix of weights and ends."""
+
+
 class EngineServer:
     """A child process keeping one vLLM engine for in-place merges (one architecture, tokenizer and options):
     each request (a JSON line on its stdin) streams a merge into the engine's weights and evaluates it; the reply
@@ -655,6 +671,9 @@ class EngineServer:
             line = self.replies.readline()
         except (BrokenPipeError, OSError):
             line = ""
+        except BaseException:  # interrupted with a reply pending: the next request would read this one's
+            self.close()
+            raise
         if not line:  # the child ended: its error is on the console above
             self.close()
             raise ObimError(
@@ -662,19 +681,20 @@ class EngineServer:
                 "see above)"
             )
         reply = json.loads(line)
+        if reply.get("spoiled"):  # the child ends: the next merge gets a new engine
+            self.close()
         if "error" in reply:
             raise ObimError(reply["error"])
         return reply
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 10.0) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        end_process_group(self.proc.pid)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+                self.proc.stdin.close()  # the server's loop ends
+        with contextlib.suppress(subprocess.TimeoutExpired):  # reaped first: a zombie still counts in its group
+            self.proc.wait(timeout=grace_s)
+        end_process_group(self.proc.pid, grace_s)  # what it left (vLLM's workers), or the server itself
+        self.proc.wait()
         self.replies.close()
         if _SERVER.get("server") is self:
             _SERVER.clear()
@@ -733,6 +753,8 @@ def _log_file() -> str | None:
 
 def _serve(fd: int) -> None:
     """The engine server's loop (EngineServer): one request per line of stdin until it closes."""
+    os.set_inheritable(fd, False)  # a program it starts (code_eval) must not hold the parent's EOF back
+    os.set_inheritable(0, False)
     replies = os.fdopen(fd, "w")
     for line in sys.stdin:
         r = json.loads(line)
@@ -746,9 +768,11 @@ def _serve(fd: int) -> None:
         try:
             reply: dict[str, Any] = _run(r)
         except ObimError as e:
-            reply = {"error": str(e)}
+            reply = {"error": str(e), "spoiled": isinstance(e, SpoiledEngine)}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
+        if reply.get("spoiled"):
+            break
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # vLLM's exit-time teardown can abort (SIGABRT) on CPU

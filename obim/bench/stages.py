@@ -212,7 +212,9 @@ def cached_eval(
     if isinstance(model_dir, InPlace):
         from obim.merging.config import load_config
 
-        ident, model = "merge:" + merge_key(load_config(model_dir.config)), "in place"
+        # the merge's device too: its kernels may change the merged bytes (an SVD, a solve)
+        ident = "merge:" + merge_key(load_config(model_dir.config)) + ":" + kernel_tag(model_dir.merge_device)
+        model = "in place"
     else:
         ident, model = model_fingerprint(model_dir), model_dir
     key = digest(
@@ -470,7 +472,7 @@ def in_place_refusal(cfg: MergeConfig, model_args: Any) -> tuple[str | None, int
     explicit = isinstance(model_args, dict) and model_args.get("dtype") not in (None, "auto")
     if rows:
         return f"its vocabulary rows differ from the base's ({rows[0]})", tensors, size
-    for k in ("tensor_parallel_size", "pipeline_parallel_size"):
+    for k in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         if isinstance(model_args, dict) and int(model_args.get(k) or 1) > 1:
             return f"eval.model_args.{k}={model_args[k]} runs vLLM's workers in processes of their own", tensors, size
     if cfg.dtype and not explicit:
@@ -485,7 +487,10 @@ def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter
     assert rt is not None and plan.eval is not None
     cfg = plan.with_statistics({n: s.hdiag for n, s in saliency.items()})
     if not rt.keep_merged:
-        why, tensors, size = in_place_refusal(cfg, plan.eval.model_args)
+        args = plan.eval.model_args
+        if args is None and plan.eval.backend == "hf":
+            args = {"dtype": "float32"}  # what measure_model gives the hf evaluator
+        why, tensors, size = in_place_refusal(cfg, args)
         if why is None:
             return Merged(dir=None, cached=False, merge_s=0.0, tensors=tensors, bytes=size, in_place=cfg)
         reporter.note(f"the merged model is written to disk for its evaluation: {why}")
@@ -508,10 +513,19 @@ def _evaluated(rec: dict) -> Evaluated:
 
 
 def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[Evaluated, dict[str, Evaluated]]:
-    """The merged model's scores, and (plan `individual`) the base's and each expert's."""
+    """The merged model's scores, and (plan `individual`) the base's and each expert's. The individual models come
+    first (cached after a sweep's first job): an evaluator kept for in-place merges is then built after them, and
+    the next job's merge finds it."""
     rt, ev = plan.runtime, plan.eval
     assert rt is not None and ev is not None
     tasks, evp = list(plan.tasks), ev.to_json()
+    individual = {}
+    if plan.individual:
+        for name, path in input_paths(plan).items():
+            reporter.status(f"eval of {name}", "eval")
+            individual[name] = _evaluated(
+                cached_eval(rt.cache, path, tasks, evp, rt.eval_device, plan.allow_code, reporter)
+            )
     if merged.in_place is not None:
         from obim.merging.merge import resolved_config
 
@@ -526,13 +540,6 @@ def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[E
         model = merged.dir
         reporter.status("eval of the merged model", "eval")
     merged_ev = _evaluated(cached_eval(rt.cache, model, tasks, evp, rt.eval_device, plan.allow_code, reporter))
-    individual = {}
-    if plan.individual:
-        for name, path in input_paths(plan).items():
-            reporter.status(f"eval of {name}", "eval")
-            individual[name] = _evaluated(
-                cached_eval(rt.cache, path, tasks, evp, rt.eval_device, plan.allow_code, reporter)
-            )
     return merged_ev, individual
 
 

@@ -350,7 +350,11 @@ class MergeStream:
         self.device = torch.device(require("--device", device, device_check))
         self.base = open_checkpoint(self.cfg.base_model)
         self.models = [open_checkpoint(m.path) for m in self.cfg.models]
-        self.plans = plan_merge(self.cfg, self.base, self.models)
+        try:
+            self.plans = plan_merge(self.cfg, self.base, self.models)
+        except BaseException:
+            self.close()
+            raise
         self.stats: list[Any] | None = None
         self.hdiag_meta: dict[str, dict[str, str]] = {}
         self.saliency_s = 0.0
