@@ -278,8 +278,13 @@ def test_two_trial_search_end_to_end_and_rerun(quick_zoo, tmp_path):
     ((job_result,),) = [list((tmp_path / "runs").glob("*/result.json"))]
     by_sweep = json.loads(job_result.read_text())
     by_search = json.loads((tmp_path / "search" / "ta" / "best" / "result.json").read_text())
-    computed = ("schema", "config_hash", "plan", "inputs", "scores", "avg", "saliency_s", "cost")
+    computed = ("schema", "config_hash", "inputs", "scores", "avg", "saliency_s", "cost")
     assert {k: by_sweep[k] for k in computed} == {k: by_search[k] for k in computed}
+    # the same plan; its recorded overrides differ by the sweep's keep_merged=true alone (a runtime option)
+    plans = [{k: v for k, v in r["plan"].items() if k != "overrides"} for r in (by_sweep, by_search)]
+    assert plans[0] == plans[1]
+    extra = set(by_sweep["plan"]["overrides"]) ^ set(by_search["plan"]["overrides"])
+    assert {o.split("=")[0] for o in extra} <= {"keep_merged"}
     assert by_sweep["individual"] == by_search["individual"]
     # the search kept no merged model (keep_merged: false): the sweep merged and evaluated again, to the same scores
     assert by_sweep["cached"] == {"saliency": None, "merge": False, "eval": False} and by_sweep["merged_dir"]
