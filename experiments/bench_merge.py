@@ -3,7 +3,8 @@
 Makes a base and N fine-tunes (default: hidden 1024, 16 layers, vocab 32000, bf16, ~271M parameters each), then
 measures, each in its own process: the I/O floor (read every input tensor once, add, write one model), every
 requested obim method through `obim-merge`, and mergekit's `ties` and `task_arithmetic` on the same inputs when a
-`mergekit-yaml` executable is found (--mergekit, $MERGEKIT_YAML or PATH).
+`mergekit-yaml` executable is found (--mergekit, $MERGEKIT_YAML, beside this Python, or PATH). Methods that need
+statistics other than hdiag (regmean, fisher) or two endpoints (slerp) are skipped, saying why.
 
     python experiments/bench_merge.py                       # all methods, the default shape
     python experiments/bench_merge.py --layers 32 --methods ties obim   # does peak RSS grow with depth?
@@ -260,6 +261,16 @@ def busy_table(root: Path, dirs: list[Path], hdiags: list[Path], methods: list[s
     return "\n".join(lines)
 
 
+def skipped(method: str, n_models: int) -> str | None:
+    """Why a method is not benchmarked on these inputs (None: it is): the statistics only hdiag are made here."""
+    m = METHODS[method]
+    if m.statistics not in (None, "hdiag"):
+        return f"needs {m.statistics} statistics, which this benchmark does not make"
+    if method == "slerp" and n_models != 1:
+        return f"two endpoints only, {n_models} fine-tunes here"
+    return None
+
+
 def obim_config(method: str, dirs: list[Path], hdiags: list[Path]) -> dict:
     n = len(dirs) - 1
     models = []
@@ -296,7 +307,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--mergekit",
-        default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
+        # beside this interpreter (a venv's, not on PATH unless activated), else on PATH
+        default=os.environ.get("MERGEKIT_YAML")
+        or next((str(p) for p in [Path(sys.executable).parent / "mergekit-yaml"] if p.is_file()), None)
+        or shutil.which("mergekit-yaml"),
         help="mergekit-yaml executable (skipped when absent)",
     )
     ap.add_argument("--no-mergekit", action="store_true")
@@ -335,6 +349,10 @@ def main() -> None:
     floor = wall
     rows.append(("I/O floor (read all, add, write one)", wall, rss, code))
     for method in args.methods or sorted(METHODS):
+        why = skipped(method, len(dirs) - 1)
+        if why:
+            print(f"  {method}: skipped ({why})")
+            continue
         cfg_path = root / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(obim_config(method, dirs, hdiags)))
         cmd = [sys.executable, "-m", "obim.merging.cli", str(cfg_path), str(out), "--quiet", "--device", args.device]
