@@ -255,3 +255,13 @@ def test_the_engine_server_answers_a_crash_with_one_line_and_ends_at_once(tmp_pa
     with pytest.raises(ObimError, match=r"^vllm evaluation of a merge of .*none failed \(exit status 1; see above\)$"):
         server.ask(req)
     assert "server" not in evaluation._SERVER and server.proc.returncode == 1
+
+
+def test_an_in_place_merge_takes_the_tokenizer_its_written_folder_would(tmp_path):
+    """The evaluator built for an in-place merge reads the tokenizer obim-merge would copy: the base's, or the
+    `tokenizer_source` model's."""
+    from obim.merging.config import load_config
+
+    cfg = _zoo(tmp_path)
+    assert load_config(cfg).tokenizer_path == cfg["base_model"]
+    assert load_config({**cfg, "tokenizer_source": "b"}).tokenizer_path == cfg["models"][1]["path"]

@@ -28,6 +28,8 @@ METRICS = ("exact_match", "pass@1", "pass_at_1", "acc", "acc_norm", "rouge2")
 # 2: programs run with code_eval's globals (__name__ is not __main__); 3: each score's standard error and item count;
 # 4: lm-eval's per-sample records kept (samples/<task>.jsonl beside the judged outputs)
 SCORING_VERSION = 4
+# the hf evaluator's model_args when an evaluation gives none
+HF_MODEL_ARGS: dict[str, Any] = {"dtype": "float32"}
 
 
 def tasks_dir() -> str:
@@ -420,7 +422,7 @@ def measure_model(
     if backend == "vllm":
         return _engine_server(req).ask(req) if merge else _evaluate_in_child(req)
     if model_args is None:
-        req["model_args"] = {"dtype": "float32"}
+        req["model_args"] = dict(HF_MODEL_ARGS)
     return _run(req)
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from obim.merging.errors import ObimError
 
 from .cache import digest, locked, model_fingerprint, read_json, write_json
-from .evaluation import InPlace, free_device
+from .evaluation import HF_MODEL_ARGS, InPlace, free_device
 from .plan import JobPlan
 
 if TYPE_CHECKING:
@@ -489,7 +489,7 @@ def merge_stage(plan: JobPlan, saliency: dict[str, Saliency], reporter: Reporter
     if not rt.keep_merged:
         args = plan.eval.model_args
         if args is None and plan.eval.backend == "hf":
-            args = {"dtype": "float32"}  # what measure_model gives the hf evaluator
+            args = HF_MODEL_ARGS  # what measure_model gives the hf evaluator
         why, tensors, size = in_place_refusal(cfg, args)
         if why is None:
             return Merged(dir=None, cached=False, merge_s=0.0, tensors=tensors, bytes=size, in_place=cfg)
@@ -530,10 +530,7 @@ def evaluate_stage(plan: JobPlan, merged: Merged, reporter: Reporter) -> tuple[E
         from obim.merging.merge import resolved_config
 
         cfg = merged.in_place
-        tok = cfg.base_model
-        if cfg.tokenizer_source != "base":
-            tok = cfg.models[cfg.names.index(cfg.tokenizer_source)].path
-        model: str | InPlace = InPlace(resolved_config(cfg), cfg.base_model, tok, rt.device)
+        model: str | InPlace = InPlace(resolved_config(cfg), cfg.base_model, cfg.tokenizer_path, rt.device)
         reporter.status("merge and eval of the merged model (in place)", "eval")
     else:
         assert merged.dir is not None

@@ -56,6 +56,13 @@ class MergeConfig:
             return list(range(len(self.models)))
         return [self.names.index(n) for n in self.order]
 
+    @property
+    def tokenizer_path(self) -> str:
+        """The model whose tokenizer the merged model gets: the base's, or the `tokenizer_source` model's."""
+        if self.tokenizer_source == "base":
+            return self.base_model
+        return self.models[self.names.index(self.tokenizer_source)].path
+
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config (what obim_merge.yaml records); loading it again gives the same merge."""
         models = []
