@@ -48,7 +48,7 @@ def main() -> None:
     from hydra.types import RunMode
 
     from obim.bench.joblog import job_session
-    from obim.bench.slurm import job_error
+    from obim.bench.slurm import SlurmTimeLimit, job_error, time_limit_not_swallowed
     from obim.bench.sweep import run_job
     from obim.merging.threads import configure
 
@@ -61,8 +61,9 @@ def main() -> None:
         sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
         with job_session(hc.runtime.output_dir, name, overrides, sweep_dir, bool(cfg.get("verbose"))) as s:
             try:
-                outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name, s))
-            except Exception as e:  # this job's one-line error on the console (obim.bench.console); the sweep goes on
+                with time_limit_not_swallowed():
+                    outcome = s.finished(run_job(cfg, hc.runtime.output_dir, overrides, name, s))
+            except (Exception, SlurmTimeLimit) as e:  # this job's one-line error on the console; the sweep goes on
                 outcome = s.failed(e, job_error(e))  # (a Slurm time limit in obim's terms)
         if outcome["status"] == "failed" and not any(
             "SweepConsole" in str(c.get("_target_", "")) for c in (hc.callbacks or {}).values()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -383,3 +384,41 @@ def test_the_launcher_submits_what_hydra_submitit_launcher_submits(tmp_path, mon
     assert init["cluster"] == "slurm" and init["slurm_max_num_timeout"] == 3
     assert dict(ours[1][1])["slurm_setup"] == ["module load x"]
     assert dict(ours[1][1])["slurm_additional_parameters"] == {"account": "lab"}
+
+
+def test_a_time_limit_signal_is_not_swallowed_by_a_librarys_except_exception():
+    """submitit's handler raising its no-requeue UncompletedJobError inside code that catches Exception (a logging
+    handler, an optional import): inside time_limit_not_swallowed it passes through as a SlurmTimeLimit, said in
+    obim's terms; any other error from the handler passes unchanged, and the handler is restored afterwards."""
+    import signal
+
+    from submitit.core.utils import UncompletedJobError
+
+    def submitits(signum, frame):  # what checkpoint_and_try_requeue raises with no requeue left
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    def library_code() -> str:
+        try:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(5)  # the handler runs here
+            return "slept"
+        except Exception:  # the library swallowing the error is the point
+            return "swallowed"
+
+    old = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        assert library_code() == "swallowed"  # the failure seen in CI: the job ran on to its kill
+        with pytest.raises(slurm.SlurmTimeLimit) as caught, slurm.time_limit_not_swallowed():
+            library_code()
+        assert slurm.job_error(caught.value) == slurm.job_error(UncompletedJobError(str(caught.value)))
+        assert "time limit reached" in str(slurm.job_error(caught.value))
+        assert signal.getsignal(signal.SIGUSR2) is submitits
+
+        def other(signum, frame):
+            raise UncompletedJobError("Job 4 has not produced any output")
+
+        signal.signal(signal.SIGUSR2, other)
+        with slurm.time_limit_not_swallowed():
+            assert library_code() == "swallowed"  # not a time limit: as it was
+    finally:
+        signal.signal(signal.SIGUSR2, old)

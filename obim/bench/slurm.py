@@ -280,11 +280,46 @@ def _cause(state: str, log: Path) -> str:
     return next((cause for cause, pattern in LOG_CAUSES if pattern.search(text)), state)
 
 
+class SlurmTimeLimit(BaseException):
+    """submitit's no-requeue error at a Slurm time limit, raised as a BaseException (as KeyboardInterrupt is): an
+    `except Exception` in a library the job was running (a logging handler, an optional import) swallowed the
+    UncompletedJobError once in CI, and the job ran on until Slurm killed it."""
+
+
+@contextlib.contextmanager
+def time_limit_not_swallowed() -> Any:
+    """While the block runs in the main thread, submitit's SIGUSR2 handler raises SlurmTimeLimit in place of its
+    no-requeue UncompletedJobError (a requeue, its SystemExit, and any other error pass unchanged)."""
+    import signal
+    import threading
+
+    prev = signal.getsignal(signal.SIGUSR2)
+    if threading.current_thread() is not threading.main_thread() or not callable(prev):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            prev(signum, frame)
+        except Exception as e:
+            if job_error(e) is None:
+                raise
+            raise SlurmTimeLimit(str(e)) from e
+
+    signal.signal(signal.SIGUSR2, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, prev)
+
+
 def job_error(exc: BaseException) -> str | None:
     """Inside a Slurm job, submitit's time-limit signal with no requeue left ends the job's code with an
-    UncompletedJobError: the one line that says so in obim's terms; None for any other exception."""
+    UncompletedJobError (a SlurmTimeLimit inside `time_limit_not_swallowed`): the one line that says so in obim's
+    terms; None for any other exception."""
     text = str(exc)
-    if type(exc).__name__ != "UncompletedJobError" or "Job not requeued because:" not in text:
+    named = isinstance(exc, SlurmTimeLimit) or type(exc).__name__ == "UncompletedJobError"
+    if not named or "Job not requeued because:" not in text:
         return None
     reason = text.split("Job not requeued because:", 1)[1].strip().splitlines()[0].rstrip(".")
     return (
