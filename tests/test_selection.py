@@ -123,3 +123,29 @@ def test_kth_largest_with_heavy_duplicates_matches_partition(fill):
         assert kth_largest(x, k, nonneg=True) == (thr, int((x > thr).sum())), k
         m = topk_mask(x, k, torch.float32)
         assert int(m.sum()) == k and x[m.bool()].min() >= x[~m.bool()].max()
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_radix_selection_over_several_chunks_matches_a_sort(nonneg):
+    """Tensors of several histogram chunks, selected together (kth_largest_many): every (k-th largest, count
+    strictly larger) equals a sort's; signed values with -0.0 beside 0.0 (equal, as floats compare), infinities,
+    denormals; nonneg: negative entries are exclusions, below every selectable entry."""
+    from obim.merging.selection import _CHUNK
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * _CHUNK + 12_345
+    xs = [(torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float() for _ in range(3)]  # bf16 ties
+    xs[1][::5] = -0.0
+    xs[1][1::5] = 0.0  # 0.6 n: the k-th largest among the -0.0s
+    xs[2][:100] = torch.tensor([float("inf"), float("-inf"), 1e-42, -1e-42] * 25)
+    if nonneg:
+        xs = [x.abs() for x in xs]
+        xs[0][::3] = -1e30  # exclusions
+    ks = [1, int(0.6 * n), n - 7 if not nonneg else int((xs[2] >= 0).sum()) - 1]
+    got = kth_largest_many(xs, ks, nonneg=nonneg)
+    for x, k, (thr, above, ties) in zip(xs, ks, got, strict=True):
+        s = torch.sort(x, descending=True).values
+        assert thr == float(s[k - 1]) and above == int((x > s[k - 1]).sum()), k
+        assert torch.equal(ties, (x == thr).nonzero().squeeze(1)[: k - above])  # the first ones, in index order
+        assert kth_largest(x, k, nonneg=nonneg) == (thr, above)
+        assert torch.equal(topk_mask(x, k, kth=(thr, above, ties)), topk_mask(x, k))

@@ -1,13 +1,14 @@
 """Exact top-k masks: the hot spot of every magnitude/saliency method.
 
-A full sort or `torch.topk` costs O(n log n) per tensor; we find the k-th largest value by selection
-(numpy's introselect on CPU: about 2 ns/entry here, vs 25-30 ns for torch.topk/kthvalue) and compare.
+A full sort or `torch.topk` costs O(n log n) per tensor; we find the k-th largest value by selection and compare:
+on CPU a two-level radix select over 32-bit order keys (two histograms, ~4 ns/entry of CPU time split over the
+pool's threads; numpy's introselect took 5-8 ns/entry on one thread, torch.topk/kthvalue 25-30 ns).
 Ties at the threshold are broken by the lowest flat (or in-row) index, so masks are exact-k and deterministic.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 
 import numpy as np
 import torch
@@ -15,127 +16,154 @@ import torch
 from .threads import parallel_map
 
 
-def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False, inplace: bool = False) -> tuple[float, int]:
+def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False) -> tuple[float, int]:
     """(the k-th largest entry of 1-D x, how many entries are strictly larger), 1 <= k <= n.
 
-    nonneg: the k largest entries are known to be >= 0 (scores; negative entries only mark exclusions). Their
-    int32 bit patterns then order like the floats, and numpy selects ints ~35% faster than floats.
-    inplace: x is scratch and may be reordered (saves a copy)."""
+    nonneg: the k largest entries are known to be >= 0 (scores, magnitudes; negative entries only mark exclusions),
+    so their int32 bit patterns order like the floats and need no transform."""
     n = x.numel()
     if x.is_cuda:
         kth = torch.kthvalue(x, n - k + 1).values
         return float(kth), int(torch.count_nonzero(x > kth))
-    a = x.numpy()
+    if n >= _RADIX_MIN and x.dtype == torch.float32:
+        return _radix_kth_many([x], [k], nonneg)[0][:2]
+    part = x.numpy().copy()
+    part.partition(n - k)
+    thr = part[n - k]
+    return float(thr), int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+
+
+_RADIX_MIN = 1 << 16  # below this a partition's fixed costs are lower
+_CHUNK = 1 << 20  # entries per histogram task: chunks of all tensors share the pool evenly
+_HI = 1 if sys.byteorder == "little" else 0  # which uint16 half of a 32-bit entry is the high one
+
+
+def _order_keys(a: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered like float32 `a`'s values (-0.0 as 0.0): a negative float's bits flipped, a positive
+    one's sign bit set. The inverse is `_key_value`."""
+    bits = (a + np.float32(0)).view(np.int32)  # + 0.0 turns -0.0 into 0.0, as float comparison has it
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
+    return bits.view(np.uint32) ^ np.uint32(0x80000000)
+
+
+def _key_value(key: int, nonneg: bool) -> float:
     if nonneg:
-        a = a.view(np.int32)
-    found = _bracketed_kth(a, k) if n >= 1 << 16 else None
-    if found is None:
-        part = a if inplace else a.copy()
-        part.partition(n - k)
-        thr = part[n - k]
-        found = thr, int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
-    thr, above = found
-    if nonneg:
-        thr = np.array(thr, dtype=np.int32).view(np.float32)[()]
-    return float(thr), above
+        return float(np.array(key, dtype=np.uint32).view(np.float32))
+    b = np.array(key ^ 0x80000000, dtype=np.uint32).view(np.int32)
+    b ^= (b >> 31) & np.int32(0x7FFFFFFF)
+    return float(b.view(np.float32))
 
 
-def _bracketed_kth(a: np.ndarray, k: int, sample: int = 1 << 14) -> tuple[float, int] | None:
-    """The k-th largest of `a` when many entries are equal (zero deltas, IM's excluded positions), else None.
+def _radix_kth_many(xs: list[torch.Tensor], ks: list[int], nonneg: bool) -> list[tuple[float, int, torch.Tensor]]:
+    """kth_largest of each 1-D CPU float32 tensor, with the indices of its first k - above entries equal to the k-th
+    (the ties a top-k mask keeps), by a two-level radix select on 32-bit order keys: a histogram of every key's high
+    16 bits finds the bin holding the k-th largest, a histogram of that bin's low 16 bits finds the key. Exact,
+    insensitive to duplicates (a partition degrades ~20x where most entries are equal, as in bf16 task vectors),
+    and, unlike a partition, split into chunks that all of the pool's threads share."""
+    keys = [x.numpy().view(np.uint32) if nonneg else _order_keys(x.numpy()) for x in xs]
+    high = [k.view(np.uint16)[_HI::2] for k in keys]
+    low = [k.view(np.uint16)[1 - _HI :: 2] for k in keys]
+    tasks = [(i, s) for i, key in enumerate(keys) for s in range(0, key.size, _CHUNK)]
+    # nonneg: keys at or above 0x80000000 are negative floats, below every entry that can be selected
+    bins = 1 << (15 if nonneg else 16)
 
-    numpy's introselect degrades about 20x when most entries share a value. A random sample brackets the answer
-    in [lo, hi]; four counts (torch, multi-threaded) either land on lo or hi or leave only the entries strictly
-    between them to select from."""
-    n = a.size
-    # a fixed pseudo-random sample: a strided one aliases with the row length (saliency varies by column)
-    smp = np.sort(a[np.random.default_rng(n).integers(0, n, sample)])
-    ms = smp.size
-    _, counts = np.unique(smp, return_counts=True)
-    if counts.max() * 16 < ms:
-        return None  # no heavy duplicates: a plain partition is fastest
-    t = torch.from_numpy(a)
-    pos = (n - k) / n * ms
-    margin = 4 * math.sqrt(ms) + 2
-    lo, hi = smp[max(0, int(pos - margin))], smp[min(ms - 1, int(pos + margin) + 1)]
+    def histogram(task):
+        i, s = task
+        return i, np.bincount(high[i][s : s + _CHUNK], minlength=1 << 16)[:bins]
 
-    def count(op, v) -> int:
-        return int(torch.count_nonzero(op(t, v.item())))
+    hist = [np.zeros(bins, np.int64) for _ in keys]
+    for i, h in parallel_map(histogram, tasks):
+        hist[i] += h
+    picked = [_top_bin(h, k, 0) for h, k in zip(hist, ks, strict=True)]
 
-    gt_hi = count(torch.gt, hi)
-    ge_lo = count(torch.ge, lo)
-    if gt_hi >= k or ge_lo < k:
-        return None  # the sample missed (improbable): fall back
-    ge_hi = count(torch.ge, hi)
-    if ge_hi >= k:
-        return hi, gt_hi
-    gt_lo = count(torch.gt, lo)
-    if gt_lo < k:
-        return lo, gt_lo
-    half = n // 2  # strictly between lo and hi (neither bound's duplicates), two halves on two threads
-    band = np.concatenate(parallel_map(lambda p: p[(p > lo) & (p < hi)], (a[:half], a[half:])))
-    need = k - ge_hi
-    part = np.partition(band, band.size - need)
-    thr = part[band.size - need]
-    return thr, ge_hi + int(np.count_nonzero(part[band.size - need :] > thr))
+    def band(task):  # the picked bin's entries: where they are, and their low halves
+        i, s = task
+        at = np.flatnonzero(high[i][s : s + _CHUNK] == picked[i][0])
+        return i, at + s, low[i][s : s + _CHUNK][at]
+
+    where: list[list[np.ndarray]] = [[] for _ in keys]
+    lows: list[list[np.ndarray]] = [[] for _ in keys]
+    for i, at, lo in parallel_map(band, tasks):  # in task order: each tensor's chunks ascending
+        where[i].append(at)
+        lows[i].append(lo)
+    out = []
+    for i, ((top, above), k) in enumerate(zip(picked, ks, strict=True)):
+        lo = np.concatenate(lows[i])
+        bottom, above = _top_bin(np.bincount(lo, minlength=1 << 16), k, above)
+        ties = np.concatenate(where[i])[lo == bottom][: k - above]
+        out.append((_key_value((top << 16) | bottom, nonneg), above, torch.from_numpy(ties)))
+    return out
 
 
-def topk_mask(
-    x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool, kth: tuple[float, int] | None = None
-) -> torch.Tensor:
+def _top_bin(hist: np.ndarray, k: int, above: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, counting down from the highest bin with `above` entries already
+    above them all, and how many entries lie in higher bins (plus `above`)."""
+    total = np.cumsum(hist[::-1]) + above
+    j = int(np.searchsorted(total, k))  # the first bin, from the top, where the count reaches k
+    if j >= hist.size:
+        raise ValueError(f"k={k} is more than the {int(total[-1])} entries that can be selected")
+    return hist.size - 1 - j, int(total[j - 1]) if j else above
+
+
+def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool, kth: tuple | None = None) -> torch.Tensor:
     """Mask (x's shape; bool, or 1.0/0.0 floats) of the k largest entries of x over the whole tensor; ties at the
-    threshold go to the lowest indices. `kth`, when known, is `kth_largest(x, k)`."""
+    threshold go to the lowest indices. `kth`, when known, is `kth_largest(x, k)` or kth_largest_many's entry."""
     flat = x.reshape(-1)
     n = flat.numel()
     k = max(0, min(int(k), n))
     if k == 0 or k == n:
         return (torch.zeros_like if k == 0 else torch.ones_like)(x, dtype=dtype)
-    thr, above = kth if kth is not None else kth_largest(flat, k)
+    thr, above, *ties = kth if kth is not None else kth_largest(flat, k)
     mask = torch.gt(flat, thr).to(dtype)
     if k > above:
-        mask[_first_equal(flat, thr, k - above)] = 1
+        mask[ties[0] if ties else _first_equal(flat, thr, k - above)] = 1
     return mask.view(x.shape)
 
 
-def kth_largest_many(xs: list[torch.Tensor], ks: list[int], **kw) -> list[tuple[float, int] | None]:
-    """kth_largest of several tensors, in parallel threads on CPU (numpy's selection is single-threaded and
-    releases the GIL); None where k is 0 or n (no threshold needed)."""
+def kth_largest_many(xs: list[torch.Tensor], ks: list[int], *, nonneg: bool = False) -> list[tuple | None]:
+    """kth_largest of several tensors, each with the indices of its first k - above entries equal to the k-th
+    where they came for free (the radix select's, on CPU: their selections share the pool's threads); None where k
+    is 0 or n (no threshold needed)."""
+    todo = [i for i, (x, k) in enumerate(zip(xs, ks, strict=True)) if 0 < k < x.numel()]
+    big = [i for i in todo if not xs[i].is_cuda and xs[i].numel() >= _RADIX_MIN and xs[i].dtype == torch.float32]
+    out: list[tuple | None] = [None] * len(xs)
+    found = _radix_kth_many([xs[i].reshape(-1) for i in big], [ks[i] for i in big], nonneg)
+    for i, f in zip(big, found, strict=True):
+        out[i] = f
+    for i in todo:
+        if out[i] is None:
+            out[i] = kth_largest(xs[i].reshape(-1), ks[i], nonneg=nonneg)
+    return out
 
-    def one(a):
-        x, k = a
-        return kth_largest(x.reshape(-1), k, **kw) if 0 < k < x.numel() else None
 
-    if xs and not xs[0].is_cuda and xs[0].numel() >= 1 << 16:
-        return parallel_map(one, zip(xs, ks, strict=True))
-    return [one(a) for a in zip(xs, ks, strict=True)]
-
-
-def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple[float, int] | None, scratch: torch.Tensor) -> torch.Tensor:
-    """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices); `kth` is
-    kth_largest(|d|, k) (None when k is 0 or n), `scratch` a float32 buffer of d's size to work in."""
+def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple | None, mag: torch.Tensor) -> torch.Tensor:
+    """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices); `mag` is |d| (float32,
+    consumed as scratch) and `kth` kth_largest_many's entry for mag (None when k is 0 or n)."""
     n = d.numel()
     if k >= n:
         return d
     if k <= 0:
         return d.zero_()
     assert kth is not None  # None only when k is 0 or n, returned above
-    thr, above = kth
+    thr, above, *known = kth
     flat = d.view(-1)
-    ties = _first_equal(flat, thr, k - above, key=torch.abs) if k > above and thr > 0 else None
+    ties = None
+    if k > above and thr > 0:  # (ties at 0 keep zeros: nothing to restore)
+        ties = known[0] if known else _first_equal(mag.view(-1), thr, k - above)
     kept = flat[ties] if ties is not None else None
-    torch.abs(d, out=scratch)
-    d.mul_(scratch.sub_(thr).clamp_(min=0).sign_())  # 1.0 exactly where |d| > thr
+    d.mul_(mag.sub_(thr).clamp_(min=0).sign_())  # 1.0 exactly where |d| > thr
     if kept is not None:  # saved exactly when there are ties
         flat[ties] = kept
     return d
 
 
-def _first_equal(flat: torch.Tensor, value: float, count: int, chunk: int = 1 << 18, key=None) -> torch.Tensor:
-    """Indices of the first `count` entries equal to value (after `key`, e.g. abs), scanning in chunks: ties are
-    frequent with quantised (bf16) deltas, and scanning only as far as needed halves the cost on average."""
+def _first_equal(flat: torch.Tensor, value: float, count: int, chunk: int = 1 << 18) -> torch.Tensor:
+    """Indices of the first `count` entries equal to value, scanning in chunks: ties are frequent with quantised
+    (bf16) deltas, and scanning only as far as needed halves the cost on average."""
     found = []
     for start in range(0, flat.numel(), chunk):
         part = flat[start : start + chunk]
-        idx = ((key(part) if key else part) == value).nonzero().squeeze(1)[:count] + start
+        idx = (part == value).nonzero().squeeze(1)[:count] + start
         found.append(idx)
         count -= idx.numel()
         if count <= 0:

@@ -60,9 +60,9 @@ class TopK(Sparsifier):
     def __call__(self, deltas, ctx):
         ks = [int(ctx.params[i]["density"] * d.numel()) for i, d in enumerate(deltas)]
         if self.score is magnitude:
-            # select on scratch copies of |δ| in place, then trim each δ in place through its scratch
+            # select on |δ|, then trim each δ in place through its |δ| (consumed as scratch)
             scratch = [d.abs() for d in deltas]
-            kths = kth_largest_many(scratch, ks, nonneg=True, inplace=True)
+            kths = kth_largest_many(scratch, ks, nonneg=True)
             return [
                 Sparse(keep_top_magnitude_(d, k, kth, scratch.pop(0)))
                 for d, k, kth in zip(deltas, ks, kths, strict=True)
