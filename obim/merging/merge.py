@@ -252,7 +252,10 @@ def merge_tensor(
     merged = method.combiner(sparse, ctx)
     del sparse, base_f32
     ctx.base = None
-    merged.mul_(ctx.param("lambda")).add_((base_t[:rows] if rows is not None else base_t).to(device))
+    lam = ctx.param("lambda")
+    if lam != 1:  # (x·1 is x, -0.0 included: a pass saved)
+        merged.mul_(lam)
+    merged.add_((base_t[:rows] if rows is not None else base_t).to(device))
     if rows is not None:
         full = torch.empty(plan.out_shape, dtype=torch.float32, device=device)
         full[:rows] = merged
