@@ -12,6 +12,7 @@ from .checks import optional
 from .context import Param, Sparse, TensorContext, number_in, one_of
 from .errors import ObimError
 from .selection import kth_largest, topk_mask
+from .threads import parallel_map
 
 
 class Combiner:
@@ -248,23 +249,27 @@ class TaskSingularVectors(Combiner):
         if k == 0:  # fewer singular directions than models: nothing can be kept for each
             return torch.zeros_like(deltas[0])
         tol = max(deltas[0].shape) * torch.finfo(torch.float32).eps
-        us, ss, vs = [], [], []
-        with _one_thread() if deltas[0].device.type == "cpu" else contextlib.nullcontext():
-            for d in deltas:
+        cpu = deltas[0].device.type == "cpu"
+
+        def top(d):
+            with _one_thread() if cpu else contextlib.nullcontext():
                 u, s, vh = torch.linalg.svd(d, full_matrices=False)
-                kt = min(k, int((s > tol * s[0]).sum())) if s[0] > 0 else 0
-                us.append(u[:, :kt].clone())
-                ss.append(s[:kt].clone())
-                vs.append(vh[:kt].clone())
-                del u, s, vh
-            if not sum(x.numel() for x in ss):
-                return torch.zeros_like(deltas[0])
-            u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=0)
-            del us, vs
-            p, _, qh = torch.linalg.svd(u_cat, full_matrices=False)  # U⊥ = P Qᵀ: the orthonormal matrix nearest
-            u_orth = p @ qh
-            p, _, qh = torch.linalg.svd(v_cat, full_matrices=False)
-            v_orth = p @ qh
+            kt = min(k, int((s > tol * s[0]).sum())) if s[0] > 0 else 0
+            return u[:, :kt].clone(), s[:kt].clone(), vh[:kt].clone()
+
+        def nearest_orthonormal(m):  # U⊥ = P Qᵀ
+            with _one_thread() if cpu else contextlib.nullcontext():
+                p, _, qh = torch.linalg.svd(m, full_matrices=False)
+                return p @ qh
+
+        # each SVD on one thread (deterministic bytes), the models' (then U's and V's) side by side on the pool
+        run = parallel_map if cpu else lambda f, xs: [f(x) for x in xs]
+        us, ss, vs = zip(*run(top, deltas), strict=True)
+        if not sum(x.numel() for x in ss):
+            return torch.zeros_like(deltas[0])
+        s_cat = torch.cat(ss)
+        u_orth, v_orth = run(nearest_orthonormal, [torch.cat(us, dim=1), torch.cat(vs, dim=0)])
+        del us, vs
         return (u_orth * s_cat) @ v_orth
 
 

@@ -56,10 +56,18 @@ def _key_value(key: int, nonneg: bool) -> float:
 
 def _radix_kth_many(xs: list[torch.Tensor], ks: list[int], nonneg: bool) -> list[tuple[float, int, torch.Tensor]]:
     """kth_largest of each 1-D CPU float32 tensor, with the indices of its first k - above entries equal to the k-th
-    (the ties a top-k mask keeps), by a two-level radix select on 32-bit order keys: a histogram of every key's high
-    16 bits finds the bin holding the k-th largest, a histogram of that bin's low 16 bits finds the key. Exact,
-    insensitive to duplicates (a partition degrades ~20x where most entries are equal, as in bf16 task vectors),
-    and, unlike a partition, split into chunks that all of the pool's threads share."""
+    (the ties a top-k mask keeps): `_radix_select` with one k per tensor."""
+    return [found[0] for found in _radix_select(xs, [[k] for k in ks], nonneg)]
+
+
+def _radix_select(
+    xs: list[torch.Tensor], kss: list[list[int]], nonneg: bool
+) -> list[list[tuple[float, int, torch.Tensor]]]:
+    """For each 1-D CPU float32 tensor and each of its ks: the k-th largest entry, how many are strictly larger, and
+    the indices of the first k - above entries equal to it. A two-level radix select on 32-bit order keys: one
+    histogram of every key's high 16 bits finds the bin holding each k-th largest, a histogram of that bin's low 16
+    bits finds the key. Exact, insensitive to duplicates (a partition degrades ~20x where most entries are equal, as
+    in bf16 task vectors), and, unlike a partition, split into chunks that all of the pool's threads share."""
     keys = [x.numpy().view(np.uint32) if nonneg else _order_keys(x.numpy()) for x in xs]
     high = [k.view(np.uint16)[_HI::2] for k in keys]
     low = [k.view(np.uint16)[1 - _HI :: 2] for k in keys]
@@ -74,24 +82,34 @@ def _radix_kth_many(xs: list[torch.Tensor], ks: list[int], nonneg: bool) -> list
     hist = [np.zeros(bins, np.int64) for _ in keys]
     for i, h in parallel_map(histogram, tasks):
         hist[i] += h
-    picked = [_top_bin(h, k, 0) for h, k in zip(hist, ks, strict=True)]
+    picked = [[_top_bin(h, k, 0) for k in ks] for h, ks in zip(hist, kss, strict=True)]
+    tops = [sorted({top for top, _ in p}) for p in picked]
 
-    def band(task):  # the picked bin's entries: where they are, and their low halves
+    def band(task):  # each picked bin's entries: where they are, and their low halves
         i, s = task
-        at = np.flatnonzero(high[i][s : s + _CHUNK] == picked[i][0])
-        return i, at + s, low[i][s : s + _CHUNK][at]
+        hi, lo = high[i][s : s + _CHUNK], low[i][s : s + _CHUNK]
+        out = {}
+        for top in tops[i]:
+            at = np.flatnonzero(hi == top)
+            out[top] = (at + s, lo[at])
+        return i, out
 
-    where: list[list[np.ndarray]] = [[] for _ in keys]
-    lows: list[list[np.ndarray]] = [[] for _ in keys]
-    for i, at, lo in parallel_map(band, tasks):  # in task order: each tensor's chunks ascending
-        where[i].append(at)
-        lows[i].append(lo)
+    where: list[dict[int, list[np.ndarray]]] = [{t: [] for t in ts} for ts in tops]
+    lows: list[dict[int, list[np.ndarray]]] = [{t: [] for t in ts} for ts in tops]
+    for i, found in parallel_map(band, tasks):  # in task order: each tensor's chunks ascending
+        for top, (at, lo) in found.items():
+            where[i][top].append(at)
+            lows[i][top].append(lo)
     out = []
-    for i, ((top, above), k) in enumerate(zip(picked, ks, strict=True)):
-        lo = np.concatenate(lows[i])
-        bottom, above = _top_bin(np.bincount(lo, minlength=1 << 16), k, above)
-        ties = np.concatenate(where[i])[lo == bottom][: k - above]
-        out.append((_key_value((top << 16) | bottom, nonneg), above, torch.from_numpy(ties)))
+    for i, ks in enumerate(kss):
+        lo = {t: np.concatenate(v) for t, v in lows[i].items()}
+        hists = {t: np.bincount(v, minlength=1 << 16) for t, v in lo.items()}
+        res = []
+        for (top, above), k in zip(picked[i], ks, strict=True):
+            bottom, above = _top_bin(hists[top], k, above)
+            ties = np.concatenate(where[i][top])[lo[top] == bottom][: k - above]
+            res.append((_key_value((top << 16) | bottom, nonneg), above, torch.from_numpy(ties)))
+        out.append(res)
     return out
 
 
@@ -153,7 +171,7 @@ def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple | None, mag: torch.T
     kept = flat[ties] if ties is not None else None
     # |d| where |d| > thr, else 0, given d's sign (a dropped negative entry is -0.0, as d·0 gives): 2 passes, where
     # multiplying by a 0/1 mask made from |d| took 4
-    torch.copysign(torch.nn.functional.threshold_(mag, thr, 0.0), d, out=d)
+    torch.copysign(torch.nn.functional.threshold(mag, thr, 0.0, inplace=True), d, out=d)
     if kept is not None:  # saved exactly when there are ties
         flat[ties] = kept
     return d
@@ -297,4 +315,7 @@ def sorted_at(x: torch.Tensor, positions: list[int], *, nonneg: bool = False) ->
     often 60% zeros, where a plain partition took 0.3 s per 3M entries instead of 0.02 s). nonneg: x >= 0."""
     flat = x.reshape(-1)
     n = flat.numel()
-    return [kth_largest(flat, n - p % n, nonneg=nonneg)[0] for p in positions]
+    ks = [n - p % n for p in positions]
+    if not flat.is_cuda and n >= _RADIX_MIN and flat.dtype == torch.float32:  # one histogram for all positions
+        return [found[0] for found in _radix_select([flat], [ks], nonneg)[0]]
+    return [kth_largest(flat, k, nonneg=nonneg)[0] for k in ks]
