@@ -11,7 +11,7 @@ import torch
 from .checks import optional
 from .context import Param, Sparse, TensorContext, number_in, one_of
 from .errors import ObimError
-from .selection import kth_largest, topk_mask
+from .selection import kth_largest_many, topk_mask
 from .threads import parallel_map
 
 
@@ -110,7 +110,8 @@ class IterativeMerging(Combiner):
             score = sparse[i].score.reshape(-1)
             if step:
                 score.add_(penalty)
-            mask = topk_mask(score, k, torch.float32, kth_largest(score, k, nonneg=True) if k < n else None)
+            kth = kth_largest_many([score], [k], nonneg=True)[0]  # with the first tied indices
+            mask = topk_mask(score, k, torch.float32, kth)
             out.addcmul_(sparse[i].delta.reshape(-1), mask)  # positions are exclusive: adding into zeros is exact
             penalty.add_(mask, alpha=-1e30)
         return out.view(shape)
