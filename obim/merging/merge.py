@@ -10,7 +10,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -433,16 +433,26 @@ def merge(
         total = stream.total_bytes
         with staged_output(out, overwrite, keep=tuple(inputs.values())) as tmp:
             writer = ShardedWriter(tmp, shards)
+            # each tensor is written on a thread of its own while the next one merges (one write in flight: the
+            # peak memory grows by one merged tensor at most)
+            pending: Future | None = None
             try:
                 bar = tqdm(
                     total=total, unit="B", unit_scale=True, desc=f"merge {cfg.method.name}", disable=not progress
                 )
-                for (name, merged), p in zip(stream, plans, strict=True):
-                    writer.write(name, merged)
-                    bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
+                with ThreadPoolExecutor(1, thread_name_prefix="obim-write") as write_pool:
+                    for (name, merged), p in zip(stream, plans, strict=True):
+                        if pending is not None:
+                            pending.result()
+                        pending = write_pool.submit(writer.write, name, merged)
+                        bar.update(_numel(p.out_shape) * torch.empty((), dtype=p.out_dtype).element_size())
+                    if pending is not None:
+                        pending.result()
                 bar.close()
                 writer.finish()
             except BaseException:
+                if pending is not None:
+                    wait([pending])  # the write in flight ends before its file closes
                 writer.abort()
                 raise
             _write_aux(tmp, cfg, base, models, plans)
