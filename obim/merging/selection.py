@@ -34,7 +34,7 @@ def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False) -> tuple[float
 
 
 _RADIX_MIN = 1 << 16  # below this a partition's fixed costs are lower
-_CHUNK = 1 << 20  # entries per histogram task: chunks of all tensors share the pool evenly
+_CHUNK = 1 << 19  # entries per histogram task: chunks of all tensors share the pool evenly (a 1M-entry one too)
 _HI = 1 if sys.byteorder == "little" else 0  # which uint16 half of a 32-bit entry is the high one
 
 
@@ -132,7 +132,8 @@ def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool, kth: tup
     if k == 0 or k == n:
         return (torch.zeros_like if k == 0 else torch.ones_like)(x, dtype=dtype)
     thr, above, *ties = kth if kth is not None else kth_largest(flat, k)
-    mask = torch.gt(flat, thr).to(dtype)
+    mask = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+    torch.gt(flat, thr, out=mask)  # straight into the mask's dtype: one pass, where .to(dtype) took a second
     if k > above:
         mask[ties[0] if ties else _first_equal(flat, thr, k - above)] = 1
     return mask.view(x.shape)
