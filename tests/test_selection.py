@@ -149,3 +149,31 @@ def test_radix_selection_over_several_chunks_matches_a_sort(nonneg):
         assert torch.equal(ties, (x == thr).nonzero().squeeze(1)[: k - above])  # the first ones, in index order
         assert kth_largest(x, k, nonneg=nonneg) == (thr, above)
         assert torch.equal(topk_mask(x, k, kth=(thr, above, ties)), topk_mask(x, k))
+
+
+def test_a_strided_tensor_is_selected_as_its_values():
+    """A strided 1-D view (reshape(-1) does not copy it) gives what its contiguous copy gives."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1 << 18, generator=g)[::2]
+    assert not x.is_contiguous()
+    for nonneg in (False, True):
+        assert kth_largest(x, 1000, nonneg=nonneg) == kth_largest(x.contiguous(), 1000, nonneg=nonneg)
+        assert sorted_at(x, [5, -5], nonneg=nonneg) == sorted_at(x.contiguous(), [5, -5], nonneg=nonneg)
+    (got,) = kth_largest_many([x], [1000], nonneg=True)
+    assert got[:2] == kth_largest(x.contiguous(), 1000)
+
+
+def test_tied_indices_from_sparse_chunks_past_the_first():
+    """Ties at the k-th value in the second and third chunks only, few in their radix bin (the positions kept by
+    the band pass): the first k - above of them, in index order."""
+    from obim.merging.selection import _CHUNK
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(3 * _CHUNK, generator=g)
+    x[x == 0.5] = 0.25
+    at = torch.cat([torch.arange(_CHUNK + 7, _CHUNK + 7 + 60 * 97, 97), torch.arange(2 * _CHUNK + 3, 2 * _CHUNK + 90)])
+    x[at] = 0.5
+    k = int((x > 0.5).sum()) + 70
+    (thr, above, ties) = kth_largest_many([x], [k], nonneg=True)[0]
+    assert (thr, above) == (0.5, k - 70)
+    assert torch.equal(ties, at[:70])

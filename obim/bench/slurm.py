@@ -288,12 +288,14 @@ class SlurmTimeLimit(BaseException):
 
 @contextlib.contextmanager
 def time_limit_not_swallowed() -> Any:
-    """While the block runs in the main thread, submitit's SIGUSR2 handler raises SlurmTimeLimit in place of its
-    no-requeue UncompletedJobError (a requeue, its SystemExit, and any other error pass unchanged)."""
+    """While the block runs in the main thread, submitit's time-limit handler (SIGUSR2, or SUBMITIT_PREEMPT_SIGNAL's)
+    raises SlurmTimeLimit in place of its no-requeue UncompletedJobError (a requeue, its SystemExit, and any other
+    error pass unchanged)."""
     import signal
     import threading
 
-    prev = signal.getsignal(signal.SIGUSR2)
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+    prev = signal.getsignal(sig)
     if threading.current_thread() is not threading.main_thread() or not callable(prev):
         yield
         return
@@ -306,11 +308,11 @@ def time_limit_not_swallowed() -> Any:
                 raise
             raise SlurmTimeLimit(str(e)) from e
 
-    signal.signal(signal.SIGUSR2, handler)
+    signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGUSR2, prev)
+        signal.signal(sig, prev)
 
 
 def job_error(exc: BaseException) -> str | None:

@@ -19,14 +19,14 @@ from .threads import parallel_map
 def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False) -> tuple[float, int]:
     """(the k-th largest entry of 1-D x, how many entries are strictly larger), 1 <= k <= n.
 
-    nonneg: the k largest entries are known to be >= 0 (scores, magnitudes; negative entries only mark exclusions),
-    so their int32 bit patterns order like the floats and need no transform."""
+    nonneg: the k largest entries are known to be >= 0 (scores, magnitudes; negative entries, -0.0 among them, only
+    mark exclusions), so their int32 bit patterns order like the floats and need no transform."""
     n = x.numel()
     if x.is_cuda:
         kth = torch.kthvalue(x, n - k + 1).values
         return float(kth), int(torch.count_nonzero(x > kth))
     if n >= _RADIX_MIN and x.dtype == torch.float32:
-        return _radix_kth_many([x], [k], nonneg)[0][:2]
+        return _radix_select([x], [[k]], nonneg)[0][0]
     part = x.numpy().copy()
     part.partition(n - k)
     thr = part[n - k]
@@ -57,22 +57,23 @@ def _key_value(key: int, nonneg: bool) -> float:
 def _radix_kth_many(xs: list[torch.Tensor], ks: list[int], nonneg: bool) -> list[tuple[float, int, torch.Tensor]]:
     """kth_largest of each 1-D CPU float32 tensor, with the indices of its first k - above entries equal to the k-th
     (the ties a top-k mask keeps): `_radix_select` with one k per tensor."""
-    return [found[0] for found in _radix_select(xs, [[k] for k in ks], nonneg)]
+    return [found[0] for found in _radix_select(xs, [[k] for k in ks], nonneg, ties=True)]
 
 
-def _radix_select(
-    xs: list[torch.Tensor], kss: list[list[int]], nonneg: bool
-) -> list[list[tuple[float, int, torch.Tensor]]]:
-    """For each 1-D CPU float32 tensor and each of its ks: the k-th largest entry, how many are strictly larger, and
-    the indices of the first k - above entries equal to it. A two-level radix select on 32-bit order keys: one
-    histogram of every key's high 16 bits finds the bin holding each k-th largest, a histogram of that bin's low 16
-    bits finds the key. Exact, insensitive to duplicates (a partition degrades ~20x where most entries are equal, as
-    in bf16 task vectors), and, unlike a partition, split into chunks that all of the pool's threads share."""
+def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], nonneg: bool, ties: bool = False) -> list[list[tuple]]:
+    """For each 1-D CPU float32 tensor and each of its ks: (the k-th largest entry, how many are strictly larger),
+    with `ties` also the indices of the first k - above entries equal to it. A two-level radix select on 32-bit
+    order keys: a histogram of every key's high 16 bits finds the bin holding each k-th largest, a histogram of
+    that bin's low 16 bits finds the key. Exact, insensitive to duplicates (a partition degrades ~20x where most
+    entries are equal, as in bf16 task vectors), and, unlike a partition, split into chunks that all of the pool's
+    threads share. Memory beyond the keys: a histogram per chunk, and tie positions only where a chunk's bin is
+    sparse (a dense one, such as the zeros', is scanned for them afterwards, only as far as needed)."""
+    xs = [x.contiguous() for x in xs]
     keys = [x.numpy().view(np.uint32) if nonneg else _order_keys(x.numpy()) for x in xs]
     high = [k.view(np.uint16)[_HI::2] for k in keys]
     low = [k.view(np.uint16)[1 - _HI :: 2] for k in keys]
     tasks = [(i, s) for i, key in enumerate(keys) for s in range(0, key.size, _CHUNK)]
-    # nonneg: keys at or above 0x80000000 are negative floats, below every entry that can be selected
+    # nonneg: keys at or above 0x80000000 are negative floats (-0.0 too), below every entry that can be selected
     bins = 1 << (15 if nonneg else 16)
 
     def histogram(task):
@@ -85,32 +86,53 @@ def _radix_select(
     picked = [[_top_bin(h, k, 0) for k in ks] for h, ks in zip(hist, kss, strict=True)]
     tops = [sorted({top for top, _ in p}) for p in picked]
 
-    def band(task):  # each picked bin's entries: where they are, and their low halves
+    def band(task):  # per picked bin: its entries' low-half histogram; where they are, if few
         i, s = task
         hi, lo = high[i][s : s + _CHUNK], low[i][s : s + _CHUNK]
         out = {}
         for top in tops[i]:
-            at = np.flatnonzero(hi == top)
-            out[top] = (at + s, lo[at])
-        return i, out
+            inside = hi == top
+            lows = lo[inside]
+            at = np.flatnonzero(inside) + s if ties and lows.size <= _CHUNK // 64 else None
+            out[top] = (np.bincount(lows, minlength=1 << 16), (at, lows) if at is not None else None)
+        return i, s, out
 
-    where: list[dict[int, list[np.ndarray]]] = [{t: [] for t in ts} for ts in tops]
-    lows: list[dict[int, list[np.ndarray]]] = [{t: [] for t in ts} for ts in tops]
-    for i, found in parallel_map(band, tasks):  # in task order: each tensor's chunks ascending
-        for top, (at, lo) in found.items():
-            where[i][top].append(at)
-            lows[i][top].append(lo)
-    out = []
+    lows_hist = [{t: np.zeros(1 << 16, np.int64) for t in ts} for ts in tops]
+    found_in: list[dict[int, list]] = [{t: [] for t in ts} for ts in tops]  # per chunk: (start, (at, lows) | None)
+    for i, s, out in parallel_map(band, tasks):
+        for top, (h, kept) in out.items():
+            lows_hist[i][top] += h
+            found_in[i][top].append((s, kept))
+    result = []
     for i, ks in enumerate(kss):
-        lo = {t: np.concatenate(v) for t, v in lows[i].items()}
-        hists = {t: np.bincount(v, minlength=1 << 16) for t, v in lo.items()}
-        res = []
+        res: list[tuple] = []
         for (top, above), k in zip(picked[i], ks, strict=True):
-            bottom, above = _top_bin(hists[top], k, above)
-            ties = np.concatenate(where[i][top])[lo[top] == bottom][: k - above]
-            res.append((_key_value((top << 16) | bottom, nonneg), above, torch.from_numpy(ties)))
-        out.append(res)
-    return out
+            bottom, above = _top_bin(lows_hist[i][top], k, above)
+            value = _key_value((top << 16) | bottom, nonneg)
+            if ties:
+                res.append((value, above, _first_with_key(high[i], low[i], top, bottom, k - above, found_in[i][top])))
+            else:
+                res.append((value, above))
+        result.append(res)
+    return result
+
+
+def _first_with_key(high, low, top: int, bottom: int, count: int, chunks: list) -> torch.Tensor:
+    """Indices of the first `count` entries whose key halves are (top, bottom), chunk by chunk in order: from the
+    positions a sparse chunk kept, else by scanning the chunk."""
+    out, need = [], count
+    for s, kept in chunks:
+        if kept is not None:
+            at, lows = kept
+            idx = at[lows == bottom][:need]
+        else:
+            hi, lo = high[s : s + _CHUNK], low[s : s + _CHUNK]
+            idx = np.flatnonzero((hi == top) & (lo == bottom))[:need] + s
+        out.append(idx)
+        need -= idx.size
+        if need <= 0:
+            break
+    return torch.from_numpy(np.concatenate(out) if out else np.empty(0, np.int64))
 
 
 def _top_bin(hist: np.ndarray, k: int, above: int) -> tuple[int, int]:
