@@ -25,15 +25,25 @@ def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False) -> tuple[float
     if x.is_cuda:
         kth = torch.kthvalue(x, n - k + 1).values
         return float(kth), int(torch.count_nonzero(x > kth))
-    if n >= _RADIX_MIN and x.dtype == torch.float32:
+    if _radix(x):
         return _radix_select([x], [[k]], nonneg)[0][0]
     part = x.numpy().copy()
+    if nonneg:  # the order keys of the radix select, so -0.0 is an exclusion here too
+        part = part.view(np.int32)
     part.partition(n - k)
     thr = part[n - k]
-    return float(thr), int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    above = int(np.count_nonzero(part[n - k :] > thr))  # only the top k can exceed it
+    return float(np.array(thr).view(np.float32)) if nonneg else float(thr), above
 
 
 _RADIX_MIN = 1 << 16  # below this a partition's fixed costs are lower
+
+
+def _radix(x: torch.Tensor) -> bool:
+    """Whether x's selection takes the radix select (a CPU float32 tensor of _RADIX_MIN entries or more)."""
+    return not x.is_cuda and x.numel() >= _RADIX_MIN and x.dtype == torch.float32
+
+
 _CHUNK = 1 << 19  # entries per histogram task: chunks of all tensors share the pool evenly (a 1M-entry one too)
 _HI = 1 if sys.byteorder == "little" else 0  # which uint16 half of a 32-bit entry is the high one
 
@@ -52,12 +62,6 @@ def _key_value(key: int, nonneg: bool) -> float:
     b = np.array(key ^ 0x80000000, dtype=np.uint32).view(np.int32)
     b ^= (b >> 31) & np.int32(0x7FFFFFFF)
     return float(b.view(np.float32))
-
-
-def _radix_kth_many(xs: list[torch.Tensor], ks: list[int], nonneg: bool) -> list[tuple[float, int, torch.Tensor]]:
-    """kth_largest of each 1-D CPU float32 tensor, with the indices of its first k - above entries equal to the k-th
-    (the ties a top-k mask keeps): `_radix_select` with one k per tensor."""
-    return [found[0] for found in _radix_select(xs, [[k] for k in ks], nonneg, ties=True)]
 
 
 def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], nonneg: bool, ties: bool = False) -> list[list[tuple]]:
@@ -166,11 +170,11 @@ def kth_largest_many(xs: list[torch.Tensor], ks: list[int], *, nonneg: bool = Fa
     where they came for free (the radix select's, on CPU: their selections share the pool's threads); None where k
     is 0 or n (no threshold needed)."""
     todo = [i for i, (x, k) in enumerate(zip(xs, ks, strict=True)) if 0 < k < x.numel()]
-    big = [i for i in todo if not xs[i].is_cuda and xs[i].numel() >= _RADIX_MIN and xs[i].dtype == torch.float32]
+    big = [i for i in todo if _radix(xs[i])]
     out: list[tuple | None] = [None] * len(xs)
-    found = _radix_kth_many([xs[i].reshape(-1) for i in big], [ks[i] for i in big], nonneg)
+    found = _radix_select([xs[i].reshape(-1) for i in big], [[ks[i]] for i in big], nonneg, ties=True)
     for i, f in zip(big, found, strict=True):
-        out[i] = f
+        out[i] = f[0]
     for i in todo:
         if out[i] is None:
             out[i] = kth_largest(xs[i].reshape(-1), ks[i], nonneg=nonneg)
@@ -334,11 +338,11 @@ def _by_row_rank_torch(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def sorted_at(x: torch.Tensor, positions: list[int], *, nonneg: bool = False) -> list[float]:
     """Values of sorted(x.flatten()) (ascending) at the given indices (Python semantics: -1 is the last): each the
-    (n - p)-th largest, by kth_largest, which stays fast where most entries share a value (bf16 task vectors are
-    often 60% zeros, where a plain partition took 0.3 s per 3M entries instead of 0.02 s). nonneg: x >= 0."""
+    (n - p)-th largest, all from one radix select (whose cost does not grow where most entries share a value, as
+    in bf16 task vectors, often 60% zeros). nonneg: x >= 0."""
     flat = x.reshape(-1)
     n = flat.numel()
     ks = [n - p % n for p in positions]
-    if not flat.is_cuda and n >= _RADIX_MIN and flat.dtype == torch.float32:  # one histogram for all positions
+    if _radix(flat):  # one histogram for all positions
         return [found[0] for found in _radix_select([flat], [ks], nonneg)[0]]
     return [kth_largest(flat, k, nonneg=nonneg)[0] for k in ks]
