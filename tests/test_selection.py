@@ -143,12 +143,17 @@ def test_radix_selection_over_several_chunks_matches_a_sort(nonneg):
         xs[0][::3] = -1e30  # exclusions
     ks = [1, int(0.6 * n), n - 7 if not nonneg else int((xs[2] >= 0).sum()) - 1]
     got = kth_largest_many(xs, ks, nonneg=nonneg)
-    for x, k, (thr, above, ties) in zip(xs, ks, got, strict=True):
+    for x, k, (thr, above, cut) in zip(xs, ks, got, strict=True):
         s = torch.sort(x, descending=True).values
         assert thr == float(s[k - 1]) and above == int((x > s[k - 1]).sum()), k
-        assert torch.equal(ties, (x == thr).nonzero().squeeze(1)[: k - above])  # the first ones, in index order
+        assert torch.equal(cut.indices(), (x == thr).nonzero().squeeze(1)[: k - above])  # the first, in order
         assert kth_largest(x, k, nonneg=nonneg) == (thr, above)
-        assert torch.equal(topk_mask(x, k, kth=(thr, above, ties)), topk_mask(x, k))
+        mask = topk_mask(x, k, torch.float32, kth=(thr, above, cut))
+        assert torch.equal(mask, topk_mask(x, k, torch.float32, kth=(thr, above)))  # ties found by a scan
+        # the cut applied in place: exactly d·mask, a zero of its own sign where dropped
+        d = torch.randn(n, generator=g)
+        d[::4] = -d[::4].abs()
+        assert torch.equal(cut.keep_into(d.clone()).view(torch.int32), (d * mask).view(torch.int32))
 
 
 def test_a_strided_tensor_is_selected_as_its_values():
@@ -174,6 +179,80 @@ def test_tied_indices_from_sparse_chunks_past_the_first():
     at = torch.cat([torch.arange(_CHUNK + 7, _CHUNK + 7 + 60 * 97, 97), torch.arange(2 * _CHUNK + 3, 2 * _CHUNK + 90)])
     x[at] = 0.5
     k = int((x > 0.5).sum()) + 70
-    (thr, above, ties) = kth_largest_many([x], [k], nonneg=True)[0]
+    (thr, above, cut) = kth_largest_many([x], [k], nonneg=True)[0]
     assert (thr, above) == (0.5, k - 70)
-    assert torch.equal(ties, at[:70])
+    assert torch.equal(cut.indices(), at[:70])
+    assert cut.quotas[:3] == [0, 60, 10]  # how many ties each chunk keeps, in index order
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_top_magnitudes_kept_in_place_match_a_sort(large):
+    """keep_top_magnitude_ (the radix select on |d| never materialised, the trim fused, on the pool; a partition
+    for small tensors): exactly the k largest |d| kept (ties: lowest indices), every other entry a zero of its own
+    sign, as d·mask gives; bf16 values tie often, -0.0 and 0.0 included."""
+    from obim.merging.selection import _CHUNK, keep_top_magnitude_
+
+    g = torch.Generator().manual_seed(8)
+    n = 2 * _CHUNK + 999 if large else 5_000
+    d = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()
+    d[::7] = -0.0
+    d[3::7] = 0.0
+    order = sorted(range(n), key=lambda i: (-abs(float(d[i])), i)) if not large else None
+    for k in [1, n // 3, int(0.9 * n), n - 1]:
+        (kth,) = kth_largest_many([d], [k], absolute=True)
+        got = keep_top_magnitude_(d.clone(), k, kth)
+        if order is not None:
+            mask = torch.zeros(n)
+            mask[order[:k]] = 1
+        else:
+            mag = d.abs()
+            thr = float(torch.sort(mag, descending=True).values[k - 1])
+            mask = (mag > thr).float()
+            ties = (mag == thr).nonzero().squeeze(1)
+            mask[ties[: k - int(mask.sum())]] = 1
+        assert kth[:2] == kth_largest(d.abs(), k, nonneg=True), k
+        assert torch.equal(got.view(torch.int32), (d * mask).view(torch.int32)), k
+
+
+def test_exclusions_are_never_kept_by_a_cut():
+    """nonneg scores: negative entries (-0.0 among them) are exclusions, below every selectable one, in the cut
+    applied to another tensor too (their bit patterns are the largest unsigned keys)."""
+    from obim.merging.selection import _CHUNK, keep_top_
+
+    g = torch.Generator().manual_seed(9)
+    n = _CHUNK + 77
+    score = torch.rand(n, generator=g)
+    score[::2] = -1e30
+    score[1::10] = -0.0
+    k = int((score > 0).sum()) - 5
+    kth = kth_largest_many([score], [k], nonneg=True)[0]
+    d = torch.randn(n, generator=g)
+    got = keep_top_(d.clone(), k, kth, score)
+    assert torch.equal(got, d * topk_mask(score, k, torch.float32))
+    assert int((got != 0).sum()) == k and not got[::2].any()
+
+
+def test_disjoint_mean_kernel_matches_the_torch_ops_bit_for_bit():
+    """The fused TIES combination against combiners.DisjointMean's torch code, on deltas full of exact
+    cancellations, -0.0 and 0.0: every output bit, signed zeros included."""
+    import numpy as np
+
+    from obim.merging import kernels
+    from obim.merging.combiners import DisjointMean, disjoint_mean_torch
+    from obim.merging.context import Sparse
+
+    g = torch.Generator().manual_seed(10)
+    for m in (2, 3, 5):
+        n = 100_003
+        ds = []
+        for _ in range(m):
+            x = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+            x[torch.rand(n, generator=g) < 0.3] = -0.0
+            x[torch.rand(n, generator=g) < 0.1] = 0.0
+            ds.append(x + (torch.rand(n, generator=g) < 0.2) * torch.randn(n, generator=g) * 1e-3)
+        want = disjoint_mean_torch([d.clone() for d in ds])
+        out = np.empty(n, np.float32)
+        kernels.disjoint_mean(tuple(d.numpy() for d in ds), out)
+        assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), m
+        got = DisjointMean()([Sparse(d.clone()) for d in ds], None)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), m

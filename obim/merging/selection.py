@@ -8,8 +8,6 @@ Ties at the threshold are broken by the lowest flat (or in-row) index, so masks 
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 
@@ -26,7 +24,7 @@ def kth_largest(x: torch.Tensor, k: int, *, nonneg: bool = False) -> tuple[float
         kth = torch.kthvalue(x, n - k + 1).values
         return float(kth), int(torch.count_nonzero(x > kth))
     if _radix(x):
-        return _radix_select([x], [[k]], nonneg)[0][0]
+        return _radix_select([x], [[k]], _NONNEG if nonneg else _SIGNED)[0][0]
     part = x.numpy().copy()
     if nonneg:  # the order keys of the radix select, so -0.0 is an exclusion here too
         part = part.view(np.int32)
@@ -45,98 +43,124 @@ def _radix(x: torch.Tensor) -> bool:
 
 
 _CHUNK = 1 << 19  # entries per histogram task: chunks of all tensors share the pool evenly (a 1M-entry one too)
-_HI = 1 if sys.byteorder == "little" else 0  # which uint16 half of a 32-bit entry is the high one
+_NONNEG, _SIGNED, _ABS = 0, 1, 2  # the key kinds of obim.merging.kernels (not imported here: numba loads on use)
 
 
-def _order_keys(a: np.ndarray) -> np.ndarray:
-    """uint32 keys ordered like float32 `a`'s values (-0.0 as 0.0): a negative float's bits flipped, a positive
-    one's sign bit set. The inverse is `_key_value`."""
-    bits = (a + np.float32(0)).view(np.int32)  # + 0.0 turns -0.0 into 0.0, as float comparison has it
-    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
-    return bits.view(np.uint32) ^ np.uint32(0x80000000)
-
-
-def _key_value(key: int, nonneg: bool) -> float:
-    if nonneg:
+def _key_value(key: int, mode: int) -> float:
+    """The float32 value of a 32-bit order key (an inverse of kernels' keys)."""
+    if mode != _SIGNED:
         return float(np.array(key, dtype=np.uint32).view(np.float32))
-    b = np.array(key ^ 0x80000000, dtype=np.uint32).view(np.int32)
-    b ^= (b >> 31) & np.int32(0x7FFFFFFF)
-    return float(b.view(np.float32))
+    bits = key ^ 0xFFFFFFFF if key < 0x80000000 else key & 0x7FFFFFFF
+    return float(np.array(bits, dtype=np.uint32).view(np.float32))
 
 
-def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], nonneg: bool, ties: bool = False) -> list[list[tuple]]:
-    """For each 1-D CPU float32 tensor and each of its ks: (the k-th largest entry, how many are strictly larger),
-    with `ties` also the indices of the first k - above entries equal to it. A two-level radix select on 32-bit
-    order keys: a histogram of every key's high 16 bits finds the bin holding each k-th largest, a histogram of
-    that bin's low 16 bits finds the key. Exact, insensitive to duplicates (a partition degrades ~20x where most
-    entries are equal, as in bf16 task vectors), and, unlike a partition, split into chunks that all of the pool's
-    threads share. Memory beyond the keys: a histogram per chunk, and tie positions only where a chunk's bin is
-    sparse (a dense one, such as the zeros', is scanned for them afterwards, only as far as needed)."""
-    xs = [x.contiguous() for x in xs]
-    keys = [x.numpy().view(np.uint32) if nonneg else _order_keys(x.numpy()) for x in xs]
-    high = [k.view(np.uint16)[_HI::2] for k in keys]
-    low = [k.view(np.uint16)[1 - _HI :: 2] for k in keys]
-    tasks = [(i, s) for i, key in enumerate(keys) for s in range(0, key.size, _CHUNK)]
+class Cut:
+    """Where a radix select's exact-k cut falls in one tensor: entries whose key is above `key`, and the first
+    quotas[c] entries equal to it in each chunk c (so exactly k in all). `keep_into` applies the cut to a tensor
+    (in place, on the pool), `indices` lists the tied entries kept."""
+
+    def __init__(self, bits: np.ndarray, mode: int, key: int, quotas: list[int], ties_in: list[int]):
+        self.bits, self.mode, self.key = bits, mode, key
+        self.quotas, self.ties_in = quotas, ties_in  # per chunk: the ties kept, the ties it holds
+
+    def indices(self) -> torch.Tensor:
+        from . import kernels
+
+        def work(c):
+            s, q = c * _CHUNK, self.quotas[c]
+            out = np.empty(q, np.int64)
+            found = kernels.first_with_key(self.bits[s : s + _CHUNK], self.mode, self.key, q, out)
+            assert found == q  # the chunk's low histogram counted them
+            return out + s
+
+        parts = parallel_map(work, [c for c, q in enumerate(self.quotas) if q])
+        return torch.from_numpy(np.concatenate(parts) if parts else np.empty(0, np.int64))
+
+    def keep_into(self, dst: torch.Tensor) -> torch.Tensor:
+        """dst (float32, this tensor's size, contiguous) kept where the cut keeps, else a zero of its own sign
+        (what dst·mask gives, and copysign(0, dst)); dst may be the tensor selected on."""
+        from . import kernels
+
+        out = dst.view(-1).numpy().view(np.int32)
+
+        def work(c):
+            s = c * _CHUNK
+            src = self.bits[s : s + _CHUNK]
+            q = self.quotas[c]
+            # ties are kept up to the q-th one: the whole chunk where it holds no more, else up to where it is
+            # (one chunk per tensor at most: the quotas are taken in index order)
+            if q and q < self.ties_in[c]:
+                at = np.empty(q, np.int64)
+                kernels.first_with_key(src, self.mode, self.key, q, at)
+                until = int(at[-1]) + 1
+            else:
+                until = src.size if q else 0
+            kernels.keep_above(src, self.mode, self.key, until, out[s : s + _CHUNK])
+
+        parallel_map(work, range(len(self.quotas)))
+        return dst
+
+
+def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], mode: int, cuts: bool = False) -> list[list[tuple]]:
+    """For each 1-D CPU float32 tensor and each of its ks: (the k-th largest key's value, how many entries are
+    strictly larger), with `cuts` also its `Cut`. A two-level radix select on 32-bit order keys (kernels' NONNEG,
+    SIGNED or ABS: the magnitudes, never materialised): a histogram of every key's high 16 bits finds the bin
+    holding each k-th largest, per-chunk histograms of that bin's low 16 bits find the key and how many of its
+    ties each chunk holds. Exact, insensitive to duplicates (a partition degrades ~20x where most entries are
+    equal, as in bf16 task vectors), and split into chunks that all of the pool's threads share (numba kernels,
+    which release the GIL). Memory beyond the inputs: an int64 histogram per chunk and bin searched."""
+    from . import kernels
+
+    bits = [x.contiguous().numpy().view(np.int32) for x in xs]
+    tasks = [(i, s) for i, b in enumerate(bits) for s in range(0, b.size, _CHUNK)]
     # nonneg: keys at or above 0x80000000 are negative floats (-0.0 too), below every entry that can be selected
-    bins = 1 << (15 if nonneg else 16)
+    bins = 1 << (15 if mode == _NONNEG else 16)
 
     def histogram(task):
         i, s = task
-        return i, np.bincount(high[i][s : s + _CHUNK], minlength=1 << 16)[:bins]
+        out = np.zeros(1 << 16, np.int64)
+        kernels.high_histogram(bits[i][s : s + _CHUNK], mode, out)
+        return i, out[:bins]
 
-    hist = [np.zeros(bins, np.int64) for _ in keys]
+    hist = [np.zeros(bins, np.int64) for _ in bits]
     for i, h in parallel_map(histogram, tasks):
         hist[i] += h
     picked = [[_top_bin(h, k, 0) for k in ks] for h, ks in zip(hist, kss, strict=True)]
-    tops = [sorted({top for top, _ in p}) for p in picked]
+    tops = [np.array(sorted({top for top, _ in p}), np.int64) for p in picked]
 
-    def band(task):  # per picked bin: its entries' low-half histogram; where they are, if few
+    def band(task):  # per picked bin: its entries' low-half histogram, in this chunk
         i, s = task
-        hi, lo = high[i][s : s + _CHUNK], low[i][s : s + _CHUNK]
-        out = {}
-        for top in tops[i]:
-            inside = hi == top
-            lows = lo[inside]
-            at = np.flatnonzero(inside) + s if ties and lows.size <= _CHUNK // 64 else None
-            out[top] = (np.bincount(lows, minlength=1 << 16), (at, lows) if at is not None else None)
-        return i, s, out
+        out = np.zeros((tops[i].size, 1 << 16), np.int64)
+        for j, top in enumerate(tops[i]):  # (one pass per bin: a loop over bins inside a pass cost 4-8 ns/entry)
+            dense = hist[i][top] * 16 > bits[i].size
+            kernels.low_histogram(bits[i][s : s + _CHUNK], mode, int(top), dense, out[j])
+        return out
 
-    lows_hist = [{t: np.zeros(1 << 16, np.int64) for t in ts} for ts in tops]
-    found_in: list[dict[int, list]] = [{t: [] for t in ts} for ts in tops]  # per chunk: (start, (at, lows) | None)
-    for i, s, out in parallel_map(band, tasks):
-        for top, (h, kept) in out.items():
-            lows_hist[i][top] += h
-            found_in[i][top].append((s, kept))
-    result = []
+    per_chunk = parallel_map(band, tasks)  # in task order: tensor by tensor, chunk by chunk
+    result, at = [], 0
     for i, ks in enumerate(kss):
+        n_chunks = -(-bits[i].size // _CHUNK)
+        chunks = per_chunk[at : at + n_chunks]
+        at += n_chunks
+        lows = chunks[0].copy()
+        for h in chunks[1:]:  # (np.sum of the list stacked a copy of every chunk's histograms first)
+            lows += h
         res: list[tuple] = []
         for (top, above), k in zip(picked[i], ks, strict=True):
-            bottom, above = _top_bin(lows_hist[i][top], k, above)
-            value = _key_value((top << 16) | bottom, nonneg)
-            if ties:
-                res.append((value, above, _first_with_key(high[i], low[i], top, bottom, k - above, found_in[i][top])))
-            else:
-                res.append((value, above))
+            j = int(np.searchsorted(tops[i], top))
+            bottom, above = _top_bin(lows[j], k, above)
+            key = (top << 16) | bottom
+            found: tuple = (_key_value(key, mode), above)
+            if cuts:
+                quotas, need = [], k - above
+                ties_in = [int(h[j, bottom]) for h in chunks]
+                for t in ties_in:
+                    quotas.append(min(t, need))
+                    need -= quotas[-1]
+                found += (Cut(bits[i], mode, key, quotas, ties_in),)
+            res.append(found)
         result.append(res)
     return result
-
-
-def _first_with_key(high, low, top: int, bottom: int, count: int, chunks: list) -> torch.Tensor:
-    """Indices of the first `count` entries whose key halves are (top, bottom), chunk by chunk in order: from the
-    positions a sparse chunk kept, else by scanning the chunk."""
-    out, need = [], count
-    for s, kept in chunks:
-        if kept is not None:
-            at, lows = kept
-            idx = at[lows == bottom][:need]
-        else:
-            hi, lo = high[s : s + _CHUNK], low[s : s + _CHUNK]
-            idx = np.flatnonzero((hi == top) & (lo == bottom))[:need] + s
-        out.append(idx)
-        need -= idx.size
-        if need <= 0:
-            break
-    return torch.from_numpy(np.concatenate(out) if out else np.empty(0, np.int64))
 
 
 def _top_bin(hist: np.ndarray, k: int, above: int) -> tuple[int, int]:
@@ -157,44 +181,59 @@ def topk_mask(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bool, kth: tup
     k = max(0, min(int(k), n))
     if k == 0 or k == n:
         return (torch.zeros_like if k == 0 else torch.ones_like)(x, dtype=dtype)
-    thr, above, *ties = kth if kth is not None else kth_largest(flat, k)
+    thr, above, *cut = kth if kth is not None else kth_largest(flat, k)
     mask = torch.empty(flat.shape, dtype=dtype, device=flat.device)
     torch.gt(flat, thr, out=mask)  # straight into the mask's dtype: one pass, where .to(dtype) took a second
     if k > above:
-        mask[ties[0] if ties else _first_equal(flat, thr, k - above)] = 1
+        mask[cut[0].indices() if cut else _first_equal(flat, thr, k - above)] = 1
     return mask.view(x.shape)
 
 
-def kth_largest_many(xs: list[torch.Tensor], ks: list[int], *, nonneg: bool = False) -> list[tuple | None]:
-    """kth_largest of several tensors, each with the indices of its first k - above entries equal to the k-th
-    where they came for free (the radix select's, on CPU: their selections share the pool's threads); None where k
-    is 0 or n (no threshold needed)."""
+def kth_largest_many(
+    xs: list[torch.Tensor], ks: list[int], *, nonneg: bool = False, absolute: bool = False
+) -> list[tuple | None]:
+    """kth_largest of several tensors (absolute: of their magnitudes |x|, which the radix select never
+    materialises), each with its `Cut` where it came for free (the radix select's, on CPU: their selections share
+    the pool's threads); None where k is 0 or n (no threshold needed)."""
     todo = [i for i, (x, k) in enumerate(zip(xs, ks, strict=True)) if 0 < k < x.numel()]
     big = [i for i in todo if _radix(xs[i])]
     out: list[tuple | None] = [None] * len(xs)
-    found = _radix_select([xs[i].reshape(-1) for i in big], [[ks[i]] for i in big], nonneg, ties=True)
+    mode = _ABS if absolute else _NONNEG if nonneg else _SIGNED
+    found = _radix_select([xs[i].reshape(-1) for i in big], [[ks[i]] for i in big], mode, cuts=True)
     for i, f in zip(big, found, strict=True):
         out[i] = f[0]
     for i in todo:
         if out[i] is None:
-            out[i] = kth_largest(xs[i].reshape(-1), ks[i], nonneg=nonneg)
+            x = xs[i].reshape(-1)
+            out[i] = kth_largest(x.abs() if absolute else x, ks[i], nonneg=nonneg or absolute)
     return out
 
 
-def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple | None, mag: torch.Tensor) -> torch.Tensor:
-    """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices); `mag` is |d| (float32,
-    consumed as scratch) and `kth` kth_largest_many's entry for mag (None when k is 0 or n)."""
+def keep_top_magnitude_(d: torch.Tensor, k: int, kth: tuple | None) -> torch.Tensor:
+    """In place: zero all but the k largest-magnitude entries of d (ties: lowest indices), each dropped entry a
+    zero of its own sign (as d·0 gives); `kth` is kth_largest_many(..., absolute=True)'s entry for d (None when k
+    is 0 or n)."""
+    return keep_top_(d, k, kth, None)
+
+
+def keep_top_(d: torch.Tensor, k: int, kth: tuple | None, score: torch.Tensor | None) -> torch.Tensor:
+    """In place: d where its entry is among the k top of `score` (None: of |d|), else a zero of d's sign; exactly
+    d·topk_mask(score, k) (ties: lowest indices). `kth`: kth_largest_many's entry for score (None when k is 0 or
+    n). One fused pass on the pool where the radix select gave a `Cut`."""
     n = d.numel()
     if k >= n:
         return d
-    if k <= 0:
-        return d.zero_()
+    if k <= 0:  # (as before: zeros for magnitude, a zero of each entry's sign for a score's mask product)
+        return d.zero_() if score is None else d.mul_(0)
     assert kth is not None  # None only when k is 0 or n, returned above
-    thr, above, *known = kth
+    thr, above, *cut = kth
+    if cut and d.is_contiguous():
+        return cut[0].keep_into(d)
+    if score is not None:
+        return d.mul_(topk_mask(score, k, d.dtype, kth))
+    mag = d.abs()
     flat = d.view(-1)
-    ties = None
-    if k > above and thr > 0:  # (ties at 0 keep zeros: nothing to restore)
-        ties = known[0] if known else _first_equal(mag.view(-1), thr, k - above)
+    ties = _first_equal(mag.view(-1), thr, k - above) if k > above and thr > 0 else None  # (ties at 0 keep zeros)
     kept = flat[ties] if ties is not None else None
     # |d| where |d| > thr, else 0, given d's sign (a dropped negative entry is -0.0, as d·0 gives): 2 passes, where
     # multiplying by a 0/1 mask made from |d| took 4
@@ -344,5 +383,5 @@ def sorted_at(x: torch.Tensor, positions: list[int], *, nonneg: bool = False) ->
     n = flat.numel()
     ks = [n - p % n for p in positions]
     if _radix(flat):  # one histogram for all positions
-        return [found[0] for found in _radix_select([flat], [ks], nonneg)[0]]
+        return [found[0] for found in _radix_select([flat], [ks], _NONNEG if nonneg else _SIGNED)[0]]
     return [kth_largest(flat, k, nonneg=nonneg)[0] for k in ks]

@@ -7,7 +7,16 @@ import torch
 
 from .context import Param, Sparse, TensorContext, number_in
 from .saliency import Score, magnitude
-from .selection import as_rows, by_row_rank, keep_top_magnitude_, kth_largest_many, row_band_mask, sorted_at, topk_mask
+from .selection import (
+    as_rows,
+    by_row_rank,
+    keep_top_,
+    keep_top_magnitude_,
+    kth_largest_many,
+    row_band_mask,
+    sorted_at,
+    topk_mask,
+)
 
 RATIO = number_in(0.0, 1.0)
 
@@ -59,19 +68,12 @@ class TopK(Sparsifier):
 
     def __call__(self, deltas, ctx):
         ks = [int(ctx.params[i]["density"] * d.numel()) for i, d in enumerate(deltas)]
-        if self.score is magnitude:
-            # select on |δ|, then trim each δ in place through its |δ| (consumed as scratch)
-            scratch = [d.abs() for d in deltas]
-            kths = kth_largest_many(scratch, ks, nonneg=True)
-            return [
-                Sparse(keep_top_magnitude_(d, k, kth, scratch.pop(0)))
-                for d, k, kth in zip(deltas, ks, kths, strict=True)
-            ]
+        if self.score is magnitude:  # selected on |δ| without materialising it, each δ trimmed in place
+            kths = kth_largest_many(deltas, ks, absolute=True)
+            return [Sparse(keep_top_magnitude_(d, k, kth)) for d, k, kth in zip(deltas, ks, kths, strict=True)]
         scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
         kths = kth_largest_many(scores, ks, nonneg=True)  # the selections of all models run in parallel
-        return [
-            Sparse(d.mul_(topk_mask(s, k, d.dtype, t))) for d, s, k, t in zip(deltas, scores, ks, kths, strict=True)
-        ]
+        return [Sparse(keep_top_(d, k, t, s)) for d, s, k, t in zip(deltas, scores, ks, kths, strict=True)]
 
 
 class RandomDrop(Sparsifier):

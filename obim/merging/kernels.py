@@ -1,0 +1,162 @@
+"""Fused CPU kernels (numba) for the passes that dominate a merge: the radix select's histograms and the trims.
+
+Each torch or numpy op reads and writes whole tensors (~0.2-0.4 ns per entry each, memory-bound), and numpy's
+bincount holds the GIL and casts to int64 first (~1.5-2.9 ns/entry). A kernel here does one pass per chunk,
+releases the GIL (the pool's workers run chunks side by side) and computes exactly what the ops it replaces did:
+integer keys and IEEE float32 arithmetic, no fast-math, so the bytes do not depend on the machine.
+
+Keys are the 32-bit order keys of `selection`: `NONNEG` a float32's raw bits (>= 0 entries; a negative one, key
+0x80000000 or more, is an exclusion), `SIGNED` an order-preserving transform (-0.0 as 0.0), `ABS` the bits of |x|.
+Compiled on first use and cached beside this file (or numba's user cache); importing numba costs ~0.4 s, so
+`selection` imports this module only for a tensor large enough to gain.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+NONNEG, SIGNED, ABS = 0, 1, 2
+_JIT = {"nogil": True, "cache": True, "boundscheck": False}
+
+
+@nb.njit(inline="always")
+def _key(bits, mode):
+    """The unsigned 32-bit order key (as an int64) of a float32's int32 bits; branch-free, so that random signs
+    cost no mispredictions. NONNEG: the raw bits (a negative float's key is 0x80000000 or more: every caller treats
+    those as exclusions); ABS: |x|'s bits; SIGNED: negative floats' bits flipped, others' sign bit set."""
+    u = np.int64(bits) & 0xFFFFFFFF
+    if mode == NONNEG:
+        return u
+    if mode == ABS:
+        return u & 0x7FFFFFFF
+    u = u * (u != 0x80000000)  # -0.0 orders as 0.0
+    neg = u >> 31
+    return u ^ (((-neg) & 0x7FFFFFFF) | 0x80000000)
+
+
+@nb.njit(**_JIT)
+def high_histogram(bits, mode, out):
+    """out[key >> 16] += 1 for every entry (bits: a float32 chunk's int32 view; out: int64[65536])."""
+    if mode == NONNEG:
+        for i in range(bits.size):
+            out[np.uint64(_key(bits[i], NONNEG) >> 16)] += 1
+    elif mode == ABS:
+        for i in range(bits.size):
+            out[np.uint64(_key(bits[i], ABS) >> 16)] += 1
+    else:
+        for i in range(bits.size):
+            out[np.uint64(_key(bits[i], SIGNED) >> 16)] += 1
+
+
+@nb.njit(inline="always")
+def _low(bits, mode, top, dense, out):
+    if dense:  # branch-free: a bin holding many of the entries (the zeros') would mispredict often
+        for i in range(bits.size):
+            key = _key(bits[i], mode)
+            out[np.uint64(key & 0xFFFF)] += key >> 16 == top
+    else:
+        for i in range(bits.size):
+            key = _key(bits[i], mode)
+            if key >> 16 == top:
+                out[np.uint64(key & 0xFFFF)] += 1
+
+
+@nb.njit(**_JIT)
+def low_histogram(bits, mode, top, dense, out):
+    """out[key & 0xFFFF] += 1 for every entry whose key >> 16 is top (out: int64[65536]); dense: that bin holds
+    a large share of the entries."""
+    if mode == NONNEG:
+        _low(bits, NONNEG, top, dense, out)
+    elif mode == ABS:
+        _low(bits, ABS, top, dense, out)
+    else:
+        _low(bits, SIGNED, top, dense, out)
+
+
+@nb.njit(**_JIT)
+def first_with_key(bits, mode, key, count, out):
+    """Indices (in this chunk) of its first `count` entries with this key, into out; how many were found."""
+    n = 0
+    for i in range(bits.size):
+        if n == count:
+            break
+        if _key(bits[i], mode) == key:
+            out[n] = i
+            n += 1
+    return n
+
+
+@nb.njit(inline="always")
+def _skey(bits, mode):
+    """A signed int32 key ordered like `_key` (its top bit flipped): plain int32 compares vectorise. NONNEG: the
+    raw bits, so a negative float (an exclusion) is below every selectable key."""
+    if mode == NONNEG:
+        return bits
+    if mode == ABS:
+        return bits & np.int32(0x7FFFFFFF)
+    b = bits * np.int32(bits != np.int32(-0x80000000))  # -0.0 orders as 0.0
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+@nb.njit(inline="always")
+def _keep(src, mode, key, ge_until, dst):
+    sign = np.int32(-0x80000000)
+    k = np.int32(key ^ 0x80000000) if mode == SIGNED else np.int32(key)
+    # two loops over views, each from 0 (a loop from a run-time start index does not vectorise: numba cannot
+    # prove it non-negative and wraps every index)
+    a, b = src[:ge_until], dst[:ge_until]
+    for i in range(a.size):
+        b[i] &= np.int32(-1) if _skey(a[i], mode) >= k else sign
+    a, b = src[ge_until:], dst[ge_until:]
+    for i in range(a.size):
+        b[i] &= np.int32(-1) if _skey(a[i], mode) > k else sign
+
+
+@nb.njit(**_JIT)
+def keep_above(src, mode, key, ge_until, dst):
+    """dst[i] (float32 bits) kept where src's key is above `key`, or equal to it before index ge_until (where the
+    chunk's quota of ties ends); elsewhere dst[i] becomes a zero of its own sign (as dst·0 and copysign(0, dst)
+    give). src may be dst. Branch-free, vectorised: kept entries are scattered."""
+    if mode == NONNEG:
+        _keep(src, NONNEG, key, ge_until, dst)
+    elif mode == ABS:
+        _keep(src, ABS, key, ge_until, dst)
+    else:
+        _keep(src, SIGNED, key, ge_until, dst)
+
+
+@nb.njit(**_JIT)
+def disjoint_mean(deltas, out):
+    """TIES's elect-and-average, in exactly the float32 operations of combiners.DisjointMean's torch code (a tuple
+    of equal-size float32 arrays in, out written): s = Σ δ in model order; γ = sign(sign(s) + 0.5), so -1 where
+    s < 0, else +1; a = clamp(δ·γ, min=0) per model (torch keeps -0.0 there); the mean (Σ a)·γ / clamp(Σ sign(a),
+    min=1). Sums start from -0.0, the identity of IEEE addition (signed zeros come out as torch's). Blocks of
+    entries, model by model inside each: every inner loop vectorises."""
+    block = 1024
+    zero, one = np.float32(0.0), np.float32(1.0)
+    s = np.empty(block, np.float32)
+    g = np.empty(block, np.float32)
+    num = np.empty(block, np.float32)
+    cnt = np.empty(block, np.float32)
+    for start in range(0, out.size, block):
+        n = min(block, out.size - start)
+        s[:n] = np.float32(-0.0)
+        for d in deltas:
+            x = d[start : start + n]
+            for i in range(n):
+                s[i] += x[i]
+        for i in range(n):
+            g[i] = -one if s[i] < zero else one
+        num[:n] = np.float32(-0.0)
+        cnt[:n] = zero
+        for d in deltas:
+            x = d[start : start + n]
+            for i in range(n):
+                a = x[i] * g[i]
+                a = zero if a < zero else a
+                num[i] += a
+                cnt[i] += one if a > zero else zero
+        o = out[start : start + n]
+        for i in range(n):
+            o[i] = (num[i] * g[i]) / (cnt[i] if cnt[i] > one else one)
