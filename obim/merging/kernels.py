@@ -160,3 +160,63 @@ def disjoint_mean(deltas, out):
         o = out[start : start + n]
         for i in range(n):
             o[i] = (num[i] * g[i]) / (cnt[i] if cnt[i] > one else one)
+
+
+@nb.njit(inline="always")
+def _minus_checked(o, ob, base, start, n):
+    if base.size:
+        b = base[start : start + n]
+        for i in range(n):
+            o[i] = o[i] - b[i]
+    nonfinite = np.int32(0)
+    for i in range(n):
+        nonfinite |= np.int32((ob[i] & np.int32(0x7F800000)) == np.int32(0x7F800000))
+    return nonfinite != 0
+
+
+@nb.njit(**_JIT)
+def widen_minus(src, base, out):
+    """out = float32(src) - base (base of size 0: no subtraction), src bf16 as its uint16 bits; whether every
+    entry of out is finite. Exactly torch's `src.float() - base` (bf16 widens by a shift), in one pass."""
+    block = 4096
+    bits = out.view(np.int32)
+    bad = False
+    for start in range(0, out.size, block):
+        n = min(block, out.size - start)
+        o, ob, x = out[start : start + n], bits[start : start + n], src[start : start + n]
+        for i in range(n):
+            ob[i] = np.int32(np.uint32(x[i]) << np.uint32(16))
+        bad |= _minus_checked(o, ob, base, start, n)
+    return not bad
+
+
+@nb.njit(**_JIT)
+def copy_minus(src, base, out):
+    """widen_minus for a float32 src."""
+    block = 4096
+    bits = out.view(np.int32)
+    bad = False
+    for start in range(0, out.size, block):
+        n = min(block, out.size - start)
+        o, ob, x = out[start : start + n], bits[start : start + n], src[start : start + n]
+        for i in range(n):
+            o[i] = x[i]
+        bad |= _minus_checked(o, ob, base, start, n)
+    return not bad
+
+
+def warm(n_models: int) -> None:
+    """Load (or compile) every kernel for the argument types the merge passes, so that a merge's first tensors
+    do not wait for it: run on a thread of its own while the first tensors are read."""
+    i32, f32 = np.zeros(8, np.int32), np.zeros(8, np.float32)
+    for mode in (NONNEG, SIGNED, ABS):
+        high_histogram(i32, mode, np.zeros(1 << 16, np.int64))
+        for dense in (False, True):
+            low_histogram(i32, mode, 0, dense, np.zeros(1 << 16, np.int64))
+        first_with_key(i32, mode, 0, 0, np.zeros(1, np.int64))
+        keep_above(i32, mode, 0, 0, i32.copy())
+    if n_models >= 1:
+        disjoint_mean(tuple(f32 for _ in range(n_models)), f32.copy())
+    for base in (f32, f32[:0]):
+        widen_minus(np.zeros(8, np.uint16), base, f32.copy())
+        copy_minus(f32, base, f32.copy())

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -27,6 +29,7 @@ from .errors import ObimError
 from .staging import check_disjoint, check_output_dir, staged_output
 from .statistics import InMemory, StatsFile, check_statistics, compute_statistics, open_statistics
 from .texts import read_texts
+from .threads import parallel_map
 from .version import obim_version
 
 # bump when the driver's output changes for the same config (streaming, vocab rows, dtypes, files written): cached
@@ -214,19 +217,15 @@ def merge_tensor(
         return base_t
     rows = plan.shared_rows
     extra_sources = list(tensors) if rows is not None else []  # rows only some models have
-    b = base_t.to(device, torch.float32)
-    if rows is not None:
-        b = b[:rows]
-    if not torch.isfinite(b.sum()) and not torch.isfinite(b).all():
+    b, finite = _float32_minus(base_t if rows is None else base_t[:rows], None, device)
+    if not finite:
         raise ObimError(f"tensor {plan.name}: the base model has NaN or Inf entries")
     deltas = []
     for spec in cfg.models:
         t = tensors.pop(1)
-        d = (t if rows is None else t[:rows]).to(device, torch.float32)
+        d, finite = _float32_minus(t if rows is None else t[:rows], b, device)
         del t
-        d -= b
-        # a sum is NaN/Inf when any entry is (10x cheaper than isfinite); confirm before blaming the model
-        if not torch.isfinite(d.sum()) and not torch.isfinite(d).all():
+        if not finite:
             raise ObimError(f"tensor {plan.name}: task vector of model '{spec.name}' has NaN or Inf entries")
         deltas.append(d)
     tensors.clear()
@@ -262,6 +261,56 @@ def merge_tensor(
         _extra_rows(full, rows, extra_sources)
         merged = full
     return merged.to(plan.out_dtype).cpu()
+
+
+_FUSED_MIN = 1 << 16  # entries from which a tensor's task vector takes the fused kernel (numba loads on use)
+_FUSED_CHUNK = 1 << 18
+
+
+def _float32_minus(t: torch.Tensor, base: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(t as float32 on device, minus base when given; whether every entry of that is finite). A CPU bf16 or
+    float32 tensor takes one fused pass on the pool (kernels.widen_minus), where the torch ops took three
+    (convert, subtract, the sum that finds a NaN or Inf); the same bytes."""
+    fused = (
+        device.type == "cpu"
+        and t.dtype in (torch.bfloat16, torch.float32)
+        and t.numel() >= _FUSED_MIN
+        and t.is_contiguous()
+        and (base is None or base.is_contiguous())
+    )
+    if not fused:
+        d = t.to(device, torch.float32)
+        if base is not None:
+            d -= base
+        # a sum is NaN/Inf when any entry is (10x cheaper than isfinite); confirmed before blaming the model
+        return d, bool(torch.isfinite(d.sum())) or bool(torch.isfinite(d).all())
+    from . import kernels
+
+    src = t.view(-1).view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.view(-1).numpy()
+    sub = base.view(-1).numpy() if base is not None else np.empty(0, np.float32)
+    out = torch.empty(t.shape, dtype=torch.float32)
+    flat = out.view(-1).numpy()
+    kernel = kernels.widen_minus if t.dtype == torch.bfloat16 else kernels.copy_minus
+
+    def work(s: int) -> bool:
+        e = s + _FUSED_CHUNK
+        return bool(kernel(src[s:e], sub[s:e] if sub.size else sub, flat[s:e]))
+
+    return out, all(parallel_map(work, range(0, flat.size, _FUSED_CHUNK)))
+
+
+def warm_kernels(n_models: int) -> None:
+    """Load numba and the merge's kernels on a thread of their own (~1 s), while the first tensors are read."""
+
+    def run() -> None:
+        try:
+            from . import kernels
+
+            kernels.warm(n_models)
+        except Exception:
+            pass
+
+    threading.Thread(target=run, name="obim-warm", daemon=True).start()
 
 
 def _stat_rows(t: torch.Tensor | None, rows: int | None, kind: str | None) -> torch.Tensor | None:
@@ -392,6 +441,8 @@ class MergeStream:
                 4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
             )
 
+        if self.device.type == "cpu" and largest >= _FUSED_MIN:
+            warm_kernels(len(self.cfg.models))
         with ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
             pending = pool.submit(read, plans[0]) if plans else None
             try:
