@@ -256,3 +256,40 @@ def test_disjoint_mean_kernel_matches_the_torch_ops_bit_for_bit():
         assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), m
         got = DisjointMean()([Sparse(d.clone()) for d in ds], None)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), m
+
+
+def test_iterative_merging_fused_step_matches_the_torch_ops_bit_for_bit():
+    """IM's step through the radix select's cut (one kernel: out += δ·m, penalty += m·-1e30) against its torch
+    ops with the mask from topk_mask; tensors of several chunks, bf16-tied scores (ties at the cut), -0.0 deltas,
+    a model with nothing to take."""
+    from obim.merging.combiners import IterativeMerging
+    from obim.merging.context import Sparse
+    from obim.merging.selection import _CHUNK
+
+    g = torch.Generator().manual_seed(11)
+    n = 2 * _CHUNK + 4321
+    deltas = [torch.randn(n, generator=g) for _ in range(3)]
+    for d in deltas:
+        d[::9] = -0.0
+    scores = [(torch.rand(n, generator=g) * 0.01).to(torch.bfloat16).float() for _ in range(3)]
+    retention = [0.3, 0.0, 0.45]
+
+    class Ctx:
+        order = [2, 0, 1]
+        params = [{"retention": r} for r in retention]
+        device = torch.device("cpu")
+
+    got = IterativeMerging()([Sparse(d.clone(), s.clone()) for d, s in zip(deltas, scores, strict=True)], Ctx())
+    penalty, want = torch.zeros(n), torch.zeros(n)
+    for step, i in enumerate(Ctx.order):
+        k = int(retention[i] * n)
+        if k == 0:
+            continue
+        score = scores[i].clone()
+        if step:
+            score.add_(penalty)
+        mask = topk_mask(score, k, torch.float32, kth_largest(score, k, nonneg=True))  # ties by a scan
+        want.addcmul_(deltas[i], mask)
+        penalty.add_(mask, alpha=-1e30)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert int((got != 0).sum()) <= int(0.75 * n)

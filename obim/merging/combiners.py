@@ -24,6 +24,7 @@ class Combiner:
     uses_task_sum = False  # needs |Σt δt|₁ of the task vectors as they were read (ctx.task_sum_l1), before sparsifying
     needs_blocks = False  # needs the model's decoder blocks (two at least) in its tensor names
     max_models: int | None = None  # the most models it combines (None: any number)
+    uses_kernels = False  # combines or selects through obim.merging.kernels on CPU (numba, loaded at a merge's start)
     version = 1  # bump when the combination changes: cached merges of every method using it are recomputed
 
     def code_version(self) -> str:
@@ -54,6 +55,8 @@ class Sum(Combiner):
 
 class DisjointMean(Combiner):
     """TIES steps 2-3: elect a sign per entry (0 -> +1), average the entries that agree with it."""
+
+    uses_kernels = True
 
     def __call__(self, sparse, ctx):
         deltas = [s.delta for s in sparse]
@@ -102,6 +105,10 @@ class Choice(Combiner):
     def __call__(self, sparse, ctx):
         return self.options[ctx.param(self.key)](sparse, ctx)
 
+    @property
+    def uses_kernels(self) -> bool:  # type: ignore[override]
+        return any(c.uses_kernels for c in self.options.values())
+
     def code_version(self) -> str:
         return f"Choice@{self.version}[" + ",".join(f"{k}={c.code_version()}" for k, c in self.options.items()) + "]"
 
@@ -109,6 +116,8 @@ class Choice(Combiner):
 class IterativeMerging(Combiner):
     """IM: in the tensor's order, each model takes the top int(retention·n) of its scores among positions not yet
     taken; each position holds at most one model's delta (no averaging, no rescaling)."""
+
+    uses_kernels = True
 
     uses_order = True
     params = (Param("retention", None, number_in(0.0, 1.0), per_model=True, doc="keep ratio of each model"),)
@@ -137,9 +146,13 @@ class IterativeMerging(Combiner):
             score = sparse[i].score.reshape(-1)
             if step:
                 score.add_(penalty)
-            kth = kth_largest_many([score], [k], nonneg=True)[0]  # with the first tied indices
+            kth = kth_largest_many([score], [k], nonneg=True)[0]  # with the radix select's cut, on CPU
+            delta = sparse[i].delta.reshape(-1)
+            if kth is not None and len(kth) > 2 and delta.is_contiguous():
+                kth[2].take_into(delta, out, penalty)  # the three ops below in one pass, the same bytes
+                continue
             mask = topk_mask(score, k, torch.float32, kth)
-            out.addcmul_(sparse[i].delta.reshape(-1), mask)  # positions are exclusive: adding into zeros is exact
+            out.addcmul_(delta, mask)  # positions are exclusive: adding into zeros is exact
             penalty.add_(mask, alpha=-1e30)
         return out.view(shape)
 

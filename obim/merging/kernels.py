@@ -127,6 +127,23 @@ def keep_above(src, mode, key, ge_until, dst):
 
 
 @nb.njit(**_JIT)
+def take(score, key, ge_until, delta, out, penalty):
+    """IM's step for one model, in exactly the float32 operations of its torch code: m = 1.0 where the NONNEG
+    score (int32 bits) is above `key`, or equal to it before ge_until, else 0.0; out += δ·m; penalty += m·-1e30."""
+    one, zero, neg = np.float32(1.0), np.float32(0.0), np.float32(-1e30)
+    k = np.int32(key)
+    for i in range(ge_until):
+        m = one if score[i] >= k else zero
+        out[i] = out[i] + delta[i] * m
+        penalty[i] = penalty[i] + m * neg
+    for j in range(score.size - ge_until):
+        u = np.uint64(ge_until + j)  # (unsigned: numba then checks no negative index, and the loop vectorises)
+        m = one if score[u] > k else zero
+        out[u] = out[u] + delta[u] * m
+        penalty[u] = penalty[u] + m * neg
+
+
+@nb.njit(**_JIT)
 def disjoint_mean(deltas, out):
     """TIES's elect-and-average, in exactly the float32 operations of combiners.DisjointMean's torch code (a tuple
     of equal-size float32 arrays in, out written): s = Σ δ in model order; γ = sign(sign(s) + 0.5), so -1 where
@@ -215,6 +232,7 @@ def warm(n_models: int) -> None:
             low_histogram(i32, mode, 0, dense, np.zeros(1 << 16, np.int64))
         first_with_key(i32, mode, 0, 0, np.zeros(1, np.int64))
         keep_above(i32, mode, 0, 0, i32.copy())
+    take(i32, 0, 0, f32, f32.copy(), f32.copy())
     if n_models >= 1:
         disjoint_mean(tuple(f32 for _ in range(n_models)), f32.copy())
     for base in (f32, f32[:0]):

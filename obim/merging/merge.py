@@ -272,7 +272,8 @@ def _float32_minus(t: torch.Tensor, base: torch.Tensor | None, device: torch.dev
     float32 tensor takes one fused pass on the pool (kernels.widen_minus), where the torch ops took three
     (convert, subtract, the sum that finds a NaN or Inf); the same bytes."""
     fused = (
-        device.type == "cpu"
+        _kernels_ready.is_set()  # (numba costs ~0.8 s to load: used here only once a method's selection loaded it)
+        and device.type == "cpu"
         and t.dtype in (torch.bfloat16, torch.float32)
         and t.numel() >= _FUSED_MIN
         and t.is_contiguous()
@@ -299,14 +300,18 @@ def _float32_minus(t: torch.Tensor, base: torch.Tensor | None, device: torch.dev
     return out, all(parallel_map(work, range(0, flat.size, _FUSED_CHUNK)))
 
 
+_kernels_ready = threading.Event()
+
+
 def warm_kernels(n_models: int) -> None:
-    """Load numba and the merge's kernels on a thread of their own (~1 s), while the first tensors are read."""
+    """Load numba and the merge's kernels on a thread of their own (~0.8 s), while the first tensors are read."""
 
     def run() -> None:
         try:
             from . import kernels
 
             kernels.warm(n_models)
+            _kernels_ready.set()
         except Exception:
             pass
 
@@ -441,7 +446,7 @@ class MergeStream:
                 4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
             )
 
-        if self.device.type == "cpu" and largest >= _FUSED_MIN:
+        if self.device.type == "cpu" and largest >= _FUSED_MIN and self.cfg.method.uses_kernels:
             warm_kernels(len(self.cfg.models))
         with ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
             pending = pool.submit(read, plans[0]) if plans else None

@@ -60,6 +60,12 @@ class Method:
         return self.statistics is not None
 
     @property
+    def uses_kernels(self) -> bool:
+        """Whether it selects or combines through obim.merging.kernels on CPU (their numba is then loaded on a
+        thread of its own while a merge's first tensors are read)."""
+        return self.sparsifier.uses_kernels or self.combiner.uses_kernels
+
+    @property
     def max_models(self) -> int | None:
         """The most models a merge of this method takes (None: any number)."""
         return self.combiner.max_models

@@ -85,20 +85,38 @@ class Cut:
 
         def work(c):
             s = c * _CHUNK
-            src = self.bits[s : s + _CHUNK]
-            q = self.quotas[c]
-            # ties are kept up to the q-th one: the whole chunk where it holds no more, else up to where it is
-            # (one chunk per tensor at most: the quotas are taken in index order)
-            if q and q < self.ties_in[c]:
-                at = np.empty(q, np.int64)
-                kernels.first_with_key(src, self.mode, self.key, q, at)
-                until = int(at[-1]) + 1
-            else:
-                until = src.size if q else 0
-            kernels.keep_above(src, self.mode, self.key, until, out[s : s + _CHUNK])
+            kernels.keep_above(self.bits[s : s + _CHUNK], self.mode, self.key, self._ge_until(c), out[s : s + _CHUNK])
 
         parallel_map(work, range(len(self.quotas)))
         return dst
+
+    def take_into(self, delta: torch.Tensor, out: torch.Tensor, penalty: torch.Tensor) -> None:
+        """IM's step (a NONNEG cut of this model's scores): out += delta·m, penalty += m·-1e30, m the cut's 0/1
+        mask; all float32, contiguous, this tensor's size. Exactly the torch ops' bytes, in one pass."""
+        from . import kernels
+
+        assert self.mode == _NONNEG
+        d, o, p = (t.view(-1).numpy() for t in (delta, out, penalty))
+
+        def work(c):
+            s = c * _CHUNK
+            e = s + _CHUNK
+            kernels.take(self.bits[s:e], self.key, self._ge_until(c), d[s:e], o[s:e], p[s:e])
+
+        parallel_map(work, range(len(self.quotas)))
+
+    def _ge_until(self, c: int) -> int:
+        """Where chunk c's ties stop being kept: the whole chunk where its quota holds them all, else just past
+        the last one kept (one chunk per tensor at most: the quotas are taken in index order)."""
+        from . import kernels
+
+        s, q = c * _CHUNK, self.quotas[c]
+        src = self.bits[s : s + _CHUNK]
+        if q and q < self.ties_in[c]:
+            at = np.empty(q, np.int64)
+            kernels.first_with_key(src, self.mode, self.key, q, at)
+            return int(at[-1]) + 1
+        return src.size if q else 0
 
 
 def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], mode: int, cuts: bool = False) -> list[list[tuple]]:

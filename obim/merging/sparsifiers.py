@@ -26,6 +26,7 @@ class Sparsifier:
 
     params: tuple[Param, ...] = ()
     version = 1  # bump when the selection changes: cached merges of every method using it are recomputed
+    uses_kernels = False  # selects through obim.merging.kernels on CPU (numba: loaded while a merge starts)
 
     def code_version(self) -> str:
         score = getattr(self, "score", None)
@@ -61,6 +62,8 @@ class Rank(Sparsifier):
 
 class TopK(Sparsifier):
     """Keep the top-k entries of each task vector by a score (magnitude: TIES; saliency: OBM), k = int(density·n)."""
+
+    uses_kernels = True
 
     def __init__(self, score: Score, density: float):
         self.score = score
@@ -152,6 +155,8 @@ class PCBBalance(Sparsifier):
     """PCB: clip outliers, intra-balancing exp(T·norm²), inter-balancing tanh(δ ⊙ Σδ), keep the top `ratio` as
     normalised weights (the Sparse score) over the clipped task vectors."""
 
+    uses_kernels = True
+
     def __init__(self, ratio: float, clip_q: float = 1e-4):
         self.clip_q = clip_q
         self.params = (Param("ratio", ratio, number_in(0.0, 1.0, lo_open=True), per_model=True),)
@@ -180,6 +185,8 @@ class VarianceSelect(Sparsifier):
     models (the top int(select_topk · m) by variance, m the entries of nonzero variance; ties to the lowest index),
     and weigh each model by its kept entries' mean square, normalised to sum 1 over the models (equal weights when
     every kept entry is 0). The weight is the Sparse score (a 0-d tensor)."""
+
+    uses_kernels = True
 
     params = (Param("select_topk", 1.0, number_in(0.0, 1.0), doc="fraction of the varying entries kept"),)
 
