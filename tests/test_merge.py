@@ -400,3 +400,30 @@ def test_a_card_names_hub_models_as_its_base_models():
     assert front["base_model_relation"] == "merge" and ModelCardData(**front).to_dict()["base_model"][0].startswith(
         "meta-llama"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_task_vectors_are_the_torch_ops_bytes_and_find_every_nan_or_inf(dtype, monkeypatch):
+    """The task vector's fused pass (widen, subtract the base, look for NaN/Inf; used once numba is loaded) gives
+    float32(t) - base bit for bit, and reports one non-finite entry anywhere (in a later chunk too), and an
+    overflow of the subtraction."""
+    from obim.merging import kernels
+    from obim.merging import merge as merge_mod
+
+    kernels.warm(1)
+    monkeypatch.setattr(merge_mod, "_kernels_ready", type("Set", (), {"is_set": staticmethod(lambda: True)})())
+    g = torch.Generator().manual_seed(0)
+    n = 3 * merge_mod._FUSED_CHUNK + 17
+    t = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    cpu = torch.device("cpu")
+    for sub in (base, None):
+        d, finite = merge_mod._float32_minus(t, sub, cpu)
+        want = t.float() - sub if sub is not None else t.float()
+        assert finite and torch.equal(d.view(torch.int32), want.view(torch.int32))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[2 * merge_mod._FUSED_CHUNK + 5] = bad  # in the third chunk
+        assert not merge_mod._float32_minus(u, base, cpu)[1]
+    big = torch.full((n,), 3e38, dtype=torch.float32)  # finite inputs whose difference overflows: an Inf
+    assert not merge_mod._float32_minus(big, -big, cpu)[1]

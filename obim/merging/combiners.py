@@ -105,10 +105,6 @@ class Choice(Combiner):
     def __call__(self, sparse, ctx):
         return self.options[ctx.param(self.key)](sparse, ctx)
 
-    @property
-    def uses_kernels(self) -> bool:  # type: ignore[override]
-        return any(c.uses_kernels for c in self.options.values())
-
     def code_version(self) -> str:
         return f"Choice@{self.version}[" + ",".join(f"{k}={c.code_version()}" for k, c in self.options.items()) + "]"
 

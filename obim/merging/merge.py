@@ -301,10 +301,15 @@ def _float32_minus(t: torch.Tensor, base: torch.Tensor | None, device: torch.dev
 
 
 _kernels_ready = threading.Event()
+_warming: set[int] = set()  # the model counts whose kernels were loaded, or are being loaded
 
 
 def warm_kernels(n_models: int) -> None:
-    """Load numba and the merge's kernels on a thread of their own (~0.8 s), while the first tensors are read."""
+    """Load numba and the merge's kernels on a thread of their own (~0.8 s), while the first tensors are read
+    (once per process and model count)."""
+    if n_models in _warming:
+        return
+    _warming.add(n_models)
 
     def run() -> None:
         try:
@@ -423,6 +428,9 @@ class MergeStream:
     def prepare(self, progress: bool = False) -> MergeStream:
         """The statistics the method merges with (read and checked, or computed from validation data)."""
         if self.stats is None:
+            largest = max((_numel(p.out_shape) for p in self.plans), default=0)
+            if self.device.type == "cpu" and largest >= _FUSED_MIN and self.cfg.method.uses_kernels:
+                warm_kernels(len(self.cfg.models))  # beside the statistics' loading, and the first reads
             _keep_freed_memory()
             t0 = time.perf_counter()
             self.stats, self.hdiag_meta = prepare_statistics(self.cfg, self.models, str(self.device), progress)
@@ -446,8 +454,6 @@ class MergeStream:
                 4 * _numel(plans[j].out_shape) >= largest and 4 * _numel(plans[j - 1].out_shape) >= largest
             )
 
-        if self.device.type == "cpu" and largest >= _FUSED_MIN and self.cfg.method.uses_kernels:
-            warm_kernels(len(self.cfg.models))
         with ThreadPoolExecutor(1, thread_name_prefix="obim-read") as pool:
             pending = pool.submit(read, plans[0]) if plans else None
             try:

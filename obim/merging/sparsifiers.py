@@ -186,8 +186,6 @@ class VarianceSelect(Sparsifier):
     and weigh each model by its kept entries' mean square, normalised to sum 1 over the models (equal weights when
     every kept entry is 0). The weight is the Sparse score (a 0-d tensor)."""
 
-    uses_kernels = True
-
     params = (Param("select_topk", 1.0, number_in(0.0, 1.0), doc="fraction of the varying entries kept"),)
 
     def validate(self, params, models):
