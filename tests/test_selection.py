@@ -1,5 +1,7 @@
 """Top-k selection against a brute-force reference: stable sort by (-value, index)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -274,14 +276,10 @@ def test_iterative_merging_fused_step_matches_the_torch_ops_bit_for_bit():
     scores = [(torch.rand(n, generator=g) * 0.01).to(torch.bfloat16).float() for _ in range(3)]
     retention = [0.3, 0.0, 0.45]
 
-    class Ctx:
-        order = [2, 0, 1]
-        params = [{"retention": r} for r in retention]
-        device = torch.device("cpu")
-
-    got = IterativeMerging()([Sparse(d.clone(), s.clone()) for d, s in zip(deltas, scores, strict=True)], Ctx())
+    ctx = SimpleNamespace(order=[2, 0, 1], params=[{"retention": r} for r in retention], device=torch.device("cpu"))
+    got = IterativeMerging()([Sparse(d.clone(), s.clone()) for d, s in zip(deltas, scores, strict=True)], ctx)
     penalty, want = torch.zeros(n), torch.zeros(n)
-    for step, i in enumerate(Ctx.order):
+    for step, i in enumerate(ctx.order):
         k = int(retention[i] * n)
         if k == 0:
             continue
@@ -293,3 +291,26 @@ def test_iterative_merging_fused_step_matches_the_torch_ops_bit_for_bit():
         penalty.add_(mask, alpha=-1e30)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert int((got != 0).sum()) <= int(0.75 * n)
+
+
+def test_consensus_kernel_matches_the_torch_ops_bit_for_bit():
+    """TALL-Mask's fused combination against combiners.Consensus's torch code: exact cancellations, ±0, votes at
+    the λ boundary, per-model λ (0.4 is not a float32: both round it so), k of 1..3."""
+    import numpy as np
+
+    from obim.merging import kernels
+    from obim.merging.combiners import consensus_torch
+
+    g = torch.Generator().manual_seed(12)
+    n = 100_003
+    ds = []
+    for _ in range(3):
+        x = torch.randint(-4, 5, (n,), generator=g).float() * 0.25
+        x[torch.rand(n, generator=g) < 0.2] = -0.0
+        ds.append(x + (torch.rand(n, generator=g) < 0.3) * torch.randn(n, generator=g) * 1e-2)
+    lams = [0.4, 0.5, 1.0 / 3]
+    for k in (1, 2, 3):
+        want = consensus_torch([d.clone() for d in ds], lams, k)
+        out = np.empty(n, np.float32)
+        kernels.consensus(tuple(d.numpy() for d in ds), np.array(lams, np.float32), float(k), out)
+        assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), k

@@ -167,12 +167,36 @@ class Consensus(Combiner):
             return f"parameter `k` of tall_mask is {k}, more than the {len(models)} models merged"
         return None
 
+    uses_kernels = True
+
     def __call__(self, sparse, ctx):
-        total = _sum(s.delta for s in sparse)
-        votes = torch.zeros_like(total)
-        for i, s in enumerate(sparse):
-            votes += s.delta.abs() > ctx.params[i]["tall_lambda"] * (total - s.delta).abs()
-        return torch.where(votes >= ctx.param("k"), total, 0.0)
+        deltas = [s.delta for s in sparse]
+        lams = [float(ctx.params[i]["tall_lambda"]) for i in range(len(deltas))]
+        if all(not d.is_cuda and d.dtype == torch.float32 and d.is_contiguous() for d in deltas):
+            from . import kernels
+
+            arrays = [d.reshape(-1).numpy() for d in deltas]
+            lam32 = torch.tensor(lams, dtype=torch.float32).numpy()  # (torch multiplies by λ as float32 too)
+            out = torch.empty(deltas[0].shape, dtype=torch.float32)
+            flat = out.view(-1).numpy()
+            k = float(ctx.param("k"))
+
+            def work(s):
+                e = s + _FUSED_CHUNK
+                kernels.consensus(tuple(a[s:e] for a in arrays), lam32, k, flat[s:e])
+
+            parallel_map(work, range(0, flat.size, _FUSED_CHUNK))  # one pass, the torch ops' bytes
+            return out
+        return consensus_torch(deltas, lams, ctx.param("k"))
+
+
+def consensus_torch(deltas: list[torch.Tensor], lams: list[float], k: int) -> torch.Tensor:
+    """Consensus in torch ops: the definition the fused CPU kernel reproduces bit for bit."""
+    total = _sum(deltas)
+    votes = torch.zeros_like(total)
+    for d, lam in zip(deltas, lams, strict=True):
+        votes += d.abs() > lam * (total - d).abs()
+    return torch.where(votes >= k, total, 0.0)
 
 
 class WeightedMean(Combiner):

@@ -192,6 +192,32 @@ def _minus_checked(o, ob, base, start, n):
 
 
 @nb.njit(**_JIT)
+def consensus(deltas, lams, k, out):
+    """TALL-Mask's combination, in exactly the float32 operations of combiners.Consensus's torch code: t = Σ δ in
+    model order; a vote from each model where |δ| > λ·|t - δ| (λ as float32); t where the votes reach k, else
+    0.0. Blocks of entries, model by model inside each (every inner loop vectorises)."""
+    block = 1024
+    s = np.empty(block, np.float32)
+    votes = np.empty(block, np.float32)
+    for start in range(0, out.size, block):
+        n = min(block, out.size - start)
+        s[:n] = np.float32(-0.0)  # the identity of IEEE addition: Σ's signed zeros come out as torch's
+        for d in deltas:
+            x = d[start : start + n]
+            for i in range(n):
+                s[i] += x[i]
+        votes[:n] = np.float32(0.0)
+        for m in range(len(deltas)):
+            x = deltas[m][start : start + n]
+            lam = lams[m]
+            for i in range(n):
+                votes[i] += np.float32(1.0) if abs(x[i]) > lam * abs(s[i] - x[i]) else np.float32(0.0)
+        o = out[start : start + n]
+        for i in range(n):
+            o[i] = s[i] if votes[i] >= k else np.float32(0.0)
+
+
+@nb.njit(**_JIT)
 def widen_minus(src, base, out):
     """out = float32(src) - base (base of size 0: no subtraction), src bf16 as its uint16 bits; whether every
     entry of out is finite. Exactly torch's `src.float() - base` (bf16 widens by a shift), in one pass."""
@@ -235,6 +261,7 @@ def warm(n_models: int) -> None:
     take(i32, 0, 0, f32, f32.copy(), f32.copy())
     if n_models >= 1:
         disjoint_mean(tuple(f32 for _ in range(n_models)), f32.copy())
+        consensus(tuple(f32 for _ in range(n_models)), f32, 1.0, f32.copy())
     for base in (f32, f32[:0]):
         widen_minus(np.zeros(8, np.uint16), base, f32.copy())
         copy_minus(f32, base, f32.copy())
