@@ -314,3 +314,18 @@ def test_consensus_kernel_matches_the_torch_ops_bit_for_bit():
         out = np.empty(n, np.float32)
         kernels.consensus(tuple(d.numpy() for d in ds), np.array(lams, np.float32), float(k), out)
         assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), k
+
+
+@pytest.mark.parametrize("slab", [1, 2])
+def test_high_histogram_slabs_of_chunks_count_every_entry(slab, monkeypatch):
+    """The high histogram runs over slabs of chunks (the last one partial): every split gives a sort's answer."""
+    from obim.merging import selection
+
+    monkeypatch.setattr(selection, "_SLAB", slab)
+    g = torch.Generator().manual_seed(13)
+    n = 3 * selection._CHUNK + 5
+    x = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()
+    s = torch.sort(x, descending=True).values
+    for k in (1, n // 2, n - 1):
+        thr = float(s[k - 1])
+        assert kth_largest(x, k) == (thr, int((x > thr).sum())), k

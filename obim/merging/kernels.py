@@ -64,8 +64,8 @@ def _low(bits, mode, top, dense, out):
 
 @nb.njit(**_JIT)
 def low_histogram(bits, mode, top, dense, out):
-    """out[key & 0xFFFF] += 1 for every entry whose key >> 16 is top (out: int64[65536]); dense: that bin holds
-    a large share of the entries."""
+    """out[key & 0xFFFF] += 1 for every entry whose key >> 16 is top (out: int32[65536], a chunk's); dense: that
+    bin holds a large share of the entries."""
     if mode == NONNEG:
         _low(bits, NONNEG, top, dense, out)
     elif mode == ABS:
@@ -255,7 +255,7 @@ def warm(n_models: int) -> None:
     for mode in (NONNEG, SIGNED, ABS):
         high_histogram(i32, mode, np.zeros(1 << 16, np.int64))
         for dense in (False, True):
-            low_histogram(i32, mode, 0, dense, np.zeros(1 << 16, np.int64))
+            low_histogram(i32, mode, 0, dense, np.zeros(1 << 16, np.int32))
         first_with_key(i32, mode, 0, 0, np.zeros(1, np.int64))
         keep_above(i32, mode, 0, 0, i32.copy())
     take(i32, 0, 0, f32, f32.copy(), f32.copy())

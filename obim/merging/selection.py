@@ -45,6 +45,7 @@ def _radix(x: torch.Tensor) -> bool:
 
 
 _CHUNK = 1 << 19  # entries per histogram task: chunks of all tensors share the pool evenly (a 1M-entry one too)
+_SLAB = 8  # chunks per task of the high histogram (one histogram each)
 _NONNEG, _SIGNED, _ABS = 0, 1, 2  # the key kinds of obim.merging.kernels (not imported here: numba loads on use)
 
 
@@ -128,7 +129,8 @@ def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], mode: int, cuts:
     holding each k-th largest, per-chunk histograms of that bin's low 16 bits find the key and how many of its
     ties each chunk holds. Exact, insensitive to duplicates (a partition degrades ~20x where most entries are
     equal, as in bf16 task vectors), and split into chunks that all of the pool's threads share (numba kernels,
-    which release the GIL). Memory beyond the inputs: an int64 histogram per chunk and bin searched."""
+    which release the GIL). Memory beyond the inputs: an int32 histogram per chunk and bin searched (256 KB per
+    512K entries), an int64 one per slab of chunks."""
     from . import kernels
 
     bits = [x.contiguous().numpy().view(np.int32) for x in xs]
@@ -136,21 +138,26 @@ def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], mode: int, cuts:
     # nonneg: keys at or above 0x80000000 are negative floats (-0.0 too), below every entry that can be selected
     bins = 1 << (15 if mode == _NONNEG else 16)
 
+    # the high histogram in slabs of _SLAB chunks, each into one histogram: a histogram per chunk held ~1 GB at
+    # once for three 13B embeddings (the low ones stay per chunk, int32: they give each chunk's ties)
+    slabs = [(i, s) for i, b in enumerate(bits) for s in range(0, b.size, _CHUNK * _SLAB)]
+
     def histogram(task):
         i, s = task
         out = np.zeros(1 << 16, np.int64)
-        kernels.high_histogram(bits[i][s : s + _CHUNK], mode, out)
+        for c in range(s, min(s + _CHUNK * _SLAB, bits[i].size), _CHUNK):
+            kernels.high_histogram(bits[i][c : c + _CHUNK], mode, out)
         return i, out[:bins]
 
     hist = [np.zeros(bins, np.int64) for _ in bits]
-    for i, h in parallel_map(histogram, tasks):
+    for i, h in parallel_map(histogram, slabs):
         hist[i] += h
     picked = [[_top_bin(h, k, 0) for k in ks] for h, ks in zip(hist, kss, strict=True)]
     tops = [np.array(sorted({top for top, _ in p}), np.int64) for p in picked]
 
     def band(task):  # per picked bin: its entries' low-half histogram, in this chunk
         i, s = task
-        out = np.zeros((tops[i].size, 1 << 16), np.int64)
+        out = np.zeros((tops[i].size, 1 << 16), np.int32)  # (a chunk's counts fit)
         for j, top in enumerate(tops[i]):  # (one pass per bin: a loop over bins inside a pass cost 4-8 ns/entry)
             dense = hist[i][top] * 16 > bits[i].size
             kernels.low_histogram(bits[i][s : s + _CHUNK], mode, int(top), dense, out[j])
@@ -162,7 +169,7 @@ def _radix_select(xs: list[torch.Tensor], kss: list[list[int]], mode: int, cuts:
         n_chunks = -(-bits[i].size // _CHUNK)
         chunks = per_chunk[at : at + n_chunks]
         at += n_chunks
-        lows = chunks[0].copy()
+        lows = chunks[0].astype(np.int64)
         for h in chunks[1:]:  # (np.sum of the list stacked a copy of every chunk's histograms first)
             lows += h
         res: list[tuple] = []
