@@ -329,3 +329,63 @@ def test_high_histogram_slabs_of_chunks_count_every_entry(slab, monkeypatch):
     for k in (1, n // 2, n - 1):
         thr = float(s[k - 1])
         assert kth_largest(x, k) == (thr, int((x > thr).sum())), k
+
+
+def test_nan_scores_are_a_one_line_error_before_any_selection():
+    """A NaN score (a saliency δ²·h where |δ|² overflows and h is 0) has no place in an order: TopK by a score
+    and IM name the tensor and the model instead of keeping or dropping it by its bit pattern."""
+    from obim.merging.combiners import IterativeMerging
+    from obim.merging.context import Sparse
+    from obim.merging.errors import ObimError
+    from obim.merging.sparsifiers import TopK
+
+    n = 1 << 17
+    scores = [torch.rand(n), torch.rand(n)]
+    scores[1][n - 3] = float("nan")
+    ctx = SimpleNamespace(
+        name="w", models=["a", "b"], order=[0, 1], params=[{"retention": 0.3, "density": 0.3}] * 2, device="cpu"
+    )
+    with pytest.raises(ObimError, match=r"^tensor w: the scores of model 'b' have NaN entries$"):
+        IterativeMerging()([Sparse(torch.randn(n), s.clone()) for s in scores], ctx)
+    with pytest.raises(ObimError, match=r"^tensor w: the scores of model 'b' have NaN entries$"):
+        TopK(lambda d, i, c: scores[i].clone(), 0.3)([torch.randn(n), torch.randn(n)], ctx)
+
+
+def test_a_cut_applied_to_a_float64_tensor_is_its_mask_product():
+    """keep_top_ with a tensor the fused pass cannot take (float64) falls back to d·mask, not to a byte view."""
+    from obim.merging.selection import _CHUNK, keep_top_
+
+    g = torch.Generator().manual_seed(14)
+    n = 2 * _CHUNK
+    score = torch.rand(n, generator=g)
+    d = torch.randn(n, generator=g, dtype=torch.float64)
+    k = n // 2
+    got = keep_top_(d.clone(), k, kth_largest_many([score], [k], nonneg=True)[0], score)
+    assert torch.equal(got, d * topk_mask(score, k, torch.float64))
+
+
+def test_kernels_compile_uncached_where_numba_can_cache_nowhere(monkeypatch):
+    """numba refuses cache=True where no cache directory is writable (a read-only install and HOME): the kernels
+    then compile in each process instead of failing to import."""
+    import numba
+
+    from obim.merging import kernels
+
+    real = numba.njit
+
+    def no_cache(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'kernels.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels.nb, "njit", no_cache)
+
+    def add_one(x):
+        x += 1
+
+    f = kernels._jit(add_one)
+    a = torch.zeros(4, dtype=torch.int64).numpy()
+    f(a)
+    from numba.core.caching import NullCache
+
+    assert a.tolist() == [1, 1, 1, 1] and isinstance(f._cache, NullCache)  # an uncached dispatcher, which runs

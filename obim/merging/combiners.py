@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from .checks import optional
-from .context import Param, Sparse, TensorContext, number_in, one_of
+from .context import Param, Sparse, TensorContext, no_nan_scores, number_in, one_of
 from .errors import ObimError
 from .selection import kth_largest_many, topk_mask
 from .threads import parallel_map
@@ -139,7 +139,7 @@ class IterativeMerging(Combiner):
             k = int(ctx.params[i]["retention"] * n)
             if k == 0:
                 continue
-            score = sparse[i].score.reshape(-1)
+            score = no_nan_scores(sparse[i].score.reshape(-1), ctx, i)
             if step:
                 score.add_(penalty)
             kth = kth_largest_many([score], [k], nonneg=True)[0]  # with the radix select's cut, on CPU

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .checks import number_in, one_of  # noqa: F401  (parameter checks live beside Param)
+from .errors import ObimError
 from .threads import parallel_map
 
 
@@ -89,3 +90,11 @@ class TensorContext:
         draw = self._draws.get(i, 0)
         self._draws[i] = draw + 1
         return uniform(random_key(self.seed, self.name, self.models[i]), tuple(shape), draw).to(self.device)
+
+
+def no_nan_scores(score: torch.Tensor, ctx: Any, i: int) -> torch.Tensor:
+    """score, after a one-line error where it holds a NaN (a saliency δ²·h is one where |δ|² overflows and h is 0):
+    a NaN has no place in an order, and the selections would keep or drop it by its bit pattern."""
+    if torch.isnan(score.sum()) and bool(torch.isnan(score).any()):  # (a sum: one cheap pass; confirmed first)
+        raise ObimError(f"tensor {ctx.name}: the scores of model '{ctx.models[i]}' have NaN entries")
+    return score

@@ -17,7 +17,15 @@ import numba as nb
 import numpy as np
 
 NONNEG, SIGNED, ABS = 0, 1, 2
-_JIT = {"nogil": True, "cache": True, "boundscheck": False}
+
+
+def _jit(fn):
+    """nopython, GIL released, cached on disk where numba finds a writable place (beside this file, else its user
+    cache); where it finds none (a read-only install and HOME) numba refuses to cache, so compile in each process."""
+    try:
+        return nb.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return nb.njit(nogil=True, boundscheck=False)(fn)
 
 
 @nb.njit(inline="always")
@@ -35,7 +43,7 @@ def _key(bits, mode):
     return u ^ (((-neg) & 0x7FFFFFFF) | 0x80000000)
 
 
-@nb.njit(**_JIT)
+@_jit
 def high_histogram(bits, mode, out):
     """out[key >> 16] += 1 for every entry (bits: a float32 chunk's int32 view; out: int64[65536])."""
     if mode == NONNEG:
@@ -62,7 +70,7 @@ def _low(bits, mode, top, dense, out):
                 out[np.uint64(key & 0xFFFF)] += 1
 
 
-@nb.njit(**_JIT)
+@_jit
 def low_histogram(bits, mode, top, dense, out):
     """out[key & 0xFFFF] += 1 for every entry whose key >> 16 is top (out: int32[65536], a chunk's); dense: that
     bin holds a large share of the entries."""
@@ -74,7 +82,7 @@ def low_histogram(bits, mode, top, dense, out):
         _low(bits, SIGNED, top, dense, out)
 
 
-@nb.njit(**_JIT)
+@_jit
 def first_with_key(bits, mode, key, count, out):
     """Indices (in this chunk) of its first `count` entries with this key, into out; how many were found."""
     n = 0
@@ -113,7 +121,7 @@ def _keep(src, mode, key, ge_until, dst):
         b[i] &= np.int32(-1) if _skey(a[i], mode) > k else sign
 
 
-@nb.njit(**_JIT)
+@_jit
 def keep_above(src, mode, key, ge_until, dst):
     """dst[i] (float32 bits) kept where src's key is above `key`, or equal to it before index ge_until (where the
     chunk's quota of ties ends); elsewhere dst[i] becomes a zero of its own sign (as dst·0 and copysign(0, dst)
@@ -126,7 +134,7 @@ def keep_above(src, mode, key, ge_until, dst):
         _keep(src, SIGNED, key, ge_until, dst)
 
 
-@nb.njit(**_JIT)
+@_jit
 def take(score, key, ge_until, delta, out, penalty):
     """IM's step for one model, in exactly the float32 operations of its torch code: m = 1.0 where the NONNEG
     score (int32 bits) is above `key`, or equal to it before ge_until, else 0.0; out += δ·m; penalty += m·-1e30."""
@@ -143,7 +151,7 @@ def take(score, key, ge_until, delta, out, penalty):
         penalty[u] = penalty[u] + m * neg
 
 
-@nb.njit(**_JIT)
+@_jit
 def disjoint_mean(deltas, out):
     """TIES's elect-and-average, in exactly the float32 operations of combiners.DisjointMean's torch code (a tuple
     of equal-size float32 arrays in, out written): s = Σ δ in model order; γ = sign(sign(s) + 0.5), so -1 where
@@ -191,7 +199,7 @@ def _minus_checked(o, ob, base, start, n):
     return nonfinite != 0
 
 
-@nb.njit(**_JIT)
+@_jit
 def consensus(deltas, lams, k, out):
     """TALL-Mask's combination, in exactly the float32 operations of combiners.Consensus's torch code: t = Σ δ in
     model order; a vote from each model where |δ| > λ·|t - δ| (λ as float32); t where the votes reach k, else
@@ -217,7 +225,7 @@ def consensus(deltas, lams, k, out):
             o[i] = s[i] if votes[i] >= k else np.float32(0.0)
 
 
-@nb.njit(**_JIT)
+@_jit
 def widen_minus(src, base, out):
     """out = float32(src) - base (base of size 0: no subtraction), src bf16 as its uint16 bits; whether every
     entry of out is finite. Exactly torch's `src.float() - base` (bf16 widens by a shift), in one pass."""
@@ -233,7 +241,7 @@ def widen_minus(src, base, out):
     return not bad
 
 
-@nb.njit(**_JIT)
+@_jit
 def copy_minus(src, base, out):
     """widen_minus for a float32 src."""
     block = 4096

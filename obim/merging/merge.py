@@ -320,7 +320,8 @@ def warm_kernels(n_models: int) -> None:
         except Exception:
             pass
 
-    threading.Thread(target=run, name="obim-warm", daemon=True).start()
+    # (not a daemon: a process ending while numba compiles waits for it rather than stopping it inside LLVM)
+    threading.Thread(target=run, name="obim-warm").start()
 
 
 def _stat_rows(t: torch.Tensor | None, rows: int | None, kind: str | None) -> torch.Tensor | None:

@@ -254,7 +254,7 @@ def keep_top_(d: torch.Tensor, k: int, kth: tuple | None, score: torch.Tensor | 
         return d.zero_() if score is None else d.mul_(0)
     assert kth is not None  # None only when k is 0 or n, returned above
     thr, above, *cut = kth
-    if cut and d.is_contiguous():
+    if cut and d.is_contiguous() and d.dtype == torch.float32 and not d.is_cuda:
         return cut[0].keep_into(d)
     if score is not None:
         return d.mul_(topk_mask(score, k, d.dtype, kth))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import Param, Sparse, TensorContext, number_in
+from .context import Param, Sparse, TensorContext, no_nan_scores, number_in
 from .saliency import Score, magnitude
 from .selection import (
     as_rows,
@@ -74,7 +74,7 @@ class TopK(Sparsifier):
         if self.score is magnitude:  # selected on |δ| without materialising it, each δ trimmed in place
             kths = kth_largest_many(deltas, ks, absolute=True)
             return [Sparse(keep_top_magnitude_(d, k, kth)) for d, k, kth in zip(deltas, ks, kths, strict=True)]
-        scores = [self.score(d, i, ctx) for i, d in enumerate(deltas)]
+        scores = [no_nan_scores(self.score(d, i, ctx), ctx, i) for i, d in enumerate(deltas)]
         kths = kth_largest_many(scores, ks, nonneg=True)  # the selections of all models run in parallel
         return [Sparse(keep_top_(d, k, t, s)) for d, s, k, t in zip(deltas, scores, ks, kths, strict=True)]
 
