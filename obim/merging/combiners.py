@@ -60,8 +60,8 @@ class DisjointMean(Combiner):
 
     def __call__(self, sparse, ctx):
         deltas = [s.delta for s in sparse]
-        if all(not d.is_cuda and d.dtype == torch.float32 and d.is_contiguous() for d in deltas):
-            return _fused_disjoint_mean(deltas)
+        if _fusable(deltas):  # one pass (kernels.disjoint_mean) where the torch ops took ~20; the same bytes
+            return _fused("disjoint_mean", deltas)
         return disjoint_mean_torch(deltas)
 
 
@@ -79,17 +79,24 @@ def disjoint_mean_torch(deltas: list[torch.Tensor]) -> torch.Tensor:
 _FUSED_CHUNK = 1 << 18  # entries per pool task: the models' chunks and the output's stay in cache
 
 
-def _fused_disjoint_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """One pass over every model's delta (kernels.disjoint_mean) where the torch ops took ~20, in chunks on the
-    pool; the same bytes."""
+def _fusable(deltas: list[torch.Tensor]) -> bool:
+    """Whether a fused CPU kernel can combine these deltas (contiguous float32 CPU tensors)."""
+    return all(not d.is_cuda and d.dtype == torch.float32 and d.is_contiguous() for d in deltas)
+
+
+def _fused(name: str, deltas: list[torch.Tensor], *args) -> torch.Tensor:
+    """A new float32 tensor from kernels.<name>(tuple of the deltas' chunks, *args, the output's chunk), chunk by
+    chunk on the pool (obim.merging.kernels loads numba, so it is imported here, on use)."""
     from . import kernels
 
+    kernel = getattr(kernels, name)
     arrays = [d.reshape(-1).numpy() for d in deltas]
     out = torch.empty(deltas[0].shape, dtype=torch.float32)
     flat = out.view(-1).numpy()
 
     def work(s):
-        kernels.disjoint_mean(tuple(a[s : s + _FUSED_CHUNK] for a in arrays), flat[s : s + _FUSED_CHUNK])
+        e = s + _FUSED_CHUNK
+        kernel(tuple(a[s:e] for a in arrays), *args, flat[s:e])
 
     parallel_map(work, range(0, flat.size, _FUSED_CHUNK))
     return out
@@ -156,6 +163,8 @@ class IterativeMerging(Combiner):
 class Consensus(Combiner):
     """TALL-Mask / consensus: keep the summed task vector where at least k models' masks agree it matters."""
 
+    uses_kernels = True
+
     params = (
         Param("tall_lambda", 0.4, number_in(0.0, float("inf")), per_model=True, doc="mask threshold λt"),
         Param("k", 2, number_in(1, float("inf"), integer=True), doc="models that must agree"),
@@ -167,26 +176,12 @@ class Consensus(Combiner):
             return f"parameter `k` of tall_mask is {k}, more than the {len(models)} models merged"
         return None
 
-    uses_kernels = True
-
     def __call__(self, sparse, ctx):
         deltas = [s.delta for s in sparse]
         lams = [float(ctx.params[i]["tall_lambda"]) for i in range(len(deltas))]
-        if all(not d.is_cuda and d.dtype == torch.float32 and d.is_contiguous() for d in deltas):
-            from . import kernels
-
-            arrays = [d.reshape(-1).numpy() for d in deltas]
-            lam32 = torch.tensor(lams, dtype=torch.float32).numpy()  # (torch multiplies by λ as float32 too)
-            out = torch.empty(deltas[0].shape, dtype=torch.float32)
-            flat = out.view(-1).numpy()
-            k = float(ctx.param("k"))
-
-            def work(s):
-                e = s + _FUSED_CHUNK
-                kernels.consensus(tuple(a[s:e] for a in arrays), lam32, k, flat[s:e])
-
-            parallel_map(work, range(0, flat.size, _FUSED_CHUNK))  # one pass, the torch ops' bytes
-            return out
+        if _fusable(deltas):  # one pass, the torch ops' bytes (torch multiplies by λ as float32 too)
+            lam32 = torch.tensor(lams, dtype=torch.float32).numpy()
+            return _fused("consensus", deltas, lam32, float(ctx.param("k")))
         return consensus_torch(deltas, lams, ctx.param("k"))
 
 

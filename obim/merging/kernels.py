@@ -140,15 +140,16 @@ def take(score, key, ge_until, delta, out, penalty):
     score (int32 bits) is above `key`, or equal to it before ge_until, else 0.0; out += δ·m; penalty += m·-1e30."""
     one, zero, neg = np.float32(1.0), np.float32(0.0), np.float32(-1e30)
     k = np.int32(key)
-    for i in range(ge_until):
-        m = one if score[i] >= k else zero
-        out[i] = out[i] + delta[i] * m
-        penalty[i] = penalty[i] + m * neg
-    for j in range(score.size - ge_until):
-        u = np.uint64(ge_until + j)  # (unsigned: numba then checks no negative index, and the loop vectorises)
-        m = one if score[u] > k else zero
-        out[u] = out[u] + delta[u] * m
-        penalty[u] = penalty[u] + m * neg
+    s, d, o, p = score[:ge_until], delta[:ge_until], out[:ge_until], penalty[:ge_until]
+    for i in range(s.size):  # (two loops over views from 0, as in _keep)
+        m = one if s[i] >= k else zero
+        o[i] = o[i] + d[i] * m
+        p[i] = p[i] + m * neg
+    s, d, o, p = score[ge_until:], delta[ge_until:], out[ge_until:], penalty[ge_until:]
+    for i in range(s.size):
+        m = one if s[i] > k else zero
+        o[i] = o[i] + d[i] * m
+        p[i] = p[i] + m * neg
 
 
 @_jit
